@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both build .venv from scratch with nothing but python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -n 2 tests
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check distckpt tests scripts
+	$(VENV)/bin/ruff format --check distckpt tests scripts
+
+bench: $(VENV)/.installed-dev
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,30 @@
+"""distckpt: multi-host checkpointing for JAX.
+
+Every process writes only its own shards, the primary commits atomically,
+every chunk carries a checksum, and restore reshards onto whatever mesh the
+job has now.
+"""
+
+from distckpt import errors as errors
+from distckpt._inspect import CheckpointInfo as CheckpointInfo
+from distckpt._inspect import LeafInfo as LeafInfo
+from distckpt._inspect import VerifyReport as VerifyReport
+from distckpt._inspect import is_committed as is_committed
+from distckpt._inspect import metadata as metadata
+from distckpt._inspect import verify as verify
+from distckpt._restore import restore as restore
+from distckpt._save import save as save
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CheckpointInfo",
+    "LeafInfo",
+    "VerifyReport",
+    "errors",
+    "is_committed",
+    "metadata",
+    "restore",
+    "save",
+    "verify",
+]

@@ -1,0 +1,129 @@
+"""The commit protocol's decisions: what is committed, and what may become so.
+
+See docs/protocol.md for who calls what, in what order.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from distckpt import _reshard, _tree
+from distckpt._manifest import MANIFEST_NAME, Manifest
+from distckpt._plan import ChunkRecord, LeafSpec
+from distckpt._storage import Storage
+from distckpt.errors import CheckpointExistsError, DistckptError, NotCommittedError
+
+STORED_KINDS = (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY)
+
+
+def new_attempt() -> str:
+    return f"attempt-{uuid.uuid4().hex[:16]}"
+
+
+def load(storage: Storage) -> Manifest:
+    """Reads the committed manifest, or explains why there is none."""
+    raw = storage.read_manifest()
+    if raw is None:
+        raise not_committed(storage)
+    return Manifest.from_json(raw, f"{storage.display}/{MANIFEST_NAME}")
+
+
+def not_committed(storage: Storage) -> NotCommittedError:
+    where = storage.display
+    if not storage.exists():
+        return NotCommittedError(f"no checkpoint at {where}: the path does not exist. Check the path.")
+    entries = storage.entries()
+    attempts = [e for e in entries if e.startswith("attempt-")]
+    if attempts:
+        return NotCommittedError(
+            f"{where} holds data of {len(attempts)} save attempt(s) ({', '.join(attempts[:3])}) "
+            f"but no {MANIFEST_NAME}: a save was interrupted before it committed, so this is not "
+            "a checkpoint. Restore an earlier step; the next save here cleans the leftovers."
+        )
+    shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+    return NotCommittedError(
+        f"{where} is not a distckpt checkpoint (no {MANIFEST_NAME}; it holds: {shown or 'nothing'}). "
+        "Wrong path? For a CheckpointManager directory, pass a step's subdirectory."
+    )
+
+
+def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> None:
+    """Primary, before any data is written: overwrite policy and free space."""
+    if not overwrite and storage.read_manifest() is not None:
+        raise CheckpointExistsError(
+            f"a committed checkpoint already exists at {storage.display}; pass overwrite=True to "
+            "replace it (the old one stays readable until the new one commits) or choose another path."
+        )
+    free = storage.free_bytes()
+    if free is not None and estimated_bytes > free:
+        raise OSError(
+            28,
+            f"not enough free space at {storage.display}: the checkpoint needs about "
+            f"{estimated_bytes} bytes and {free} are free",
+        )
+
+
+def report_json(records: list[ChunkRecord], files: dict[str, int], process: int) -> bytes:
+    doc = {
+        "process": process,
+        "files": files,
+        "chunks": [[c.leaf, c.file, c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]] for c in records],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def build_manifest(
+    *,
+    attempt: str,
+    specs: list[LeafSpec],
+    reports: list[bytes],
+    process_count: int,
+    device_count: int,
+    user_metadata: object,
+    created: str,
+    versions: dict[str, str],
+) -> Manifest:
+    """Primary: merges the per-process reports and checks that every element
+    of every stored leaf was written exactly once."""
+    chunks: list[list[ChunkRecord]] = [[] for _ in specs]
+    files: dict[str, dict[str, int]] = {}
+    for raw in reports:
+        doc = json.loads(raw)
+        for name, nbytes in doc["files"].items():
+            files[name] = {"process": doc["process"], "bytes": nbytes}
+        for leaf, file, offset, nbytes, crc, box in doc["chunks"]:
+            chunks[leaf].append(ChunkRecord(leaf, file, offset, nbytes, crc, tuple(tuple(r) for r in box)))
+    problems = []
+    for spec, leaf_chunks in zip(specs, chunks, strict=True):
+        if spec.kind not in STORED_KINDS:
+            continue
+        for p in _reshard.coverage_problems(spec.shape, [c.box for c in leaf_chunks]):
+            problems.append(f"{spec.display}: {p}")
+    if problems:
+        raise DistckptError(
+            "refusing to commit: the processes' writes do not cover the state exactly once:\n  "
+            + "\n  ".join(problems[:20])
+            + "\nThis is a bug in distckpt or a tree that differs between processes; please report it."
+        )
+    return Manifest(
+        attempt=attempt,
+        leaves=specs,
+        chunks=chunks,
+        files=files,
+        process_count=process_count,
+        device_count=device_count,
+        user_metadata=user_metadata,
+        created=created,
+        versions=versions,
+    )
+
+
+def commit(storage: Storage, manifest: Manifest) -> None:
+    """Primary: makes the attempt the checkpoint, then removes older attempts."""
+    # IMPORTANT: called only after every process reported that its files are
+    # written and fsync'd (the barrier of the write phase).
+    storage.commit_manifest(manifest.to_json(), manifest.attempt)
+    for stale in storage.attempts():
+        if stale != manifest.attempt:
+            storage.remove_attempt(stale)

@@ -1,0 +1,143 @@
+"""Read-only looks at a checkpoint from one process: metadata, verify, is_committed."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from distckpt import _commit, _knobs, _plan, _reshard, _restore, _tree
+from distckpt._storage import open_storage
+from distckpt.errors import CorruptCheckpointError
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """One saved leaf, as ``metadata()`` describes it."""
+
+    path: str  # as people read it, e.g. "['params']['w']"
+    kind: str  # "array", "numpy", "prng_key", "python" or "none"
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    sharding: dict | None  # how it was laid out at save time
+    nbytes: int  # bytes stored (0 for Python values, kept in the manifest)
+    value: Any = None  # Python leaves only
+    prng_impl: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a committed checkpoint holds, read without loading any array."""
+
+    directory: str
+    leaves: dict[str, LeafInfo]  # by path string, in save order
+    process_count: int
+    device_count: int
+    user_metadata: Any
+    format_version: int
+    versions: dict[str, str]
+    created: str
+    total_bytes: int
+    files: int
+    tree: Any  # the LeafInfos in nested plain dicts and lists, shaped like the saved tree
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """A clean verification: what was checked and how long it took."""
+
+    directory: str
+    leaves: int
+    files: int
+    chunks: int
+    bytes_checked: int
+    seconds: float
+
+
+def is_committed(directory: Any) -> bool:
+    """True if a committed checkpoint is at ``directory`` (reads one small file)."""
+    return open_storage(directory).read_manifest() is not None
+
+
+def metadata(directory: Any) -> CheckpointInfo:
+    """Describes a checkpoint without reading array data.
+
+    Example::
+
+      info = distckpt.metadata("/ckpt/step_1")
+      for path, leaf in info.leaves.items():
+          print(path, leaf.shape, leaf.dtype, leaf.sharding)
+    """
+    storage = open_storage(directory)
+    m = _commit.load(storage)
+    leaves = {}
+    for spec in m.leaves:
+        nbytes = 0
+        if spec.kind in _commit.STORED_KINDS:
+            nbytes = _reshard.box_size(_reshard.full_box(spec.shape)) * _restore.np_dtype(spec.dtype).itemsize
+        leaves[spec.display] = LeafInfo(
+            spec.display, spec.kind, spec.shape, spec.dtype, spec.sharding, nbytes, spec.value, spec.impl
+        )
+    info = CheckpointInfo(
+        directory=storage.display,
+        leaves=leaves,
+        process_count=m.process_count,
+        device_count=m.device_count,
+        user_metadata=m.user_metadata,
+        format_version=m.format_version,
+        versions=m.versions,
+        created=m.created,
+        total_bytes=sum(f["bytes"] for f in m.files.values()),
+        files=len(m.files),
+        tree=_tree.unflatten_plain([(s.path, leaves[s.display]) for s in m.leaves]),
+    )
+    return info
+
+
+def verify(directory: Any) -> VerifyReport:
+    """Re-reads every stored byte and checks checksums, file sizes and coverage.
+
+    Returns:
+      A ``VerifyReport`` when everything is intact.
+
+    Raises:
+      NotCommittedError: nothing committed at ``directory``.
+      CorruptCheckpointError: lists every problem found (leaf path, file, bytes).
+    """
+    start = time.perf_counter()
+    storage = open_storage(directory)
+    m = _commit.load(storage)
+    problems = []
+    for spec, chunks in zip(m.leaves, m.chunks, strict=True):
+        if spec.kind in _commit.STORED_KINDS:
+            for p in _reshard.coverage_problems(spec.shape, [c.box for c in chunks]):
+                problems.append(f"{spec.display}: {p}")
+    all_chunks = [c for cs in m.chunks for c in cs]
+    with storage.reader(m.attempt) as reader:
+        for name, info in sorted(m.files.items()):
+            size = reader.size(name)
+            if size is None:
+                problems.append(f"{reader.display}/{name}: data file is missing")
+            elif size != info["bytes"]:
+                problems.append(
+                    f"{reader.display}/{name}: data file has {size} bytes, the manifest says {info['bytes']}"
+                )
+        ranges = _plan.plan_reads(all_chunks)
+        with ThreadPoolExecutor(_knobs.get("io_threads")) as pool:
+            _, bad = _restore.read_ranges(reader, ranges, m, pool, keep=False)
+    problems.extend(p for p in bad if p not in problems)
+    if problems:
+        raise CorruptCheckpointError(
+            f"checkpoint at {storage.display} is corrupt ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems[:50]),
+            problems,
+        )
+    return VerifyReport(
+        directory=storage.display,
+        leaves=len(m.leaves),
+        files=len(m.files),
+        chunks=len(all_chunks),
+        bytes_checked=sum(c.nbytes for c in all_chunks),
+        seconds=time.perf_counter() - start,
+    )

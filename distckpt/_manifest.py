@@ -1,0 +1,122 @@
+"""The manifest: what a committed checkpoint holds, as JSON. See docs/format.md."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from distckpt import _tree
+from distckpt._plan import ChunkRecord, LeafSpec
+from distckpt.errors import CorruptCheckpointError
+
+FORMAT_NAME = "distckpt"
+FORMAT_VERSION = 1  # bump on any change a reader of the previous version cannot read
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    attempt: str
+    leaves: list[LeafSpec]
+    chunks: list[list[ChunkRecord]]  # per leaf, in leaf order
+    files: dict[str, dict[str, int]]  # name -> {"process": p, "bytes": n}
+    process_count: int
+    device_count: int
+    user_metadata: Any = None
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        file_names = sorted(self.files)
+        file_index = {name: i for i, name in enumerate(file_names)}
+        leaves = []
+        for spec, chunks in zip(self.leaves, self.chunks, strict=True):
+            entry: dict[str, Any] = {"path": [list(p) for p in spec.path], "kind": spec.kind}
+            if spec.kind in (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY):
+                entry["shape"] = list(spec.shape)
+                entry["dtype"] = spec.dtype
+                entry["sharding"] = spec.sharding
+                entry["chunks"] = [
+                    [file_index[c.file], c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
+                    for c in chunks
+                ]
+            if spec.kind == _tree.PRNG_KEY:
+                entry["impl"] = spec.impl
+            if spec.kind == _tree.PYTHON:
+                entry["value"] = spec.value
+            leaves.append(entry)
+        doc = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "attempt": self.attempt,
+            "created": self.created,
+            "versions": self.versions,
+            "process_count": self.process_count,
+            "device_count": self.device_count,
+            "user_metadata": self.user_metadata,
+            "files": [{"name": n, **self.files[n]} for n in file_names],
+            "leaves": leaves,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != FORMAT_NAME:
+                raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+            version = doc["format_version"]
+            if version > FORMAT_VERSION:
+                raise _NewerFormat(version)
+            files = {f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]}
+            names = [f["name"] for f in doc["files"]]
+            leaves, chunks = [], []
+            for i, e in enumerate(doc["leaves"]):
+                path = tuple((kind, key) for kind, key in e["path"])
+                leaves.append(
+                    LeafSpec(
+                        path=path,
+                        display=_tree.display(path),
+                        kind=e["kind"],
+                        shape=tuple(e["shape"]) if "shape" in e else None,
+                        dtype=e.get("dtype"),
+                        sharding=e.get("sharding"),
+                        value=e.get("value"),
+                        impl=e.get("impl"),
+                    )
+                )
+                chunks.append(
+                    [
+                        ChunkRecord(i, names[f], off, n, crc, tuple(tuple(r) for r in box))
+                        for f, off, n, crc, box in e.get("chunks", [])
+                    ]
+                )
+            return cls(
+                attempt=doc["attempt"],
+                leaves=leaves,
+                chunks=chunks,
+                files=files,
+                process_count=doc["process_count"],
+                device_count=doc["device_count"],
+                user_metadata=doc.get("user_metadata"),
+                created=doc.get("created", ""),
+                versions=doc.get("versions", {}),
+                format_version=version,
+            )
+        except _NewerFormat as e:
+            raise CorruptCheckpointError(
+                f"{where} was written in distckpt format version {e.args[0]}, newer than "
+                f"this distckpt reads (up to {FORMAT_VERSION}). Upgrade distckpt to read it."
+            ) from None
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise CorruptCheckpointError(
+                f"{where} is not a readable distckpt manifest ({type(e).__name__}: {e}). "
+                "The checkpoint's metadata is damaged; restore an older step or a backup.",
+                [f"{where}: {e}"],
+            ) from e
+
+
+class _NewerFormat(Exception):
+    pass

@@ -1,0 +1,193 @@
+"""The only module that talks to jax.distributed's coordination service.
+
+A collective operation (one ``save`` or ``restore``) runs as a sequence of
+phases. After each phase every process publishes its status (ok, or the
+error it raised) in the key/value store and waits at a barrier with a
+timeout; then every process reads every status and either goes on or raises
+the *same* error, naming the process(es) at fault. So no process fails
+alone, and nothing waits forever.
+
+Barriers and keys are namespaced by an operation counter. All processes call
+collective operations in the same order (SPMD), so the counters agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from distckpt import errors
+from distckpt.errors import BarrierTimeoutError, DistckptError, ProcessFailure
+
+_op_counter = itertools.count()
+_BLOB_PART = 1 << 20  # stay well under the coordination service's message limit
+
+
+def _client() -> Any:
+    try:
+        from jax._src.distributed import global_state
+    except ImportError:  # pragma: no cover - layout of a future jax
+        return None
+    return global_state.client
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Collective:
+    """One collective operation, run phase by phase on every process.
+
+    Args:
+      op: what is being done, for messages ("save", "restore").
+      where: the checkpoint location, for messages.
+      timeout_s: the longest any phase may wait for the slowest process.
+    """
+
+    def __init__(self, op: str, where: str, timeout_s: float):
+        self.op, self.where, self.timeout_s = op, where, timeout_s
+        self.seq = next(_op_counter)
+        self.ns = f"distckpt/{self.seq}"
+        self.pid, self.count = process_index(), process_count()
+        self.client = _client() if self.count > 1 else None
+        self._first_phase = True
+
+    @property
+    def is_primary(self) -> bool:
+        return self.pid == 0
+
+    def run(self, phase: str, fn: Callable[[], Any]) -> list[Any]:
+        """Runs ``fn`` here, then waits for every process to finish the phase.
+
+        Returns:
+          Each process's return value of ``fn`` (JSON-able), by process index.
+
+        Raises:
+          BarrierTimeoutError: some process did not finish within the timeout.
+          The error a process raised, on every process: the same
+          ``DistckptError`` subclass if it was one, else ``ProcessFailure``.
+        """
+        local_error: Exception | None = None
+        payload = None
+        try:
+            payload = fn()
+        except Exception as e:  # noqa: BLE001 - every error must reach the other processes
+            local_error = e
+        if self.client is None:
+            if local_error is not None:
+                raise local_error
+            return [payload]
+
+        if local_error is None:
+            status = {"ok": True, "payload": payload}
+        else:
+            status = {
+                "ok": False,
+                "type": type(local_error).__name__,
+                "message": _describe(local_error),
+            }
+        key = f"{self.ns}/{phase}/status"
+        self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
+        try:
+            self.client.wait_at_barrier(f"{self.ns}/{phase}", self._timeout_ms())
+        except jax.errors.JaxRuntimeError as e:
+            statuses = self._statuses(key)
+            missing = [p for p in range(self.count) if p not in statuses]
+            failed = self._failures(statuses)
+            detail = "".join(f"\n  process {p}: {s['message']}" for p, s in failed.items())
+            err = BarrierTimeoutError(
+                f"{self.op} of {self.where}: phase '{phase}' timed out after "
+                f"{self.timeout_s:g} s on process {self.pid}; processes {missing or '?'} did "
+                f"not arrive.{detail}\nIf the phase is legitimately slow, raise timeout_s= "
+                "or DISTCKPT_TIMEOUT_S; otherwise look at the logs of those processes.",
+                missing,
+            )
+            err.add_note(f"coordination service said: {e}")
+            raise err from local_error
+        statuses = self._statuses(key)
+        failed = self._failures(statuses)
+        if failed:
+            raise self._combined(phase, failed) from local_error
+        if self._first_phase:
+            self._first_phase = False
+            self._forget_previous_operation()
+        return [statuses[p].get("payload") for p in range(self.count)]
+
+    def _timeout_ms(self) -> int:
+        return max(1, int(self.timeout_s * 1000))
+
+    def _statuses(self, key: str) -> dict[int, dict]:
+        out = {}
+        for k, v in self.client.key_value_dir_get(key):
+            try:
+                out[int(k.rsplit("/", 1)[-1])] = json.loads(v)
+            except ValueError:
+                continue
+        return out
+
+    @staticmethod
+    def _failures(statuses: dict[int, dict]) -> dict[int, dict]:
+        return {p: s for p, s in sorted(statuses.items()) if not s.get("ok")}
+
+    def _combined(self, phase: str, failed: dict[int, dict]) -> DistckptError:
+        first = next(iter(failed.values()))
+        cls = getattr(errors, first["type"], None)
+        if not (isinstance(cls, type) and issubclass(cls, DistckptError)):
+            cls = ProcessFailure
+        pids = list(failed)
+        lines = "".join(f"\n  process {p}: {s['message']}" for p, s in failed.items())
+        err = cls(f"{self.op} of {self.where} failed in phase '{phase}' on process(es) {pids}:{lines}")
+        err.processes = pids  # type: ignore[attr-defined]
+        return err
+
+    def _forget_previous_operation(self) -> None:
+        # Every process has passed the first barrier of this operation, so
+        # nobody reads the previous operation's keys any more.
+        if self.is_primary and self.seq > 0:
+            try:
+                self.client.key_value_delete(f"distckpt/{self.seq - 1}/")
+            except jax.errors.JaxRuntimeError:
+                pass
+
+    # Large payloads (per-process write reports) go through blobs that only
+    # the primary reads, instead of through the status every process reads.
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        if self.client is None:
+            self._local_blobs = getattr(self, "_local_blobs", {})
+            self._local_blobs[name] = data
+            return
+        packed = zlib.compress(data, 1)
+        parts = [packed[i : i + _BLOB_PART] for i in range(0, len(packed), _BLOB_PART)] or [b""]
+        for i, part in enumerate(parts):
+            self.client.key_value_set_bytes(f"{self.ns}/blob/{name}/{i}", part)
+        self.client.key_value_set(f"{self.ns}/blob/{name}/n", str(len(parts)))
+
+    def get_blob(self, name: str) -> bytes:
+        if self.client is None:
+            return self._local_blobs[name]
+        try:
+            n = int(self.client.blocking_key_value_get(f"{self.ns}/blob/{name}/n", self._timeout_ms()))
+            parts = [
+                self.client.blocking_key_value_get_bytes(f"{self.ns}/blob/{name}/{i}", self._timeout_ms())
+                for i in range(n)
+            ]
+        except jax.errors.JaxRuntimeError as e:
+            raise BarrierTimeoutError(
+                f"{self.op} of {self.where}: timed out after {self.timeout_s:g} s waiting for {name}"
+            ) from e
+        self.client.key_value_delete(f"{self.ns}/blob/{name}/")
+        return zlib.decompress(b"".join(parts))

@@ -1,0 +1,151 @@
+"""Plans are data: frozen dataclasses and the pure functions that build them.
+
+Nothing here does I/O or talks to other processes, so every planner can be
+unit-tested with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distckpt import _reshard
+from distckpt._reshard import Box
+from distckpt._tree import Path
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """What every process knows about one saved leaf (identical on all of them)."""
+
+    path: Path
+    display: str
+    kind: str
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    sharding: dict | None = None
+    value: Any = None  # the value of a Python leaf
+    impl: str | None = None  # PRNG implementation of a key leaf
+
+
+@dataclass(frozen=True)
+class ChunkWrite:
+    """One chunk this process writes: ``box`` of leaf ``leaf``, cut from its shard."""
+
+    leaf: int
+    shard: Box
+    box: Box
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class FileWrite:
+    """One data file this process writes, and the chunks in it, in order."""
+
+    name: str
+    chunks: tuple[ChunkWrite, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """Where a written chunk lives and how to check it (manifest and reports)."""
+
+    leaf: int
+    file: str
+    offset: int
+    nbytes: int
+    crc32c: int
+    box: Box
+
+
+@dataclass(frozen=True)
+class ReadRange:
+    """One contiguous byte range to read; it holds whole chunks, back to back."""
+
+    file: str
+    offset: int
+    nbytes: int
+    chunks: tuple[ChunkRecord, ...]
+
+
+def plan_writes(
+    shards: Sequence[tuple[int, Box, int]],
+    *,
+    process: int,
+    chunk_bytes: int,
+    segment_bytes: int,
+) -> list[FileWrite]:
+    """Cuts this process's shards into chunks and packs them into data files.
+
+    Args:
+      shards: ``(leaf index, shard box, itemsize)`` for every shard this
+        process owns, in leaf order.
+      process: this process's index (names the files).
+      chunk_bytes: target chunk size, see ``_reshard.chunk_shape``.
+      segment_bytes: a new file starts once a file holds this many bytes.
+
+    Returns:
+      The files to write. Small leaves share a file, so the number of files
+      grows with bytes and processes, not with the number of leaves.
+    """
+    files: list[FileWrite] = []
+    current: list[ChunkWrite] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            files.append(FileWrite(f"p{process:05d}.s{len(files):03d}.bin", tuple(current)))
+        current, size = [], 0
+
+    for leaf, shard, itemsize in shards:
+        shape = _reshard.box_shape(shard)
+        for box in _reshard.chunk_boxes(shard, _reshard.chunk_shape(shape, itemsize, chunk_bytes)):
+            nbytes = _reshard.box_size(box) * itemsize
+            if current and size + nbytes > segment_bytes:
+                flush()
+            current.append(ChunkWrite(leaf, shard, box, nbytes))
+            size += nbytes
+    flush()
+    return files
+
+
+def plan_reads(chunks: Iterable[ChunkRecord], *, max_range_bytes: int = 64 << 20) -> list[ReadRange]:
+    """Merges the chunks to read into as few contiguous ranges as possible.
+
+    Each chunk is read once even if several target boxes need it; chunks that
+    sit back to back in a file become one read of at most ``max_range_bytes``.
+    """
+    unique = {(c.file, c.offset): c for c in chunks}
+    ordered = sorted(unique.values(), key=lambda c: (c.file, c.offset))
+    ranges: list[ReadRange] = []
+    group: list[ChunkRecord] = []
+
+    def flush() -> None:
+        if group:
+            start = group[0].offset
+            end = group[-1].offset + group[-1].nbytes
+            ranges.append(ReadRange(group[0].file, start, end - start, tuple(group)))
+        group.clear()
+
+    for c in ordered:
+        if group:
+            last = group[-1]
+            contiguous = last.file == c.file and last.offset + last.nbytes == c.offset
+            if not contiguous or c.offset + c.nbytes - group[0].offset > max_range_bytes:
+                flush()
+        group.append(c)
+    flush()
+    return ranges
+
+
+def chunks_for(box: Box, chunks: Sequence[ChunkRecord]) -> list[ChunkRecord]:
+    """The saved chunks of one leaf that hold any element of ``box``."""
+    if not box:
+        return list(chunks)
+    return [c for c in chunks if _reshard.intersect(c.box, box) is not None]

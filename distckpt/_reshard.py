@@ -1,0 +1,136 @@
+"""Index-box maths: shards, chunks, intersections, coverage. Pure functions.
+
+A box is a tuple of half-open ``(start, stop)`` ranges, one per dimension.
+The empty tuple is the box of a 0-d array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Box = tuple[tuple[int, int], ...]
+
+
+def box_from_index(index: Sequence[slice], shape: Sequence[int]) -> Box:
+    """The box a shard's ``index`` (a tuple of slices, as JAX gives it) selects."""
+    box = []
+    for sl, n in zip(index, shape, strict=True):
+        start, stop, step = sl.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {sl} is not supported")
+        box.append((start, stop))
+    return tuple(box)
+
+
+def full_box(shape: Sequence[int]) -> Box:
+    return tuple((0, n) for n in shape)
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def box_size(box: Box) -> int:
+    return math.prod(box_shape(box))
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """The common box of ``a`` and ``b``, or None when they share no element."""
+    out = []
+    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
+        lo, hi = max(a0, b0), min(a1, b1)
+        if lo >= hi:
+            return None
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def relative(inner: Box, outer: Box) -> tuple[slice, ...]:
+    """Slices that select ``inner`` from an array holding ``outer``."""
+    return tuple(slice(i0 - o0, i1 - o0) for (i0, i1), (o0, _) in zip(inner, outer, strict=True))
+
+
+def chunk_shape(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
+    """Chooses the checksummed chunk shape for a saved shard of ``shape``.
+
+    Restoring onto another sharding reads whole chunks, so a chunk that
+    straddles a target shard boundary is read twice. Two rules keep that
+    cheap: every dimension is halved once while chunks stay at least an
+    eighth of ``chunk_bytes`` (the usual reshard doubles or halves a mesh
+    axis), then the longest dimension is halved until a chunk fits in
+    ``chunk_bytes``. Ties split the leading dimension, which keeps chunks
+    contiguous in memory.
+    """
+    c = list(shape)
+    if not c or 0 in c:
+        return tuple(c)
+    floor = max(1, chunk_bytes // 8)
+
+    def nbytes() -> int:
+        return math.prod(c) * itemsize
+
+    if nbytes() > floor:
+        for d in range(len(c)):
+            if c[d] >= 2 and nbytes() // 2 >= floor:
+                c[d] = -(-c[d] // 2)
+    while nbytes() > chunk_bytes:
+        d = max(range(len(c)), key=lambda i: (c[i], -i))
+        if c[d] == 1:
+            break
+        c[d] = -(-c[d] // 2)
+    return tuple(c)
+
+
+def chunk_boxes(shard: Box, chunk: Sequence[int]) -> list[Box]:
+    """The chunks of ``shard`` in C order of the chunk grid (the order on disk)."""
+    if not shard:
+        return [()]
+    if box_size(shard) == 0:
+        return []
+    axes = []
+    for (start, stop), step in zip(shard, chunk, strict=True):
+        axes.append([(s, min(s + step, stop)) for s in range(start, stop, step)])
+    return [tuple(combo) for combo in _product(axes)]
+
+
+def _product(axes: list[list[tuple[int, int]]]) -> list[tuple[tuple[int, int], ...]]:
+    out: list[tuple[tuple[int, int], ...]] = [()]
+    for axis in axes:
+        out = [prev + (r,) for prev in out for r in axis]
+    return out
+
+
+def coverage_problems(shape: Sequence[int], boxes: Sequence[Box]) -> list[str]:
+    """Checks that ``boxes`` cover every element of ``shape`` exactly once.
+
+    Returns a list of human-readable problems (empty when the tiling is exact).
+    """
+    problems = []
+    whole = full_box(shape)
+    total = box_size(whole)
+    for box in boxes:
+        if len(box) != len(shape) or intersect(box, whole) != box and box_size(box) > 0:
+            problems.append(f"box {list(box)} lies outside the array of shape {tuple(shape)}")
+    if problems:
+        return problems
+    covered = sum(box_size(b) for b in boxes)
+    if not shape:
+        if len(boxes) != 1:
+            problems.append(f"a 0-d value was written {len(boxes)} times, expected once")
+        return problems
+    ordered = sorted((b for b in boxes if box_size(b) > 0), key=lambda b: b[0])
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1 :]:
+            if b[0][0] >= a[0][1]:
+                break
+            overlap = intersect(a, b)
+            if overlap is not None:
+                problems.append(f"boxes {list(a)} and {list(b)} overlap at {list(overlap)}")
+                if len(problems) > 5:
+                    return problems
+    if not problems and covered != total:
+        problems.append(
+            f"{total - covered} of {total} elements were written by no process"
+        )
+    return problems

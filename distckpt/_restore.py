@@ -1,0 +1,409 @@
+"""``restore``: match -> reshard -> plan reads -> read + verify -> assemble -> place.
+
+Each process reads only the chunks that overlap the boxes its addressable
+devices need under the *target* sharding, each chunk once, checks every
+chunk's crc32c, and builds its arrays with
+``jax.make_array_from_single_device_arrays``. No XLA collectives are used.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import crc32c
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _tree
+from distckpt._manifest import Manifest
+from distckpt._plan import ChunkRecord, LeafSpec, ReadRange
+from distckpt._reshard import Box
+from distckpt._storage import open_storage
+from distckpt.errors import CorruptCheckpointError, TreeMismatchError
+
+_HOST, _ARRAY, _KEY, _VALUE = "host", "array", "key", "value"
+
+
+@dataclass
+class _Want:
+    """One target leaf to produce."""
+
+    index: int  # position in the flattened target
+    leaf: int  # index of the saved leaf
+    mode: str  # _HOST, _ARRAY, _KEY or _VALUE
+    dtype: np.dtype | None = None  # dtype to return (after an allowed cast)
+    sharding: Any = None  # of the (key data) array, for _ARRAY / _KEY
+    device_boxes: list[tuple[Any, Box]] = field(default_factory=list)
+    value: Any = None  # for _VALUE
+
+
+def restore(
+    directory: Any,
+    target: Any = None,
+    *,
+    partial: bool = False,
+    cast: bool = False,
+    timeout_s: float | None = None,
+) -> Any:
+    """Restores a checkpoint, resharded onto ``target``; collective in a multi-process job.
+
+    Args:
+      directory: where the checkpoint was saved.
+      target: a pytree saying what to return at each leaf:
+        ``jax.ShapeDtypeStruct`` with ``.sharding`` (or a ``jax.Array``): a
+        ``jax.Array`` with that shape, dtype and sharding, whatever mesh it
+        was saved from; a numpy array: the full value on the host; a Python
+        int/float/bool/str: the saved Python value; ``None``: nothing (the
+        subtree under it is skipped). ``target=None`` returns every leaf as a
+        host numpy array (Python values as saved), in plain dicts and lists.
+      partial: allow ``target`` to be a subtree of what was saved.
+      cast: allow dtypes (and Python number types) to differ; values are
+        converted. Without it a dtype difference is an error.
+      timeout_s: longest wait for the slowest process (default 300 s or
+        ``DISTCKPT_TIMEOUT_S``).
+
+    Returns:
+      A tree of ``target``'s structure (or plain containers for ``target=None``).
+
+    Raises:
+      NotCommittedError: nothing committed at ``directory``.
+      TreeMismatchError: lists every missing, extra, reshaped or retyped leaf.
+      CorruptCheckpointError: a checksum failed, or a file is missing or
+        truncated; names the leaf and the file. Wrong data is never returned.
+
+    Example::
+
+      mesh = jax.make_mesh((2, 4), ("x", "y"))
+      want = {"w": jax.ShapeDtypeStruct((1024, 512), jnp.float32,
+                                         sharding=NamedSharding(mesh, P("y", "x")))}
+      state = distckpt.restore("/ckpt/step_1", want, partial=True)
+    """
+    storage = open_storage(directory)
+    coll = _multihost.Collective("restore", storage.display, _knobs.get("timeout_s", timeout_s))
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        manifest = _commit.load(storage)
+        if target is None:
+            wants = [_want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
+            values = _execute(storage, manifest, wants, len(wants))
+            result["tree"] = _tree.unflatten_plain(
+                [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
+            )
+            return
+        items, treedef = _tree.flatten(target)
+        wants, problems = match(manifest, items, partial=partial, cast=cast)
+        if problems:
+            raise TreeMismatchError(
+                f"the restore target does not match the checkpoint at {storage.display} "
+                f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
+                problems,
+            )
+        values = _execute(storage, manifest, wants, len(items))
+        result["tree"] = jax.tree_util.tree_unflatten(treedef, values)
+
+    coll.run("restore", work)
+    return result["tree"]
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def _describe(spec: LeafSpec) -> str:
+    if spec.kind == _tree.PYTHON:
+        return f"a Python {type(spec.value).__name__} ({spec.value!r})"
+    if spec.kind == _tree.NONE:
+        return "None"
+    if spec.kind == _tree.PRNG_KEY:
+        return f"a {spec.impl} PRNG key array of key-data shape {tuple(spec.shape)}"
+    return f"{spec.dtype}{list(spec.shape)}"
+
+
+def np_dtype(name: str) -> np.dtype:
+    return np.dtype(jax.numpy.dtype(name))
+
+
+def _want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = None) -> _Want:
+    if spec.kind == _tree.PYTHON:
+        return _Want(index, leaf, _VALUE, value=spec.value)
+    if spec.kind == _tree.NONE:
+        return _Want(index, leaf, _VALUE, value=None)
+    mode = _KEY if spec.kind == _tree.PRNG_KEY else _HOST
+    return _Want(index, leaf, mode, dtype=dtype or np_dtype(spec.dtype))
+
+
+def _key_impl_name(dtype: Any) -> str | None:
+    # Key dtypes carry their implementation; jax has no public accessor for a
+    # dtype (jax.random.key_impl wants an array), so read its name.
+    impl = getattr(dtype, "_impl", None)
+    return getattr(impl, "name", None)
+
+
+def _key_data_sharding(sharding: Any, ndim: int, extra: int) -> Any:
+    """The sharding of a key array's data: the key's sharding, trailing dims unsplit."""
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+        return NamedSharding(sharding.mesh, PartitionSpec(*spec, *([None] * extra)))
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    raise TypeError(
+        f"restoring typed PRNG keys onto a {type(sharding).__name__} is not supported; "
+        "use a NamedSharding or a single device"
+    )
+
+
+def match(
+    manifest: Manifest, items: Sequence[tuple[_tree.Path, Any]], *, partial: bool, cast: bool
+) -> tuple[list[_Want], list[str]]:
+    """Pairs target leaves with saved leaves; returns (wants, every problem found)."""
+    saved = {_tree.match_key(s.path): i for i, s in enumerate(manifest.leaves)}
+    wants, problems, used, skipped = [], [], set(), []
+    for index, (path, t) in enumerate(items):
+        key, disp = _tree.match_key(path), _tree.display(path)
+        if t is None:
+            skipped.append(key)
+            continue
+        leaf = saved.get(key)
+        if leaf is None:
+            problems.append(f"{disp}: in the target but not in the checkpoint")
+            continue
+        used.add(key)
+        spec = manifest.leaves[leaf]
+        want, problem = _match_leaf(index, leaf, spec, t, disp, cast)
+        if problem:
+            problems.append(problem)
+        else:
+            wants.append(want)
+    if not partial:
+        for key, leaf in saved.items():
+            if key in used or any(key[: len(p)] == p for p in skipped):
+                continue
+            spec = manifest.leaves[leaf]
+            problems.append(
+                f"{spec.display}: in the checkpoint ({_describe(spec)}) but not in the target "
+                "(pass partial=True to leave it out)"
+            )
+    return wants, problems
+
+
+def _match_leaf(index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: bool) -> tuple[_Want | None, str | None]:
+    found = f"checkpoint has {_describe(spec)}"
+    if isinstance(t, _tree.PYTHON_TYPES):
+        if spec.kind != _tree.PYTHON:
+            return None, f"{disp}: target is a Python {type(t).__name__}, {found}"
+        value = spec.value
+        if type(value) is not type(t):
+            numbers = (int, float)
+            if cast and isinstance(value, numbers) and type(t) in numbers:
+                value = type(t)(value)
+            else:
+                hint = " (pass cast=True to convert)" if isinstance(value, (int, float)) else ""
+                return None, f"{disp}: target is a Python {type(t).__name__}, {found}{hint}"
+        return _Want(index, leaf, _VALUE, value=value), None
+
+    if isinstance(t, (np.ndarray, np.generic)):
+        shape, dtype, sharding = t.shape, np.dtype(t.dtype), None
+    elif isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
+        shape, dtype, sharding = tuple(t.shape), t.dtype, getattr(t, "sharding", None)
+    else:
+        return None, (
+            f"{disp}: unsupported target leaf of type {type(t).__qualname__}; use a "
+            "jax.ShapeDtypeStruct, a jax.Array, a numpy array, a Python scalar or None"
+        )
+
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        impl = _key_impl_name(dtype)
+        if spec.kind != _tree.PRNG_KEY:
+            return None, f"{disp}: target is a PRNG key array ({impl}), {found}"
+        if impl != spec.impl:
+            return None, f"{disp}: target keys use {impl}, {found}"
+        if tuple(spec.shape[: len(shape)]) != tuple(shape):
+            return None, f"{disp}: target key shape {tuple(shape)}, {found}"
+        extra = len(spec.shape) - len(shape)
+        if sharding is None:
+            sharding = SingleDeviceSharding(jax.local_devices()[0])
+        data_sharding = _key_data_sharding(sharding, len(shape), extra)
+        return _device_want(index, leaf, _KEY, spec, np_dtype(spec.dtype), data_sharding), None
+
+    if spec.kind not in _commit.STORED_KINDS or spec.kind == _tree.PRNG_KEY:
+        return None, f"{disp}: target is an array {np.dtype(dtype)}{list(shape)}, {found}"
+    if tuple(shape) != tuple(spec.shape):
+        return None, f"{disp}: target shape {tuple(shape)}, {found}"
+    saved_dtype = np_dtype(spec.dtype)
+    if np.dtype(dtype) != saved_dtype and not cast:
+        return None, f"{disp}: target dtype {np.dtype(dtype)}, {found} (pass cast=True to convert)"
+    if isinstance(t, (np.ndarray, np.generic)):
+        return _want_host(index, leaf, spec, np.dtype(dtype)), None
+    if sharding is None:
+        sharding = SingleDeviceSharding(jax.local_devices()[0])
+    return _device_want(index, leaf, _ARRAY, spec, np.dtype(dtype), sharding), None
+
+
+def _device_want(index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any) -> _Want:
+    shape = tuple(spec.shape)
+    boxes = [
+        (d, _reshard.box_from_index(idx, shape))
+        for d, idx in sharding.addressable_devices_indices_map(shape).items()
+    ]
+    return _Want(index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=boxes)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _ChunkIndex:
+    """Finds a leaf's chunks that overlap a box without scanning all of them."""
+
+    def __init__(self, chunks: Sequence[ChunkRecord]):
+        self.chunks = sorted(chunks, key=lambda c: c.box[0][0] if c.box else 0)
+        self.starts = [c.box[0][0] if c.box else 0 for c in self.chunks]
+        self.longest = max((c.box[0][1] - c.box[0][0] for c in self.chunks if c.box), default=0)
+
+    def overlapping(self, box: Box) -> list[ChunkRecord]:
+        if not box or len(self.chunks) < 16:
+            return _plan.chunks_for(box, self.chunks)
+        lo = bisect.bisect_left(self.starts, box[0][0] - self.longest + 1)
+        hi = bisect.bisect_left(self.starts, box[0][1])
+        return _plan.chunks_for(box, self.chunks[lo:hi])
+
+
+def read_ranges(
+    reader: Any, ranges: Sequence[ReadRange], manifest: Manifest, pool: ThreadPoolExecutor, *, keep: bool
+) -> tuple[dict[tuple[str, int], np.ndarray], list[str]]:
+    """Reads ``ranges`` in parallel and checks every chunk's crc32c.
+
+    Returns the chunk bytes by (file, offset) when ``keep`` (else an empty
+    dict, for verification only) and the list of problems found.
+    """
+
+    def one(r: ReadRange) -> tuple[list[tuple[tuple[str, int], np.ndarray]], list[str]]:
+        try:
+            buf = reader.read(r.file, r.offset, r.nbytes)
+        except CorruptCheckpointError as e:
+            leaves = sorted({manifest.leaves[c.leaf].display for c in r.chunks})
+            return [], [f"{p} (holds {', '.join(leaves[:4])})" for p in e.problems]
+        got, problems = [], []
+        for c in r.chunks:
+            view = buf[c.offset - r.offset : c.offset - r.offset + c.nbytes]
+            actual = crc32c.crc32c(view)
+            if actual != c.crc32c:
+                problems.append(
+                    f"{manifest.leaves[c.leaf].display}: chunk {[list(b) for b in c.box]} in "
+                    f"{reader.display}/{c.file} bytes {c.offset}..{c.offset + c.nbytes} fails its "
+                    f"crc32c (stored {c.crc32c:#010x}, read {actual:#010x})"
+                )
+            elif keep:
+                got.append(((c.file, c.offset), view))
+        return got, problems
+
+    out: dict[tuple[str, int], np.ndarray] = {}
+    problems: list[str] = []
+    for got, bad in pool.map(one, ranges):
+        out.update(got)
+        problems.extend(bad)
+    return out, problems
+
+
+def _assemble(box: Box, dtype: np.dtype, chunks: list[ChunkRecord], data: dict) -> np.ndarray:
+    shape = _reshard.box_shape(box)
+    if len(chunks) == 1 and chunks[0].box == box:
+        return data[(chunks[0].file, chunks[0].offset)].view(dtype).reshape(shape)
+    out = np.empty(shape, dtype)
+    for c in chunks:
+        inter = _reshard.intersect(c.box, box)
+        src = data[(c.file, c.offset)].view(dtype).reshape(_reshard.box_shape(c.box))
+        out[_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
+    return out
+
+
+def _boxes(want: _Want, spec: LeafSpec) -> list[Box]:
+    if want.mode in (_HOST, _KEY) and not want.device_boxes:
+        return [_reshard.full_box(spec.shape)]
+    return list(dict.fromkeys(box for _, box in want.device_boxes))
+
+
+def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[list[_Want]]:
+    batch, size = [], 0
+    for w in wants:
+        spec = manifest.leaves[w.leaf]
+        nbytes = 0
+        if w.mode != _VALUE:
+            itemsize = np_dtype(spec.dtype).itemsize
+            nbytes = sum(_reshard.box_size(b) for b in _boxes(w, spec)) * itemsize
+        if batch and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(w)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -> list[Any]:
+    values: list[Any] = [None] * count
+    indexes: dict[int, _ChunkIndex] = {}
+    threads = _knobs.get("io_threads")
+    with storage.reader(manifest.attempt) as reader, ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool:
+        for batch in _batches(wants, manifest, _knobs.get("read_batch_bytes")):
+            needs: dict[tuple[int, Box], list[ChunkRecord]] = {}
+            for w in batch:
+                if w.mode == _VALUE:
+                    values[w.index] = w.value
+                    continue
+                spec = manifest.leaves[w.leaf]
+                if w.leaf not in indexes:
+                    indexes[w.leaf] = _ChunkIndex(manifest.chunks[w.leaf])
+                for box in _boxes(w, spec):
+                    needs[(w.leaf, box)] = indexes[w.leaf].overlapping(box)
+            ranges = _plan.plan_reads(c for cs in needs.values() for c in cs)
+            data, problems = read_ranges(reader, ranges, manifest, pool, keep=True)
+            if problems:
+                raise CorruptCheckpointError(
+                    f"checkpoint at {storage.display} is corrupt; refusing to return wrong data "
+                    f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20]),
+                    problems,
+                )
+            _place(batch, manifest, needs, data, values)
+    return values
+
+
+def _place(batch: list[_Want], manifest: Manifest, needs: dict, data: dict, values: list[Any]) -> None:
+    """Builds host arrays per box, then device arrays, for one batch."""
+    puts, put_devices, owners = [], [], []
+    for w in batch:
+        if w.mode == _VALUE:
+            continue
+        spec = manifest.leaves[w.leaf]
+        saved = np_dtype(spec.dtype)
+        hosts = {}
+        for box in _boxes(w, spec):
+            arr = _assemble(box, saved, needs[(w.leaf, box)], data)
+            if w.mode == _ARRAY and w.dtype != saved:
+                arr = arr.astype(w.dtype)
+            hosts[box] = arr
+        if not w.device_boxes:  # host value (or a key array from target=None)
+            arr = hosts[_reshard.full_box(spec.shape)]
+            if w.mode == _KEY:
+                values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
+            else:
+                values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
+            continue
+        owners.append((w, len(puts)))
+        for device, box in w.device_boxes:
+            puts.append(hosts[box])
+            put_devices.append(device)
+    if not puts:
+        return
+    placed = jax.device_put(puts, put_devices)
+    for w, start in owners:
+        spec = manifest.leaves[w.leaf]
+        arrays = placed[start : start + len(w.device_boxes)]
+        arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
+        if w.mode == _KEY:
+            arr = jax.random.wrap_key_data(arr, impl=spec.impl)
+        values[w.index] = arr

@@ -1,0 +1,87 @@
+"""Describing leaves, choosing who writes what, and copying shards to host memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, SingleDeviceSharding
+
+from distckpt import _reshard, _tree
+from distckpt._plan import LeafSpec
+from distckpt._reshard import Box
+
+
+def describe_sharding(sharding: Any) -> dict:
+    """A JSON description of a sharding, for people and for ``metadata()``."""
+    if isinstance(sharding, NamedSharding):
+        spec = [list(p) if isinstance(p, tuple) else p for p in sharding.spec]
+        return {
+            "type": "NamedSharding",
+            "mesh": {str(k): int(v) for k, v in sharding.mesh.shape.items()},
+            "spec": spec,
+        }
+    if isinstance(sharding, SingleDeviceSharding):
+        return {"type": "SingleDeviceSharding"}
+    return {"type": type(sharding).__name__}
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(np.dtype(dtype))
+
+
+def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
+    """Returns (spec, None), or (None, problem) for a leaf that cannot be saved."""
+    kind = _tree.kind_of(leaf)
+    disp = _tree.display(path)
+    if kind is None:
+        return None, (
+            f"{disp}: cannot save a leaf of type {type(leaf).__module__}.{type(leaf).__qualname__}; "
+            "supported leaves are jax.Array, numpy arrays, int, float, bool, str and None"
+        )
+    if kind == _tree.NONE:
+        return LeafSpec(path, disp, kind), None
+    if kind == _tree.PYTHON:
+        return LeafSpec(path, disp, kind, value=leaf), None
+    if kind == _tree.PRNG_KEY:
+        data = jax.random.key_data(leaf)
+        impl = str(jax.random.key_impl(leaf))
+        return LeafSpec(
+            path, disp, kind, tuple(data.shape), dtype_name(data.dtype),
+            describe_sharding(leaf.sharding), impl=impl,
+        ), None
+    if kind == _tree.ARRAY:
+        return LeafSpec(
+            path, disp, kind, tuple(leaf.shape), dtype_name(leaf.dtype), describe_sharding(leaf.sharding)
+        ), None
+    arr = np.asarray(leaf)
+    return LeafSpec(path, disp, kind, tuple(arr.shape), dtype_name(arr.dtype), {"type": "host"}), None
+
+
+def owned_shards(leaf: Any, kind: str, *, is_primary: bool, multiprocess: bool) -> list[tuple[Box, Any]]:
+    """The shards this process writes, as (box, host-copy thunk).
+
+    A shard is written by the process holding its ``replica_id == 0`` copy, so
+    replicated data is stored once. Host values (numpy, and jax arrays that
+    live on one process only, which in a multi-process job are per-process
+    values like numpy) are written by the primary.
+    """
+    if kind == _tree.NUMPY:
+        if not is_primary:
+            return []
+        arr = np.asarray(leaf)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")
+        return [(_reshard.full_box(arr.shape), lambda: arr)]
+    if kind == _tree.PRNG_KEY:
+        leaf = jax.random.key_data(leaf)
+    if multiprocess and leaf.is_fully_addressable and not is_primary:
+        return []
+    out = []
+    for shard in leaf.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        box = _reshard.box_from_index(shard.index, leaf.shape)
+        out.append((box, lambda s=shard: np.asarray(s.data)))
+    return out

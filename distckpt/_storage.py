@@ -1,0 +1,372 @@
+"""All bytes in and out of a checkpoint directory. The only module that imports tensorstore.
+
+Two backends share one interface:
+
+* ``PosixStorage`` for local and network filesystems (ext4, NFS, Lustre):
+  data moves straight between numpy buffers and the kernel with
+  ``os.write``/``os.preadv``; files and every directory we create are fsync'd;
+  the commit point is the atomic rename of ``manifest.json``. Measured here,
+  TensorStore's ``file`` kvstore wrote 0.2-0.5 GB/s where plain fsync'd writes
+  reached 1.1-1.3 GB/s, so filesystems take the direct path by default
+  (``DISTCKPT_IO_BACKEND=tensorstore`` forces the kvstore path).
+* ``KvStorage`` for everything TensorStore's kvstore reaches (``memory://``,
+  kvstore spec dicts; object stores build on it). The manifest is written
+  last in one put, which object stores make atomic.
+
+Layout (see docs/format.md)::
+
+    <root>/manifest.json              the commit record, written last
+    <root>/attempt-<id>/p00000.s000.bin  data files of one save attempt
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from distckpt._manifest import MANIFEST_NAME
+from distckpt.errors import CorruptCheckpointError
+
+ATTEMPT_PREFIX = "attempt-"
+
+
+def open_storage(directory: Any) -> Storage:
+    """The storage for a checkpoint location: a path, ``memory://...`` or a kvstore spec."""
+    if isinstance(directory, dict):
+        return KvStorage(directory)
+    if isinstance(directory, os.PathLike):
+        directory = os.fspath(directory)
+    if not isinstance(directory, str):
+        raise TypeError(f"a checkpoint location must be a path or a kvstore spec, got {directory!r}")
+    if "://" in directory:
+        scheme, rest = directory.split("://", 1)
+        if scheme == "memory":
+            return KvStorage({"driver": "memory", "path": rest.rstrip("/") + "/"}, display=directory)
+        if scheme != "file":
+            raise ValueError(
+                f"{directory!r}: the {scheme}:// scheme is not supported yet; "
+                "use a filesystem path, memory://, or a TensorStore kvstore spec dict"
+            )
+        directory = rest
+    path = os.path.abspath(directory)
+    if os.environ.get("DISTCKPT_IO_BACKEND", "posix") == "tensorstore":
+        return KvStorage({"driver": "file", "path": path + "/"}, display=path, local_path=path)
+    return PosixStorage(path)
+
+
+class Storage:
+    """Interface of a checkpoint location. ``display`` names it in errors."""
+
+    display: str
+    local_path: str | None = None
+
+    def read_manifest(self) -> bytes | None: ...
+    def commit_manifest(self, raw: bytes, attempt: str) -> None: ...
+    def prepare_attempt(self, attempt: str) -> None: ...
+    def check_attempt_visible(self, attempt: str) -> None: ...
+    def writer(self, attempt: str, name: str) -> Any: ...
+    def finish_attempt_writes(self, attempt: str) -> None: ...
+    def reader(self, attempt: str) -> Any: ...
+    def attempts(self) -> list[str]: ...
+    def remove_attempt(self, attempt: str) -> None: ...
+    def exists(self) -> bool: ...
+    def entries(self) -> list[str]: ...
+    def free_bytes(self) -> int | None:
+        return None
+
+
+def _missing(display: str, name: str, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"data file {display}/{name} {why}. The checkpoint is damaged (a deleted or "
+        "partially copied file); restore another step or a backup.",
+        [f"{display}/{name}: {why}"],
+    )
+
+
+# --------------------------------------------------------------------------- POSIX
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PosixWriter:
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.nbytes = 0
+
+    def write(self, buf: memoryview) -> None:
+        view = memoryview(buf).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.nbytes += n
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abort(self) -> None:
+        os.close(self.fd)
+
+
+class _PosixReader:
+    def __init__(self, directory: str, display: str):
+        self.directory = directory
+        self.display = display
+        self.fds: dict[str, int] = {}
+
+    def size(self, name: str) -> int | None:
+        try:
+            return os.stat(os.path.join(self.directory, name)).st_size
+        except FileNotFoundError:
+            return None
+
+    def read(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+        fd = self.fds.get(name)
+        if fd is None:
+            try:
+                fd = os.open(os.path.join(self.directory, name), os.O_RDONLY)
+            except FileNotFoundError:
+                raise _missing(self.display, name, "is missing") from None
+            self.fds[name] = fd
+        out = np.empty(nbytes, dtype=np.uint8)
+        got = 0
+        while got < nbytes:
+            n = os.preadv(fd, [memoryview(out)[got:]], offset + got)
+            if n == 0:
+                raise _missing(
+                    self.display, name,
+                    f"is truncated: wanted bytes {offset}..{offset + nbytes}, file ends at {offset + got}",
+                )
+            got += n
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> _PosixReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PosixStorage(Storage):
+    def __init__(self, path: str):
+        self.path = path
+        self.display = path
+        self.local_path = path
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def entries(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def read_manifest(self) -> bytes | None:
+        try:
+            with open(os.path.join(self.path, MANIFEST_NAME), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def prepare_attempt(self, attempt: str) -> None:
+        # Create missing ancestors one by one so that each new directory entry
+        # can be made durable: fsync the parent of everything we create.
+        missing = []
+        p = self.path
+        while not os.path.isdir(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+            _fsync_dir(os.path.dirname(d))
+        os.mkdir(os.path.join(self.path, attempt))
+        _fsync_dir(self.path)
+
+    def check_attempt_visible(self, attempt: str) -> None:
+        d = os.path.join(self.path, attempt)
+        if not os.path.isdir(d):
+            raise FileNotFoundError(
+                f"{d} was created by the primary process but is not visible here: "
+                "the checkpoint directory must be on a filesystem every process shares"
+            )
+
+    def writer(self, attempt: str, name: str) -> _PosixWriter:
+        return _PosixWriter(os.path.join(self.path, attempt, name))
+
+    def finish_attempt_writes(self, attempt: str) -> None:
+        _fsync_dir(os.path.join(self.path, attempt))
+
+    def reader(self, attempt: str) -> _PosixReader:
+        return _PosixReader(os.path.join(self.path, attempt), f"{self.path}/{attempt}")
+
+    def commit_manifest(self, raw: bytes, attempt: str) -> None:
+        tmp = os.path.join(self.path, f".{MANIFEST_NAME}.tmp-{attempt}")
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        # THE COMMIT POINT: rename is atomic, so readers see the old manifest
+        # or the new one, never a mix; the directory fsync makes it durable.
+        os.rename(tmp, os.path.join(self.path, MANIFEST_NAME))
+        _fsync_dir(self.path)
+
+    def attempts(self) -> list[str]:
+        return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
+
+    def remove_attempt(self, attempt: str) -> None:
+        shutil.rmtree(os.path.join(self.path, attempt), ignore_errors=True)
+        tmp = os.path.join(self.path, f".{MANIFEST_NAME}.tmp-{attempt}")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+    def free_bytes(self) -> int | None:
+        p = self.path
+        while not os.path.isdir(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+
+# --------------------------------------------------------------------------- TensorStore kvstore
+
+
+class _KvWriter:
+    def __init__(self, kv: Any, key: str):
+        self.kv, self.key, self.parts = kv, key, []
+
+    def write(self, buf: memoryview) -> None:
+        self.parts.append(bytes(memoryview(buf).cast("B")))
+
+    def close(self) -> None:
+        self.kv.write(self.key, b"".join(self.parts)).result()
+        self.parts = []
+
+    def abort(self) -> None:
+        self.parts = []
+
+
+class _KvReader:
+    def __init__(self, kv: Any, attempt: str, display: str):
+        self.kv, self.attempt, self.display = kv, attempt, display
+
+    def size(self, name: str) -> int | None:
+        r = self.kv.read(f"{self.attempt}/{name}").result()
+        return None if r.state == "missing" else len(r.value)
+
+    def read(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+        try:
+            r = self.kv.read(
+                f"{self.attempt}/{name}", byte_range=slice(offset, offset + nbytes)
+            ).result()
+        except ValueError as e:  # TensorStore reports an out-of-range byte range this way
+            raise _missing(self.display, name, f"is truncated ({e})") from None
+        if r.state == "missing":
+            raise _missing(self.display, name, "is missing")
+        if len(r.value) != nbytes:
+            raise _missing(self.display, name, f"is truncated: got {len(r.value)} of {nbytes} bytes")
+        return np.frombuffer(r.value, dtype=np.uint8).copy()  # writable, like the POSIX path
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _KvReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_CONTEXT = None
+
+
+def _context() -> object:
+    # One TensorStore context per process, so that memory:// stores (and
+    # connection pools) are shared by every open of the same location.
+    global _CONTEXT
+    if _CONTEXT is None:
+        import tensorstore as ts
+
+        _CONTEXT = ts.Context()
+    return _CONTEXT
+
+
+class KvStorage(Storage):
+    def __init__(self, spec: dict, *, display: str | None = None, local_path: str | None = None):
+        import tensorstore as ts
+
+        self.spec = spec
+        self.kv = ts.KvStore.open(spec, context=_context()).result()
+        self.display = display or str(spec)
+        self.local_path = local_path
+
+    def exists(self) -> bool:
+        return bool(self.entries())
+
+    def entries(self) -> list[str]:
+        keys = [k.decode() for k in self.kv.list().result()]
+        return sorted({k.split("/", 1)[0] for k in keys})
+
+    def read_manifest(self) -> bytes | None:
+        r = self.kv.read(MANIFEST_NAME).result()
+        return None if r.state == "missing" else bytes(r.value)
+
+    def prepare_attempt(self, attempt: str) -> None:
+        pass  # key prefixes need no creation
+
+    def check_attempt_visible(self, attempt: str) -> None:
+        pass
+
+    def writer(self, attempt: str, name: str) -> _KvWriter:
+        return _KvWriter(self.kv, f"{attempt}/{name}")
+
+    def finish_attempt_writes(self, attempt: str) -> None:
+        pass
+
+    def reader(self, attempt: str) -> _KvReader:
+        return _KvReader(self.kv, attempt, f"{self.display}/{attempt}")
+
+    def commit_manifest(self, raw: bytes, attempt: str) -> None:
+        # THE COMMIT POINT: one put of the manifest, after every data write.
+        self.kv.write(MANIFEST_NAME, raw).result()
+
+    def attempts(self) -> list[str]:
+        return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
+
+    def remove_attempt(self, attempt: str) -> None:
+        import tensorstore as ts
+
+        self.kv.delete_range(ts.KvStore.KeyRange(f"{attempt}/", f"{attempt}0")).result()
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,0 +1,62 @@
+"""Public exception types.
+
+Every error distckpt raises on purpose derives from :class:`DistckptError`.
+In collective calls (``save``, ``restore``) an error on one process is raised
+on every process, as the same type, naming the process it came from.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BarrierTimeoutError",
+    "CheckpointExistsError",
+    "CorruptCheckpointError",
+    "DistckptError",
+    "NotCommittedError",
+    "ProcessFailure",
+    "TreeMismatchError",
+]
+
+
+class DistckptError(Exception):
+    """Base class of every error distckpt raises on purpose."""
+
+
+class NotCommittedError(DistckptError):
+    """The path holds no committed checkpoint (wrong path, or an interrupted save)."""
+
+
+class CheckpointExistsError(DistckptError):
+    """A committed checkpoint is already there and ``overwrite=False``."""
+
+
+class TreeMismatchError(DistckptError):
+    """The restore target and the checkpoint disagree; lists every differing leaf."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class CorruptCheckpointError(DistckptError):
+    """Stored bytes fail a checksum, or a file is truncated or missing."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class BarrierTimeoutError(DistckptError):
+    """Some processes did not reach a synchronisation point within the timeout."""
+
+    def __init__(self, message: str, missing: list[int] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
+class ProcessFailure(DistckptError):
+    """Another process (or this one) raised during a collective operation."""
+
+    def __init__(self, message: str, processes: list[int] | None = None):
+        super().__init__(message)
+        self.processes = list(processes or [])
