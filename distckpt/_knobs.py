@@ -28,7 +28,7 @@ _KNOBS: dict[str, _Knob] = {
         "seconds any barrier or key/value wait may take before it fails",
     ),
     "chunk_bytes": _Knob(
-        "DISTCKPT_CHUNK_BYTES", 1 << 20, int, 1,
+        "DISTCKPT_CHUNK_BYTES", 256 << 10, int, 1,
         "target size of a checksummed chunk; smaller chunks cut read "
         "amplification when restoring onto another sharding",
     ),

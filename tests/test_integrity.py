@@ -1,0 +1,115 @@
+"""Corruption is always detected: bit flips, truncation and missing files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import distckpt
+from distckpt import _knobs
+from distckpt.errors import CorruptCheckpointError
+
+
+def _data_files(directory) -> list[str]:
+    return sorted(
+        os.path.join(root, f) for root, _, files in os.walk(directory) for f in files if f.endswith(".bin")
+    )
+
+
+@pytest.fixture
+def saved(tmp_path):
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    tree = {
+        "w": jax.device_put(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), NamedSharding(mesh, P("x", "y"))),
+        "small": np.arange(7, dtype=np.int16),
+        "flag": jax.device_put(np.array([True, False, True])),
+    }
+    # Small segments: several data files, so every file can be damaged in turn.
+    with _knobs.override(segment_bytes=512, chunk_bytes=256):
+        distckpt.save(tmp_path / "c", tree)
+    assert len(_data_files(tmp_path / "c")) >= 4
+    return tmp_path / "c"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_flipped_bit_in_any_data_file_is_detected(saved, tmp_path):
+    rng = np.random.default_rng(1)
+    for i, path in enumerate(_data_files(saved)):
+        size = os.path.getsize(path)
+        for trial in range(3):
+            work = _copy(saved, tmp_path / f"flip{i}_{trial}")
+            victim = os.path.join(work, os.path.relpath(path, saved))
+            with open(victim, "r+b") as f:
+                offset = int(rng.integers(size))
+                f.seek(offset)
+                byte = f.read(1)[0]
+                f.seek(offset)
+                f.write(bytes([byte ^ (1 << int(rng.integers(8)))]))
+            name = os.path.basename(victim)
+            with pytest.raises(CorruptCheckpointError, match=name) as info:
+                distckpt.verify(work)
+            assert "crc32c" in str(info.value) and "['" in str(info.value)  # names the leaf
+            with pytest.raises(CorruptCheckpointError, match="crc32c"):
+                distckpt.restore(work)
+
+
+def test_truncated_file_is_detected(saved, tmp_path):
+    work = _copy(saved, tmp_path / "t")
+    victim = _data_files(work)[0]
+    os.truncate(victim, os.path.getsize(victim) - 3)
+    with pytest.raises(CorruptCheckpointError, match="truncated|bytes, the manifest says"):
+        distckpt.verify(work)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        distckpt.restore(work)
+
+
+def test_deleted_file_is_detected(saved, tmp_path):
+    work = _copy(saved, tmp_path / "d")
+    victim = _data_files(work)[-1]
+    os.unlink(victim)
+    with pytest.raises(CorruptCheckpointError, match=f"{os.path.basename(victim)}.*missing"):
+        distckpt.verify(work)
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        distckpt.restore(work)
+
+
+def test_damaged_manifest_is_reported(saved, tmp_path):
+    work = _copy(saved, tmp_path / "m")
+    manifest = os.path.join(work, "manifest.json")
+    with open(manifest, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CorruptCheckpointError, match="manifest"):
+        distckpt.metadata(work)
+
+
+def test_newer_format_is_refused(saved, tmp_path):
+    work = _copy(saved, tmp_path / "v")
+    manifest = os.path.join(work, "manifest.json")
+    doc = json.loads(open(manifest).read())
+    doc["format_version"] = 99
+    with open(manifest, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(CorruptCheckpointError, match="format version 99.*Upgrade distckpt"):
+        distckpt.restore(work)
+
+
+def test_verify_cli(saved, tmp_path, capsys):
+    from distckpt.cli import main
+
+    assert main(["verify", str(saved)]) == 0
+    assert "OK" in capsys.readouterr().out
+    work = _copy(saved, tmp_path / "cli")
+    os.unlink(_data_files(work)[0])
+    assert main(["verify", str(work)]) == 1
+    assert "missing" in capsys.readouterr().err
