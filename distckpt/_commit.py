@@ -32,7 +32,9 @@ def load(storage: Storage) -> Manifest:
 def not_committed(storage: Storage) -> NotCommittedError:
     where = storage.display
     if not storage.exists():
-        return NotCommittedError(f"no checkpoint at {where}: the path does not exist. Check the path.")
+        return NotCommittedError(
+            f"no checkpoint at {where}: the path does not exist. Check the path."
+        )
     entries = storage.entries()
     attempts = [e for e in entries if e.startswith("attempt-")]
     if attempts:
@@ -68,7 +70,10 @@ def report_json(records: list[ChunkRecord], files: dict[str, int], process: int)
     doc = {
         "process": process,
         "files": files,
-        "chunks": [[c.leaf, c.file, c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]] for c in records],
+        "chunks": [
+            [c.leaf, c.file, c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
+            for c in records
+        ],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -93,7 +98,9 @@ def build_manifest(
         for name, nbytes in doc["files"].items():
             files[name] = {"process": doc["process"], "bytes": nbytes}
         for leaf, file, offset, nbytes, crc, box in doc["chunks"]:
-            chunks[leaf].append(ChunkRecord(leaf, file, offset, nbytes, crc, tuple(tuple(r) for r in box)))
+            chunks[leaf].append(
+                ChunkRecord(leaf, file, offset, nbytes, crc, tuple(tuple(r) for r in box))
+            )
     problems = []
     for spec, leaf_chunks in zip(specs, chunks, strict=True):
         if spec.kind not in STORED_KINDS:

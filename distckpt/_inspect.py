@@ -75,9 +75,19 @@ def metadata(directory: Any) -> CheckpointInfo:
     for spec in m.leaves:
         nbytes = 0
         if spec.kind in _commit.STORED_KINDS:
-            nbytes = _reshard.box_size(_reshard.full_box(spec.shape)) * _restore.np_dtype(spec.dtype).itemsize
+            nbytes = (
+                _reshard.box_size(_reshard.full_box(spec.shape))
+                * _restore.np_dtype(spec.dtype).itemsize
+            )
         leaves[spec.display] = LeafInfo(
-            spec.display, spec.kind, spec.shape, spec.dtype, spec.sharding, nbytes, spec.value, spec.impl
+            spec.display,
+            spec.kind,
+            spec.shape,
+            spec.dtype,
+            spec.sharding,
+            nbytes,
+            spec.value,
+            spec.impl,
         )
     info = CheckpointInfo(
         directory=storage.display,

@@ -24,24 +24,39 @@ class _Knob:
 
 _KNOBS: dict[str, _Knob] = {
     "timeout_s": _Knob(
-        "DISTCKPT_TIMEOUT_S", 300.0, float, 0.001,
+        "DISTCKPT_TIMEOUT_S",
+        300.0,
+        float,
+        0.001,
         "seconds any barrier or key/value wait may take before it fails",
     ),
     "chunk_bytes": _Knob(
-        "DISTCKPT_CHUNK_BYTES", 256 << 10, int, 1,
+        "DISTCKPT_CHUNK_BYTES",
+        256 << 10,
+        int,
+        1,
         "target size of a checksummed chunk; smaller chunks cut read "
         "amplification when restoring onto another sharding",
     ),
     "segment_bytes": _Knob(
-        "DISTCKPT_SEGMENT_BYTES", 256 << 20, int, 1,
+        "DISTCKPT_SEGMENT_BYTES",
+        256 << 20,
+        int,
+        1,
         "size at which a process starts a new data file",
     ),
     "io_threads": _Knob(
-        "DISTCKPT_IO_THREADS", 4, int, 1,
+        "DISTCKPT_IO_THREADS",
+        4,
+        int,
+        1,
         "threads per process that read or write data files",
     ),
     "read_batch_bytes": _Knob(
-        "DISTCKPT_READ_BATCH_BYTES", 1 << 30, int, 1,
+        "DISTCKPT_READ_BATCH_BYTES",
+        1 << 30,
+        int,
+        1,
         "restore reads at most about this many bytes before placing them on "
         "devices, which bounds host memory",
     ),

@@ -70,7 +70,9 @@ class Manifest:
             version = doc["format_version"]
             if version > FORMAT_VERSION:
                 raise _NewerFormat(version)
-            files = {f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]}
+            files = {
+                f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]
+            }
             names = [f["name"] for f in doc["files"]]
             leaves, chunks = [], []
             for i, e in enumerate(doc["leaves"]):

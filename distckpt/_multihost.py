@@ -149,7 +149,9 @@ class Collective:
             cls = ProcessFailure
         pids = list(failed)
         lines = "".join(f"\n  process {p}: {s['message']}" for p, s in failed.items())
-        err = cls(f"{self.op} of {self.where} failed in phase '{phase}' on process(es) {pids}:{lines}")
+        err = cls(
+            f"{self.op} of {self.where} failed in phase '{phase}' on process(es) {pids}:{lines}"
+        )
         err.processes = pids  # type: ignore[attr-defined]
         return err
 
@@ -180,9 +182,13 @@ class Collective:
         if self.client is None:
             return self._local_blobs[name]
         try:
-            n = int(self.client.blocking_key_value_get(f"{self.ns}/blob/{name}/n", self._timeout_ms()))
+            n = int(
+                self.client.blocking_key_value_get(f"{self.ns}/blob/{name}/n", self._timeout_ms())
+            )
             parts = [
-                self.client.blocking_key_value_get_bytes(f"{self.ns}/blob/{name}/{i}", self._timeout_ms())
+                self.client.blocking_key_value_get_bytes(
+                    f"{self.ns}/blob/{name}/{i}", self._timeout_ms()
+                )
                 for i in range(n)
             ]
         except jax.errors.JaxRuntimeError as e:

@@ -115,7 +115,9 @@ def plan_writes(
     return files
 
 
-def plan_reads(chunks: Iterable[ChunkRecord], *, max_range_bytes: int = 64 << 20) -> list[ReadRange]:
+def plan_reads(
+    chunks: Iterable[ChunkRecord], *, max_range_bytes: int = 64 << 20
+) -> list[ReadRange]:
     """Merges the chunks to read into as few contiguous ranges as possible.
 
     Each chunk is read once even if several target boxes need it; chunks that

@@ -7,9 +7,9 @@ The empty tuple is the box of a 0-d array.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
-from collections.abc import Sequence
 
 Box = tuple[tuple[int, int], ...]
 
@@ -111,6 +111,8 @@ def coverage_problems(shape: Sequence[int], boxes: Sequence[Box]) -> list[str]:
     Returns human-readable problems (empty when the tiling is exact).
     """
     whole = full_box(shape)
+    if len(boxes) == 1 and boxes[0] == whole:
+        return []  # the common case of a small leaf written whole
     problems = [
         f"box {list(b)} lies outside the array of shape {tuple(shape)}"
         for b in boxes
@@ -125,12 +127,18 @@ def coverage_problems(shape: Sequence[int], boxes: Sequence[Box]) -> list[str]:
     if box_size(whole) == 0:
         return problems
     boxes = [b for b in boxes if box_size(b) > 0]
-    edges = [sorted({0, n} | {b[d][0] for b in boxes} | {b[d][1] for b in boxes}) for d, n in enumerate(shape)]
+    edges = [
+        sorted({0, n} | {b[d][0] for b in boxes} | {b[d][1] for b in boxes})
+        for d, n in enumerate(shape)
+    ]
     counts = np.zeros([len(e) - 1 for e in edges], dtype=np.int32)
     position = [{v: i for i, v in enumerate(e)} for e in edges]
     for b in boxes:
         counts[tuple(slice(position[d][lo], position[d][hi]) for d, (lo, hi) in enumerate(b))] += 1
-    for label, mask in (("written by no process", counts == 0), ("written more than once", counts > 1)):
+    for label, mask in (
+        ("written by no process", counts == 0),
+        ("written more than once", counts > 1),
+    ):
         if mask.any():
             cells = np.argwhere(mask)
             first = tuple((int(edges[d][i]), int(edges[d][i + 1])) for d, i in enumerate(cells[0]))

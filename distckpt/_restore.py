@@ -9,6 +9,7 @@ chunk's crc32c, and builds its arrays with
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ def _describe(spec: LeafSpec) -> str:
     return f"{spec.dtype}{list(spec.shape)}"
 
 
+@functools.cache
 def np_dtype(name: str) -> np.dtype:
     return np.dtype(jax.numpy.dtype(name))
 
@@ -191,7 +193,9 @@ def match(
     return wants, problems
 
 
-def _match_leaf(index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: bool) -> tuple[_Want | None, str | None]:
+def _match_leaf(
+    index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: bool
+) -> tuple[_Want | None, str | None]:
     found = f"checkpoint has {_describe(spec)}"
     if isinstance(t, _tree.PYTHON_TYPES):
         if spec.kind != _tree.PYTHON:
@@ -244,7 +248,9 @@ def _match_leaf(index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: 
     return _device_want(index, leaf, _ARRAY, spec, np.dtype(dtype), sharding), None
 
 
-def _device_want(index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any) -> _Want:
+def _device_want(
+    index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any
+) -> _Want:
     shape = tuple(spec.shape)
     boxes = [
         (d, _reshard.box_from_index(idx, shape))
@@ -273,7 +279,12 @@ class _ChunkIndex:
 
 
 def read_ranges(
-    reader: Any, ranges: Sequence[ReadRange], manifest: Manifest, pool: ThreadPoolExecutor, *, keep: bool
+    reader: Any,
+    ranges: Sequence[ReadRange],
+    manifest: Manifest,
+    pool: ThreadPoolExecutor,
+    *,
+    keep: bool,
 ) -> tuple[dict[tuple[str, int], np.ndarray], list[str]]:
     """Reads ``ranges`` in parallel and checks every chunk's crc32c.
 
@@ -348,7 +359,10 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
     values: list[Any] = [None] * count
     indexes: dict[int, _ChunkIndex] = {}
     threads = _knobs.get("io_threads")
-    with storage.reader(manifest.attempt) as reader, ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool:
+    with (
+        storage.reader(manifest.attempt) as reader,
+        ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool,
+    ):
         for batch in _batches(wants, manifest, _knobs.get("read_batch_bytes")):
             needs: dict[tuple[int, Box], list[ChunkRecord]] = {}
             for w in batch:
@@ -372,7 +386,9 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
     return values
 
 
-def _place(batch: list[_Want], manifest: Manifest, needs: dict, data: dict, values: list[Any]) -> None:
+def _place(
+    batch: list[_Want], manifest: Manifest, needs: dict, data: dict, values: list[Any]
+) -> None:
     """Builds host arrays per box, then device arrays, for one batch."""
     puts, put_devices, owners = [], [], []
     for w in batch:
@@ -403,7 +419,10 @@ def _place(batch: list[_Want], manifest: Manifest, needs: dict, data: dict, valu
     for w, start in owners:
         spec = manifest.leaves[w.leaf]
         arrays = placed[start : start + len(w.device_boxes)]
-        arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
+        if len(arrays) == 1 and arrays[0].sharding == w.sharding:
+            arr = arrays[0]  # already what was asked for: skip the (per-leaf costly) assembly
+        else:
+            arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
         if w.mode == _KEY:
             arr = jax.random.wrap_key_data(arr, impl=spec.impl)
         values[w.index] = arr

@@ -94,8 +94,13 @@ def save(
         def write() -> None:
             storage.check_attempt_visible(attempt)
             records, files = _write_shards(
-                storage, attempt, job["items"], job["specs"],
-                process=coll.pid, is_primary=coll.is_primary, multiprocess=multiprocess,
+                storage,
+                attempt,
+                job["items"],
+                job["specs"],
+                process=coll.pid,
+                is_primary=coll.is_primary,
+                multiprocess=multiprocess,
             )
             storage.finish_attempt_writes(attempt)
             coll.put_blob(f"report/{coll.pid}", _commit.report_json(records, files, coll.pid))
@@ -147,7 +152,9 @@ def _write_shards(
         if spec.kind not in _commit.STORED_KINDS:
             continue
         itemsize = np.dtype(jax.numpy.dtype(spec.dtype)).itemsize
-        for box, to_host in _stage.owned_shards(leaf, spec.kind, is_primary=is_primary, multiprocess=multiprocess):
+        for box, to_host in _stage.owned_shards(
+            leaf, spec.kind, is_primary=is_primary, multiprocess=multiprocess
+        ):
             shards.append((index, box, itemsize))
             hosts[(index, box)] = to_host
     files = _plan.plan_writes(
@@ -167,7 +174,9 @@ def _write_shards(
                 host = staged[(c.leaf, c.shard)]
                 part = np.ascontiguousarray(host[_reshard.relative(c.box, c.shard)])
                 view = memoryview(part.reshape(-1).view(np.uint8))
-                records.append(ChunkRecord(c.leaf, fw.name, offset, c.nbytes, crc32c.crc32c(view), c.box))
+                records.append(
+                    ChunkRecord(c.leaf, fw.name, offset, c.nbytes, crc32c.crc32c(view), c.box)
+                )
                 writer.write(view)
                 offset += c.nbytes
             writer.close()
@@ -207,7 +216,9 @@ def _check_unique_paths(specs: list[LeafSpec]) -> None:
     for s in specs:
         key = _tree.match_key(s.path)
         if key in seen:
-            raise TypeError(f"leaves {seen[key]} and {s.display} have the same key path; rename one")
+            raise TypeError(
+                f"leaves {seen[key]} and {s.display} have the same key path; rename one"
+            )
         seen[key] = s.display
 
 
@@ -215,10 +226,17 @@ def _json_roundtrip(metadata: Any) -> Any:
     try:
         return json.loads(json.dumps(metadata))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"metadata must be JSON-serialisable (dicts, lists, str, numbers): {e}") from None
+        raise TypeError(
+            f"metadata must be JSON-serialisable (dicts, lists, str, numbers): {e}"
+        ) from None
 
 
 def _versions() -> dict[str, str]:
     from distckpt import __version__
 
-    return {"distckpt": __version__, "jax": jax.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
+    return {
+        "distckpt": __version__,
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -27,8 +28,9 @@ def describe_sharding(sharding: Any) -> dict:
     return {"type": type(sharding).__name__}
 
 
+@functools.cache
 def dtype_name(dtype: Any) -> str:
-    return str(np.dtype(dtype))
+    return str(np.dtype(dtype))  # slow enough to matter for thousands of leaves
 
 
 def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
@@ -48,18 +50,32 @@ def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
         data = jax.random.key_data(leaf)
         impl = str(jax.random.key_impl(leaf))
         return LeafSpec(
-            path, disp, kind, tuple(data.shape), dtype_name(data.dtype),
-            describe_sharding(leaf.sharding), impl=impl,
+            path,
+            disp,
+            kind,
+            tuple(data.shape),
+            dtype_name(data.dtype),
+            describe_sharding(leaf.sharding),
+            impl=impl,
         ), None
     if kind == _tree.ARRAY:
         return LeafSpec(
-            path, disp, kind, tuple(leaf.shape), dtype_name(leaf.dtype), describe_sharding(leaf.sharding)
+            path,
+            disp,
+            kind,
+            tuple(leaf.shape),
+            dtype_name(leaf.dtype),
+            describe_sharding(leaf.sharding),
         ), None
     arr = np.asarray(leaf)
-    return LeafSpec(path, disp, kind, tuple(arr.shape), dtype_name(arr.dtype), {"type": "host"}), None
+    return LeafSpec(
+        path, disp, kind, tuple(arr.shape), dtype_name(arr.dtype), {"type": "host"}
+    ), None
 
 
-def owned_shards(leaf: Any, kind: str, *, is_primary: bool, multiprocess: bool) -> list[tuple[Box, Any]]:
+def owned_shards(
+    leaf: Any, kind: str, *, is_primary: bool, multiprocess: bool
+) -> list[tuple[Box, Any]]:
     """The shards this process writes, as (box, host-copy thunk).
 
     A shard is written by the process holding its ``replica_id == 0`` copy, so

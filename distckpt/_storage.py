@@ -41,11 +41,15 @@ def open_storage(directory: Any) -> Storage:
     if isinstance(directory, os.PathLike):
         directory = os.fspath(directory)
     if not isinstance(directory, str):
-        raise TypeError(f"a checkpoint location must be a path or a kvstore spec, got {directory!r}")
+        raise TypeError(
+            f"a checkpoint location must be a path or a kvstore spec, got {directory!r}"
+        )
     if "://" in directory:
         scheme, rest = directory.split("://", 1)
         if scheme == "memory":
-            return KvStorage({"driver": "memory", "path": rest.rstrip("/") + "/"}, display=directory)
+            return KvStorage(
+                {"driver": "memory", "path": rest.rstrip("/") + "/"}, display=directory
+            )
         if scheme != "file":
             raise ValueError(
                 f"{directory!r}: the {scheme}:// scheme is not supported yet; "
@@ -147,7 +151,8 @@ class _PosixReader:
             n = os.preadv(fd, [memoryview(out)[got:]], offset + got)
             if n == 0:
                 raise _missing(
-                    self.display, name,
+                    self.display,
+                    name,
                     f"is truncated: wanted bytes {offset}..{offset + nbytes}, file ends at {offset + got}",
                 )
             got += n
@@ -293,7 +298,9 @@ class _KvReader:
         if r.state == "missing":
             raise _missing(self.display, name, "is missing")
         if len(r.value) != nbytes:
-            raise _missing(self.display, name, f"is truncated: got {len(r.value)} of {nbytes} bytes")
+            raise _missing(
+                self.display, name, f"is truncated: got {len(r.value)} of {nbytes} bytes"
+            )
         return np.frombuffer(r.value, dtype=np.uint8).copy()  # writable, like the POSIX path
 
     def close(self) -> None:

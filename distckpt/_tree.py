@@ -86,37 +86,14 @@ def kind_of(leaf: Any) -> str | None:
 
 
 def unflatten_plain(items: list[tuple[Path, Any]]) -> Any:
-    """Rebuilds plain containers (dicts for keys and fields, lists for positions)."""
-    if len(items) == 1 and items[0][0] == ():
+    """Rebuilds plain containers: dicts for keys and fields, lists for positions."""
+    if not items:
+        return {}
+    if items[0][0] == ():
         return items[0][1]
-    root: dict | list | None = None
-
-    def container_for(kind: str) -> dict | list:
-        return [] if kind in ("idx", "flat") else {}
-
+    groups: dict[Any, list[tuple[Path, Any]]] = {}
     for path, value in items:
-        if not path:
-            continue
-        if root is None:
-            root = container_for(path[0][0])
-        node = root
-        for depth, (kind, key) in enumerate(path):
-            last = depth == len(path) - 1
-            child = value if last else None
-            if isinstance(node, list):
-                while len(node) <= key:
-                    node.append(None)
-                if last:
-                    node[key] = child
-                else:
-                    if node[key] is None:
-                        node[key] = container_for(path[depth + 1][0])
-                    node = node[key]
-            else:
-                if last:
-                    node[key] = child
-                else:
-                    if key not in node:
-                        node[key] = container_for(path[depth + 1][0])
-                    node = node[key]
-    return root if root is not None else {}
+        groups.setdefault(path[0][1], []).append((path[1:], value))
+    if items[0][0][0][0] in ("idx", "flat"):
+        return [unflatten_plain(groups[i]) for i in sorted(groups)]
+    return {key: unflatten_plain(group) for key, group in groups.items()}

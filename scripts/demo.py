@@ -41,7 +41,6 @@ def _init(process_id: int, num_processes: int, port: int) -> None:
 def worker_save(directory: str, process_id: int, port: int) -> None:
     _init(process_id, 2, port)
     import jax
-    import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -51,8 +50,12 @@ def worker_save(directory: str, process_id: int, port: int) -> None:
     ref = _expected()
     state = {
         "params": {
-            "w": jax.make_array_from_callback(SHAPE, NamedSharding(mesh, P("data", "model")), lambda i: ref["w"][i]),
-            "b": jax.make_array_from_callback(SHAPE[1:], NamedSharding(mesh, P()), lambda i: ref["b"][i]),
+            "w": jax.make_array_from_callback(
+                SHAPE, NamedSharding(mesh, P("data", "model")), lambda i: ref["w"][i]
+            ),
+            "b": jax.make_array_from_callback(
+                SHAPE[1:], NamedSharding(mesh, P()), lambda i: ref["b"][i]
+            ),
         },
         "step": ref["step"],
         "rng": jax.random.key(42),
@@ -76,14 +79,20 @@ def worker_restore(directory: str) -> None:
     import distckpt
 
     info = distckpt.metadata(directory)
-    print(f"[restore] checkpoint written by {info.process_count} processes / {info.device_count} devices:")
+    print(
+        f"[restore] checkpoint written by {info.process_count} processes / {info.device_count} devices:"
+    )
     for path, leaf in info.leaves.items():
         print(f"    {path:22s} {leaf.kind:8s} {str(leaf.shape):12s} {leaf.dtype}  {leaf.sharding}")
     mesh = jax.make_mesh((4, 2), ("rows", "cols"))
     target = {
         "params": {
-            "w": jax.ShapeDtypeStruct(SHAPE, jnp.float32, sharding=NamedSharding(mesh, P("cols", "rows"))),
-            "b": jax.ShapeDtypeStruct(SHAPE[1:], jnp.float32, sharding=NamedSharding(mesh, P("rows"))),
+            "w": jax.ShapeDtypeStruct(
+                SHAPE, jnp.float32, sharding=NamedSharding(mesh, P("cols", "rows"))
+            ),
+            "b": jax.ShapeDtypeStruct(
+                SHAPE[1:], jnp.float32, sharding=NamedSharding(mesh, P("rows"))
+            ),
         },
         "step": 0,
         "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P())),
@@ -96,11 +105,17 @@ def worker_restore(directory: str) -> None:
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), ref["w"])
     np.testing.assert_array_equal(np.asarray(state["params"]["b"]), ref["b"])
     assert state["params"]["w"].sharding.spec == P("cols", "rows")
-    np.testing.assert_array_equal(jax.random.key_data(state["rng"]), jax.random.key_data(jax.random.key(42)))
+    np.testing.assert_array_equal(
+        jax.random.key_data(state["rng"]), jax.random.key_data(jax.random.key(42))
+    )
     report = distckpt.verify(directory)
-    print(f"[restore] 1 process x {jax.device_count()} devices, mesh {dict(mesh.shape)}: restored in {took:.2f} s")
+    print(
+        f"[restore] 1 process x {jax.device_count()} devices, mesh {dict(mesh.shape)}: restored in {took:.2f} s"
+    )
     print(f"[restore] w is now sharded {state['params']['w'].sharding.spec}; values match")
-    print(f"[restore] verify: {report.chunks} chunks, {report.bytes_checked} bytes, every crc32c ok")
+    print(
+        f"[restore] verify: {report.chunks} chunks, {report.bytes_checked} bytes, every crc32c ok"
+    )
 
 
 def _free_port() -> int:
@@ -147,7 +162,11 @@ def main() -> None:
         port = _free_port()
         print(f"demo: 2 processes x 4 CPU devices save to {directory}")
         _wait_all([_spawn(["save", directory, str(i), str(port)], 4) for i in range(2)], 120)
-        files = sorted(os.path.relpath(os.path.join(r, f), directory) for r, _, fs in os.walk(directory) for f in fs)
+        files = sorted(
+            os.path.relpath(os.path.join(r, f), directory)
+            for r, _, fs in os.walk(directory)
+            for f in fs
+        )
         print("demo: on disk:", json.dumps(files))
         print("demo: 1 process x 8 CPU devices restores onto a (4, 2) mesh")
         _wait_all([_spawn(["restore", directory], 8)], 120)

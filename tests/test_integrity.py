@@ -19,7 +19,10 @@ from distckpt.errors import CorruptCheckpointError
 
 def _data_files(directory) -> list[str]:
     return sorted(
-        os.path.join(root, f) for root, _, files in os.walk(directory) for f in files if f.endswith(".bin")
+        os.path.join(root, f)
+        for root, _, files in os.walk(directory)
+        for f in files
+        if f.endswith(".bin")
     )
 
 
@@ -27,7 +30,10 @@ def _data_files(directory) -> list[str]:
 def saved(tmp_path):
     mesh = jax.make_mesh((2, 4), ("x", "y"))
     tree = {
-        "w": jax.device_put(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), NamedSharding(mesh, P("x", "y"))),
+        "w": jax.device_put(
+            np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32),
+            NamedSharding(mesh, P("x", "y")),
+        ),
         "small": np.arange(7, dtype=np.int16),
         "flag": jax.device_put(np.array([True, False, True])),
     }

@@ -36,7 +36,9 @@ def _state():
     ref = _reference()
 
     def put(value, spec):
-        return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda i: value[i])
+        return jax.make_array_from_callback(
+            value.shape, NamedSharding(mesh, spec), lambda i: value[i]
+        )
 
     return {
         "params": {"w": put(ref["w"], P("x", "y")), "rep": put(ref["rep"], P())},
@@ -59,9 +61,13 @@ def _target(mesh_shape, names, specs):
     return {
         "params": {
             "w": jax.ShapeDtypeStruct(W_SHAPE, jnp.float32, sharding=NamedSharding(mesh, specs[0])),
-            "rep": jax.ShapeDtypeStruct(ref["rep"].shape, jnp.float32, sharding=NamedSharding(mesh, specs[1])),
+            "rep": jax.ShapeDtypeStruct(
+                ref["rep"].shape, jnp.float32, sharding=NamedSharding(mesh, specs[1])
+            ),
         },
-        "half": jax.ShapeDtypeStruct(ref["half"].shape, jnp.int32, sharding=NamedSharding(mesh, specs[0])),
+        "half": jax.ShapeDtypeStruct(
+            ref["half"].shape, jnp.int32, sharding=NamedSharding(mesh, specs[0])
+        ),
         "table": np.zeros(10, np.int64),
         "rng": jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P())),
         "step": 0,
@@ -81,7 +87,8 @@ def _check(out) -> None:
         np.testing.assert_array_equal(np.asarray(shard.data), ref["rep"][shard.index])
     np.testing.assert_array_equal(out["table"], ref["table"])
     np.testing.assert_array_equal(
-        np.asarray(jax.random.key_data(out["rng"])), np.asarray(jax.random.key_data(jax.random.key(7)))
+        np.asarray(jax.random.key_data(out["rng"])),
+        np.asarray(jax.random.key_data(jax.random.key(7))),
     )
     assert out["step"] == 12 and out["name"] == "run-1"
 
@@ -112,7 +119,10 @@ def _w_restore(directory: str, mesh_shape: list, names: list, specs: list) -> in
 def saved(tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("mp") / "ckpt")
     results = run_processes(f"{HERE}:_w_save", 2, 4, args={"directory": directory})
-    assert [r.value for r in results] == [{"process": 0, "committed": True}, {"process": 1, "committed": True}]
+    assert [r.value for r in results] == [
+        {"process": 0, "committed": True},
+        {"process": 1, "committed": True},
+    ]
     return directory
 
 
@@ -126,7 +136,11 @@ def test_save_2x4_writes_each_shard_once(saved):
     assert info.total_bytes == unique, "replicated data must be stored exactly once"
     files = sorted(f for _, _, fs in os.walk(saved) for f in fs)
     assert files == ["manifest.json", "p00000.s000.bin", "p00001.s000.bin"]
-    assert info.leaves["['params']['w']"].sharding == {"type": "NamedSharding", "mesh": {"x": 2, "y": 4}, "spec": ["x", "y"]}
+    assert info.leaves["['params']['w']"].sharding == {
+        "type": "NamedSharding",
+        "mesh": {"x": 2, "y": 4},
+        "spec": ["x", "y"],
+    }
     distckpt.verify(saved)
 
 
@@ -143,7 +157,9 @@ def test_save_2x4_writes_each_shard_once(saved):
 def test_restore_on_other_topologies(saved, procs, devices, mesh_shape, specs):
     names = ["d"] if len(mesh_shape) == 1 else ["a", "b"]
     results = run_processes(
-        f"{HERE}:_w_restore", procs, devices,
+        f"{HERE}:_w_restore",
+        procs,
+        devices,
         args={"directory": saved, "mesh_shape": list(mesh_shape), "names": names, "specs": specs},
     )
     assert sorted(r.value for r in results) == list(range(procs))
@@ -200,8 +216,12 @@ def test_killed_process(tmp_path, victim, where):
     directory = str(tmp_path / "ckpt")
     start = time.monotonic()
     results = run_processes(
-        f"{HERE}:_w_kill", 2, 4, args={"directory": directory, "victim": victim, "where": where},
-        check=False, timeout=60,
+        f"{HERE}:_w_kill",
+        2,
+        4,
+        args={"directory": directory, "victim": victim, "where": where},
+        check=False,
+        timeout=60,
     )
     elapsed = time.monotonic() - start
     assert results[victim].returncode == -signal.SIGKILL
@@ -218,7 +238,9 @@ def test_killed_process(tmp_path, victim, where):
     assert info is not None and len(attempts) >= 1
     # The next save succeeds and cleans the leftovers of the interrupted one.
     results = run_processes(f"{HERE}:_w_save_over", 2, 4, args={"directory": directory})
-    assert [e for e in os.listdir(directory) if e.startswith("attempt-")] == [distckpt._commit.load(distckpt._storage.open_storage(directory)).attempt]
+    assert [e for e in os.listdir(directory) if e.startswith("attempt-")] == [
+        distckpt._commit.load(distckpt._storage.open_storage(directory)).attempt
+    ]
 
 
 def _w_save_over(directory: str) -> None:
@@ -235,7 +257,9 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
     from distckpt import _storage
 
     if jax.process_index() == victim:
-        target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[phase]
+        target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[
+            phase
+        ]
 
         def boom(self, *args, **kwargs):
             raise OSError(5, f"injected I/O error in {phase}")
@@ -244,20 +268,31 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
     try:
         distckpt.save(directory, _state(), timeout_s=20)
     except distckpt.errors.DistckptError as e:
-        return {"type": type(e).__name__, "message": str(e), "processes": getattr(e, "processes", None)}
+        return {
+            "type": type(e).__name__,
+            "message": str(e),
+            "processes": getattr(e, "processes", None),
+        }
     return {"type": None}
 
 
-@pytest.mark.parametrize("phase,victim", [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)])
+@pytest.mark.parametrize(
+    "phase,victim", [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
+)
 def test_exception_on_one_process_is_raised_on_all(tmp_path, phase, victim):
     import distckpt
 
     directory = str(tmp_path / "ckpt")
-    results = run_processes(f"{HERE}:_w_raise", 2, 4, args={"directory": directory, "phase": phase, "victim": victim})
+    results = run_processes(
+        f"{HERE}:_w_raise", 2, 4, args={"directory": directory, "phase": phase, "victim": victim}
+    )
     for r in results:
         assert r.value["type"] == "ProcessFailure", r.value
         assert r.value["processes"] == [victim]
-        assert f"process {victim}: OSError: [Errno 5] injected I/O error in {phase}" in r.value["message"]
+        assert (
+            f"process {victim}: OSError: [Errno 5] injected I/O error in {phase}"
+            in r.value["message"]
+        )
     assert not distckpt.is_committed(directory)
     leftovers = os.listdir(directory) if os.path.isdir(directory) else []
     assert not [e for e in leftovers if e.startswith("attempt-")], leftovers
@@ -281,7 +316,11 @@ def _w_stall(directory: str) -> dict:
     try:
         distckpt.save(directory, _state(), timeout_s=1.5)
     except distckpt.errors.DistckptError as e:
-        return {"type": type(e).__name__, "missing": getattr(e, "missing", None), "seconds": time.monotonic() - start}
+        return {
+            "type": type(e).__name__,
+            "missing": getattr(e, "missing", None),
+            "seconds": time.monotonic() - start,
+        }
     return {"type": None}
 
 
@@ -314,6 +353,8 @@ def _w_different_trees(directory: str) -> str:
 
 
 def test_processes_with_different_trees_all_refuse(tmp_path):
-    results = run_processes(f"{HERE}:_w_different_trees", 2, 2, args={"directory": str(tmp_path / "c")})
+    results = run_processes(
+        f"{HERE}:_w_different_trees", 2, 2, args={"directory": str(tmp_path / "c")}
+    )
     for r in results:
         assert "processes [1] passed a tree" in r.value

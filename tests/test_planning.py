@@ -61,7 +61,9 @@ def test_plan_reads_merges_neighbours_and_reads_each_chunk_once():
     chunks = [rec("a", 0), rec("a", 10), rec("a", 10), rec("a", 30), rec("b", 0)]
     ranges = _plan.plan_reads(chunks)
     assert [(r.file, r.offset, r.nbytes, len(r.chunks)) for r in ranges] == [
-        ("a", 0, 20, 2), ("a", 30, 10, 1), ("b", 0, 10, 1)
+        ("a", 0, 20, 2),
+        ("a", 30, 10, 1),
+        ("b", 0, 10, 1),
     ]
     assert len(_plan.plan_reads(chunks, max_range_bytes=10)) == 4
 
@@ -69,8 +71,13 @@ def test_plan_reads_merges_neighbours_and_reads_each_chunk_once():
 @pytest.mark.parametrize(
     "save_grid,target_grid,bound",
     [
-        ((2, 4), (1, 8), 1.0), ((2, 4), (4, 2), 1.0), ((2, 4), (8, 1), 1.0), ((4, 2), (2, 4), 1.0),
-        ((1, 1), (8, 1), 1.0), ((1, 1), (2, 4), 1.0), ((2, 4), (1, 1), 1.0),
+        ((2, 4), (1, 8), 1.0),
+        ((2, 4), (4, 2), 1.0),
+        ((2, 4), (8, 1), 1.0),
+        ((4, 2), (2, 4), 1.0),
+        ((1, 1), (8, 1), 1.0),
+        ((1, 1), (2, 4), 1.0),
+        ((2, 4), (1, 1), 1.0),
         # Known cost: a transpose that cuts a dimension 8x finer than saved
         # reads each chunk twice with the default chunk size.
         ((8, 1), (1, 8), 2.0),
@@ -83,12 +90,20 @@ def test_read_amplification_of_common_reshards(save_grid, target_grid, bound):
 
     def grid_boxes(grid):
         rows, cols = shape[0] // grid[0], shape[1] // grid[1]
-        return [((r * rows, (r + 1) * rows), (c * cols, (c + 1) * cols)) for r in range(grid[0]) for c in range(grid[1])]
+        return [
+            ((r * rows, (r + 1) * rows), (c * cols, (c + 1) * cols))
+            for r in range(grid[0])
+            for c in range(grid[1])
+        ]
 
     records = []
     for shard in grid_boxes(save_grid):
-        for box in _reshard.chunk_boxes(shard, _reshard.chunk_shape(_reshard.box_shape(shard), itemsize, chunk_bytes)):
-            records.append(ChunkRecord(0, "f", len(records), _reshard.box_size(box) * itemsize, 0, box))
+        for box in _reshard.chunk_boxes(
+            shard, _reshard.chunk_shape(_reshard.box_shape(shard), itemsize, chunk_bytes)
+        ):
+            records.append(
+                ChunkRecord(0, "f", len(records), _reshard.box_size(box) * itemsize, 0, box)
+            )
     read = needed = 0
     for target in grid_boxes(target_grid):
         needed += _reshard.box_size(target) * itemsize

@@ -69,7 +69,9 @@ def test_every_dtype_round_trips_resharded(tmp_path, dtype):
     value = np.asarray(x)  # without jax_enable_x64, 64-bit values become 32-bit
     distckpt.save(tmp_path / "c", {"x": x})
     target = _sharding(TARGET_LAYOUTS["transposed_mesh"])
-    out = distckpt.restore(tmp_path / "c", {"x": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target)})
+    out = distckpt.restore(
+        tmp_path / "c", {"x": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target)}
+    )
     assert out["x"].dtype == value.dtype
     assert out["x"].sharding == target
     np.testing.assert_array_equal(np.asarray(out["x"]), value)
@@ -83,7 +85,9 @@ def test_sharding_matrix(tmp_path, save, target):
     with _knobs.override(chunk_bytes=256):  # many chunks per shard: exercises reassembly
         distckpt.save(tmp_path / "c", {"x": x})
     sharding = _sharding(TARGET_LAYOUTS[target])
-    out = distckpt.restore(tmp_path / "c", {"x": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)})
+    out = distckpt.restore(
+        tmp_path / "c", {"x": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)}
+    )
     assert out["x"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(out["x"]), value)
     for shard in out["x"].addressable_shards:
@@ -103,7 +107,9 @@ def test_special_shapes(tmp_path):
     tree = {
         "scalar": jax.device_put(jnp.float32(3.5)),
         "empty": jnp.zeros((0, 4), jnp.float32),
-        "empty_sharded": jax.device_put(np.zeros((8, 0), np.int32), _sharding(((((8,), ("d",)), P("d", None))))),
+        "empty_sharded": jax.device_put(
+            np.zeros((8, 0), np.int32), _sharding((((8,), ("d",)), P("d", None)))
+        ),
         "np_scalar": np.float64(2.0),
         "np0d": np.array(7, np.int16),
     }
@@ -160,7 +166,9 @@ def test_prng_keys(tmp_path):
     rbg = jax.random.key(1, impl="rbg")
     distckpt.save(tmp_path / "c", {"k": sharded, "rbg": rbg, "legacy": jax.random.PRNGKey(3)})
     target = {
-        "k": jax.ShapeDtypeStruct((8,), keys.dtype, sharding=NamedSharding(_mesh((4,), ("a",)), P("a"))),
+        "k": jax.ShapeDtypeStruct(
+            (8,), keys.dtype, sharding=NamedSharding(_mesh((4,), ("a",)), P("a"))
+        ),
         "rbg": rbg,
         "legacy": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
@@ -174,7 +182,10 @@ def test_prng_keys(tmp_path):
 
 
 def test_mismatch_lists_every_difference(tmp_path):
-    distckpt.save(tmp_path / "c", {"a": jnp.ones((2, 3)), "b": jnp.ones(4, jnp.int32), "c": 1, "d": jnp.ones(2)})
+    distckpt.save(
+        tmp_path / "c",
+        {"a": jnp.ones((2, 3)), "b": jnp.ones(4, jnp.int32), "c": 1, "d": jnp.ones(2)},
+    )
     target = {
         "a": jax.ShapeDtypeStruct((3, 2), jnp.float32),
         "b": jax.ShapeDtypeStruct((4,), jnp.float32),
@@ -193,13 +204,23 @@ def test_mismatch_lists_every_difference(tmp_path):
 
 
 def test_cast_and_partial(tmp_path):
-    distckpt.save(tmp_path / "c", {"params": {"w": jnp.arange(4, dtype=jnp.int32)}, "opt": {"mu": jnp.ones(4)}, "n": 3})
-    out = distckpt.restore(
-        tmp_path / "c", {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, "n": 0.0}, partial=True, cast=True
+    distckpt.save(
+        tmp_path / "c",
+        {"params": {"w": jnp.arange(4, dtype=jnp.int32)}, "opt": {"mu": jnp.ones(4)}, "n": 3},
     )
-    assert out["params"]["w"].dtype == jnp.float32 and out["n"] == 3.0 and isinstance(out["n"], float)
+    out = distckpt.restore(
+        tmp_path / "c",
+        {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, "n": 0.0},
+        partial=True,
+        cast=True,
+    )
+    assert (
+        out["params"]["w"].dtype == jnp.float32 and out["n"] == 3.0 and isinstance(out["n"], float)
+    )
     # A None target leaf skips that subtree without partial=True.
-    out = distckpt.restore(tmp_path / "c", {"params": {"w": np.zeros(4, np.int32)}, "opt": None, "n": 0})
+    out = distckpt.restore(
+        tmp_path / "c", {"params": {"w": np.zeros(4, np.int32)}, "opt": None, "n": 0}
+    )
     assert out["opt"] is None and isinstance(out["params"]["w"], np.ndarray)
 
 
@@ -248,14 +269,19 @@ def test_many_small_leaves_share_one_file(tmp_path):
 def test_memory_kvstore_backend():
     x = jax.device_put(np.arange(48.0).reshape(6, 8), _sharding(SAVE_LAYOUTS["2d_x_y"]))
     distckpt.save("memory://ckpt_test", {"x": x, "s": "a"})
-    out = distckpt.restore("memory://ckpt_test", {"x": jax.ShapeDtypeStruct((6, 8), x.dtype, sharding=_sharding(None)), "s": ""})
+    out = distckpt.restore(
+        "memory://ckpt_test",
+        {"x": jax.ShapeDtypeStruct((6, 8), x.dtype, sharding=_sharding(None)), "s": ""},
+    )
     np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(x))
     assert distckpt.verify("memory://ckpt_test").leaves == 2
 
 
 def test_tensorstore_file_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTCKPT_IO_BACKEND", "tensorstore")
-    x = jax.device_put(np.arange(48.0, dtype=np.float32).reshape(6, 8), _sharding(SAVE_LAYOUTS["2d_x_y"]))
+    x = jax.device_put(
+        np.arange(48.0, dtype=np.float32).reshape(6, 8), _sharding(SAVE_LAYOUTS["2d_x_y"])
+    )
     distckpt.save(tmp_path / "c", {"x": x})
     monkeypatch.delenv("DISTCKPT_IO_BACKEND")
     # Same format either way: the POSIX path reads what the kvstore path wrote.
