@@ -126,6 +126,18 @@ def build_manifest(
     )
 
 
+def discard_unless_committed(storage: Storage, attempt: str) -> None:
+    """Primary, after a failed save: removes the attempt's data, unless the
+    manifest already names it (the failure came after the commit point)."""
+    try:
+        raw = storage.read_manifest()
+        if raw is not None and json.loads(raw).get("attempt") == attempt:
+            return
+        storage.remove_attempt(attempt)
+    except (OSError, ValueError):
+        pass  # best effort: the next successful save removes leftovers too
+
+
 def commit(storage: Storage, manifest: Manifest) -> None:
     """Primary: makes the attempt the checkpoint, then removes older attempts."""
     # IMPORTANT: called only after every process reported that its files are

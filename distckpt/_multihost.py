@@ -98,6 +98,9 @@ class Collective:
                 "ok": False,
                 "type": type(local_error).__name__,
                 "message": _describe(local_error),
+                # The details a caller may inspect travel with the error.
+                "problems": list(getattr(local_error, "problems", []) or []),
+                "missing": list(getattr(local_error, "missing", []) or []),
             }
         key = f"{self.ns}/{phase}/status"
         self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
@@ -152,7 +155,10 @@ class Collective:
         err = cls(
             f"{self.op} of {self.where} failed in phase '{phase}' on process(es) {pids}:{lines}"
         )
-        err.processes = pids  # type: ignore[attr-defined]
+        err.processes = pids
+        # Details a caller may inspect travel with the error.
+        err.problems = [p for s in failed.values() for p in s.get("problems", [])]  # type: ignore[attr-defined]
+        err.missing = sorted({m for s in failed.values() for m in s.get("missing", [])})  # type: ignore[attr-defined]
         return err
 
     def _forget_previous_operation(self) -> None:

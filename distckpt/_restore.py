@@ -371,6 +371,7 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                     continue
                 spec = manifest.leaves[w.leaf]
                 if w.leaf not in indexes:
+                    _check_chunk_table(spec, manifest.chunks[w.leaf], storage.display)
                     indexes[w.leaf] = _ChunkIndex(manifest.chunks[w.leaf])
                 for box in _boxes(w, spec):
                     needs[(w.leaf, box)] = indexes[w.leaf].overlapping(box)
@@ -384,6 +385,23 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                 )
             _place(batch, manifest, needs, data, values)
     return values
+
+
+def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) -> None:
+    """Refuses a manifest whose chunks would leave part of a leaf unfilled."""
+    itemsize = np_dtype(spec.dtype).itemsize
+    problems = _reshard.coverage_problems(spec.shape, [c.box for c in chunks])
+    problems += [
+        f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
+        f"{_reshard.box_size(c.box) * itemsize}"
+        for c in chunks
+        if c.nbytes != _reshard.box_size(c.box) * itemsize
+    ]
+    if problems:
+        lines = [f"{spec.display}: {p}" for p in problems]
+        raise CorruptCheckpointError(
+            f"the manifest of {where} is damaged:\n  " + "\n  ".join(lines[:20]), lines
+        )
 
 
 def _place(

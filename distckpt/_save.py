@@ -80,59 +80,50 @@ def save(
         if coll.is_primary:
             estimate = sum(_nbytes(s) for s in specs)
             _commit.preflight(storage, overwrite=overwrite, estimated_bytes=estimate)
-            attempt = _commit.new_attempt()
-            storage.prepare_attempt(attempt)
-            out["attempt"] = attempt
+            job["attempt"] = out["attempt"] = _commit.new_attempt()
+            storage.prepare_attempt(job["attempt"])
         return out
 
-    prepared = coll.run("prepare", prepare)
-    _check_same_tree(prepared, storage.display)
-    attempt = prepared[0]["attempt"]
+    def write() -> None:
+        attempt = job["attempt"]
+        storage.check_attempt_visible(attempt)
+        records, files = _write_shards(
+            storage,
+            attempt,
+            job["items"],
+            job["specs"],
+            process=coll.pid,
+            is_primary=coll.is_primary,
+            multiprocess=multiprocess,
+        )
+        storage.finish_attempt_writes(attempt)
+        coll.put_blob(f"report/{coll.pid}", _commit.report_json(records, files, coll.pid))
+
+    def commit() -> None:
+        if not coll.is_primary:
+            return
+        reports = [coll.get_blob(f"report/{p}") for p in range(coll.count)]
+        manifest = _commit.build_manifest(
+            attempt=job["attempt"],
+            specs=job["specs"],
+            reports=reports,
+            process_count=coll.count,
+            device_count=jax.device_count(),
+            user_metadata=job["metadata"],
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            versions=_versions(),
+        )
+        _commit.commit(storage, manifest)
 
     try:
-
-        def write() -> None:
-            storage.check_attempt_visible(attempt)
-            records, files = _write_shards(
-                storage,
-                attempt,
-                job["items"],
-                job["specs"],
-                process=coll.pid,
-                is_primary=coll.is_primary,
-                multiprocess=multiprocess,
-            )
-            storage.finish_attempt_writes(attempt)
-            coll.put_blob(f"report/{coll.pid}", _commit.report_json(records, files, coll.pid))
-
+        prepared = coll.run("prepare", prepare)
+        _check_same_tree(prepared, storage.display)
+        job["attempt"] = prepared[0]["attempt"]
         coll.run("write", write)
-
-        def commit() -> None:
-            if not coll.is_primary:
-                return
-            reports = [coll.get_blob(f"report/{p}") for p in range(coll.count)]
-            manifest = _commit.build_manifest(
-                attempt=attempt,
-                specs=job["specs"],
-                reports=reports,
-                process_count=coll.count,
-                device_count=jax.device_count(),
-                user_metadata=job["metadata"],
-                created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                versions=_versions(),
-            )
-            _commit.commit(storage, manifest)
-            job["committed"] = True
-
         coll.run("commit", commit)
     except BaseException:
-        # A failed attempt is never retried in place and its data must not
-        # linger; but once the manifest names it, it is the checkpoint.
-        if coll.is_primary and not job.get("committed"):
-            try:
-                storage.remove_attempt(attempt)
-            except OSError:
-                pass
+        if coll.is_primary and "attempt" in job:
+            _commit.discard_unless_committed(storage, job["attempt"])
         raise
 
 

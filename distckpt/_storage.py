@@ -57,7 +57,10 @@ def open_storage(directory: Any) -> Storage:
             )
         directory = rest
     path = os.path.abspath(directory)
-    if os.environ.get("DISTCKPT_IO_BACKEND", "posix") == "tensorstore":
+    backend = os.environ.get("DISTCKPT_IO_BACKEND", "posix")
+    if backend not in ("posix", "tensorstore"):
+        raise ValueError(f"DISTCKPT_IO_BACKEND must be 'posix' or 'tensorstore', got {backend!r}")
+    if backend == "tensorstore":
         return KvStorage({"driver": "file", "path": path + "/"}, display=path, local_path=path)
     return PosixStorage(path)
 

@@ -19,7 +19,13 @@ __all__ = [
 
 
 class DistckptError(Exception):
-    """Base class of every error distckpt raises on purpose."""
+    """Base class of every error distckpt raises on purpose.
+
+    Raised by a collective call, ``processes`` lists the processes where the
+    error happened (the same error is raised on every process).
+    """
+
+    processes: list[int] = []  # noqa: RUF012 - read-only default; instances assign their own
 
 
 class NotCommittedError(DistckptError):

@@ -119,3 +119,34 @@ def test_verify_cli(saved, tmp_path, capsys):
     os.unlink(_data_files(work)[0])
     assert main(["verify", str(work)]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_damaged_chunk_table_is_refused_not_filled_with_garbage(saved, tmp_path):
+    work = _copy(saved, tmp_path / "table")
+    manifest = os.path.join(work, "manifest.json")
+    doc = json.loads(open(manifest).read())
+    leaf = next(e for e in doc["leaves"] if e["path"] == [["key", "w"]])
+    leaf["chunks"].pop()  # still valid JSON, but part of ['w'] is nowhere
+    with open(manifest, "w") as f:
+        json.dump(doc, f)
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*written by no process"):
+        distckpt.restore(work)
+
+
+def test_failure_after_the_commit_point_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    from distckpt import _storage
+
+    distckpt.save(tmp_path / "c", {"v": np.zeros(3)})
+    original = _storage.PosixStorage.commit_manifest
+
+    def rename_then_fail(self, raw, attempt):
+        original(self, raw, attempt)
+        raise OSError(5, "injected EIO after the rename")
+
+    monkeypatch.setattr(_storage.PosixStorage, "commit_manifest", rename_then_fail)
+    with pytest.raises(OSError, match="after the rename"):
+        distckpt.save(tmp_path / "c", {"v": np.ones(3)}, overwrite=True)
+    monkeypatch.undo()
+    # The manifest named the new attempt before the error: its data must stay.
+    np.testing.assert_array_equal(distckpt.restore(tmp_path / "c")["v"], np.ones(3))
+    distckpt.verify(tmp_path / "c")

@@ -234,13 +234,28 @@ def test_killed_process(tmp_path, victim, where):
     distckpt.verify(directory)
     out = distckpt.restore(directory)
     np.testing.assert_array_equal(out["params"]["w"], _reference()["w"])
-    attempts = [e for e in os.listdir(directory) if e.startswith("attempt-")]
-    assert info is not None and len(attempts) >= 1
+    # Two attempts are on disk: the first save's and the interrupted second's.
+    # Which one the manifest names says which side of the commit point the
+    # kill fell on.
+    attempts = sorted(
+        (e for e in os.listdir(directory) if e.startswith("attempt-")),
+        key=lambda e: os.stat(os.path.join(directory, e)).st_mtime_ns,
+    )
+    assert len(attempts) == 2, attempts
+    committed = _committed_attempt(directory)
+    assert committed == (attempts[1] if where == "after_rename" else attempts[0])
+    assert info.process_count == 2
     # The next save succeeds and cleans the leftovers of the interrupted one.
-    results = run_processes(f"{HERE}:_w_save_over", 2, 4, args={"directory": directory})
-    assert [e for e in os.listdir(directory) if e.startswith("attempt-")] == [
-        distckpt._commit.load(distckpt._storage.open_storage(directory)).attempt
-    ]
+    run_processes(f"{HERE}:_w_save_over", 2, 4, args={"directory": directory})
+    leftovers = [e for e in os.listdir(directory) if e.startswith("attempt-")]
+    assert leftovers == [_committed_attempt(directory)]
+
+
+def _committed_attempt(directory: str) -> str:
+    import json
+
+    with open(os.path.join(directory, "manifest.json")) as f:
+        return json.load(f)["attempt"]
 
 
 def _w_save_over(directory: str) -> None:
@@ -358,3 +373,34 @@ def test_processes_with_different_trees_all_refuse(tmp_path):
     )
     for r in results:
         assert "processes [1] passed a tree" in r.value
+
+
+def _w_restore_same(directory: str) -> dict:
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    import distckpt
+
+    try:
+        distckpt.restore(directory, _target((2, 4), ("x", "y"), [P("x", "y"), P()]), timeout_s=20)
+    except distckpt.errors.CorruptCheckpointError as e:
+        return {"processes": e.processes, "problems": e.problems, "process": jax.process_index()}
+    return {}
+
+
+def test_corruption_seen_by_one_process_fails_restore_on_all(saved, tmp_path):
+    import shutil
+
+    work = str(tmp_path / "corrupt")
+    shutil.copytree(saved, work)
+    attempt = _committed_attempt(work)
+    victim = os.path.join(work, attempt, "p00001.s000.bin")  # only process 1 reads it back
+    with open(victim, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)[0]
+        f.seek(100)
+        f.write(bytes([byte ^ 0x10]))
+    results = run_processes(f"{HERE}:_w_restore_same", 2, 4, args={"directory": work})
+    for r in results:
+        assert r.value["processes"] == [1], r.value
+        assert len(r.value["problems"]) == 1 and "p00001.s000.bin" in r.value["problems"][0]
