@@ -22,6 +22,23 @@ import sys
 import traceback
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when the harness process dies.
+
+    Workers run in sessions of their own so that the harness can kill each
+    one's whole process group; the flip side is that nothing takes them down
+    if the harness itself is killed (CI cancelling the job, say) before its
+    cleanup runs. PR_SET_PDEATHSIG closes that gap on Linux.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        _exit(1)
+
+
 def _configure_cpu_devices(num_devices: int) -> None:
     """Force ``num_devices`` fake CPU devices; must run before jax is imported."""
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -102,6 +119,7 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     with open(sys.argv[1]) as f:
         spec = json.load(f)
+    _die_with_parent(spec["parent_pid"])
     try:
         _run(spec)
     except SystemExit as e:

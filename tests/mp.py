@@ -16,7 +16,8 @@ the workers join one job through ``jax.distributed.initialize`` on
 The group shares fate and never hangs: with ``check=True`` the first worker
 to fail gets the others killed after a short grace period, and a deadline
 bounds the whole run. Every worker runs in its own session and its process
-group is SIGKILLed on the way out, whatever happened.
+group is SIGKILLed on the way out, whatever happened; should the harness
+itself be killed, the kernel kills the workers (Linux PR_SET_PDEATHSIG).
 
 JAX itself also shares fate, independently of this module: once a process
 dies, its peers are aborted (SIGABRT, returncode -6) by JAX's coordination
@@ -222,6 +223,7 @@ class _Group:
             "shutdown_timeout_s": self.shutdown_timeout_s,
             "initialization_timeout_s": self.initialization_timeout_s,
             "result_path": str(self._path("result", i)),
+            "parent_pid": os.getpid(),
         }
         spec_path = self._path("spec", i)
         spec_path.write_text(json.dumps(spec))
