@@ -66,10 +66,13 @@ def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> Non
         )
 
 
-def report_json(records: list[ChunkRecord], files: dict[str, int], process: int) -> bytes:
+def report_json(
+    records: list[ChunkRecord], files: dict[str, int], process: int, timing: dict[str, float]
+) -> bytes:
     doc = {
         "process": process,
         "files": files,
+        "timing": timing,
         "chunks": [
             [c.leaf, c.file, c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
             for c in records

@@ -27,6 +27,8 @@ class Manifest:
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    save_stats: dict | None = None  # SaveStats.to_json() of the save that wrote it
+    manager: dict | None = None  # CheckpointManager's record: step, metrics
 
     def to_json(self) -> bytes:
         file_names = sorted(self.files)
@@ -56,6 +58,8 @@ class Manifest:
             "process_count": self.process_count,
             "device_count": self.device_count,
             "user_metadata": self.user_metadata,
+            "save_stats": self.save_stats,
+            "manager": self.manager,
             "files": [{"name": n, **self.files[n]} for n in file_names],
             "leaves": leaves,
         }
@@ -106,6 +110,8 @@ class Manifest:
                 created=doc.get("created", ""),
                 versions=doc.get("versions", {}),
                 format_version=version,
+                save_stats=doc.get("save_stats"),
+                manager=doc.get("manager"),
             )
         except _NewerFormat as e:
             raise CorruptCheckpointError(

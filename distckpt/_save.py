@@ -6,7 +6,9 @@ import datetime
 import hashlib
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import crc32c
@@ -57,14 +59,84 @@ def save(
       x = jax.device_put(jnp.arange(16.0), NamedSharding(mesh, P("x")))
       distckpt.save("/ckpt/step_1", {"x": x, "step": 1})
     """
-    storage = open_storage(directory)
-    timeout = _knobs.get("timeout_s", timeout_s)
-    coll = _multihost.Collective("save", storage.display, timeout)
-    multiprocess = coll.count > 1
-    job: dict[str, Any] = {}
+    job = SaveJob(directory, tree, overwrite=overwrite, metadata=metadata, timeout_s=timeout_s)
+    job.start(copy=False)
+    job.finish()
 
-    def prepare() -> dict:
-        items, _ = _tree.flatten(tree)
+
+@dataclass(frozen=True)
+class SaveStats:
+    """Timings and sizes of one committed save (seconds, bytes)."""
+
+    blocking_s: float  # longest time any process spent in start(): prepare + host copies
+    write_s: float  # longest time any process spent writing and fsyncing its files
+    commit_s: float  # primary: merging reports, checking coverage, building the manifest
+    bytes_per_process: tuple[int, ...]
+    files: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_per_process)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "bytes_per_process": list(self.bytes_per_process)}
+
+
+class SaveJob:
+    """One collective save, split where an async save splits.
+
+    ``start`` runs in the caller: it flattens the tree, agrees on it with the
+    other processes, lets the primary create the attempt, and takes what
+    this process will write off the devices (copies when ``copy=True``, so
+    the caller may donate or overwrite its arrays as soon as it returns).
+    ``finish`` writes, reports and commits; it may run on a background
+    thread because it talks to other processes only through the
+    coordination service, never through XLA collectives.
+    """
+
+    def __init__(
+        self,
+        directory: Any,
+        tree: Any,
+        *,
+        overwrite: bool = False,
+        metadata: Any = None,
+        timeout_s: float | None = None,
+        manager: dict | None = None,
+    ):
+        self.storage = open_storage(directory)
+        self.coll = _multihost.Collective("save", self.storage.display, _knobs.get("timeout_s", timeout_s))
+        self.tree, self.overwrite, self.metadata, self.manager = tree, overwrite, metadata, manager
+        self.attempt: str | None = None
+
+    def start(self, *, copy: bool) -> None:
+        """Collective: prepare phase and host staging. Raises on every process alike."""
+        began = time.perf_counter()
+        try:
+            prepared = self.coll.run("prepare", self._prepare)
+            _check_same_tree(prepared, self.storage.display)
+            self.attempt = prepared[0]["attempt"]
+            self._stage(copy)
+        except BaseException:
+            self._discard()
+            raise
+        self.blocking_s = time.perf_counter() - began
+        del self.tree  # the caller owns its arrays again
+
+    def finish(self) -> SaveStats:
+        """Collective: write and commit phases. Returns the same stats on every process."""
+        try:
+            self.coll.run("write", self._write)
+            stats = self.coll.run("commit", self._commit)[0]
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            self.staged = {}
+        return SaveStats(**{**stats, "bytes_per_process": tuple(stats["bytes_per_process"])})
+
+    def _prepare(self) -> dict:
+        items, _ = _tree.flatten(self.tree)
         specs, problems = [], []
         for path, leaf in items:
             spec, problem = _stage.describe(path, leaf)
@@ -74,88 +146,93 @@ def save(
         if problems:
             raise TypeError("the tree has leaves distckpt cannot save:\n  " + "\n  ".join(problems))
         _check_unique_paths(specs)
-        user_metadata = _json_roundtrip(metadata)
-        job.update(items=items, specs=specs, metadata=user_metadata)
+        self.user_metadata = _json_roundtrip(self.metadata)
+        self.items, self.specs = items, specs
         out = {"fingerprint": _fingerprint(specs)}
-        if coll.is_primary:
+        if self.coll.is_primary:
             estimate = sum(_nbytes(s) for s in specs)
-            _commit.preflight(storage, overwrite=overwrite, estimated_bytes=estimate)
-            job["attempt"] = out["attempt"] = _commit.new_attempt()
-            storage.prepare_attempt(job["attempt"])
+            _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
+            self.attempt = out["attempt"] = _commit.new_attempt()
+            self.storage.prepare_attempt(self.attempt)
         return out
 
-    def write() -> None:
-        attempt = job["attempt"]
-        storage.check_attempt_visible(attempt)
-        records, files = _write_shards(
-            storage,
-            attempt,
-            job["items"],
-            job["specs"],
-            process=coll.pid,
-            is_primary=coll.is_primary,
-            multiprocess=multiprocess,
-        )
-        storage.finish_attempt_writes(attempt)
-        coll.put_blob(f"report/{coll.pid}", _commit.report_json(records, files, coll.pid))
+    def _stage(self, copy: bool) -> None:
+        """Decides what this process writes and takes it off the devices."""
+        self.shards, self.staged = [], {}
+        multiprocess = self.coll.count > 1
+        for index, ((_, leaf), spec) in enumerate(zip(self.items, self.specs, strict=True)):
+            if spec.kind not in _commit.STORED_KINDS:
+                continue
+            itemsize = np.dtype(jax.numpy.dtype(spec.dtype)).itemsize
+            owned = _stage.owned_shards(
+                leaf, spec.kind, is_primary=self.coll.is_primary, multiprocess=multiprocess
+            )
+            for box, to_host in owned:
+                self.shards.append((index, box, itemsize))
+                host = to_host()
+                # A copy when the caller may reuse its buffers; otherwise a view
+                # where the platform allows one (CPU), so nothing is held twice.
+                self.staged[(index, box)] = np.array(host, copy=True) if copy else host
+        self.items = None
 
-    def commit() -> None:
-        if not coll.is_primary:
-            return
-        reports = [coll.get_blob(f"report/{p}") for p in range(coll.count)]
+    def _write(self) -> dict:
+        began = time.perf_counter()
+        self.storage.check_attempt_visible(self.attempt)
+        files = _plan.plan_writes(
+            self.shards,
+            process=self.coll.pid,
+            chunk_bytes=_knobs.get("chunk_bytes"),
+            segment_bytes=_knobs.get("segment_bytes"),
+        )
+        records = _write_files(self.storage, self.attempt, files, self.staged)
+        self.storage.finish_attempt_writes(self.attempt)
+        sizes = {fw.name: fw.nbytes for fw in files}
+        timing = {"stage_s": self.blocking_s, "write_s": time.perf_counter() - began}
+        self.coll.put_blob(
+            f"report/{self.coll.pid}", _commit.report_json(records, sizes, self.coll.pid, timing)
+        )
+        return {}
+
+    def _commit(self) -> dict | None:
+        if not self.coll.is_primary:
+            return None
+        began = time.perf_counter()
+        reports = [self.coll.get_blob(f"report/{p}") for p in range(self.coll.count)]
         manifest = _commit.build_manifest(
-            attempt=job["attempt"],
-            specs=job["specs"],
+            attempt=self.attempt,
+            specs=self.specs,
             reports=reports,
-            process_count=coll.count,
+            process_count=self.coll.count,
             device_count=jax.device_count(),
-            user_metadata=job["metadata"],
+            user_metadata=self.user_metadata,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             versions=_versions(),
         )
-        _commit.commit(storage, manifest)
+        timings = [json.loads(r)["timing"] for r in reports]
+        per_process = [0] * self.coll.count
+        for info in manifest.files.values():
+            per_process[info["process"]] += info["bytes"]
+        stats = SaveStats(
+            blocking_s=max(t["stage_s"] for t in timings),
+            write_s=max(t["write_s"] for t in timings),
+            commit_s=time.perf_counter() - began,
+            bytes_per_process=tuple(per_process),
+            files=len(manifest.files),
+        ).to_json()
+        manifest.save_stats = stats
+        manifest.manager = self.manager
+        _commit.commit(self.storage, manifest)
+        return stats
 
-    try:
-        prepared = coll.run("prepare", prepare)
-        _check_same_tree(prepared, storage.display)
-        job["attempt"] = prepared[0]["attempt"]
-        coll.run("write", write)
-        coll.run("commit", commit)
-    except BaseException:
-        if coll.is_primary and "attempt" in job:
-            _commit.discard_unless_committed(storage, job["attempt"])
-        raise
+    def _discard(self) -> None:
+        if self.coll.is_primary and self.attempt is not None:
+            _commit.discard_unless_committed(self.storage, self.attempt)
 
 
-def _write_shards(
-    storage: Storage,
-    attempt: str,
-    items: list[tuple[_tree.Path, Any]],
-    specs: list[LeafSpec],
-    *,
-    process: int,
-    is_primary: bool,
-    multiprocess: bool,
-) -> tuple[list[ChunkRecord], dict[str, int]]:
-    """Writes this process's shards; returns the chunk records and file sizes."""
-    shards, hosts = [], {}
-    for index, ((_, leaf), spec) in enumerate(zip(items, specs, strict=True)):
-        if spec.kind not in _commit.STORED_KINDS:
-            continue
-        itemsize = np.dtype(jax.numpy.dtype(spec.dtype)).itemsize
-        for box, to_host in _stage.owned_shards(
-            leaf, spec.kind, is_primary=is_primary, multiprocess=multiprocess
-        ):
-            shards.append((index, box, itemsize))
-            hosts[(index, box)] = to_host
-    files = _plan.plan_writes(
-        shards,
-        process=process,
-        chunk_bytes=_knobs.get("chunk_bytes"),
-        segment_bytes=_knobs.get("segment_bytes"),
-    )
-    # Stage on this thread: device->host copies stay off the I/O threads.
-    staged = {key: fn() for key, fn in hosts.items()}
+def _write_files(
+    storage: Storage, attempt: str, files: list[FileWrite], staged: dict
+) -> list[ChunkRecord]:
+    """Writes this process's data files in parallel; returns the chunk records."""
 
     def write_file(fw: FileWrite) -> list[ChunkRecord]:
         writer = storage.writer(attempt, fw.name)
@@ -179,7 +256,7 @@ def _write_shards(
     threads = min(_knobs.get("io_threads"), max(1, len(files)))
     with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-write") as pool:
         per_file = list(pool.map(write_file, files))
-    return [r for rs in per_file for r in rs], {fw.name: fw.nbytes for fw in files}
+    return [r for rs in per_file for r in rs]
 
 
 def _nbytes(spec: LeafSpec) -> int:
