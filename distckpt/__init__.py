@@ -13,15 +13,23 @@ from distckpt._inspect import is_committed as is_committed
 from distckpt._inspect import metadata as metadata
 from distckpt._inspect import verify as verify
 from distckpt._restore import restore as restore
+from distckpt._save import SaveStats as SaveStats
 from distckpt._save import save as save
+from distckpt.manager import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
+from distckpt.manager import CheckpointManager as CheckpointManager
+from distckpt.manager import forward_signal as forward_signal
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "CheckpointInfo",
+    "CheckpointManager",
     "LeafInfo",
+    "SaveStats",
     "VerifyReport",
     "errors",
+    "forward_signal",
     "is_committed",
     "metadata",
     "restore",

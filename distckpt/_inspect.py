@@ -133,9 +133,9 @@ def verify(directory: Any) -> VerifyReport:
                 problems.append(
                     f"{reader.display}/{name}: data file has {size} bytes, the manifest says {info['bytes']}"
                 )
-        ranges = _plan.plan_reads(all_chunks)
+        ranges = _plan.plan_reads(all_chunks, max_range_bytes=16 << 20)
         with ThreadPoolExecutor(_knobs.get("io_threads")) as pool:
-            _, bad = _restore.read_ranges(reader, ranges, m, pool, keep=False)
+            bad = _restore.read_ranges(reader, ranges, m, pool)
     problems.extend(p for p in bad if p not in problems)
     if problems:
         raise CorruptCheckpointError(

@@ -54,7 +54,7 @@ _KNOBS: dict[str, _Knob] = {
     ),
     "read_batch_bytes": _Knob(
         "DISTCKPT_READ_BATCH_BYTES",
-        1 << 30,
+        256 << 20,
         int,
         1,
         "restore reads at most about this many bytes before placing them on "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError, TreeMismatchError
 
 _HOST, _ARRAY, _KEY, _VALUE = "host", "array", "key", "value"
+_MAX_RANGE = 16 << 20  # largest single read; also the size of each thread's scratch buffer
 
 
 @dataclass
@@ -283,22 +285,35 @@ def read_ranges(
     ranges: Sequence[ReadRange],
     manifest: Manifest,
     pool: ThreadPoolExecutor,
-    *,
-    keep: bool,
-) -> tuple[dict[tuple[str, int], np.ndarray], list[str]]:
-    """Reads ``ranges`` in parallel and checks every chunk's crc32c.
+    consume: Callable[[ChunkRecord, np.ndarray], None] | None = None,
+    adopt: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
+) -> list[str]:
+    """Reads ``ranges`` in parallel, checks every chunk's crc32c, hands good chunks to ``consume``.
 
-    Returns the chunk bytes by (file, offset) when ``keep`` (else an empty
-    dict, for verification only) and the list of problems found.
+    ``consume`` runs on the reading thread, so copying into place overlaps
+    with other reads. A range is read into a per-thread scratch buffer
+    (allocated once, so no fresh pages per read) unless it holds a chunk in
+    ``adopt``, whose bytes ``consume`` keeps without copying.
+
+    Returns:
+      Every problem found (missing or truncated files, checksum failures).
     """
+    local = threading.local()
 
-    def one(r: ReadRange) -> tuple[list[tuple[tuple[str, int], np.ndarray]], list[str]]:
+    def scratch(nbytes: int) -> np.ndarray:
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.size < nbytes:
+            buf = local.buf = aligned_empty((nbytes,), np.dtype(np.uint8))
+        return buf[:nbytes]
+
+    def one(r: ReadRange) -> list[str]:
+        fresh = any((c.file, c.offset) in adopt for c in r.chunks)
         try:
-            buf = reader.read(r.file, r.offset, r.nbytes)
+            buf = reader.read(r.file, r.offset, r.nbytes, out=None if fresh else scratch(r.nbytes))
         except CorruptCheckpointError as e:
             leaves = sorted({manifest.leaves[c.leaf].display for c in r.chunks})
-            return [], [f"{p} (holds {', '.join(leaves[:4])})" for p in e.problems]
-        got, problems = [], []
+            return [f"{p} (holds {', '.join(leaves[:4])})" for p in e.problems]
+        problems = []
         for c in r.chunks:
             view = buf[c.offset - r.offset : c.offset - r.offset + c.nbytes]
             actual = crc32c.crc32c(view)
@@ -308,28 +323,54 @@ def read_ranges(
                     f"{reader.display}/{c.file} bytes {c.offset}..{c.offset + c.nbytes} fails its "
                     f"crc32c (stored {c.crc32c:#010x}, read {actual:#010x})"
                 )
-            elif keep:
-                got.append(((c.file, c.offset), view))
-        return got, problems
+            elif consume is not None:
+                consume(c, view)
+        return problems
 
-    out: dict[tuple[str, int], np.ndarray] = {}
-    problems: list[str] = []
-    for got, bad in pool.map(one, ranges):
-        out.update(got)
-        problems.extend(bad)
-    return out, problems
+    return [p for bad in pool.map(one, ranges) for p in bad]
 
 
-def _assemble(box: Box, dtype: np.dtype, chunks: list[ChunkRecord], data: dict) -> np.ndarray:
-    shape = _reshard.box_shape(box)
-    if len(chunks) == 1 and chunks[0].box == box:
-        return data[(chunks[0].file, chunks[0].offset)].view(dtype).reshape(shape)
-    out = np.empty(shape, dtype)
-    for c in chunks:
-        inter = _reshard.intersect(c.box, box)
-        src = data[(c.file, c.offset)].view(dtype).reshape(_reshard.box_shape(c.box))
-        out[_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
-    return out
+_ALIGN = 64  # XLA's CPU client adopts host buffers aligned like this without a copy
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty`` whose data starts on a 64-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class _Assembler:
+    """Builds each needed box of a batch from the chunks as they arrive."""
+
+    def __init__(self, needs: dict[tuple[int, Box], list[ChunkRecord]], manifest: Manifest):
+        self.outputs: dict[tuple[int, Box], np.ndarray] = {}
+        self.consumers: dict[tuple[str, int], list[tuple[tuple[int, Box], np.dtype, bool]]] = {}
+        self.adopt: set[tuple[str, int]] = set()
+        for (leaf, box), chunks in needs.items():
+            dtype = np_dtype(manifest.leaves[leaf].dtype)
+            whole = len(chunks) == 1 and chunks[0].box == box
+            if whole:  # the chunk is the box: keep its bytes, no copy
+                self.adopt.add((chunks[0].file, chunks[0].offset))
+            else:
+                self.outputs[(leaf, box)] = aligned_empty(_reshard.box_shape(box), dtype)
+            for c in chunks:
+                self.consumers.setdefault((c.file, c.offset), []).append(
+                    ((leaf, box), dtype, whole)
+                )
+
+    def consume(self, c: ChunkRecord, view: np.ndarray) -> None:
+        for key, dtype, whole in self.consumers[(c.file, c.offset)]:
+            src = view.view(dtype).reshape(_reshard.box_shape(c.box))
+            if whole:
+                if src.ctypes.data % _ALIGN:
+                    src = src.copy()  # unaligned: JAX would copy it anyway
+                self.outputs[key] = src
+                continue
+            box = key[1]
+            inter = _reshard.intersect(c.box, box)
+            self.outputs[key][_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
 
 
 def _boxes(want: _Want, spec: LeafSpec) -> list[Box]:
@@ -375,15 +416,20 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                     indexes[w.leaf] = _ChunkIndex(manifest.chunks[w.leaf])
                 for box in _boxes(w, spec):
                     needs[(w.leaf, box)] = indexes[w.leaf].overlapping(box)
-            ranges = _plan.plan_reads(c for cs in needs.values() for c in cs)
-            data, problems = read_ranges(reader, ranges, manifest, pool, keep=True)
+            ranges = _plan.plan_reads(
+                (c for cs in needs.values() for c in cs), max_range_bytes=_MAX_RANGE
+            )
+            assembler = _Assembler(needs, manifest)
+            problems = read_ranges(
+                reader, ranges, manifest, pool, assembler.consume, assembler.adopt
+            )
             if problems:
                 raise CorruptCheckpointError(
                     f"checkpoint at {storage.display} is corrupt; refusing to return wrong data "
                     f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20]),
                     problems,
                 )
-            _place(batch, manifest, needs, data, values)
+            _place(batch, manifest, assembler.outputs, values)
     return values
 
 
@@ -404,11 +450,10 @@ def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) ->
         )
 
 
-def _place(
-    batch: list[_Want], manifest: Manifest, needs: dict, data: dict, values: list[Any]
-) -> None:
+def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[Any]) -> None:
     """Builds host arrays per box, then device arrays, for one batch."""
-    puts, put_devices, owners = [], [], []
+    puts: list[np.ndarray | None] = []
+    put_devices, owners, copies = [], [], []
     for w in batch:
         if w.mode == _VALUE:
             continue
@@ -416,9 +461,11 @@ def _place(
         saved = np_dtype(spec.dtype)
         hosts = {}
         for box in _boxes(w, spec):
-            arr = _assemble(box, saved, needs[(w.leaf, box)], data)
+            arr = outputs[(w.leaf, box)]
             if w.mode == _ARRAY and w.dtype != saved:
-                arr = arr.astype(w.dtype)
+                cast = aligned_empty(arr.shape, w.dtype)
+                cast[...] = arr
+                arr = cast
             hosts[box] = arr
         if not w.device_boxes:  # host value (or a key array from target=None)
             arr = hosts[_reshard.full_box(spec.shape)]
@@ -427,16 +474,38 @@ def _place(
             else:
                 values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
             continue
-        owners.append((w, len(puts)))
+        slots = []
         for device, box in w.device_boxes:
-            puts.append(hosts[box])
+            slots.append(len(puts))
+            if box in hosts:
+                puts.append(hosts.pop(box))
+            else:  # a box several local devices hold: copied from the first device below
+                puts.append(None)
+                copies.append((len(puts) - 1, slots[[b for _, b in w.device_boxes].index(box)]))
             put_devices.append(device)
+        owners.append((w, slots))
     if not puts:
         return
-    placed = jax.device_put(puts, put_devices)
-    for w, start in owners:
+    # On CPU the aligned host buffers become the device buffers without a copy.
+    # Each buffer backs exactly one device array, so donating one never
+    # touches another: devices that share a box get their own copy.
+    firsts = [i for i, p in enumerate(puts) if p is not None]
+    placed: list[Any] = [None] * len(puts)
+    for i, arr in zip(
+        firsts,
+        jax.device_put([puts[i] for i in firsts], [put_devices[i] for i in firsts], may_alias=True),
+        strict=True,
+    ):
+        placed[i] = arr
+    if copies:
+        moved = jax.device_put(
+            [placed[src] for _, src in copies], [put_devices[dst] for dst, _ in copies]
+        )
+        for (dst, _), arr in zip(copies, moved, strict=True):
+            placed[dst] = arr
+    for w, slots in owners:
         spec = manifest.leaves[w.leaf]
-        arrays = placed[start : start + len(w.device_boxes)]
+        arrays = [placed[i] for i in slots]
         if len(arrays) == 1 and arrays[0].sharding == w.sharding:
             arr = arrays[0]  # already what was asked for: skip the (per-leaf costly) assembly
         else:

@@ -105,7 +105,9 @@ class SaveJob:
         manager: dict | None = None,
     ):
         self.storage = open_storage(directory)
-        self.coll = _multihost.Collective("save", self.storage.display, _knobs.get("timeout_s", timeout_s))
+        self.coll = _multihost.Collective(
+            "save", self.storage.display, _knobs.get("timeout_s", timeout_s)
+        )
         self.tree, self.overwrite, self.metadata, self.manager = tree, overwrite, metadata, manager
         self.attempt: str | None = None
 

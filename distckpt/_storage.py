@@ -97,6 +97,14 @@ def _missing(display: str, name: str, why: str) -> CorruptCheckpointError:
 # --------------------------------------------------------------------------- POSIX
 
 
+def _aligned_bytes(nbytes: int, align: int = 64) -> np.ndarray:
+    # Chunks that start a read land 64-byte aligned, which lets JAX's CPU
+    # client adopt them as device buffers without a copy.
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -140,7 +148,9 @@ class _PosixReader:
         except FileNotFoundError:
             return None
 
-    def read(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+    def read(
+        self, name: str, offset: int, nbytes: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         fd = self.fds.get(name)
         if fd is None:
             try:
@@ -148,7 +158,8 @@ class _PosixReader:
             except FileNotFoundError:
                 raise _missing(self.display, name, "is missing") from None
             self.fds[name] = fd
-        out = np.empty(nbytes, dtype=np.uint8)
+        if out is None:
+            out = _aligned_bytes(nbytes)
         got = 0
         while got < nbytes:
             n = os.preadv(fd, [memoryview(out)[got:]], offset + got)
@@ -291,7 +302,9 @@ class _KvReader:
         r = self.kv.read(f"{self.attempt}/{name}").result()
         return None if r.state == "missing" else len(r.value)
 
-    def read(self, name: str, offset: int, nbytes: int) -> np.ndarray:
+    def read(
+        self, name: str, offset: int, nbytes: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         try:
             r = self.kv.read(
                 f"{self.attempt}/{name}", byte_range=slice(offset, offset + nbytes)
@@ -304,7 +317,11 @@ class _KvReader:
             raise _missing(
                 self.display, name, f"is truncated: got {len(r.value)} of {nbytes} bytes"
             )
-        return np.frombuffer(r.value, dtype=np.uint8).copy()  # writable, like the POSIX path
+        data = np.frombuffer(r.value, dtype=np.uint8)
+        if out is None:
+            out = _aligned_bytes(nbytes)
+        out[:] = data  # a writable, aligned copy, like the POSIX path gives
+        return out
 
     def close(self) -> None:
         pass
@@ -376,6 +393,26 @@ class KvStorage(Storage):
         import tensorstore as ts
 
         self.kv.delete_range(ts.KvStore.KeyRange(f"{attempt}/", f"{attempt}0")).result()
+
+
+def list_dir(path: str) -> list[str]:
+    """Entries of a local directory, sorted; empty if it does not exist."""
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_aside(parent: str, name: str, aside: str) -> None:
+    """Deletes ``parent/name`` so that a crash midway never leaves a partial
+    ``name``: rename it to ``aside`` (atomic), make that durable, then remove."""
+    os.rename(os.path.join(parent, name), os.path.join(parent, aside))
+    _fsync_dir(parent)
+    shutil.rmtree(os.path.join(parent, aside), ignore_errors=True)
 
 
 def is_out_of_space(exc: BaseException) -> bool:

@@ -1,0 +1,434 @@
+"""CheckpointManager: steps, retention, async saves, preemption.
+
+One subdirectory per committed step (``step_00001000``), each an ordinary
+distckpt checkpoint. Every method that touches storage is collective: every
+process calls it, in the same order, as with ``save`` and ``restore``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import uuid
+import warnings
+from typing import Any
+
+from distckpt import _commit, _inspect, _knobs, _multihost, _storage
+from distckpt._restore import restore as _restore
+from distckpt._save import SaveJob, SaveStats
+from distckpt.errors import CheckpointExistsError, NotCommittedError
+
+log = logging.getLogger("distckpt")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes from latest_step()
+
+_STEP = re.compile(r"^step_(\d+)$")
+_DELETING = re.compile(r"^\.step_\d+\.deleting-[0-9a-f]+$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Saves a training loop's state every few steps, keeps the right ones, resumes.
+
+    Args:
+      directory: a directory shared by all processes; one subdirectory per step.
+      max_to_keep: keep the latest N committed steps (None: no limit).
+      keep_every_n_steps: also keep, forever, every step divisible by K.
+      best_metric: name of a metric passed to ``save(..., metrics=)``.
+      best_mode: ``"min"`` or ``"max"``: which values of ``best_metric`` are best.
+      keep_best: also keep the N best steps by ``best_metric``. Steps saved
+        without that metric never count as best; other rules may keep them.
+      save_interval_steps: ``should_save(step)`` is true every this many steps.
+      async_save: ``save`` returns once this process's shards are copied to
+        host memory; writing and committing continue in the background.
+      timeout_s: longest wait for the slowest process at any synchronisation point.
+      clean_on_start: the primary removes leftovers of crashed saves and
+        deletions of this manager when it is constructed.
+
+    The most recent step is always kept, whatever the rules, so a job can
+    resume. With neither ``max_to_keep`` nor ``keep_best``, every step is kept.
+
+    Example::
+
+      with distckpt.CheckpointManager("/ckpt", max_to_keep=3) as mgr:
+          start = mgr.latest_step() or 0
+          if start:
+              state = mgr.restore(start, target=abstract_state)
+          for step in range(start + 1, num_steps + 1):
+              state = train_step(state)
+              if mgr.reached_preemption(step):
+                  mgr.save(step, state, force=True, blocking=True)
+                  sys.exit(distckpt.PREEMPTED_EXIT_CODE)
+              mgr.save(step, state)   # only on save_interval_steps
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = None,
+        keep_every_n_steps: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_best: int | None = None,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        timeout_s: float | None = None,
+        clean_on_start: bool = True,
+    ):
+        for name, value in [
+            ("max_to_keep", max_to_keep),
+            ("keep_every_n_steps", keep_every_n_steps),
+            ("keep_best", keep_best),
+            ("save_interval_steps", save_interval_steps),
+        ]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if keep_best is not None and best_metric is None:
+            raise ValueError(
+                f"keep_best={keep_best} needs best_metric= (the metric to rank steps by)"
+            )
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.max_to_keep, self.keep_every_n_steps = max_to_keep, keep_every_n_steps
+        self.best_metric, self.best_mode, self.keep_best = best_metric, best_mode, keep_best
+        self.save_interval_steps, self.async_save = save_interval_steps, async_save
+        self.timeout_s = _knobs.get("timeout_s", timeout_s)
+        self.last_save_stats: SaveStats | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._preemption_step: int | None = None
+        self._sigterm_seen = threading.Event()
+        self._closed = False
+        self._notice_installed = False
+        _warn_if_sigterm_shadowed()
+
+        coll = _multihost.Collective("manager", self.directory, self.timeout_s)
+        # The barrier of this first phase guarantees that no process is still
+        # saving into the directory when the primary cleans it.
+        coll.run("open", lambda: None)
+        scanned = coll.run("scan", lambda: self._scan(clean_on_start) if coll.is_primary else None)[
+            0
+        ]
+        self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
+
+    # ------------------------------------------------------------------ queries
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, sorted (the same list on every process)."""
+        return sorted(self._steps)
+
+    def latest_step(self) -> int | None:
+        return max(self._steps, default=None)
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_metric`` among steps that recorded it."""
+        ranked = self._ranked()
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with ``step`` (read without loading arrays)."""
+        self._check_step(step)
+        return self._steps[step]
+
+    def metadata(self, step: int) -> _inspect.CheckpointInfo:
+        """The checkpoint description of ``step`` (reads no arrays)."""
+        self._check_step(step)
+        return _inspect.metadata(self._path(step))
+
+    def should_save(self, step: int) -> bool:
+        """True at every ``save_interval_steps``-th step and at the preemption step."""
+        if step in self._steps:
+            return False
+        return step % self.save_interval_steps == 0 or step == self._preemption_step
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        step: int,
+        tree: Any,
+        *,
+        metrics: dict[str, float] | None = None,
+        metadata: Any = None,
+        force: bool = False,
+        blocking: bool | None = None,
+    ) -> bool:
+        """Saves ``tree`` as ``step`` if ``should_save(step)`` (or ``force``); collective.
+
+        With ``async_save`` (and ``blocking`` not True) this returns once the
+        shards are copied to host memory; the caller may then donate or
+        overwrite its arrays. A new save first waits for the previous one.
+
+        Returns:
+          True if a save was started, False if this step is not one to save.
+
+        Raises:
+          The error of the previous background save, if it failed (on every
+          process). The next call saves normally.
+          CheckpointExistsError: ``step`` is already committed.
+        """
+        if not force and not self.should_save(step):
+            return False
+        self.wait_until_finished()
+        if step in self._steps:
+            raise CheckpointExistsError(
+                f"step {step} is already committed in {self.directory} (steps: {self.all_steps()}); "
+                "delete it first or save under another step"
+            )
+        if metrics is not None and not all(isinstance(k, str) for k in metrics):
+            raise TypeError(
+                f"metrics must map metric names (str) to numbers, got keys {list(metrics)}"
+            )
+        record = {"step": step, "metrics": metrics}
+        job = SaveJob(
+            self._path(step), tree, metadata=metadata, timeout_s=self.timeout_s, manager=record
+        )
+        background = self.async_save if blocking is None else not blocking
+        job.start(copy=background)
+        if background:
+            self._thread = threading.Thread(
+                target=self._finish,
+                args=(job, step, metrics),
+                name=f"distckpt-save-{step}",
+                daemon=True,
+            )
+            self._thread.start()
+        else:
+            self._finish(job, step, metrics)
+            self._raise_pending()
+        return True
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the background save is committed; raises its error, if any."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Waits for the background save; the manager cannot save afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.wait_until_finished()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the original error behind a background one
+            try:
+                self.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("background save also failed while handling an error: %s", e)
+
+    def _finish(self, job: SaveJob, step: int, metrics: dict | None) -> None:
+        try:
+            stats = job.finish()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._error = e
+            return
+        self.last_save_stats = stats
+        self._steps[step] = metrics
+        log.info(
+            "saved step %d to %s: %.3f s blocking, %.3f s writing, %.3f s commit, %d bytes",
+            step,
+            self._path(step),
+            stats.blocking_s,
+            stats.write_s,
+            stats.commit_s,
+            stats.total_bytes,
+        )
+        self._apply_retention(_multihost.process_index() == 0)
+
+    def _raise_pending(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------ restore and delete
+
+    def restore(
+        self,
+        step: int | None = None,
+        target: Any = None,
+        *,
+        partial: bool = False,
+        cast: bool = False,
+    ) -> Any:
+        """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``."""
+        self.wait_until_finished()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise NotCommittedError(f"no committed steps in {self.directory} to restore")
+        self._check_step(step)
+        return _restore(
+            self._path(step), target, partial=partial, cast=cast, timeout_s=self.timeout_s
+        )
+
+    def delete(self, step: int) -> None:
+        """Deletes a committed step; collective (the primary deletes, all agree)."""
+        self.wait_until_finished()
+        self._check_step(step)
+        coll = _multihost.Collective("delete", self._path(step), self.timeout_s)
+        coll.run("delete", lambda: self._remove(step) if coll.is_primary else None)
+        del self._steps[step]
+
+    # ------------------------------------------------------------------ preemption
+
+    def reached_preemption(self, step: int) -> bool:
+        """True, on every process at the same step, once any process got a preemption notice.
+
+        Call it at every step on every process. In a ``jax.distributed`` job
+        this is JAX's preemption sync point (SIGTERM, or a signal forwarded
+        with ``distckpt.forward_signal``); in a single process without it, a
+        SIGTERM this manager caught.
+        """
+        if _multihost.process_count() > 1 or _distributed_client() is not None:
+            from jax.experimental import multihost_utils
+
+            reached = multihost_utils.reached_preemption_sync_point(step)
+        else:
+            if not self._notice_installed:
+                self._notice_installed = _catch_sigterm(self._sigterm_seen)
+            reached = self._sigterm_seen.is_set()
+        if reached and self._preemption_step is None:
+            self._preemption_step = step
+            log.warning("preemption: every process agreed to stop at step %d", step)
+        return reached
+
+    # ------------------------------------------------------------------ internals
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, step_name(step))
+
+    def _check_step(self, step: int) -> None:
+        if step not in self._steps:
+            raise NotCommittedError(
+                f"step {step} is not a committed step of {self.directory}; committed steps: "
+                f"{self.all_steps() or 'none'}"
+            )
+
+    def _ranked(self) -> list[int]:
+        if self.best_metric is None:
+            return []
+        scored = [
+            (float(m[self.best_metric]), s)
+            for s, m in self._steps.items()
+            if m is not None and self.best_metric in m
+        ]
+        scored.sort(key=lambda x: (x[0] if self.best_mode == "min" else -x[0], -x[1]))
+        return [s for _, s in scored]
+
+    def _keep(self) -> set[int]:
+        steps = self.all_steps()
+        if not steps or (self.max_to_keep is None and self.keep_best is None):
+            return set(steps)
+        keep = {steps[-1]}  # the latest step is always kept: a job must be able to resume
+        if self.max_to_keep is not None:
+            keep.update(steps[-self.max_to_keep :])
+        if self.keep_every_n_steps is not None:
+            keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
+        if self.keep_best is not None:
+            keep.update(self._ranked()[: self.keep_best])
+        return keep
+
+    def _apply_retention(self, is_primary: bool) -> None:
+        # Every process computes the same decision from the same step list;
+        # only the primary touches storage, after the new step committed.
+        for step in sorted(set(self._steps) - self._keep()):
+            if is_primary:
+                try:
+                    self._remove(step)
+                except OSError as e:
+                    log.warning("could not delete step %d of %s: %s", step, self.directory, e)
+            del self._steps[step]
+
+    def _remove(self, step: int) -> None:
+        _storage.remove_aside(
+            self.directory, step_name(step), f".{step_name(step)}.deleting-{uuid.uuid4().hex[:8]}"
+        )
+
+    def _scan(self, clean: bool) -> dict[int, dict | None]:
+        """Primary: committed steps and their metrics; removes our own leftovers."""
+        steps: dict[int, dict | None] = {}
+        for entry in _storage.list_dir(self.directory):
+            path = os.path.join(self.directory, entry)
+            if clean and _DELETING.match(entry):
+                _storage.remove_tree(path)
+                continue
+            match = _STEP.match(entry)
+            if not match:
+                continue  # foreign: never listed, never deleted
+            storage = _storage.open_storage(path)
+            raw = storage.read_manifest()
+            if raw is None:
+                inside = storage.entries()
+                ours = all(e.startswith(("attempt-", ".manifest.json.tmp-")) for e in inside)
+                if clean and ours:
+                    _storage.remove_tree(path)  # a crashed save of this manager
+                continue
+            manifest = _commit.load(storage)
+            if clean:
+                for stale in storage.attempts():
+                    if stale != manifest.attempt:
+                        storage.remove_attempt(stale)
+            steps[int(match.group(1))] = (manifest.manager or {}).get("metrics")
+        return steps
+
+
+def _distributed_client() -> Any:
+    return _multihost._client()
+
+
+def forward_signal(sig: int = signal.SIGUSR1) -> None:
+    """Turns signal ``sig`` into a preemption notice (SLURM's ``--signal=USR1@120``).
+
+    JAX's notifier listens for SIGTERM; this re-sends ``sig`` to this process
+    as SIGTERM so that ``reached_preemption`` sees it.
+    """
+
+    def forward(signum: int, frame: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(sig, forward)
+
+
+def _warn_if_sigterm_shadowed() -> None:
+    # JAX's notifier is a C handler (getsignal returns None); a Python handler
+    # installed after jax.distributed.initialize silently replaces it.
+    if _distributed_client() is not None and callable(signal.getsignal(signal.SIGTERM)):
+        warnings.warn(
+            "a Python SIGTERM handler is installed; it replaces JAX's preemption notifier, so "
+            "reached_preemption() will not see SIGTERM. Remove it, or use "
+            "distckpt.forward_signal() for other signals.",
+            stacklevel=3,
+        )
+
+
+def _catch_sigterm(seen: threading.Event) -> bool:
+    """Single process without jax.distributed: SIGTERM sets ``seen`` instead of killing.
+
+    Installed by the first ``reached_preemption`` call, so a program that
+    never asks keeps the default SIGTERM behaviour.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return True  # someone else's handler: leave it alone
+
+    def notice(signum: int, frame: object) -> None:
+        seen.set()
+
+    signal.signal(signal.SIGTERM, notice)
+    return True
