@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _tree
+from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _runtime, _tree
 from distckpt._manifest import Manifest
 from distckpt._plan import ChunkRecord, LeafSpec, ReadRange
 from distckpt._reshard import Box
@@ -110,7 +110,8 @@ def restore(
         values = _execute(storage, manifest, wants, len(items))
         result["tree"] = jax.tree_util.tree_unflatten(treedef, values)
 
-    coll.run("restore", work)
+    with _runtime.paused_gc():
+        coll.run("restore", work)
     return result["tree"]
 
 
@@ -253,12 +254,17 @@ def _match_leaf(
 def _device_want(
     index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any
 ) -> _Want:
-    shape = tuple(spec.shape)
-    boxes = [
+    boxes = _device_boxes(sharding, tuple(spec.shape))
+    return _Want(index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=list(boxes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_boxes(sharding: Any, shape: tuple[int, ...]) -> tuple[tuple[Any, Box], ...]:
+    """The box each addressable device holds (cached: states repeat shardings)."""
+    return tuple(
         (d, _reshard.box_from_index(idx, shape))
         for d, idx in sharding.addressable_devices_indices_map(shape).items()
-    ]
-    return _Want(index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=boxes)
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -453,7 +459,7 @@ def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) ->
 def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[Any]) -> None:
     """Builds host arrays per box, then device arrays, for one batch."""
     puts: list[np.ndarray | None] = []
-    put_devices, owners, copies = [], [], []
+    put_devices, owners, copies, replicated = [], [], [], []
     for w in batch:
         if w.mode == _VALUE:
             continue
@@ -474,6 +480,11 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
             else:
                 values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
             continue
+        if len(w.device_boxes) > 1 and len(hosts) == 1:
+            # Every local device holds the whole array (replicated): one
+            # device_put per leaf instead of one per device.
+            replicated.append((w, hosts.popitem()[1]))
+            continue
         slots = []
         for device, box in w.device_boxes:
             slots.append(len(puts))
@@ -484,6 +495,13 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
                 copies.append((len(puts) - 1, slots[[b for _, b in w.device_boxes].index(box)]))
             put_devices.append(device)
         owners.append((w, slots))
+    if replicated:
+        arrays = jax.device_put([h for _, h in replicated], [w.sharding for w, _ in replicated])
+        for (w, _), arr in zip(replicated, arrays, strict=True):
+            spec = manifest.leaves[w.leaf]
+            values[w.index] = (
+                jax.random.wrap_key_data(arr, impl=spec.impl) if w.mode == _KEY else arr
+            )
     if not puts:
         return
     # On CPU the aligned host buffers become the device buffers without a copy.

@@ -15,7 +15,7 @@ import crc32c
 import jax
 import numpy as np
 
-from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _stage, _tree
+from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _runtime, _stage, _tree
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Storage, open_storage
 from distckpt.errors import TreeMismatchError
@@ -60,8 +60,9 @@ def save(
       distckpt.save("/ckpt/step_1", {"x": x, "step": 1})
     """
     job = SaveJob(directory, tree, overwrite=overwrite, metadata=metadata, timeout_s=timeout_s)
-    job.start(copy=False)
-    job.finish()
+    with _runtime.paused_gc():
+        job.start(copy=False)
+        job.finish()
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import uuid
 import warnings
 from typing import Any
 
-from distckpt import _commit, _inspect, _knobs, _multihost, _storage
+from distckpt import _commit, _inspect, _knobs, _multihost, _runtime, _storage
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import CheckpointExistsError, NotCommittedError
@@ -192,7 +192,8 @@ class CheckpointManager:
             self._path(step), tree, metadata=metadata, timeout_s=self.timeout_s, manager=record
         )
         background = self.async_save if blocking is None else not blocking
-        job.start(copy=background)
+        with _runtime.paused_gc():
+            job.start(copy=background)
         if background:
             self._thread = threading.Thread(
                 target=self._finish,
