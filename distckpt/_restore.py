@@ -480,7 +480,7 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
             else:
                 values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
             continue
-        if len(w.device_boxes) > 1 and len(hosts) == 1:
+        if len(w.device_boxes) > 1 and list(hosts) == [_reshard.full_box(spec.shape)]:
             # Every local device holds the whole array (replicated): one
             # device_put per leaf instead of one per device.
             replicated.append((w, hosts.popitem()[1]))
