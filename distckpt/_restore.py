@@ -480,9 +480,15 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
             else:
                 values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
             continue
-        if len(w.device_boxes) > 1 and list(hosts) == [_reshard.full_box(spec.shape)]:
-            # Every local device holds the whole array (replicated): one
-            # device_put per leaf instead of one per device.
+        if (
+            len(w.device_boxes) > 1
+            and w.sharding.is_fully_addressable
+            and list(hosts) == [_reshard.full_box(spec.shape)]
+        ):
+            # Every device holds the whole array: one device_put per leaf
+            # instead of one per device. Only for shardings within this
+            # process: across processes, device_put runs a collective that
+            # checks the value agrees, and restore must never issue one.
             replicated.append((w, hosts.popitem()[1]))
             continue
         slots = []
