@@ -1,0 +1,216 @@
+"""CheckpointManager in one process: retention, async saves, errors, hygiene, preemption."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import distckpt
+from distckpt import _storage
+from distckpt.errors import CheckpointExistsError, NotCommittedError
+
+
+def _tiny(step: int) -> dict:
+    return {"x": np.full(4, step, np.int32), "step": step}
+
+
+def _run(directory, steps=30, metrics=lambda s: None, **options) -> distckpt.CheckpointManager:
+    mgr = distckpt.CheckpointManager(directory, **options)
+    for step in range(1, steps + 1):
+        mgr.save(step, _tiny(step), metrics=metrics(step))
+    mgr.wait_until_finished()
+    return mgr
+
+
+def _on_disk(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+@pytest.mark.parametrize(
+    "options,metrics,expected",
+    [
+        ({}, None, list(range(1, 31))),
+        ({"max_to_keep": 3}, None, [28, 29, 30]),
+        ({"max_to_keep": 2, "keep_every_n_steps": 10}, None, [10, 20, 29, 30]),
+        # |step - 7| is smallest at 7; 6 and 8 tie and the newer one wins.
+        ({"best_metric": "loss", "keep_best": 2}, lambda s: {"loss": abs(s - 7)}, [7, 8, 30]),
+        (
+            {"best_metric": "acc", "best_mode": "max", "keep_best": 2},
+            lambda s: {"acc": s % 9},
+            [17, 26, 30],
+        ),
+        # Steps saved without the metric are never "best"; the latest is always kept.
+        (
+            {"best_metric": "loss", "keep_best": 1},
+            lambda s: {"loss": s} if s % 2 == 0 else None,
+            [2, 30],
+        ),
+        (
+            {"max_to_keep": 2, "keep_every_n_steps": 10, "best_metric": "loss", "keep_best": 1},
+            lambda s: {"loss": abs(s - 13)},
+            [10, 13, 20, 29, 30],
+        ),
+    ],
+    ids=[
+        "keep-all",
+        "latest-3",
+        "latest-2+every-10",
+        "best-2-min",
+        "best-2-max",
+        "best-with-gaps",
+        "all-rules",
+    ],
+)
+def test_retention_over_30_saves(tmp_path, options, metrics, expected):
+    mgr = _run(tmp_path, metrics=metrics or (lambda s: None), **options)
+    assert mgr.all_steps() == expected
+    assert _on_disk(tmp_path) == [distckpt.manager.step_name(s) for s in expected]
+    # A new manager (a restarted job) sees the same steps and metrics.
+    again = distckpt.CheckpointManager(tmp_path, **options)
+    assert again.all_steps() == expected
+    assert [again.metrics(s) for s in expected] == [mgr.metrics(s) for s in expected]
+    for step in expected:
+        assert mgr.restore(step)["step"] == step
+
+
+def test_best_step_and_metadata(tmp_path):
+    mgr = _run(tmp_path, steps=5, metrics=lambda s: {"loss": 10 - s}, best_metric="loss")
+    assert mgr.best_step() == 5
+    assert mgr.latest_step() == 5
+    info = mgr.metadata(3)
+    assert info.leaves["['x']"].shape == (4,)
+    stats = mgr.last_save_stats
+    assert stats.total_bytes == 16 and stats.files == 1 and stats.write_s >= 0
+
+
+def test_missing_step_lists_the_steps_that_exist(tmp_path):
+    mgr = _run(tmp_path, steps=3)
+    with pytest.raises(NotCommittedError, match=r"step 7 is not a committed step.*\[1, 2, 3\]"):
+        mgr.restore(7)
+    with pytest.raises(CheckpointExistsError, match="step 2 is already committed"):
+        mgr.save(2, _tiny(2), force=True)
+    assert mgr.restore()["step"] == 3
+    mgr.delete(2)
+    assert mgr.all_steps() == [1, 3]
+    assert _on_disk(tmp_path) == ["step_00000001", "step_00000003"]
+    empty = distckpt.CheckpointManager(tmp_path / "empty")
+    with pytest.raises(NotCommittedError, match="no committed steps"):
+        empty.restore()
+
+
+def test_should_save_follows_the_interval(tmp_path):
+    mgr = distckpt.CheckpointManager(tmp_path, save_interval_steps=5, async_save=False)
+    saved = [s for s in range(1, 21) if mgr.save(s, _tiny(s))]
+    assert saved == [5, 10, 15, 20] == mgr.all_steps()
+    assert mgr.save(21, _tiny(21), force=True) and mgr.all_steps()[-1] == 21
+
+
+def test_async_save_with_a_donating_train_step(tmp_path):
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state):
+        return {"w": state["w"] * 2 + 1, "n": state["n"] + 1}
+
+    state = {"w": jax.device_put(jnp.zeros((64, 32)), sharding), "n": jnp.array(0)}
+    expected = {}
+    with distckpt.CheckpointManager(tmp_path, max_to_keep=10) as mgr:
+        for step in range(1, 9):
+            state = train_step(state)  # donates the buffers the previous save copied from
+            expected[step] = np.asarray(state["w"]).copy()
+            mgr.save(step, state)
+    target = {
+        "w": jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=sharding),
+        "n": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    for step in range(1, 9):
+        out = mgr.restore(step, target)
+        np.testing.assert_array_equal(np.asarray(out["w"]), expected[step])
+        assert int(out["n"]) == step
+
+
+def test_background_error_surfaces_once_and_does_not_poison(tmp_path, monkeypatch):
+    mgr = distckpt.CheckpointManager(tmp_path)
+    mgr.save(1, _tiny(1))
+    original = _storage.PosixStorage.writer
+    calls = {"n": 0}
+
+    def failing_writer(self, attempt, name):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "injected write error")
+        return original(self, attempt, name)
+
+    monkeypatch.setattr(_storage.PosixStorage, "writer", failing_writer)
+    mgr.save(2, _tiny(2))  # returns: the error happens in the background
+    with pytest.raises(OSError, match="injected write error"):
+        mgr.save(3, _tiny(3))
+    assert mgr.all_steps() == [1]
+    assert mgr.save(3, _tiny(3))
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [1, 3]
+    # The failed attempt left no data; the empty step directory goes at the next start.
+    assert not list((tmp_path / "step_00000002").iterdir())
+    mgr.close()
+    assert distckpt.CheckpointManager(tmp_path).all_steps() == [1, 3]
+    assert not (tmp_path / "step_00000002").exists()
+
+
+def test_start_up_removes_our_leftovers_only(tmp_path):
+    _run(tmp_path, steps=2)
+    (tmp_path / "step_00000005" / "attempt-0123456789abcdef").mkdir(parents=True)  # crashed save
+    (tmp_path / ".step_00000001.deleting-0badcafe").mkdir()  # crashed delete
+    (tmp_path / "step_00000009").mkdir()
+    (tmp_path / "step_00000009" / "notes.txt").write_text("not ours")  # foreign
+    (tmp_path / "logs").mkdir()
+    kept = distckpt.CheckpointManager(tmp_path, clean_on_start=False)
+    assert kept.all_steps() == [1, 2]
+    assert (tmp_path / "step_00000005").exists()
+    mgr = distckpt.CheckpointManager(tmp_path)
+    assert mgr.all_steps() == [1, 2]
+    assert _on_disk(tmp_path) == ["logs", "step_00000001", "step_00000002", "step_00000009"]
+
+
+def test_sigterm_in_a_single_process(tmp_path):
+    mgr = distckpt.CheckpointManager(tmp_path, save_interval_steps=100)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert not mgr.reached_preemption(1)  # installs the notice handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert mgr.reached_preemption(2)
+        assert mgr.should_save(2) and not mgr.should_save(3)
+        assert mgr.save(2, _tiny(2), blocking=True)
+        assert mgr.all_steps() == [2]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_forward_signal_turns_usr1_into_a_notice(tmp_path):
+    mgr = distckpt.CheckpointManager(tmp_path)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        distckpt.forward_signal(signal.SIGUSR1)
+        assert not mgr.reached_preemption(1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert mgr.reached_preemption(2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="max_to_keep must be a positive int"):
+        distckpt.CheckpointManager("/tmp/never", max_to_keep=0)
+    with pytest.raises(ValueError, match="keep_best=2 needs best_metric"):
+        distckpt.CheckpointManager("/tmp/never", keep_best=2)
+    with pytest.raises(ValueError, match="best_mode must be"):
+        distckpt.CheckpointManager("/tmp/never", best_mode="lowest")
