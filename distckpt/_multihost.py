@@ -69,8 +69,13 @@ class Collective:
     def is_primary(self) -> bool:
         return self.pid == 0
 
-    def run(self, phase: str, fn: Callable[[], Any]) -> list[Any]:
+    def run(self, phase: str, fn: Callable[[], Any], *, last: bool = False) -> list[Any]:
         """Runs ``fn`` here, then waits for every process to finish the phase.
+
+        ``last`` marks the operation's final phase: every process then also
+        waits until all have read the statuses, so that the primary (which
+        hosts the coordination service) cannot return and exit while
+        another process still reads from it.
 
         Returns:
           Each process's return value of ``fn`` (JSON-able), by process index.
@@ -121,6 +126,11 @@ class Collective:
             err.add_note(f"coordination service said: {e}")
             raise err from local_error
         statuses = self._statuses(key)
+        if last:
+            try:
+                self.client.wait_at_barrier(f"{self.ns}/{phase}/read", self._timeout_ms())
+            except jax.errors.JaxRuntimeError:
+                pass  # the outcome is decided; a peer that left early changes nothing
         failed = self._failures(statuses)
         if failed:
             raise self._combined(phase, failed) from local_error

@@ -111,7 +111,7 @@ def restore(
         result["tree"] = jax.tree_util.tree_unflatten(treedef, values)
 
     with _runtime.paused_gc():
-        coll.run("restore", work)
+        coll.run("restore", work, last=True)
     return result["tree"]
 
 

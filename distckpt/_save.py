@@ -130,7 +130,7 @@ class SaveJob:
         """Collective: write and commit phases. Returns the same stats on every process."""
         try:
             self.coll.run("write", self._write)
-            stats = self.coll.run("commit", self._commit)[0]
+            stats = self.coll.run("commit", self._commit, last=True)[0]
         except BaseException:
             self._discard()
             raise

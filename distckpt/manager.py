@@ -114,9 +114,8 @@ class CheckpointManager:
         # The barrier of this first phase guarantees that no process is still
         # saving into the directory when the primary cleans it.
         coll.run("open", lambda: None)
-        scanned = coll.run("scan", lambda: self._scan(clean_on_start) if coll.is_primary else None)[
-            0
-        ]
+        scan = (lambda: self._scan(clean_on_start)) if coll.is_primary else (lambda: None)
+        scanned = coll.run("scan", scan, last=True)[0]
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
 
     # ------------------------------------------------------------------ queries
@@ -282,7 +281,7 @@ class CheckpointManager:
         self.wait_until_finished()
         self._check_step(step)
         coll = _multihost.Collective("delete", self._path(step), self.timeout_s)
-        coll.run("delete", lambda: self._remove(step) if coll.is_primary else None)
+        coll.run("delete", lambda: self._remove(step) if coll.is_primary else None, last=True)
         del self._steps[step]
 
     # ------------------------------------------------------------------ preemption

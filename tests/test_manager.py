@@ -141,6 +141,7 @@ def test_async_save_with_a_donating_train_step(tmp_path):
 def test_background_error_surfaces_once_and_does_not_poison(tmp_path, monkeypatch):
     mgr = distckpt.CheckpointManager(tmp_path)
     mgr.save(1, _tiny(1))
+    mgr.wait_until_finished()
     original = _storage.PosixStorage.writer
     calls = {"n": 0}
 

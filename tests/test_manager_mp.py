@@ -1,0 +1,193 @@
+"""CheckpointManager with real local processes forming one JAX job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.mp import run_processes
+
+pytestmark = pytest.mark.multiprocess
+
+HERE = "tests.test_manager_mp"
+
+
+def _setup():
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state):
+        return {"w": state["w"] + state["n"].astype(jnp.float32), "n": state["n"] + 1}
+
+    def fresh():
+        w = jax.make_array_from_callback((32, 16), sharding, lambda i: jnp.zeros((32, 16))[i])
+        return {"w": w, "n": jnp.array(0)}
+
+    target = {
+        "w": jax.ShapeDtypeStruct((32, 16), jnp.float32, sharding=sharding),
+        "n": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
+    }
+    return train_step, fresh, target
+
+
+def _w_async(directory: str) -> list:
+    import numpy as np
+
+    import distckpt
+
+    train_step, fresh, target = _setup()
+    state = fresh()
+    with distckpt.CheckpointManager(directory, max_to_keep=3, timeout_s=30) as mgr:
+        for step in range(1, 9):
+            state = train_step(state)
+            mgr.save(step, state, metrics={"step": step})
+    kept = mgr.all_steps()
+    for step in kept:
+        out = mgr.restore(step, target)
+        # w after k steps is 0 + 0 + 1 + ... + (k - 1).
+        expected = step * (step - 1) / 2
+        for shard in out["w"].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), expected)
+        assert int(out["n"]) == step
+    return kept
+
+
+def test_async_saves_on_two_processes(tmp_path):
+    results = run_processes(f"{HERE}:_w_async", 2, 4, args={"directory": str(tmp_path)})
+    assert [r.value for r in results] == [[6, 7, 8], [6, 7, 8]]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000006", "step_00000007", "step_00000008"]
+
+
+def _w_background_error(directory: str) -> dict:
+    import jax
+
+    import distckpt
+    from distckpt import _storage
+
+    train_step, fresh, _ = _setup()
+    state = train_step(fresh())
+    mgr = distckpt.CheckpointManager(directory, timeout_s=20)
+    mgr.save(1, state)
+    mgr.wait_until_finished()
+    if jax.process_index() == 1:
+        original = _storage.PosixStorage.writer
+        calls = {"n": 0}
+
+        def failing(self, attempt, name):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(28, "injected: no space left")
+            return original(self, attempt, name)
+
+        _storage.PosixStorage.writer = failing
+    mgr.save(2, state)
+    seen = None
+    try:
+        mgr.save(3, state)
+    except distckpt.errors.DistckptError as e:
+        seen = {"type": type(e).__name__, "processes": e.processes, "message": str(e)}
+    mgr.save(3, state)
+    mgr.close()
+    return {"error": seen, "steps": mgr.all_steps()}
+
+
+def test_background_error_surfaces_on_every_process(tmp_path):
+    results = run_processes(f"{HERE}:_w_background_error", 2, 4, args={"directory": str(tmp_path)})
+    for r in results:
+        assert r.value["error"]["type"] == "ProcessFailure", r.value
+        assert r.value["error"]["processes"] == [1]
+        assert "injected: no space left" in r.value["error"]["message"]
+        assert r.value["steps"] == [1, 3]
+
+
+def _w_preempt(directory: str) -> None:
+    import sys
+    import time
+
+    import jax
+
+    import distckpt
+
+    train_step, fresh, _ = _setup()
+    state = fresh()
+    mgr = distckpt.CheckpointManager(directory, save_interval_steps=1000, timeout_s=20)
+    for step in range(1, 200):
+        state = train_step(state)
+        if step == 5 and jax.process_index() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM or a TPU maintenance event sends
+        if mgr.reached_preemption(step):
+            mgr.wait_until_finished()
+            mgr.save(step, state, force=True, blocking=True)
+            mgr.close()
+            print(json.dumps({"preempted_at": step}), flush=True)
+            sys.exit(distckpt.PREEMPTED_EXIT_CODE)
+        time.sleep(0.05)  # a training step takes time; the notice needs a moment to spread
+    raise AssertionError("never reached the preemption sync point")
+
+
+def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
+    import distckpt
+
+    results = run_processes(
+        f"{HERE}:_w_preempt", 2, 4, args={"directory": str(tmp_path)}, check=False
+    )
+    assert [r.returncode for r in results] == [distckpt.PREEMPTED_EXIT_CODE] * 2, [
+        r.stderr[-2000:] for r in results
+    ]
+    steps = {json.loads(r.stdout.strip().splitlines()[-1])["preempted_at"] for r in results}
+    assert len(steps) == 1, steps
+    (step,) = steps
+    assert step >= 5
+    assert distckpt.CheckpointManager(tmp_path).latest_step() == step
+
+
+def _w_crash_then_resume(directory: str, crash: bool) -> int | None:
+    import jax
+
+    import distckpt
+    from distckpt import _storage
+
+    train_step, fresh, target = _setup()
+    mgr = distckpt.CheckpointManager(directory, async_save=False, timeout_s=20)
+    if not crash:
+        step = mgr.latest_step()
+        out = mgr.restore(step, target)
+        assert int(out["n"]) == step
+        return step
+    state = fresh()
+    for step in range(1, 5):
+        state = train_step(state)
+        if step == 4 and jax.process_index() == 1:
+            _storage.PosixStorage.finish_attempt_writes = lambda *a: os.kill(
+                os.getpid(), signal.SIGKILL
+            )
+        mgr.save(step, state)
+    return None
+
+
+def test_restart_after_a_kill_resumes_from_the_last_committed_step(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_crash_then_resume",
+        2,
+        4,
+        args={"directory": str(tmp_path), "crash": True},
+        check=False,
+    )
+    assert results[1].returncode == -signal.SIGKILL and results[0].returncode != 0
+    assert "step_00000004" in os.listdir(tmp_path)  # the interrupted save's leftovers
+    results = run_processes(
+        f"{HERE}:_w_crash_then_resume", 2, 4, args={"directory": str(tmp_path), "crash": False}
+    )
+    assert [r.value for r in results] == [3, 3]
+    assert "step_00000004" not in os.listdir(tmp_path)  # cleaned at start-up
