@@ -240,11 +240,19 @@ def _write_files(
     def write_file(fw: FileWrite) -> list[ChunkRecord]:
         writer = storage.writer(attempt, fw.name)
         records, offset = [], 0
+        # Strided chunks are gathered into one reused buffer: a fresh array
+        # per chunk would fault in new pages for every byte written.
+        scratch = np.empty(max((c.nbytes for c in fw.chunks), default=0), np.uint8)
         try:
             for c in fw.chunks:
                 host = staged[(c.leaf, c.shard)]
-                part = np.ascontiguousarray(host[_reshard.relative(c.box, c.shard)])
-                view = memoryview(part.reshape(-1).view(np.uint8))
+                part = host[_reshard.relative(c.box, c.shard)]
+                if part.flags.c_contiguous:
+                    view = memoryview(part.reshape(-1).view(np.uint8))
+                else:
+                    packed = scratch[: c.nbytes].view(part.dtype).reshape(part.shape)
+                    np.copyto(packed, part)
+                    view = memoryview(scratch[: c.nbytes])
                 records.append(
                     ChunkRecord(c.leaf, fw.name, offset, c.nbytes, crc32c.crc32c(view), c.box)
                 )
