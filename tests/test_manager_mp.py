@@ -191,3 +191,21 @@ def test_restart_after_a_kill_resumes_from_the_last_committed_step(tmp_path):
     )
     assert [r.value for r in results] == [3, 3]
     assert "step_00000004" not in os.listdir(tmp_path)  # cleaned at start-up
+
+
+def _w_shadowed_sigterm(directory: str) -> list[str]:
+    import warnings
+
+    import distckpt
+
+    signal.signal(signal.SIGTERM, lambda *a: None)  # replaces JAX's notifier
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distckpt.CheckpointManager(directory, timeout_s=20)
+    return [str(w.message) for w in caught]
+
+
+def test_a_python_sigterm_handler_is_flagged(tmp_path):
+    results = run_processes(f"{HERE}:_w_shadowed_sigterm", 2, 1, args={"directory": str(tmp_path)})
+    for r in results:
+        assert any("replaces JAX's preemption notifier" in m for m in r.value), r.value
