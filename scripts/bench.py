@@ -1,0 +1,983 @@
+#!/usr/bin/env python3
+"""Benchmark distckpt against Orbax on the same state, in the same run.
+
+    python scripts/bench.py                  # 1 GiB state, 3 repetitions (a few minutes)
+    python scripts/bench.py --quick          # small sizes, about a minute
+    python scripts/bench.py --size 4 --reps 5 --json out.json --plot out.png
+
+What it measures (docs/benchmarks.md explains every number and its caveats):
+
+* large case: 64 float32 arrays totalling ``--size`` GiB, saved from 2 processes x 4
+  CPU devices (mesh (2, 4), PartitionSpec('x', 'y')), then restored onto the same
+  sharding, onto 1 process x 8 devices (mesh (8,), PartitionSpec(None, 'x')), and onto
+  4 processes x 2 devices (mesh (4, 2), PartitionSpec('x', 'y'));
+* small case: 2,000 leaves of 1 KiB (256 float32), fully replicated over the 8
+  devices of 1 process: save and restore;
+* physical floors for the large case on the same filesystem: fsync'd sequential
+  write and sequential read of the same number of bytes, by the same number of
+  processes;
+* per operation: seconds (max over processes), read amplification from
+  /proc/self/io rchar, peak RSS per process, files per checkpoint.
+
+Multi-process cases are real local processes (``scripts/_bench_worker.py``) joined
+by ``jax.distributed``. Each group of processes runs every repetition of its cases,
+alternating which system goes first, and the table reports medians over repetitions.
+A system that fails shows up as an error row; the bench itself keeps going.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "_bench_worker.py"
+
+SYSTEMS = ("distckpt", "orbax")
+FLOOR = "floor"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------
+# What to run
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Topology:
+    """How many processes, devices each, and how arrays are laid out on them."""
+
+    name: str  # e.g. "2x4" = 2 processes x 4 devices
+    processes: int
+    devices: int  # per process
+    mesh_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    spec: tuple  # PartitionSpec entries; None = not sharded along that dimension
+
+
+SAVE_2x4 = Topology("2x4", 2, 4, (2, 4), ("x", "y"), ("x", "y"))
+COLS_1x8 = Topology("1x8", 1, 8, (8,), ("x",), (None, "x"))  # column stripes, not blocks
+BLOCKS_4x2 = Topology("4x2", 4, 2, (4, 2), ("x", "y"), ("x", "y"))
+REPLICATED_1x8 = Topology("1x8", 1, 8, (8,), ("x",), ())  # every device holds every leaf
+
+
+@dataclass
+class Row:
+    """One line of the results table (one measured operation, several systems)."""
+
+    key: str
+    title: str
+    kind: str  # "save" or "restore"
+    bytes: int  # logical bytes of the state
+    has_floor: bool
+
+
+@dataclass
+class Group:
+    """One launch of N worker processes running the rows that share a topology."""
+
+    name: str
+    topology: Topology
+    rows: list[Row]
+    build_ops: Callable[[set], list[dict]]  # enabled (system, row) pairs -> operations
+
+
+def layout(topo: Topology, n_leaves: int, shape: tuple[int, ...], seed: int) -> dict:
+    return {
+        "n_leaves": n_leaves,
+        "shape": list(shape),
+        "dtype": "float32",
+        "mesh_shape": list(topo.mesh_shape),
+        "axes": list(topo.axes),
+        "spec": list(topo.spec),
+        "seed": seed,
+    }
+
+
+def large_shape(total_bytes: int, n_leaves: int) -> tuple[int, int]:
+    """Square float32 leaves whose side is a multiple of 8, so every mesh here divides it."""
+    side = int(math.sqrt(total_bytes / n_leaves / 4)) // 8 * 8
+    return (max(side, 8), max(side, 8))
+
+
+def rep_order(rep: int, systems: list[str], floor: bool) -> list[str]:
+    """The order in which repetition ``rep`` runs the systems (and the floor).
+
+    Which system goes first alternates every repetition, so neither always inherits the
+    other's cache and memory state; the floor's position cycles through first, middle
+    and last every two repetitions, so it is not always measured in the same spot."""
+    pair = list(systems) if rep % 2 == 0 else list(reversed(systems))
+    if not floor:
+        return pair
+    position = (rep // 2) % (len(pair) + 1)
+    return pair[:position] + [FLOOR] + pair[position:]
+
+
+def _op(kind: str, system: str, row: str, rep: int, **fields) -> dict:
+    return {"op": kind, "system": system, "row": row, "rep": rep, **fields}
+
+
+class Plan:
+    """Builds the groups (process launches) and their operation lists."""
+
+    def __init__(self, args, root: Path):
+        self.args = args
+        self.root = root
+        self.reps = args.reps
+        self.warmup = args.warmup
+        # Warm-up repetitions run first and are left out of the medians: a process's first
+        # save pays for lazy imports, thread pools and tracing that later saves do not.
+        self.total_reps = args.warmup + args.reps
+        self.systems = [s for s in SYSTEMS if s in args.systems]
+        total = int((args.size if args.size is not None else (1 / 16 if args.quick else 1.0)) * GiB)
+        self.large_leaves = 64
+        self.large_shape = large_shape(total, self.large_leaves)
+        self.large_bytes = self.large_leaves * math.prod(self.large_shape) * 4
+        self.small_leaves = args.small_leaves or (500 if args.quick else 2000)
+        self.small_shape = (256,)
+        self.small_bytes = self.small_leaves * 256 * 4
+        self.floor_files = [
+            [str(root / "floor" / f"part{i}.bin"), self.large_bytes // SAVE_2x4.processes]
+            for i in range(SAVE_2x4.processes)
+        ]
+        self.floor_files[-1][1] += self.large_bytes % SAVE_2x4.processes
+
+    def ckpt(self, case: str, system: str, rep: int) -> str:
+        return str(self.root / case / system / f"rep{rep}")
+
+    def groups(self) -> list[Group]:
+        gib = self.large_bytes / GiB
+        rows = {
+            "save": Row("save", f"save 2x4 ({gib:.2f} GiB)", "save", self.large_bytes, True),
+            "r2x4": Row("r2x4", "restore 2x4 -> 2x4", "restore", self.large_bytes, True),
+            "r1x8": Row("r1x8", "restore 2x4 -> 1x8 (cols)", "restore", self.large_bytes, True),
+            "r4x2": Row("r4x2", "restore 2x4 -> 4x2", "restore", self.large_bytes, True),
+            "ssave": Row(
+                "ssave", f"small: save {self.small_leaves} x 1 KiB", "save", self.small_bytes, False
+            ),
+            "srestore": Row(
+                "srestore",
+                f"small: restore {self.small_leaves} x 1 KiB",
+                "restore",
+                self.small_bytes,
+                False,
+            ),
+        }
+        out = []
+        if "large" in self.args.cases:
+            out.append(
+                Group("large-2x4", SAVE_2x4, [rows["save"], rows["r2x4"]], self._large_save_ops)
+            )
+            out.append(
+                Group(
+                    "large-1x8",
+                    COLS_1x8,
+                    [rows["r1x8"]],
+                    lambda en: self._large_restore_ops(en, COLS_1x8, "r1x8"),
+                )
+            )
+            out.append(
+                Group(
+                    "large-4x2",
+                    BLOCKS_4x2,
+                    [rows["r4x2"]],
+                    lambda en: self._large_restore_ops(en, BLOCKS_4x2, "r4x2"),
+                )
+            )
+        if "small" in self.args.cases:
+            out.append(
+                Group(
+                    "small-1x8", REPLICATED_1x8, [rows["ssave"], rows["srestore"]], self._small_ops
+                )
+            )
+        return out
+
+    # Each builder gets the (system, row) pairs still enabled: a system that failed an
+    # operation is dropped from that row (and from restores if its save failed).
+
+    def _large_save_ops(self, enabled: set) -> list[dict]:
+        lay = layout(SAVE_2x4, self.large_leaves, self.large_shape, seed=1)
+        ops = []
+        for rep in range(self.total_reps):
+            order = rep_order(rep, self.systems, floor=True)
+            for s in order:
+                if s == FLOOR:
+                    ops.append(_op("floor_write", FLOOR, "save", rep, files=self.floor_files))
+                elif (s, "save") in enabled:
+                    path = self.ckpt("large", s, rep)
+                    ops.append(_op("save", s, "save", rep, layout=lay, path=path))
+            for s in order:
+                if s == FLOOR:
+                    ops.append(self._floor_read("r2x4", rep))
+                elif (s, "save") in enabled and (s, "r2x4") in enabled:
+                    ops.append(self._restore(s, "r2x4", rep, lay, self.ckpt("large", s, rep)))
+            # Keep only the last repetition's checkpoints: the other topologies restore them.
+            if rep < self.total_reps - 1:
+                ops.append(
+                    {"op": "delete", "paths": [self.ckpt("large", s, rep) for s in self.systems]}
+                )
+        return ops
+
+    def _large_restore_ops(self, enabled: set, topo: Topology, row: str) -> list[dict]:
+        lay = layout(topo, self.large_leaves, self.large_shape, seed=1)
+        ops = []
+        for rep in range(self.total_reps):
+            for s in rep_order(rep, self.systems, floor=True):
+                if s == FLOOR:
+                    ops.append(self._floor_read(row, rep))
+                elif (s, "save") in enabled and (s, row) in enabled:
+                    path = self.ckpt("large", s, self.total_reps - 1)
+                    ops.append(self._restore(s, row, rep, lay, path))
+        return ops
+
+    def _small_ops(self, enabled: set) -> list[dict]:
+        lay = layout(REPLICATED_1x8, self.small_leaves, self.small_shape, seed=2)
+        ops = []
+        for rep in range(self.total_reps):
+            order = rep_order(rep, self.systems, floor=False)
+            for s in order:
+                if (s, "ssave") in enabled:
+                    path = self.ckpt("small", s, rep)
+                    ops.append(_op("save", s, "ssave", rep, layout=lay, path=path))
+            for s in order:
+                if (s, "ssave") in enabled and (s, "srestore") in enabled:
+                    ops.append(self._restore(s, "srestore", rep, lay, self.ckpt("small", s, rep)))
+            ops.append(
+                {"op": "delete", "paths": [self.ckpt("small", s, rep) for s in self.systems]}
+            )
+        return ops
+
+    def _restore(self, system: str, row: str, rep: int, lay: dict, path: str) -> dict:
+        # Checking costs a full regeneration of the state, so only on the first repetition.
+        verify = rep == 0 and not self.args.no_verify
+        return _op(
+            "restore", system, row, rep, layout=lay, path=path, verify=verify, evict=self.args.cold
+        )
+
+    def _floor_read(self, row: str, rep: int) -> dict:
+        return _op("floor_read", FLOOR, row, rep, files=self.floor_files, evict=self.args.cold)
+
+
+# ----------------------------------------------------------------------------
+# Launching worker groups
+# ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot_distckpt(root: Path) -> Path:
+    """Copies distckpt/ from the checkout into ``root`` and returns the directory to put on
+    the workers' PYTHONPATH: edits landing in the checkout during a long run then cannot
+    give different groups different code."""
+    dest = root / "distckpt-snapshot"
+    shutil.copytree(
+        REPO / "distckpt", dest / "distckpt", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return dest
+
+
+def worker_env(devices: int, import_root: Path) -> dict:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if "xla_force_host_platform_device_count" not in f
+    ]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    # PYTHONPATH comes before the editable install's finder, so this copy is what imports.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(import_root), env.get("PYTHONPATH", "")) if p
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    return env
+
+
+@dataclass
+class Launch:
+    ok: bool
+    events: list[dict] = field(default_factory=list)
+    failure: str = ""
+    culprit: tuple | None = None  # (system, row) blamed for a failure, if any
+    log_tail: str = ""
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    events = []
+    for path in sorted(run_dir.glob("events_*.jsonl")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a killed writer may leave half a line
+                events.append(json.loads(line))
+    return events
+
+
+def blame(events: list[dict]) -> tuple | None:
+    """The (system, row) of the operation that failed, or that was running at a timeout."""
+    for e in events:
+        if e.get("event") == "error" and e.get("system") in SYSTEMS:
+            return (e["system"], e["row"])
+    last = {}
+    for e in events:
+        if e.get("event") in ("start", "result"):
+            last[e["process"]] = e
+    running = [e for e in last.values() if e["event"] == "start" and e.get("system") in SYSTEMS]
+    if running:
+        return (running[0]["system"], running[0]["row"])
+    return None
+
+
+def launch(
+    group_name: str, topo: Topology, ops: list[dict], args, run_dir: Path, timeout_s: float
+) -> Launch:
+    """Starts the group's processes and waits; kills every one of them on any failure."""
+    run_dir.mkdir(parents=True)
+    plan = {
+        "group": group_name,
+        "num_processes": topo.processes,
+        "total_devices": topo.processes * topo.devices,
+        "coordinator": f"127.0.0.1:{free_port()}",
+        "run_dir": str(run_dir),
+        "init_timeout_s": 120,
+        "op_timeout_s": args.op_timeout,
+        "ops": [dict(op, seq=i) for i, op in enumerate(ops)],
+    }
+    plan_path = run_dir / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    env = worker_env(topo.devices, args.import_root)
+    procs, logs = [], []
+    failure = ""
+    try:
+        for i in range(topo.processes):
+            log = open(run_dir / f"worker_{i}.log", "w")
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "--plan", str(plan_path), "--process-id", str(i)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=str(REPO),
+                    start_new_session=True,  # own process group, so a kill reaches its children
+                )
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                failure = f"process {bad[0][0]} exited with code {bad[0][1]}"
+                break
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                failure = f"timed out after {timeout_s:.0f} s"
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for log in logs:
+            log.close()
+    events = read_events(run_dir)
+    result = Launch(ok=not failure, events=events, failure=failure)
+    if failure:
+        errors = [e for e in events if e.get("event") == "error"]
+        if errors:
+            result.failure += f": {errors[0]['error']}"
+        result.culprit = blame(events)
+        tails = []
+        for i in range(topo.processes):
+            text = (run_dir / f"worker_{i}.log").read_text(errors="replace").strip().splitlines()
+            tails.append(f"--- worker {i} (last lines) ---\n" + "\n".join(text[-15:]))
+        result.log_tail = "\n".join(tails)
+    return result
+
+
+def run_group(
+    group: Group, plan: Plan, args, enabled: set, errors: dict, runs_dir: Path
+) -> list[dict]:
+    """Runs a group; on a failure attributable to one (system, row), records the error,
+    disables that pair and relaunches, so the other systems still get measured."""
+    attempt = 0
+    while True:
+        ops = group.build_ops(enabled)
+        if not any(op["op"] in ("save", "restore", "floor_write", "floor_read") for op in ops):
+            return []
+        attempt += 1
+        for op in ops:  # a failed attempt may have left partial checkpoints behind
+            if op["op"] == "save":
+                shutil.rmtree(op["path"], ignore_errors=True)
+        t0 = time.monotonic()
+        print(
+            f"[{group.name}] {group.topology.processes} process(es) x {group.topology.devices} devices, "
+            f"{len(ops)} operations (attempt {attempt}) ...",
+            flush=True,
+        )
+        res = launch(
+            group.name,
+            group.topology,
+            ops,
+            args,
+            runs_dir / f"{group.name}-{attempt}",
+            args.timeout,
+        )
+        if res.ok:
+            print(f"[{group.name}] done in {time.monotonic() - t0:.1f} s", flush=True)
+            return [e for e in res.events if e.get("event") == "result"]
+        print(f"[{group.name}] FAILED: {res.failure}", flush=True)
+        if args.verbose:
+            print(res.log_tail, flush=True)
+        if res.culprit is None or res.culprit not in enabled:
+            # Not attributable to one system (floor, start-up, a barrier): give up on the group.
+            for row in group.rows:
+                for s in plan.systems + ([FLOOR] if row.has_floor else []):
+                    errors.setdefault((s, row.key), f"group {group.name} failed: {res.failure}")
+            print(res.log_tail, flush=True)
+            return []
+        system, row = res.culprit
+        disable(system, row, res.failure, enabled, errors)
+
+
+# Rows that restore what a save row wrote: if the save fails there is nothing to restore.
+DEPENDENT_ROWS = {"save": ("r2x4", "r1x8", "r4x2"), "ssave": ("srestore",)}
+ALL_ROWS = ("save", "r2x4", "r1x8", "r4x2", "ssave", "srestore")
+
+
+def disable(system: str, row: str, why: str, enabled: set, errors: dict) -> None:
+    """Stops running ``system`` on ``row`` (and on the rows that need its checkpoint)."""
+    enabled.discard((system, row))
+    errors.setdefault((system, row), why)
+    for dep in DEPENDENT_ROWS.get(row, ()):
+        if (system, dep) in enabled:
+            enabled.discard((system, dep))
+            errors.setdefault((system, dep), f"no checkpoint, the save failed: {why}")
+
+
+def check_distckpt(import_root: Path) -> str | None:
+    """None if distckpt.save/restore import; else why not (checked in a subprocess so the
+    parent never initialises JAX)."""
+    code = "import distckpt; assert callable(distckpt.save) and callable(distckpt.restore), 'no save/restore'"
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            env=worker_env(1, import_root),
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    except subprocess.TimeoutExpired:
+        return "importing distckpt timed out"
+    if p.returncode == 0:
+        return None
+    lines = p.stderr.strip().splitlines()
+    return "distckpt unavailable: " + (lines[-1] if lines else f"exit code {p.returncode}")
+
+
+# ----------------------------------------------------------------------------
+# Aggregation and reporting
+# ----------------------------------------------------------------------------
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def rep_record(rep: int, evs: list[dict], warmup: int) -> dict:
+    """One repetition of one (row, system): time is the max over processes (the slowest
+    process decides when a collective call is done), bytes are summed over processes."""
+    evs = sorted(evs, key=lambda e: e["process"])
+    rchar = sum(e["rchar"] for e in evs)
+    restored = sum(e.get("restored_bytes", 0) for e in evs)
+    return {
+        "rep": rep,
+        "warmup": rep < warmup,
+        "seconds": max(e["seconds"] for e in evs),
+        "seconds_per_process": [e["seconds"] for e in evs],
+        "rchar": rchar,
+        "rchar_per_process": [e["rchar"] for e in evs],
+        "device_read_bytes": sum(e["read_bytes"] for e in evs),
+        "wchar": sum(e["wchar"] for e in evs),
+        "device_write_bytes": sum(e["write_bytes"] for e in evs),
+        "restored_bytes": restored or None,
+        "read_amplification": rchar / restored if restored else None,
+        "rss_before_mib": [e["rss_before_kib"] / 1024 for e in evs],
+        "peak_rss_mib": [e["peak_rss_kib"] / 1024 for e in evs],
+        "peak_rss_is_lifetime": any(e["peak_rss_is_lifetime"] for e in evs),
+        "files": evs[0].get("files"),
+        "disk_bytes": evs[0].get("disk_bytes"),
+        "verified": any(e.get("verified") for e in evs),
+    }
+
+
+def summarise(
+    results: list[dict],
+    rows: list[Row],
+    systems: list[str],
+    errors: dict,
+    nprocs: dict,
+    warmup: int,
+) -> list[dict]:
+    """One summary per (row, system): medians over the measured (not warm-up) repetitions."""
+    by = {}
+    for e in results:
+        by.setdefault((e["row"], e["system"], e["rep"]), []).append(e)
+    out = []
+    for row in rows:
+        for system in systems + ([FLOOR] if row.has_floor else []):
+            all_reps = [
+                rep_record(rep, evs, warmup)
+                for (r, s, rep), evs in sorted(by.items(), key=lambda kv: kv[0][2])
+                # A repetition missing a process cannot happen after a clean launch; skip it.
+                if r == row.key and s == system and len(evs) == nprocs[row.key]
+            ]
+            reps = [r for r in all_reps if not r["warmup"]]
+            summary = {
+                "row": row.key,
+                "title": row.title,
+                "kind": row.kind,
+                "system": system,
+                "logical_bytes": row.bytes,
+                "processes": nprocs[row.key],
+                "error": errors.get((system, row.key)),
+                "verified": any(r["verified"] for r in all_reps),
+                "reps": all_reps,
+            }
+            if reps:
+                secs = median(r["seconds"] for r in reps)
+                growth = [
+                    p - b
+                    for r in reps
+                    for p, b in zip(r["peak_rss_mib"], r["rss_before_mib"], strict=True)
+                ]
+                summary.update(
+                    seconds=secs,
+                    seconds_min=min(r["seconds"] for r in reps),
+                    seconds_max=max(r["seconds"] for r in reps),
+                    gb_per_s=row.bytes / secs / 1e9,
+                    read_amplification=median(r["read_amplification"] for r in reps),
+                    device_read_bytes=median(r["device_read_bytes"] for r in reps),
+                    peak_rss_mib=max(max(r["peak_rss_mib"]) for r in reps),
+                    peak_rss_over_before_mib=max(growth),
+                    files=median(r["files"] for r in reps),
+                    disk_bytes=median(r["disk_bytes"] for r in reps),
+                )
+            out.append(summary)
+    # Ratios against the floor of the same row and against Orbax.
+    index = {(s["row"], s["system"]): s for s in out}
+    for s in out:
+        floor = index.get((s["row"], FLOOR))
+        if s.get("seconds") and floor and floor.get("seconds") and s["system"] != FLOOR:
+            s["x_floor"] = s["seconds"] / floor["seconds"]
+        orbax = index.get((s["row"], "orbax"))
+        if s["system"] == "distckpt" and s.get("seconds") and orbax and orbax.get("seconds"):
+            s["speedup_vs_orbax"] = orbax["seconds"] / s["seconds"]
+    return out
+
+
+def fmt(x, spec, dash="-"):
+    return dash if x is None else format(x, spec)
+
+
+def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
+    """The results table as text lines; a failed (row, system) becomes an ERROR line."""
+    header = [
+        "case",
+        "system",
+        "median s",
+        "min s",
+        "GB/s",
+        "x floor",
+        "vs orbax",
+        "read amp",
+        "peak RSS MiB (+op)",
+        "files",
+    ]
+    cells, errors = [], {}  # errors: index in cells -> message
+    last_title = None
+    for s in summaries:
+        title = s["title"] if s["title"] != last_title else ""
+        last_title = s["title"]
+        name = s["system"]
+        is_floor = name == FLOOR
+        if is_floor:
+            read = (
+                "floor (read, evicted first)" if plan.args.cold else "floor (read, cache may serve)"
+            )
+            name = "floor (fsync'd write)" if s["kind"] == "save" else read
+        if s.get("seconds") is None:
+            errors[len(cells)] = "ERROR: " + " ".join((s["error"] or "not measured").split())[:160]
+            cells.append([title, name])
+            continue
+        speedup = s.get("speedup_vs_orbax")
+        cells.append(
+            [
+                title,
+                name,
+                f"{s['seconds']:.3f}",
+                f"{s['seconds_min']:.3f}",
+                fmt(s["gb_per_s"], ".3g"),
+                fmt(s.get("x_floor"), ".2f"),
+                f"{speedup:.2f}x" if speedup else "-",
+                fmt(s.get("read_amplification"), ".2f")
+                if s["kind"] == "restore" and not is_floor
+                else "-",
+                "-"
+                if is_floor
+                else f"{s['peak_rss_mib']:.0f} (+{s['peak_rss_over_before_mib']:.0f})",
+                fmt(s.get("files"), ".0f") if s["kind"] == "save" and not is_floor else "-",
+            ]
+        )
+    widths = [len(h) for h in header]
+    for row in cells:
+        for i, c in enumerate(row):
+            widths[i] = max(widths[i], len(c))
+
+    def render(row):
+        return "  ".join(
+            c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(row)
+        )
+
+    out = [render(header), "  ".join("-" * w for w in widths)]
+    for i, row in enumerate(cells):
+        out.append(render(row) + ("  " + errors[i] if i in errors else ""))
+    out += [
+        "",
+        f"medians over {plan.reps} repetitions (after {plan.warmup} warm-up); time = max over processes "
+        "of barrier-to-return; GB = 1e9 bytes of state;",
+        "x floor = seconds / floor seconds of the same row; vs orbax = Orbax seconds / distckpt seconds;",
+        "read amp = rchar summed over processes / restored bytes; peak RSS = max over processes and reps "
+        "during the call (+ growth over RSS before it).",
+    ]
+    checked = sorted({s["title"] for s in summaries if s["verified"]})
+    if checked:
+        out.append(
+            f"restored values were compared with the saved state (first repetition) in "
+            f"{len(checked)} restore row(s); a mismatch would show as an ERROR."
+        )
+    return out
+
+
+def machine_info(root: Path) -> dict:
+    info = {
+        "nproc": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["mem_total_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["df_T"] = subprocess.run(
+            ["df", "-T", str(root)], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    # Some VMs (e.g. Firecracker with virtio-balloon free page reporting) hand freed guest
+    # memory back to the host, so touching "new" memory costs a host page fault per page.
+    # That lands inside timed regions unpredictably; record whether it is happening here.
+    with contextlib.suppress(OSError, ValueError):
+        info["free_page_reporting_reported_kib"] = int(
+            Path("/sys/module/page_reporting/parameters/reported_kib").read_text()
+        )
+    for pkg in ("jax", "jaxlib", "orbax-checkpoint", "tensorstore", "numpy"):
+        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
+            info[pkg] = importlib_metadata.version(pkg)
+    return info
+
+
+def distckpt_revision() -> str | None:
+    """The commit the measured distckpt comes from, with "+dirty" if distckpt/ has edits."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "distckpt"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head or "no-commit") + ("+dirty" if dirty else "")
+
+
+def fresh_memory_rate() -> float:
+    """GB/s at which this machine hands out and zeroes memory nobody touched recently.
+    On bare metal this is several GB/s; on VMs that reclaim free guest pages it can be
+    well under 1 GB/s, and every fresh allocation in a timed region pays it."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    buf = np.ones(256 * MiB, dtype=np.uint8)
+    seconds = time.perf_counter() - t0
+    del buf
+    return 256 * MiB / seconds / 1e9
+
+
+def plot(summaries: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; skipping --plot {path}")
+        return
+    titles = list(dict.fromkeys(s["title"] for s in summaries))
+    systems = list(dict.fromkeys(s["system"] for s in summaries))
+    colours = {"distckpt": "tab:blue", "orbax": "tab:orange", FLOOR: "tab:gray"}
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(titles) * len(systems) + 1))
+    height = 0.8 / len(systems)
+    for j, system in enumerate(systems):
+        vals = []
+        for t in titles:
+            s = next((x for x in summaries if x["title"] == t and x["system"] == system), None)
+            vals.append(s.get("seconds") if s and s.get("seconds") else 0)
+        ys = [i + j * height for i in range(len(titles))]
+        ax.barh(ys, vals, height=height, label=system, color=colours.get(system))
+        for y, v in zip(ys, vals, strict=True):
+            if v:
+                ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(titles))], titles)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median seconds (log scale; lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="64 MiB large case and 500 small leaves (about a minute)",
+    )
+    p.add_argument(
+        "--size",
+        type=float,
+        default=None,
+        help="GiB in the large case (default 1; 1/16 with --quick)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="repetitions per system (default 3); medians are reported",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed-in-the-medians repetitions run first (default 1)",
+    )
+    p.add_argument(
+        "--small-leaves",
+        type=int,
+        default=None,
+        help="leaves in the small case (default 2000; 500 with --quick)",
+    )
+    p.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma-separated subset of distckpt,orbax"
+    )
+    p.add_argument("--cases", default="large,small", help="comma-separated subset of large,small")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="parent directory for checkpoints (default: /tmp); a fresh subdirectory is used and removed",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints and worker logs")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="before each restore, fsync + posix_fadvise(DONTNEED) the files to read (best-effort cold cache)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking restored values (done on the first repetition)",
+    )
+    p.add_argument("--json", default=None, help="write every measured number to this file")
+    p.add_argument("--plot", default=None, help="write a bar chart to this PNG (needs matplotlib)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per group launch before all its processes are killed",
+    )
+    p.add_argument(
+        "--op-timeout", type=float, default=None, help="timeout_s passed to distckpt calls"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="print worker log tails on failures"
+    )
+    args = p.parse_args(argv)
+    args.systems = [s for s in args.systems.split(",") if s]
+    args.cases = [c for c in args.cases.split(",") if c]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown or set(args.cases) - {"large", "small"}:
+        p.error(
+            f"unknown systems/cases: {sorted(unknown | (set(args.cases) - {'large', 'small'}))}"
+        )
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    size = args.size if args.size is not None else (1 / 16 if args.quick else 1.0)
+    if args.timeout is None:  # generous: a hang is what it guards against, not slowness
+        args.timeout = 300 + 240 * size * (args.reps + args.warmup)
+    if args.op_timeout is None:
+        args.op_timeout = max(120.0, args.timeout / 2)
+    return args
+
+
+def run_all(plan: Plan, args) -> tuple[list[dict], dict]:
+    """Runs every group; returns the workers' result events and the errors by (system, row)."""
+    errors: dict = {}
+    enabled = {(s, r) for s in plan.systems for r in ALL_ROWS}
+    if "distckpt" in plan.systems:
+        why = check_distckpt(args.import_root)
+        if why:
+            print(f"distckpt will be reported as an error: {why}", flush=True)
+            for r in ALL_ROWS:
+                disable("distckpt", r, why, enabled, errors)
+    (plan.root / "floor").mkdir()
+    results = []
+    for group in plan.groups():
+        results += run_group(group, plan, args, enabled, errors, plan.root / "runs")
+    return results, errors
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    parent = Path(args.dir or tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    touch_rate = fresh_memory_rate()
+    revision = distckpt_revision()
+    load_start = os.getloadavg()
+    if load_start[0] > 1.0:
+        # Two cores: anything else running (a test suite, a build) skews every number.
+        print(
+            f"warning: 1-minute load average is {load_start[0]:.1f} before starting; other "
+            "work on this machine will make the numbers noisy",
+            flush=True,
+        )
+    root = Path(tempfile.mkdtemp(prefix="distckpt-bench-", dir=parent))
+    try:
+        plan = Plan(args, root)
+        print(
+            f"checkpoints under {root}; large case {plan.large_leaves} x {plan.large_shape} "
+            f"float32 = {plan.large_bytes / GiB:.3f} GiB; small case {plan.small_leaves} x 1 KiB; "
+            f"{args.warmup} warm-up + {args.reps} measured repetitions",
+            flush=True,
+        )
+        has_source = (REPO / "distckpt").is_dir()
+        args.import_root = snapshot_distckpt(root) if has_source else REPO
+        results, errors = run_all(plan, args)
+    except KeyboardInterrupt:
+        print("interrupted; workers were killed", flush=True)
+        return 130
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    groups = plan.groups()
+    rows = [r for g in groups for r in g.rows]
+    nprocs = {r.key: g.topology.processes for g in groups for r in g.rows}
+    summaries = summarise(results, rows, plan.systems, errors, nprocs, plan.warmup)
+    print()
+    print("\n".join(table_lines(summaries, plan)))
+    print(
+        f"total wall time {time.monotonic() - t_start:.0f} s; distckpt {revision}; "
+        f"load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
+    info = machine_info(parent)
+    info["fresh_memory_touch_gb_per_s"] = round(touch_rate, 3)
+    info["loadavg_start"] = load_start
+    info["loadavg_end"] = os.getloadavg()
+    info["distckpt_revision"] = revision
+    if args.json:
+        doc = {
+            "config": {
+                "reps": args.reps,
+                "warmup": args.warmup,
+                "quick": args.quick,
+                "cold": args.cold,
+                "large": {
+                    "leaves": plan.large_leaves,
+                    "shape": plan.large_shape,
+                    "bytes": plan.large_bytes,
+                },
+                "small": {
+                    "leaves": plan.small_leaves,
+                    "shape": plan.small_shape,
+                    "bytes": plan.small_bytes,
+                    "sharding": "fully replicated over mesh (8,)",
+                },
+                "topologies": {
+                    t.name + ("-rep" if t is REPLICATED_1x8 else ""): vars(t)
+                    for t in (SAVE_2x4, COLS_1x8, BLOCKS_4x2, REPLICATED_1x8)
+                },
+                "systems": plan.systems,
+            },
+            "machine": info,
+            "results": summaries,
+            "raw_events": results,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(summaries, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
