@@ -172,10 +172,11 @@ class SaveJob:
             )
             for box, to_host in owned:
                 self.shards.append((index, box, itemsize))
-                host = to_host()
-                # A copy when the caller may reuse its buffers; otherwise a view
-                # where the platform allows one (CPU), so nothing is held twice.
-                self.staged[(index, box)] = np.array(host, copy=True) if copy else host
+                # An async save copies now, so the caller may reuse its buffers
+                # at once; a synchronous one fetches each shard only when a
+                # writer thread reaches it, so host memory holds at most a
+                # shard per thread (on CPU a fetch is a view, not a copy).
+                self.staged[(index, box)] = np.array(to_host(), copy=True) if copy else to_host
         self.items = None
 
     def _write(self) -> dict:
@@ -244,8 +245,14 @@ def _write_files(
         # per chunk would fault in new pages for every byte written.
         scratch = np.empty(max((c.nbytes for c in fw.chunks), default=0), np.uint8)
         try:
+            fetched: dict = {}
             for c in fw.chunks:
                 host = staged[(c.leaf, c.shard)]
+                if callable(host):
+                    if (c.leaf, c.shard) not in fetched:
+                        fetched.clear()  # chunks of a shard are consecutive: drop the last one
+                        fetched[(c.leaf, c.shard)] = host()
+                    host = fetched[(c.leaf, c.shard)]
                 part = host[_reshard.relative(c.box, c.shard)]
                 if part.flags.c_contiguous:
                     view = memoryview(part.reshape(-1).view(np.uint8))

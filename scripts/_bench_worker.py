@@ -279,6 +279,26 @@ class Distckpt:
     def restore(self, path: str, target: dict) -> dict:
         return self._lib.restore(path, target, timeout_s=self._timeout_s)
 
+    # Async saves go through the manager, which is where distckpt offers them.
+
+    def manager(self, directory: str):
+        return self._lib.CheckpointManager(
+            directory, max_to_keep=2, async_save=True, timeout_s=self._timeout_s
+        )
+
+    def async_save(self, mgr, step: int, tree: dict) -> None:
+        mgr.save(step, tree)  # returns once this process's shards are copied to host
+
+    def wait(self, mgr) -> None:
+        mgr.wait_until_finished()
+
+    def save_stats(self, mgr) -> dict | None:
+        stats = mgr.last_save_stats
+        return stats.to_json() if stats is not None else None
+
+    def close_manager(self, mgr) -> None:
+        mgr.close()
+
     def close(self) -> None:
         pass
 
@@ -294,6 +314,7 @@ class Orbax:
 
         # Orbax has its own timeout (AsyncOptions.timeout_secs); the parent's kill backs it up.
         del timeout_s
+        self._ocp = ocp
         self._ckptr = ocp.StandardCheckpointer()
 
     def save(self, path: str, tree: dict) -> None:
@@ -302,6 +323,27 @@ class Orbax:
 
     def restore(self, path: str, target: dict) -> dict:
         return self._ckptr.restore(path, target)
+
+    # Orbax's documented async path: a CheckpointManager with async checkpointing on
+    # (its default, spelled out) and StandardSave args.
+
+    def manager(self, directory: str):
+        ocp = self._ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+        return ocp.CheckpointManager(directory, options=options)
+
+    def async_save(self, mgr, step: int, tree: dict) -> None:
+        mgr.save(step, args=self._ocp.args.StandardSave(tree))
+
+    def wait(self, mgr) -> None:
+        mgr.wait_until_finished()
+
+    def save_stats(self, mgr) -> dict | None:
+        del mgr
+        return None
+
+    def close_manager(self, mgr) -> None:
+        mgr.close()
 
     def close(self) -> None:
         self._ckptr.close()
@@ -325,6 +367,7 @@ class Worker:
         self.state = None
         self.state_layout_key = None
         self.floor_buf = None
+        self.managers: dict = {}  # (system, directory) -> that system's checkpoint manager
         self.can_reset_rss = reset_peak_rss()
 
     def emit(self, **record) -> None:
@@ -365,23 +408,18 @@ class Worker:
             )
         return self.systems[name]
 
-    def timed(self, label: str, fn):
-        """Runs ``fn`` between barriers; returns (result, measurements of this process)."""
+    def _begin(self, label: str) -> tuple[int, dict]:
+        """Settles memory, lines the processes up and starts the probes; returns
+        (RSS before, I/O counters). The caller starts its clock right after."""
         gc.collect()
         release_free_heap()
         self.sync(f"{label}-begin")
         self.can_reset_rss = reset_peak_rss()
-        rss_before = _status_kib("VmRSS")
-        io0 = read_proc_io()
-        t0 = time.perf_counter()
-        out = fn()
-        if out is not None:
-            self.jax.block_until_ready(out)
-        seconds = time.perf_counter() - t0
+        return _status_kib("VmRSS"), read_proc_io()
+
+    def _measured(self, seconds: float, rss_before: int, io0: dict, peak: int) -> dict:
         io1 = read_proc_io()
-        peak = _status_kib("VmHWM")
-        self.sync(f"{label}-end")
-        return out, {
+        return {
             "seconds": seconds,
             "rchar": io1["rchar"] - io0["rchar"],
             "read_bytes": io1["read_bytes"] - io0["read_bytes"],
@@ -392,6 +430,42 @@ class Worker:
             "peak_rss_kib": peak,
             "peak_rss_is_lifetime": not self.can_reset_rss,
         }
+
+    def timed(self, label: str, fn):
+        """Runs ``fn`` between barriers; returns (result, measurements of this process)."""
+        rss_before, io0 = self._begin(label)
+        t0 = time.perf_counter()
+        out = fn()
+        if out is not None:
+            self.jax.block_until_ready(out)
+        seconds = time.perf_counter() - t0
+        peak = _status_kib("VmHWM")
+        m = self._measured(seconds, rss_before, io0, peak)
+        self.sync(f"{label}-end")
+        return out, m
+
+    def timed_async(self, label: str, start, wait) -> tuple[dict, dict]:
+        """Times ``start`` (what blocks the training loop) and then ``wait`` (the rest of
+        the save, run back to back as if the loop had nothing else to do), between one
+        pair of barriers. Returns (blocked, background) measurements of this process.
+
+        The peak RSS of ``blocked`` is during ``start``; that of ``background`` is
+        during ``start`` + ``wait``, the whole save (VmHWM is not reset in between).
+        No barrier between the two: a training loop goes on as soon as its own
+        ``save`` returns, so each process's wait starts when its save returned."""
+        rss_before, io0 = self._begin(label)
+        t0 = time.perf_counter()
+        start()
+        t1 = time.perf_counter()
+        peak_blocked = _status_kib("VmHWM")
+        blocked = self._measured(t1 - t0, rss_before, io0, peak_blocked)
+        wait()
+        t2 = time.perf_counter()
+        peak_total = _status_kib("VmHWM")
+        background = self._measured(t2 - t1, rss_before, io0, peak_total)
+        background["seconds_total"] = blocked["seconds_total"] = t2 - t0
+        self.sync(f"{label}-end")
+        return blocked, background
 
     def get_state(self, layout: dict) -> dict:
         key = json.dumps(layout, sort_keys=True)
@@ -440,6 +514,41 @@ class Worker:
                 check_restored(op["layout"], tree)
                 m["verified"] = True
             del tree
+            self.emit(event="result", **common, **m)
+
+        elif kind == "async_save":
+            state = self.get_state(op["layout"])
+            sysm = self.system(op["system"])
+            key = (op["system"], op["path"])
+            if key not in self.managers:  # construction is collective and not timed
+                self.managers[key] = sysm.manager(op["path"])
+            mgr = self.managers[key]
+            blocked, background = self.timed_async(
+                label,
+                lambda: sysm.async_save(mgr, op["step"], state),
+                lambda: sysm.wait(mgr),
+            )
+            stats = sysm.save_stats(mgr)
+            if stats is not None:
+                background["save_stats"] = stats
+            self.emit(event="result", **common, **blocked)
+            self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
+
+        elif kind == "host_copy":
+            state = self.get_state(op["layout"])
+            copies = []
+
+            def copy_owned() -> None:
+                # Fresh arrays, as a real staging copy makes: copying into a reused
+                # buffer would skip the page faults every save's copy pays.
+                for arr in state.values():
+                    for shard in arr.addressable_shards:
+                        if shard.replica_id == 0:
+                            copies.append(np.array(shard.data, copy=True))
+
+            _, m = self.timed(label, copy_owned)
+            m["copied_bytes"] = sum(c.nbytes for c in copies)
+            del copies
             self.emit(event="result", **common, **m)
 
         elif kind == "floor_write":
@@ -492,6 +601,8 @@ class Worker:
                     traceback=traceback.format_exc(),
                 )
                 raise
+        for (name, _), mgr in self.managers.items():
+            self.systems[name].close_manager(mgr)
         for sysm in self.systems.values():
             sysm.close()
         self.sync("bench-done")

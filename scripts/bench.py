@@ -4,6 +4,7 @@
     python scripts/bench.py                  # 1 GiB state, 3 repetitions (a few minutes)
     python scripts/bench.py --quick          # small sizes, about a minute
     python scripts/bench.py --size 4 --reps 5 --json out.json --plot out.png
+    python scripts/bench.py --cases async    # only the async-save case
 
 What it measures (docs/benchmarks.md explains every number and its caveats):
 
@@ -13,6 +14,10 @@ What it measures (docs/benchmarks.md explains every number and its caveats):
   4 processes x 2 devices (mesh (4, 2), PartitionSpec('x', 'y'));
 * small case: 2,000 leaves of 1 KiB (256 float32), fully replicated over the 8
   devices of 1 process: save and restore;
+* async case: the large state saved from 2x4 through each system's checkpoint manager
+  with async saving on: how long ``save`` blocks the training loop, and how long the
+  ``wait_until_finished`` after it takes; its floor is a plain host copy of the bytes
+  each process owns;
 * physical floors for the large case on the same filesystem: fsync'd sequential
   write and sequential read of the same number of bytes, by the same number of
   processes;
@@ -84,7 +89,7 @@ class Row:
 
     key: str
     title: str
-    kind: str  # "save" or "restore"
+    kind: str  # "save", "restore" or "async"
     bytes: int  # logical bytes of the state
     has_floor: bool
 
@@ -179,6 +184,10 @@ class Plan:
                 self.small_bytes,
                 False,
             ),
+            "ablocked": Row("ablocked", "async save 2x4: blocked", "async", self.large_bytes, True),
+            "abackground": Row(
+                "abackground", "async save 2x4: background", "async", self.large_bytes, False
+            ),
         }
         out = []
         if "large" in self.args.cases:
@@ -205,6 +214,17 @@ class Plan:
             out.append(
                 Group(
                     "small-1x8", REPLICATED_1x8, [rows["ssave"], rows["srestore"]], self._small_ops
+                )
+            )
+        if "async" in self.args.cases:
+            # Its own launch, so neither manager shares a process with the large case's
+            # checkpoints and memory; the warm-up repetition absorbs the managers' start-up.
+            out.append(
+                Group(
+                    "async-2x4",
+                    SAVE_2x4,
+                    [rows["ablocked"], rows["abackground"]],
+                    self._async_ops,
                 )
             )
         return out
@@ -262,6 +282,30 @@ class Plan:
             ops.append(
                 {"op": "delete", "paths": [self.ckpt("small", s, rep) for s in self.systems]}
             )
+        return ops
+
+    def _async_ops(self, enabled: set) -> list[dict]:
+        lay = layout(SAVE_2x4, self.large_leaves, self.large_shape, seed=1)
+        ops = []
+        for rep in range(self.total_reps):
+            for s in rep_order(rep, self.systems, floor=True):
+                if s == FLOOR:
+                    ops.append(_op("host_copy", FLOOR, "ablocked", rep, layout=lay))
+                elif (s, "ablocked") in enabled:
+                    # One manager directory per system for the whole group, a new step
+                    # each repetition (as in training); max_to_keep=2 bounds the disk used.
+                    ops.append(
+                        _op(
+                            "async_save",
+                            s,
+                            "ablocked",
+                            rep,
+                            layout=lay,
+                            path=str(self.root / "async" / s),
+                            step=rep + 1,
+                            background_row="abackground",
+                        )
+                    )
         return ops
 
     def _restore(self, system: str, row: str, rep: int, lay: dict, path: str) -> dict:
@@ -426,11 +470,12 @@ def run_group(
     attempt = 0
     while True:
         ops = group.build_ops(enabled)
-        if not any(op["op"] in ("save", "restore", "floor_write", "floor_read") for op in ops):
+        measured = ("save", "restore", "async_save", "floor_write", "floor_read", "host_copy")
+        if not any(op["op"] in measured for op in ops):
             return []
         attempt += 1
         for op in ops:  # a failed attempt may have left partial checkpoints behind
-            if op["op"] == "save":
+            if op["op"] in ("save", "async_save"):
                 shutil.rmtree(op["path"], ignore_errors=True)
         t0 = time.monotonic()
         print(
@@ -464,8 +509,14 @@ def run_group(
 
 
 # Rows that restore what a save row wrote: if the save fails there is nothing to restore.
-DEPENDENT_ROWS = {"save": ("r2x4", "r1x8", "r4x2"), "ssave": ("srestore",)}
-ALL_ROWS = ("save", "r2x4", "r1x8", "r4x2", "ssave", "srestore")
+# An async save's background row comes from the same call as its blocked row.
+DEPENDENT_ROWS = {
+    "save": ("r2x4", "r1x8", "r4x2"),
+    "ssave": ("srestore",),
+    "ablocked": ("abackground",),
+}
+ALL_ROWS = ("save", "r2x4", "r1x8", "r4x2", "ssave", "srestore", "ablocked", "abackground")
+CASES = ("large", "small", "async")
 
 
 def disable(system: str, row: str, why: str, enabled: set, errors: dict) -> None:
@@ -533,6 +584,12 @@ def rep_record(rep: int, evs: list[dict], warmup: int) -> dict:
         "files": evs[0].get("files"),
         "disk_bytes": evs[0].get("disk_bytes"),
         "verified": any(e.get("verified") for e in evs),
+        # Async saves: save() + wait_until_finished() on the slowest process, and
+        # distckpt's own last_save_stats (the same on every process, so process 0's).
+        "seconds_total": max(
+            (e["seconds_total"] for e in evs if "seconds_total" in e), default=None
+        ),
+        "save_stats": evs[0].get("save_stats"),
     }
 
 
@@ -587,7 +644,14 @@ def summarise(
                     peak_rss_over_before_mib=max(growth),
                     files=median(r["files"] for r in reps),
                     disk_bytes=median(r["disk_bytes"] for r in reps),
+                    seconds_total=median(r["seconds_total"] for r in reps),
                 )
+                stats = [r["save_stats"] for r in reps if r["save_stats"]]
+                if stats:
+                    summary["save_stats"] = {
+                        k: median(st[k] for st in stats)
+                        for k in ("blocking_s", "write_s", "commit_s")
+                    }
             out.append(summary)
     # Ratios against the floor of the same row and against Orbax.
     index = {(s["row"], s["system"]): s for s in out}
@@ -630,7 +694,9 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
             read = (
                 "floor (read, evicted first)" if plan.args.cold else "floor (read, cache may serve)"
             )
-            name = "floor (fsync'd write)" if s["kind"] == "save" else read
+            name = {"save": "floor (fsync'd write)", "async": "floor (host copy)"}.get(
+                s["kind"], read
+            )
         if s.get("seconds") is None:
             errors[len(cells)] = "ERROR: " + " ".join((s["error"] or "not measured").split())[:160]
             cells.append([title, name])
@@ -675,6 +741,22 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
         "read amp = rchar summed over processes / restored bytes; peak RSS = max over processes and reps "
         "during the call (+ growth over RSS before it).",
     ]
+    if any(s["kind"] == "async" for s in summaries):
+        out.append(
+            "async rows: blocked = save() until it returns (floor: np.array copy of the shards "
+            "each process owns); background = the wait_until_finished() right after;"
+        )
+        out.append(
+            "  peak RSS is during save() on the blocked row, during save() + wait on the "
+            "background row."
+        )
+        for s in summaries:
+            st = s.get("save_stats")
+            if st:
+                out.append(
+                    f"  {s['system']} last_save_stats (medians): blocking {st['blocking_s']:.3f} s, "
+                    f"write {st['write_s']:.3f} s, commit {st['commit_s']:.3f} s"
+                )
     checked = sorted({s["title"] for s in summaries if s["verified"]})
     if checked:
         out.append(
@@ -827,7 +909,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--systems", default=",".join(SYSTEMS), help="comma-separated subset of distckpt,orbax"
     )
-    p.add_argument("--cases", default="large,small", help="comma-separated subset of large,small")
+    p.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated subset of large,small,async"
+    )
     p.add_argument(
         "--dir",
         default=None,
@@ -862,10 +946,9 @@ def parse_args(argv=None):
     args.systems = [s for s in args.systems.split(",") if s]
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = set(args.systems) - set(SYSTEMS)
-    if unknown or set(args.cases) - {"large", "small"}:
-        p.error(
-            f"unknown systems/cases: {sorted(unknown | (set(args.cases) - {'large', 'small'}))}"
-        )
+    unknown |= set(args.cases) - set(CASES)
+    if unknown:
+        p.error(f"unknown systems/cases: {sorted(unknown)}")
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
     size = args.size if args.size is not None else (1 / 16 if args.quick else 1.0)
@@ -961,6 +1044,18 @@ def main(argv=None) -> int:
                     "shape": plan.small_shape,
                     "bytes": plan.small_bytes,
                     "sharding": "fully replicated over mesh (8,)",
+                },
+                "cases": args.cases,
+                "async": {
+                    "topology": SAVE_2x4.name,
+                    "state": "same as the large case",
+                    "distckpt": "CheckpointManager(dir, max_to_keep=2, async_save=True, "
+                    "timeout_s=...); save(step, state); wait_until_finished()",
+                    "orbax": "CheckpointManager(dir, options=CheckpointManagerOptions("
+                    "max_to_keep=2, enable_async_checkpointing=True)); "
+                    "save(step, args=StandardSave(state)); wait_until_finished()",
+                    "floor": "np.array(shard.data, copy=True) for every addressable shard "
+                    "with replica_id == 0",
                 },
                 "topologies": {
                     t.name + ("-rep" if t is REPLICATED_1x8 else ""): vars(t)
