@@ -111,15 +111,16 @@ class SaveJob:
         )
         self.tree, self.overwrite, self.metadata, self.manager = tree, overwrite, metadata, manager
         self.attempt: str | None = None
+        self.pool: _stage.HostPool | None = None
 
-    def start(self, *, copy: bool) -> None:
+    def start(self, *, copy: bool, pool: _stage.HostPool | None = None) -> None:
         """Collective: prepare phase and host staging. Raises on every process alike."""
         began = time.perf_counter()
         try:
             prepared = self.coll.run("prepare", self._prepare)
             _check_same_tree(prepared, self.storage.display)
             self.attempt = prepared[0]["attempt"]
-            self._stage(copy)
+            self._stage(copy, pool)
         except BaseException:
             self._discard()
             raise
@@ -135,6 +136,8 @@ class SaveJob:
             self._discard()
             raise
         finally:
+            if self.pool is not None:
+                self.pool.refill([a for a in self.staged.values() if isinstance(a, np.ndarray)])
             self.staged = {}
         return SaveStats(**{**stats, "bytes_per_process": tuple(stats["bytes_per_process"])})
 
@@ -159,9 +162,10 @@ class SaveJob:
             self.storage.prepare_attempt(self.attempt)
         return out
 
-    def _stage(self, copy: bool) -> None:
+    def _stage(self, copy: bool, pool: _stage.HostPool | None) -> None:
         """Decides what this process writes and takes it off the devices."""
-        self.shards, self.staged = [], {}
+        self.shards, self.staged, self.pool = [], {}, pool
+        take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
         multiprocess = self.coll.count > 1
         for index, ((_, leaf), spec) in enumerate(zip(self.items, self.specs, strict=True)):
             if spec.kind not in _commit.STORED_KINDS:
@@ -176,7 +180,7 @@ class SaveJob:
                 # at once; a synchronous one fetches each shard only when a
                 # writer thread reaches it, so host memory holds at most a
                 # shard per thread (on CPU a fetch is a view, not a copy).
-                self.staged[(index, box)] = np.array(to_host(), copy=True) if copy else to_host
+                self.staged[(index, box)] = take(to_host()) if copy else to_host
         self.items = None
 
     def _write(self) -> dict:

@@ -101,3 +101,32 @@ def owned_shards(
         box = _reshard.box_from_index(shard.index, leaf.shape)
         out.append((box, lambda s=shard: np.asarray(s.data)))
     return out
+
+
+class HostPool:
+    """Host buffers that one async save hands to the next.
+
+    An async save must copy its shards off the devices before it returns.
+    Fresh buffers cost a page fault per page, which on some machines costs
+    more than the copy; reusing the previous save's buffers (free again once
+    that save committed) leaves only the copy. The pool holds at most the
+    buffers of one save: what this process wrote last time.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = {}
+
+    def copy(self, src: Any) -> np.ndarray:
+        src = np.asarray(src)
+        bucket = self._free.get((src.shape, src.dtype))
+        if bucket:
+            dst = bucket.pop()
+            np.copyto(dst, src)
+            return dst
+        return np.array(src, copy=True)
+
+    def refill(self, arrays: list[np.ndarray]) -> None:
+        """Keeps ``arrays`` (and drops anything older) for the next save."""
+        self._free = {}
+        for a in arrays:
+            self._free.setdefault((a.shape, a.dtype), []).append(a)

@@ -16,7 +16,7 @@ import uuid
 import warnings
 from typing import Any
 
-from distckpt import _commit, _inspect, _knobs, _multihost, _runtime, _storage
+from distckpt import _commit, _inspect, _knobs, _multihost, _runtime, _stage, _storage
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import CheckpointExistsError, NotCommittedError
@@ -108,6 +108,7 @@ class CheckpointManager:
         self._sigterm_seen = threading.Event()
         self._closed = False
         self._notice_installed = False
+        self._pool = _stage.HostPool()  # host buffers reused by consecutive async saves
         _warn_if_sigterm_shadowed()
 
         coll = _multihost.Collective("manager", self.directory, self.timeout_s)
@@ -192,7 +193,7 @@ class CheckpointManager:
         )
         background = self.async_save if blocking is None else not blocking
         with _runtime.paused_gc():
-            job.start(copy=background)
+            job.start(copy=background, pool=self._pool if background else None)
         if background:
             self._thread = threading.Thread(
                 target=self._finish,
