@@ -41,6 +41,9 @@ class CheckpointInfo:
     total_bytes: int
     files: int
     tree: Any  # the LeafInfos in nested plain dicts and lists, shaped like the saved tree
+    save_stats: dict | None = None  # timings and bytes of the save that wrote it
+    step: int | None = None  # set when a CheckpointManager wrote it
+    metrics: dict | None = None  # the metrics saved with that step
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ def metadata(directory: Any) -> CheckpointInfo:
         total_bytes=sum(f["bytes"] for f in m.files.values()),
         files=len(m.files),
         tree=_tree.unflatten_plain([(s.path, leaves[s.display]) for s in m.leaves]),
+        save_stats=m.save_stats,
+        step=(m.manager or {}).get("step"),
+        metrics=(m.manager or {}).get("metrics"),
     )
     return info
 

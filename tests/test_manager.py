@@ -87,6 +87,14 @@ def test_best_step_and_metadata(tmp_path):
     assert mgr.latest_step() == 5
     info = mgr.metadata(3)
     assert info.leaves["['x']"].shape == (4,)
+    assert info.step == 3 and info.metrics == {"loss": 7}
+    assert set(info.save_stats) == {
+        "blocking_s",
+        "write_s",
+        "commit_s",
+        "bytes_per_process",
+        "files",
+    }
     stats = mgr.last_save_stats
     assert stats.total_bytes == 16 and stats.files == 1 and stats.write_s >= 0
 

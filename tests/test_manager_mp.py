@@ -111,7 +111,7 @@ def test_background_error_surfaces_on_every_process(tmp_path):
         assert r.value["steps"] == [1, 3]
 
 
-def _w_preempt(directory: str) -> None:
+def _w_preempt(directory: str, sig: str = "SIGTERM") -> None:
     import sys
     import time
 
@@ -121,11 +121,15 @@ def _w_preempt(directory: str) -> None:
 
     train_step, fresh, _ = _setup()
     state = fresh()
+    if sig == "SIGUSR1":
+        distckpt.forward_signal(signal.SIGUSR1)  # SLURM's --signal=USR1@120
     mgr = distckpt.CheckpointManager(directory, save_interval_steps=1000, timeout_s=20)
     for step in range(1, 200):
         state = train_step(state)
         if step == 5 and jax.process_index() == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM or a TPU maintenance event sends
+            os.kill(
+                os.getpid(), getattr(signal, sig)
+            )  # what SLURM or a TPU maintenance event sends
         if mgr.reached_preemption(step):
             mgr.wait_until_finished()
             mgr.save(step, state, force=True, blocking=True)
@@ -136,11 +140,12 @@ def _w_preempt(directory: str) -> None:
     raise AssertionError("never reached the preemption sync point")
 
 
-def test_sigterm_on_one_process_stops_all_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_notice_on_one_process_stops_all_at_the_same_step(tmp_path, sig):
     import distckpt
 
     results = run_processes(
-        f"{HERE}:_w_preempt", 2, 4, args={"directory": str(tmp_path)}, check=False
+        f"{HERE}:_w_preempt", 2, 4, args={"directory": str(tmp_path), "sig": sig}, check=False
     )
     assert [r.returncode for r in results] == [distckpt.PREEMPTED_EXIT_CODE] * 2, [
         r.stderr[-2000:] for r in results
