@@ -28,7 +28,8 @@ _op_counter = itertools.count()
 _BLOB_PART = 1 << 20  # stay well under the coordination service's message limit
 
 
-def _client() -> Any:
+def client() -> Any:
+    """The coordination-service client, or None without jax.distributed."""
     try:
         from jax._src.distributed import global_state
     except ImportError:  # pragma: no cover - layout of a future jax
@@ -62,7 +63,7 @@ class Collective:
         self.seq = next(_op_counter)
         self.ns = f"distckpt/{self.seq}"
         self.pid, self.count = process_index(), process_count()
-        self.client = _client() if self.count > 1 else None
+        self.client = client() if self.count > 1 else None
         self._first_phase = True
 
     @property

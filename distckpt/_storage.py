@@ -21,7 +21,6 @@ Layout (see docs/format.md)::
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from typing import Any
@@ -413,7 +412,3 @@ def remove_aside(parent: str, name: str, aside: str) -> None:
     os.rename(os.path.join(parent, name), os.path.join(parent, aside))
     _fsync_dir(parent)
     shutil.rmtree(os.path.join(parent, aside), ignore_errors=True)
-
-
-def is_out_of_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -295,7 +295,7 @@ class CheckpointManager:
         with ``distckpt.forward_signal``); in a single process without it, a
         SIGTERM this manager caught.
         """
-        if _multihost.process_count() > 1 or _distributed_client() is not None:
+        if _multihost.process_count() > 1 or _multihost.client() is not None:
             from jax.experimental import multihost_utils
 
             reached = multihost_utils.reached_preemption_sync_point(step)
@@ -388,10 +388,6 @@ class CheckpointManager:
         return steps
 
 
-def _distributed_client() -> Any:
-    return _multihost._client()
-
-
 def forward_signal(sig: int = signal.SIGUSR1) -> None:
     """Turns signal ``sig`` into a preemption notice (SLURM's ``--signal=USR1@120``).
 
@@ -408,7 +404,7 @@ def forward_signal(sig: int = signal.SIGUSR1) -> None:
 def _warn_if_sigterm_shadowed() -> None:
     # JAX's notifier is a C handler (getsignal returns None); a Python handler
     # installed after jax.distributed.initialize silently replaces it.
-    if _distributed_client() is not None and callable(signal.getsignal(signal.SIGTERM)):
+    if _multihost.client() is not None and callable(signal.getsignal(signal.SIGTERM)):
         warnings.warn(
             "a Python SIGTERM handler is installed; it replaces JAX's preemption notifier, so "
             "reached_preemption() will not see SIGTERM. Remove it, or use "
