@@ -64,7 +64,6 @@ class Collective:
         self.ns = f"distckpt/{self.seq}"
         self.pid, self.count = process_index(), process_count()
         self.client = client() if self.count > 1 else None
-        self._first_phase = True
 
     @property
     def is_primary(self) -> bool:
@@ -130,14 +129,13 @@ class Collective:
         if last:
             try:
                 self.client.wait_at_barrier(f"{self.ns}/{phase}/read", self._timeout_ms())
+                if self.is_primary:  # everyone has read: this operation's keys can go
+                    self.client.key_value_delete(f"{self.ns}/")
             except jax.errors.JaxRuntimeError:
                 pass  # the outcome is decided; a peer that left early changes nothing
         failed = self._failures(statuses)
         if failed:
             raise self._combined(phase, failed) from local_error
-        if self._first_phase:
-            self._first_phase = False
-            self._forget_previous_operation()
         return [statuses[p].get("payload") for p in range(self.count)]
 
     def _timeout_ms(self) -> int:
@@ -171,15 +169,6 @@ class Collective:
         err.problems = [p for s in failed.values() for p in s.get("problems", [])]  # type: ignore[attr-defined]
         err.missing = sorted({m for s in failed.values() for m in s.get("missing", [])})  # type: ignore[attr-defined]
         return err
-
-    def _forget_previous_operation(self) -> None:
-        # Every process has passed the first barrier of this operation, so
-        # nobody reads the previous operation's keys any more.
-        if self.is_primary and self.seq > 0:
-            try:
-                self.client.key_value_delete(f"distckpt/{self.seq - 1}/")
-            except jax.errors.JaxRuntimeError:
-                pass
 
     # Large payloads (per-process write reports) go through blobs that only
     # the primary reads, instead of through the status every process reads.
