@@ -2,7 +2,7 @@
 """Benchmark distckpt against Orbax on the same state, in the same run.
 
     python scripts/bench.py                  # 1 GiB state, 3 repetitions (a few minutes)
-    python scripts/bench.py --quick          # small sizes, about a minute
+    python scripts/bench.py --quick          # small sizes, one to two minutes
     python scripts/bench.py --size 4 --reps 5 --json out.json --plot out.png
     python scripts/bench.py --cases async    # only the async-save case
 
@@ -880,7 +880,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="64 MiB large case and 500 small leaves (about a minute)",
+        help="64 MiB large case and 500 small leaves (one to two minutes)",
     )
     p.add_argument(
         "--size",
