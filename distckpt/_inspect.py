@@ -18,7 +18,9 @@ class LeafInfo:
 
     path: str  # as people read it, e.g. "['params']['w']"
     kind: str  # "array", "numpy", "prng_key", "python" or "none"
-    shape: tuple[int, ...] | None  # for a PRNG key leaf: the shape of its key data (key shape + impl dims)
+    shape: (
+        tuple[int, ...] | None
+    )  # for a PRNG key leaf: the shape of its key data (key shape + impl dims)
     dtype: str | None
     sharding: dict | None  # how it was laid out at save time
     nbytes: int  # bytes stored (0 for Python values, kept in the manifest)
