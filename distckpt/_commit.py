@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import uuid
 
-from distckpt import _reshard, _tree
+from distckpt import _plan
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt._storage import Storage
 from distckpt.errors import CheckpointExistsError, DistckptError, NotCommittedError
-
-STORED_KINDS = (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY)
 
 
 def new_attempt() -> str:
@@ -104,12 +102,12 @@ def build_manifest(
             chunks[leaf].append(
                 ChunkRecord(leaf, file, offset, nbytes, crc, tuple(tuple(r) for r in box))
             )
-    problems = []
-    for spec, leaf_chunks in zip(specs, chunks, strict=True):
-        if spec.kind not in STORED_KINDS:
-            continue
-        for p in _reshard.coverage_problems(spec.shape, [c.box for c in leaf_chunks]):
-            problems.append(f"{spec.display}: {p}")
+    problems = [
+        p
+        for spec, leaf_chunks in zip(specs, chunks, strict=True)
+        if spec.stored
+        for p in _plan.chunk_table_problems(spec, leaf_chunks)
+    ]
     if problems:
         raise DistckptError(
             "refusing to commit: the processes' writes do not cover the state exactly once:\n  "

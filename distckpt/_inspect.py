@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from distckpt import _commit, _knobs, _plan, _reshard, _restore, _tree
+from distckpt import _commit, _knobs, _plan, _restore, _tree
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
 
@@ -78,19 +78,13 @@ def metadata(directory: Any) -> CheckpointInfo:
     m = _commit.load(storage)
     leaves = {}
     for spec in m.leaves:
-        nbytes = 0
-        if spec.kind in _commit.STORED_KINDS:
-            nbytes = (
-                _reshard.box_size(_reshard.full_box(spec.shape))
-                * _restore.np_dtype(spec.dtype).itemsize
-            )
         leaves[spec.display] = LeafInfo(
             spec.display,
             spec.kind,
             spec.shape,
             spec.dtype,
             spec.sharding,
-            nbytes,
+            spec.nbytes,
             spec.value,
             spec.impl,
         )
@@ -114,7 +108,7 @@ def metadata(directory: Any) -> CheckpointInfo:
 
 
 def verify(directory: Any) -> VerifyReport:
-    """Re-reads every stored byte and checks checksums, file sizes and coverage.
+    """Re-reads every stored byte; checks checksums, file sizes, chunk sizes and coverage.
 
     Returns:
       A ``VerifyReport`` when everything is intact.
@@ -126,11 +120,12 @@ def verify(directory: Any) -> VerifyReport:
     start = time.perf_counter()
     storage = open_storage(directory)
     m = _commit.load(storage)
-    problems = []
-    for spec, chunks in zip(m.leaves, m.chunks, strict=True):
-        if spec.kind in _commit.STORED_KINDS:
-            for p in _reshard.coverage_problems(spec.shape, [c.box for c in chunks]):
-                problems.append(f"{spec.display}: {p}")
+    problems = [
+        p
+        for spec, chunks in zip(m.leaves, m.chunks, strict=True)
+        if spec.stored
+        for p in _plan.chunk_table_problems(spec, chunks)
+    ]
     all_chunks = [c for cs in m.chunks for c in cs]
     with storage.reader(m.attempt) as reader:
         for name, info in sorted(m.files.items()):

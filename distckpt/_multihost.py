@@ -64,6 +64,7 @@ class Collective:
         self.ns = f"distckpt/{self.seq}"
         self.pid, self.count = process_index(), process_count()
         self.client = client() if self.count > 1 else None
+        self._local_blobs: dict[str, bytes] = {}  # blobs of a single-process run
 
     @property
     def is_primary(self) -> bool:
@@ -175,7 +176,6 @@ class Collective:
 
     def put_blob(self, name: str, data: bytes) -> None:
         if self.client is None:
-            self._local_blobs = getattr(self, "_local_blobs", {})
             self._local_blobs[name] = data
             return
         packed = zlib.compress(data, 1)

@@ -6,13 +6,26 @@ unit-tested with plain values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distckpt import _reshard
+import jax
+import numpy as np
+
+from distckpt import _reshard, _tree
 from distckpt._reshard import Box
 from distckpt._tree import Path
+
+# Leaves whose values live in data files (the others live in the manifest).
+STORED_KINDS = (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY)
+
+
+@functools.cache
+def np_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a stored dtype name ("bfloat16", "int4", ...)."""
+    return np.dtype(jax.numpy.dtype(name))
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,21 @@ class LeafSpec:
     sharding: dict | None = None
     value: Any = None  # the value of a Python leaf
     impl: str | None = None  # PRNG implementation of a key leaf
+
+    @property
+    def stored(self) -> bool:
+        return self.kind in STORED_KINDS
+
+    @property
+    def itemsize(self) -> int:
+        return np_dtype(self.dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole value in data files (0 for values kept in the manifest)."""
+        if not self.stored:
+            return 0
+        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -144,6 +172,22 @@ def plan_reads(
         group.append(c)
     flush()
     return ranges
+
+
+def chunk_table_problems(spec: LeafSpec, chunks: Sequence[ChunkRecord]) -> list[str]:
+    """What is wrong with a stored leaf's chunks: holes, overlaps, wrong sizes.
+
+    Checked by the primary before it commits, by ``verify``, and by
+    ``restore`` before it fills a leaf from them.
+    """
+    problems = _reshard.coverage_problems(spec.shape, [c.box for c in chunks])
+    problems += [
+        f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
+        f"{_reshard.box_size(c.box) * spec.itemsize}"
+        for c in chunks
+        if c.nbytes != _reshard.box_size(c.box) * spec.itemsize
+    ]
+    return [f"{spec.display}: {p}" for p in problems]
 
 
 def chunks_for(box: Box, chunks: Sequence[ChunkRecord]) -> list[ChunkRecord]:

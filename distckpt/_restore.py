@@ -25,7 +25,7 @@ from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _runtime, _tr
 from distckpt._manifest import Manifest
 from distckpt._plan import ChunkRecord, LeafSpec, ReadRange
 from distckpt._reshard import Box
-from distckpt._storage import open_storage
+from distckpt._storage import ALIGN, aligned_empty, open_storage
 from distckpt.errors import CorruptCheckpointError, TreeMismatchError
 
 _HOST, _ARRAY, _KEY, _VALUE = "host", "array", "key", "value"
@@ -128,18 +128,13 @@ def _describe(spec: LeafSpec) -> str:
     return f"{spec.dtype}{list(spec.shape)}"
 
 
-@functools.cache
-def np_dtype(name: str) -> np.dtype:
-    return np.dtype(jax.numpy.dtype(name))
-
-
 def _want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = None) -> _Want:
     if spec.kind == _tree.PYTHON:
         return _Want(index, leaf, _VALUE, value=spec.value)
     if spec.kind == _tree.NONE:
         return _Want(index, leaf, _VALUE, value=None)
     mode = _KEY if spec.kind == _tree.PRNG_KEY else _HOST
-    return _Want(index, leaf, mode, dtype=dtype or np_dtype(spec.dtype))
+    return _Want(index, leaf, mode, dtype=dtype or _plan.np_dtype(spec.dtype))
 
 
 def _key_impl_name(dtype: Any) -> str | None:
@@ -235,13 +230,15 @@ def _match_leaf(
         if sharding is None:
             sharding = SingleDeviceSharding(jax.local_devices()[0])
         data_sharding = _key_data_sharding(sharding, len(shape), extra)
-        return _device_want(index, leaf, _KEY, spec, np_dtype(spec.dtype), data_sharding), None
+        return _device_want(
+            index, leaf, _KEY, spec, _plan.np_dtype(spec.dtype), data_sharding
+        ), None
 
-    if spec.kind not in _commit.STORED_KINDS or spec.kind == _tree.PRNG_KEY:
+    if not spec.stored or spec.kind == _tree.PRNG_KEY:
         return None, f"{disp}: target is an array {np.dtype(dtype)}{list(shape)}, {found}"
     if tuple(shape) != tuple(spec.shape):
         return None, f"{disp}: target shape {tuple(shape)}, {found}"
-    saved_dtype = np_dtype(spec.dtype)
+    saved_dtype = _plan.np_dtype(spec.dtype)
     if np.dtype(dtype) != saved_dtype and not cast:
         return None, f"{disp}: target dtype {np.dtype(dtype)}, {found} (pass cast=True to convert)"
     if isinstance(t, (np.ndarray, np.generic)):
@@ -336,17 +333,6 @@ def read_ranges(
     return [p for bad in pool.map(one, ranges) for p in bad]
 
 
-_ALIGN = 64  # XLA's CPU client adopts host buffers aligned like this without a copy
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``np.empty`` whose data starts on a 64-byte boundary."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 class _Assembler:
     """Builds each needed box of a batch from the chunks as they arrive."""
 
@@ -355,7 +341,7 @@ class _Assembler:
         self.consumers: dict[tuple[str, int], list[tuple[tuple[int, Box], np.dtype, bool]]] = {}
         self.adopt: set[tuple[str, int]] = set()
         for (leaf, box), chunks in needs.items():
-            dtype = np_dtype(manifest.leaves[leaf].dtype)
+            dtype = _plan.np_dtype(manifest.leaves[leaf].dtype)
             whole = len(chunks) == 1 and chunks[0].box == box
             if whole:  # the chunk is the box: keep its bytes, no copy
                 self.adopt.add((chunks[0].file, chunks[0].offset))
@@ -370,7 +356,7 @@ class _Assembler:
         for key, dtype, whole in self.consumers[(c.file, c.offset)]:
             src = view.view(dtype).reshape(_reshard.box_shape(c.box))
             if whole:
-                if src.ctypes.data % _ALIGN:
+                if src.ctypes.data % ALIGN:
                     src = src.copy()  # unaligned: JAX would copy it anyway
                 self.outputs[key] = src
                 continue
@@ -391,8 +377,7 @@ def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[li
         spec = manifest.leaves[w.leaf]
         nbytes = 0
         if w.mode != _VALUE:
-            itemsize = np_dtype(spec.dtype).itemsize
-            nbytes = sum(_reshard.box_size(b) for b in _boxes(w, spec)) * itemsize
+            nbytes = sum(_reshard.box_size(b) for b in _boxes(w, spec)) * spec.itemsize
         if batch and size + nbytes > budget:
             yield batch
             batch, size = [], 0
@@ -441,16 +426,8 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
 
 def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) -> None:
     """Refuses a manifest whose chunks would leave part of a leaf unfilled."""
-    itemsize = np_dtype(spec.dtype).itemsize
-    problems = _reshard.coverage_problems(spec.shape, [c.box for c in chunks])
-    problems += [
-        f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
-        f"{_reshard.box_size(c.box) * itemsize}"
-        for c in chunks
-        if c.nbytes != _reshard.box_size(c.box) * itemsize
-    ]
-    if problems:
-        lines = [f"{spec.display}: {p}" for p in problems]
+    lines = _plan.chunk_table_problems(spec, chunks)
+    if lines:
         raise CorruptCheckpointError(
             f"the manifest of {where} is damaged:\n  " + "\n  ".join(lines[:20]), lines
         )
@@ -464,7 +441,7 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
         if w.mode == _VALUE:
             continue
         spec = manifest.leaves[w.leaf]
-        saved = np_dtype(spec.dtype)
+        saved = _plan.np_dtype(spec.dtype)
         hosts = {}
         for box in _boxes(w, spec):
             arr = outputs[(w.leaf, box)]

@@ -156,7 +156,7 @@ class SaveJob:
         self.items, self.specs = items, specs
         out = {"fingerprint": _fingerprint(specs)}
         if self.coll.is_primary:
-            estimate = sum(_nbytes(s) for s in specs)
+            estimate = sum(s.nbytes for s in specs)
             _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
             self.attempt = out["attempt"] = _commit.new_attempt()
             self.storage.prepare_attempt(self.attempt)
@@ -164,23 +164,15 @@ class SaveJob:
 
     def _stage(self, copy: bool, pool: _stage.HostPool | None) -> None:
         """Decides what this process writes and takes it off the devices."""
-        self.shards, self.staged, self.pool = [], {}, pool
-        take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
-        multiprocess = self.coll.count > 1
-        for index, ((_, leaf), spec) in enumerate(zip(self.items, self.specs, strict=True)):
-            if spec.kind not in _commit.STORED_KINDS:
-                continue
-            itemsize = np.dtype(jax.numpy.dtype(spec.dtype)).itemsize
-            owned = _stage.owned_shards(
-                leaf, spec.kind, is_primary=self.coll.is_primary, multiprocess=multiprocess
-            )
-            for box, to_host in owned:
-                self.shards.append((index, box, itemsize))
-                # An async save copies now, so the caller may reuse its buffers
-                # at once; a synchronous one fetches each shard only when a
-                # writer thread reaches it, so host memory holds at most a
-                # shard per thread (on CPU a fetch is a view, not a copy).
-                self.staged[(index, box)] = take(to_host()) if copy else to_host
+        self.pool = pool
+        self.shards, self.staged = _stage.stage(
+            [leaf for _, leaf in self.items],
+            self.specs,
+            is_primary=self.coll.is_primary,
+            multiprocess=self.coll.count > 1,
+            copy=copy,
+            pool=pool,
+        )
         self.items = None
 
     def _write(self) -> dict:
@@ -279,12 +271,6 @@ def _write_files(
     with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-write") as pool:
         per_file = list(pool.map(write_file, files))
     return [r for rs in per_file for r in rs]
-
-
-def _nbytes(spec: LeafSpec) -> int:
-    if spec.kind not in _commit.STORED_KINDS:
-        return 0
-    return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(jax.numpy.dtype(spec.dtype)).itemsize
 
 
 def _fingerprint(specs: list[LeafSpec]) -> str:

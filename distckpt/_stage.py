@@ -103,6 +103,37 @@ def owned_shards(
     return out
 
 
+def stage(
+    leaves: list[Any],
+    specs: list[LeafSpec],
+    *,
+    is_primary: bool,
+    multiprocess: bool,
+    copy: bool,
+    pool: HostPool | None = None,
+) -> tuple[list[tuple[int, Box, int]], dict[tuple[int, Box], Any]]:
+    """What this process writes, and its host data.
+
+    Returns ``(shards, staged)``: ``(leaf index, box, itemsize)`` for every
+    shard this process owns, and for each the host array (``copy=True``,
+    through ``pool`` when given) or a thunk that fetches it. An async save
+    copies now, so the caller may reuse its buffers at once; a synchronous
+    one fetches each shard only when a writer thread reaches it, so host
+    memory holds at most a shard per thread (on CPU a fetch is a view).
+    """
+    take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
+    shards, staged = [], {}
+    for index, (leaf, spec) in enumerate(zip(leaves, specs, strict=True)):
+        if not spec.stored:
+            continue
+        for box, to_host in owned_shards(
+            leaf, spec.kind, is_primary=is_primary, multiprocess=multiprocess
+        ):
+            shards.append((index, box, spec.itemsize))
+            staged[(index, box)] = take(to_host()) if copy else to_host
+    return shards, staged
+
+
 class HostPool:
     """Host buffers that one async save hands to the next.
 

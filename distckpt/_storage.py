@@ -96,12 +96,19 @@ def _missing(display: str, name: str, why: str) -> CorruptCheckpointError:
 # --------------------------------------------------------------------------- POSIX
 
 
-def _aligned_bytes(nbytes: int, align: int = 64) -> np.ndarray:
-    # Chunks that start a read land 64-byte aligned, which lets JAX's CPU
-    # client adopt them as device buffers without a copy.
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes]
+ALIGN = 64  # XLA's CPU client adopts host buffers aligned like this without a copy
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty`` whose data starts on a 64-byte boundary.
+
+    Read buffers and restored arrays are allocated this way so that JAX can
+    take them as device buffers as they are.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _fsync_dir(path: str) -> None:
@@ -158,7 +165,7 @@ class _PosixReader:
                 raise _missing(self.display, name, "is missing") from None
             self.fds[name] = fd
         if out is None:
-            out = _aligned_bytes(nbytes)
+            out = aligned_empty((nbytes,), np.dtype(np.uint8))
         got = 0
         while got < nbytes:
             n = os.preadv(fd, [memoryview(out)[got:]], offset + got)
@@ -318,7 +325,7 @@ class _KvReader:
             )
         data = np.frombuffer(r.value, dtype=np.uint8)
         if out is None:
-            out = _aligned_bytes(nbytes)
+            out = aligned_empty((nbytes,), np.dtype(np.uint8))
         out[:] = data  # a writable, aligned copy, like the POSIX path gives
         return out
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import distckpt
 from distckpt import _storage
 from distckpt.errors import CheckpointExistsError, NotCommittedError
+from tests.faults import fail_once
 
 
 def _tiny(step: int) -> dict:
@@ -150,16 +151,8 @@ def test_background_error_surfaces_once_and_does_not_poison(tmp_path, monkeypatc
     mgr = distckpt.CheckpointManager(tmp_path)
     mgr.save(1, _tiny(1))
     mgr.wait_until_finished()
-    original = _storage.PosixStorage.writer
-    calls = {"n": 0}
-
-    def failing_writer(self, attempt, name):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(5, "injected write error")
-        return original(self, attempt, name)
-
-    monkeypatch.setattr(_storage.PosixStorage, "writer", failing_writer)
+    failing = fail_once(_storage.PosixStorage.writer, OSError(5, "injected write error"))
+    monkeypatch.setattr(_storage.PosixStorage, "writer", failing)
     mgr.save(2, _tiny(2))  # returns: the error happens in the background
     with pytest.raises(OSError, match="injected write error"):
         mgr.save(3, _tiny(3))

@@ -81,16 +81,10 @@ def _w_background_error(directory: str) -> dict:
     mgr.save(1, state)
     mgr.wait_until_finished()
     if jax.process_index() == 1:
-        original = _storage.PosixStorage.writer
-        calls = {"n": 0}
+        from tests.faults import fail_once
 
-        def failing(self, attempt, name):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise OSError(28, "injected: no space left")
-            return original(self, attempt, name)
-
-        _storage.PosixStorage.writer = failing
+        failure = OSError(28, "injected: no space left")
+        _storage.PosixStorage.writer = fail_once(_storage.PosixStorage.writer, failure)
     mgr.save(2, state)
     seen = None
     try:
