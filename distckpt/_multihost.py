@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from distckpt import errors
+from distckpt import _faults, errors
 from distckpt.errors import BarrierTimeoutError, DistckptError, ProcessFailure
 
 _op_counter = itertools.count()
@@ -89,9 +89,11 @@ class Collective:
         local_error: Exception | None = None
         payload = None
         try:
+            _faults.hit(f"{self.op}.{phase}")
             payload = fn()
         except Exception as e:  # noqa: BLE001 - every error must reach the other processes
             local_error = e
+        _faults.hit(f"{self.op}.{phase}.barrier")
         if self.client is None:
             if local_error is not None:
                 raise local_error
@@ -128,6 +130,7 @@ class Collective:
             raise err from local_error
         statuses = self._statuses(key)
         if last:
+            _faults.hit(f"{self.op}.final")
             try:
                 self.client.wait_at_barrier(f"{self.ns}/{phase}/read", self._timeout_ms())
                 if self.is_primary:  # everyone has read: this operation's keys can go

@@ -15,7 +15,17 @@ import crc32c
 import jax
 import numpy as np
 
-from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _runtime, _stage, _tree
+from distckpt import (
+    _commit,
+    _faults,
+    _knobs,
+    _multihost,
+    _plan,
+    _reshard,
+    _runtime,
+    _stage,
+    _tree,
+)
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Storage, open_storage
 from distckpt.errors import TreeMismatchError
@@ -260,6 +270,8 @@ def _write_files(
                     ChunkRecord(c.leaf, fw.name, offset, c.nbytes, crc32c.crc32c(view), c.box)
                 )
                 writer.write(view)
+                if not offset:
+                    _faults.hit("write.chunk")
                 offset += c.nbytes
             writer.close()
         except BaseException:

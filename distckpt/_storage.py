@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from distckpt import _faults
 from distckpt._manifest import MANIFEST_NAME
 from distckpt.errors import CorruptCheckpointError
 
@@ -134,6 +135,7 @@ class _PosixWriter:
 
     def close(self) -> None:
         try:
+            _faults.hit("write.fsync")
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
@@ -257,7 +259,9 @@ class PosixStorage(Storage):
             os.fsync(f.fileno())
         # THE COMMIT POINT: rename is atomic, so readers see the old manifest
         # or the new one, never a mix; the directory fsync makes it durable.
+        _faults.hit("commit.rename")
         os.rename(tmp, os.path.join(self.path, MANIFEST_NAME))
+        _faults.hit("commit.renamed")
         _fsync_dir(self.path)
 
     def attempts(self) -> list[str]:
@@ -293,6 +297,7 @@ class _KvWriter:
         self.parts.append(bytes(memoryview(buf).cast("B")))
 
     def close(self) -> None:
+        _faults.hit("write.fsync")
         self.kv.write(self.key, b"".join(self.parts)).result()
         self.parts = []
 
