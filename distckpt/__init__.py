@@ -12,9 +12,12 @@ from distckpt._inspect import VerifyReport as VerifyReport
 from distckpt._inspect import is_committed as is_committed
 from distckpt._inspect import metadata as metadata
 from distckpt._inspect import verify as verify
+from distckpt._procstate import Checkpointable as Checkpointable
+from distckpt._procstate import CheckpointableIterator as CheckpointableIterator
 from distckpt._restore import restore as restore
 from distckpt._save import SaveStats as SaveStats
 from distckpt._save import save as save
+from distckpt._target import abstract_like as abstract_like
 from distckpt.manager import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
 from distckpt.manager import CheckpointManager as CheckpointManager
 from distckpt.manager import forward_signal as forward_signal
@@ -24,10 +27,13 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "PREEMPTED_EXIT_CODE",
     "CheckpointInfo",
+    "Checkpointable",
+    "CheckpointableIterator",
     "CheckpointManager",
     "LeafInfo",
     "SaveStats",
     "VerifyReport",
+    "abstract_like",
     "errors",
     "forward_signal",
     "is_committed",

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
+
 from distckpt import _tree
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt.errors import CorruptCheckpointError
@@ -29,6 +31,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     save_stats: dict | None = None  # SaveStats.to_json() of the save that wrote it
     manager: dict | None = None  # CheckpointManager's record: step, metrics
+    # Data-pipeline states: {"mode": "per-process" | "global", "states": [json, ...]}
+    process_state: dict | None = None
 
     def to_json(self) -> bytes:
         file_names = sorted(self.files)
@@ -60,10 +64,11 @@ class Manifest:
             "user_metadata": self.user_metadata,
             "save_stats": self.save_stats,
             "manager": self.manager,
+            "process_state": self.process_state,
             "files": [{"name": n, **self.files[n]} for n in file_names],
             "leaves": leaves,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return seal(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -74,6 +79,7 @@ class Manifest:
             version = doc["format_version"]
             if version > FORMAT_VERSION:
                 raise _NewerFormat(version)
+            _check_checksum(raw)
             files = {
                 f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]
             }
@@ -112,6 +118,7 @@ class Manifest:
                 format_version=version,
                 save_stats=doc.get("save_stats"),
                 manager=doc.get("manager"),
+                process_state=doc.get("process_state"),
             )
         except _NewerFormat as e:
             raise CorruptCheckpointError(
@@ -128,3 +135,28 @@ class Manifest:
 
 class _NewerFormat(Exception):
     pass
+
+
+_CHECKSUM = b"manifest_crc32c"
+
+
+def seal(body: bytes) -> bytes:
+    """A serialised manifest with its own checksum appended as its last member.
+
+    The checksum covers every byte before it, so a flipped bit in a Python
+    value, a crc or an offset is caught like one in the data.
+    """
+    return body[:-1] + b',"' + _CHECKSUM + b'":' + str(crc32c.crc32c(body)).encode() + b"}"
+
+
+def _check_checksum(raw: bytes) -> None:
+    at = raw.rfind(b',"' + _CHECKSUM + b'":')
+    if at < 0 or not raw.endswith(b"}"):
+        raise ValueError(f"the manifest has no {_CHECKSUM.decode()} (truncated?)")
+    stored = raw[at + len(_CHECKSUM) + 4 : -1]
+    actual = crc32c.crc32c(raw[:at] + b"}")
+    if not stored.isdigit() or int(stored) != actual:
+        raise ValueError(
+            f"the manifest's checksum does not match its content (stored {stored[:20]!r}, "
+            f"computed {actual}): it was damaged after it was written"
+        )

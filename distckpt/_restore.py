@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from distckpt import _commit, _knobs, _multihost, _plan, _reshard, _runtime, _tree
+from distckpt import _commit, _knobs, _multihost, _plan, _procstate, _reshard, _runtime, _tree
 from distckpt._manifest import Manifest
 from distckpt._plan import ChunkRecord, LeafSpec, ReadRange
 from distckpt._reshard import Box
@@ -51,6 +51,7 @@ def restore(
     *,
     partial: bool = False,
     cast: bool = False,
+    pipeline: Any = None,
     timeout_s: float | None = None,
 ) -> Any:
     """Restores a checkpoint, resharded onto ``target``; collective in a multi-process job.
@@ -67,6 +68,10 @@ def restore(
       partial: allow ``target`` to be a subtree of what was saved.
       cast: allow dtypes (and Python number types) to differ; values are
         converted. Without it a dtype difference is an error.
+      pipeline: a ``distckpt.Checkpointable`` saved with ``save(...,
+        pipeline=)``: its ``set_state`` is called with this process's saved
+        state. Per-process state needs the process count it was saved with;
+        global state (``checkpoint_global = True``) goes to every process.
       timeout_s: longest wait for the slowest process (default 300 s or
         ``DISTCKPT_TIMEOUT_S``).
 
@@ -86,33 +91,75 @@ def restore(
                                          sharding=NamedSharding(mesh, P("y", "x")))}
       state = distckpt.restore("/ckpt/step_1", want, partial=True)
     """
+    from distckpt import _orbax
+
+    if _orbax.looks_like_orbax(directory):  # read an Orbax checkpoint directly (docs/cli.md)
+        return _orbax.restore(directory, target, partial=partial, cast=cast)
+    if pipeline is not None:
+        _procstate.check(pipeline)
     storage = open_storage(directory)
     coll = _multihost.Collective("restore", storage.display, _knobs.get("timeout_s", timeout_s))
     result: dict[str, Any] = {}
 
     def work() -> None:
         manifest = _commit.load(storage)
+        state = None
+        if pipeline is not None:
+            state = _pipeline_state(manifest, coll.pid, storage.display)
         if target is None:
             wants = [_want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
             values = _execute(storage, manifest, wants, len(wants))
             result["tree"] = _tree.unflatten_plain(
                 [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
             )
-            return
-        items, treedef = _tree.flatten(target)
-        wants, problems = match(manifest, items, partial=partial, cast=cast)
-        if problems:
-            raise TreeMismatchError(
-                f"the restore target does not match the checkpoint at {storage.display} "
-                f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
-                problems,
-            )
-        values = _execute(storage, manifest, wants, len(items))
-        result["tree"] = jax.tree_util.tree_unflatten(treedef, values)
+        else:
+            result["tree"] = _restore_into(storage, manifest, target, partial, cast)
+        if state is not None:  # only once the arrays are in: no half-restored state
+            _procstate.restore_into(pipeline, state)
 
     with _runtime.paused_gc():
         coll.run("restore", work, last=True)
     return result["tree"]
+
+
+def _restore_into(storage: Any, manifest: Manifest, target: Any, partial: bool, cast: bool) -> Any:
+    items, treedef = _tree.flatten(target)
+    wants, problems = match(manifest, items, partial=partial, cast=cast)
+    if problems:
+        raise TreeMismatchError(
+            f"the restore target does not match the checkpoint at {storage.display} "
+            f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
+            problems,
+        )
+    values = _execute(storage, manifest, wants, len(items))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _pipeline_state(manifest: Manifest, process: int, where: str) -> str:
+    """This process's saved pipeline state (JSON), or an error saying why there is none."""
+    saved = manifest.process_state
+    if saved is None:
+        raise TreeMismatchError(
+            f"restore of {where}: pipeline= was given but the checkpoint holds no pipeline "
+            "state (it was saved without pipeline=). Restore without pipeline= and start "
+            "the pipeline from its beginning, or pick a checkpoint saved with one."
+        )
+    states = saved["states"]
+    if saved["mode"] == "global":
+        raw = states[0]
+    elif len(states) != _multihost.process_count():
+        raise TreeMismatchError(
+            f"restore of {where}: the checkpoint holds per-process pipeline states of "
+            f"{len(states)} processes, and this job has {_multihost.process_count()}. "
+            "Each process's data position cannot be handed to a different process count. "
+            "Restore with the original process count, restore without pipeline= (and "
+            "restart the data from a position you choose), or make the pipeline state "
+            "global (checkpoint_global = True: a global position each process derives its "
+            "shard from) for future checkpoints."
+        )
+    else:
+        raw = states[process]
+    return raw
 
 
 # --------------------------------------------------------------------------- matching

@@ -21,6 +21,7 @@ from distckpt import (
     _knobs,
     _multihost,
     _plan,
+    _procstate,
     _reshard,
     _runtime,
     _stage,
@@ -37,6 +38,7 @@ def save(
     *,
     overwrite: bool = False,
     metadata: Any = None,
+    pipeline: Any = None,
     timeout_s: float | None = None,
 ) -> None:
     """Saves ``tree`` to ``directory``; collective: every process calls it.
@@ -54,6 +56,9 @@ def save(
       overwrite: replace a committed checkpoint at ``directory``. The old one
         stays readable until the new one commits.
       metadata: JSON-serialisable user data stored in the manifest.
+      pipeline: a ``distckpt.Checkpointable`` (a data iterator): each
+        process's ``get_state()`` is committed with the tree, and
+        ``restore(..., pipeline=)`` gives each process its own back.
       timeout_s: longest wait for the slowest process at any synchronisation
         point (default 300 s or ``DISTCKPT_TIMEOUT_S``).
 
@@ -69,7 +74,14 @@ def save(
       x = jax.device_put(jnp.arange(16.0), NamedSharding(mesh, P("x")))
       distckpt.save("/ckpt/step_1", {"x": x, "step": 1})
     """
-    job = SaveJob(directory, tree, overwrite=overwrite, metadata=metadata, timeout_s=timeout_s)
+    job = SaveJob(
+        directory,
+        tree,
+        overwrite=overwrite,
+        metadata=metadata,
+        pipeline=pipeline,
+        timeout_s=timeout_s,
+    )
     with _runtime.paused_gc():
         job.start(copy=False)
         job.finish()
@@ -112,6 +124,7 @@ class SaveJob:
         *,
         overwrite: bool = False,
         metadata: Any = None,
+        pipeline: Any = None,
         timeout_s: float | None = None,
         manager: dict | None = None,
     ):
@@ -120,6 +133,7 @@ class SaveJob:
             "save", self.storage.display, _knobs.get("timeout_s", timeout_s)
         )
         self.tree, self.overwrite, self.metadata, self.manager = tree, overwrite, metadata, manager
+        self.pipeline = pipeline
         self.attempt: str | None = None
         self.pool: _stage.HostPool | None = None
 
@@ -129,6 +143,7 @@ class SaveJob:
         try:
             prepared = self.coll.run("prepare", self._prepare)
             _check_same_tree(prepared, self.storage.display)
+            self.pipeline_mode = prepared[0]["pipeline"]
             self.attempt = prepared[0]["attempt"]
             self._stage(copy, pool)
         except BaseException:
@@ -164,7 +179,13 @@ class SaveJob:
         _check_unique_paths(specs)
         self.user_metadata = _json_roundtrip(self.metadata)
         self.items, self.specs = items, specs
-        out = {"fingerprint": _fingerprint(specs)}
+        out = {"fingerprint": _fingerprint(specs), "pipeline": None}
+        if self.pipeline is not None:
+            # Captured now, while the caller waits: the state of this step.
+            raw = _procstate.capture(self.pipeline, self.coll.pid)
+            self.coll.put_blob(f"pipeline/{self.coll.pid}", raw)
+            out["pipeline"] = "global" if _procstate.is_global(self.pipeline) else "per-process"
+        self.pipeline = None
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
             _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
@@ -231,8 +252,27 @@ class SaveJob:
         ).to_json()
         manifest.save_stats = stats
         manifest.manager = self.manager
+        manifest.process_state = self._gather_pipeline_states()
         _commit.commit(self.storage, manifest)
         return stats
+
+    def _gather_pipeline_states(self) -> dict | None:
+        """The manifest entry for the processes' pipeline states (primary only)."""
+        if self.pipeline_mode is None:
+            return None
+        states = [self.coll.get_blob(f"pipeline/{p}").decode() for p in range(self.coll.count)]
+        if self.pipeline_mode == "global":
+            differ = [p for p, s in enumerate(states) if s != states[0]]
+            if differ:
+                raise ValueError(
+                    f"save to {self.storage.display}: the pipeline state declares itself "
+                    f"global (checkpoint_global = True) but differs on processes {differ} "
+                    f"from process 0's.\n  process 0: {states[0][:300]}\n  process "
+                    f"{differ[0]}: {states[differ[0]][:300]}\nMake it per-process (drop "
+                    "checkpoint_global) or keep the processes in step."
+                )
+            states = states[:1]
+        return {"mode": self.pipeline_mode, "states": states}
 
     def _discard(self) -> None:
         if self.coll.is_primary and self.attempt is not None:
@@ -296,6 +336,12 @@ def _check_same_tree(prepared: list[dict], where: str) -> None:
         raise TreeMismatchError(
             f"save to {where}: processes {differ} passed a tree whose structure, shapes or dtypes "
             "differ from process 0's. save() is collective: every process must pass the same tree."
+        )
+    modes = {p: d["pipeline"] for p, d in enumerate(prepared)}
+    if len(set(modes.values())) > 1:
+        raise TreeMismatchError(
+            f"save to {where}: processes disagree about pipeline= (None, per-process or "
+            f"global): {modes}. Every process must pass a pipeline of the same kind, or none."
         )
 
 

@@ -28,7 +28,7 @@ NONE = "none"  # a None leaf
 PYTHON_TYPES = (bool, int, float, str)
 
 
-def _part(entry: Any) -> tuple[str, Any]:
+def part(entry: Any) -> tuple[str, Any]:
     tu = jax.tree_util
     if isinstance(entry, tu.DictKey):
         key = entry.key
@@ -49,7 +49,7 @@ def _part(entry: Any) -> tuple[str, Any]:
 def flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
     """Flattens ``tree`` keeping ``None`` as a leaf; returns ([(path, leaf)], treedef)."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return [(tuple(_part(e) for e in path), leaf) for path, leaf in with_path], treedef
+    return [(tuple(part(e) for e in path), leaf) for path, leaf in with_path], treedef
 
 
 def display(path: Path) -> str:

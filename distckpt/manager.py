@@ -158,6 +158,7 @@ class CheckpointManager:
         *,
         metrics: dict[str, float] | None = None,
         metadata: Any = None,
+        pipeline: Any = None,
         force: bool = False,
         blocking: bool | None = None,
     ) -> bool:
@@ -166,6 +167,9 @@ class CheckpointManager:
         With ``async_save`` (and ``blocking`` not True) this returns once the
         shards are copied to host memory; the caller may then donate or
         overwrite its arrays. A new save first waits for the previous one.
+        ``pipeline`` (a ``distckpt.Checkpointable``, e.g. the data iterator)
+        has its state taken before this returns, and is committed with the
+        step; see ``distckpt.save``.
 
         Returns:
           True if a save was started, False if this step is not one to save.
@@ -189,7 +193,12 @@ class CheckpointManager:
             )
         record = {"step": step, "metrics": metrics}
         job = SaveJob(
-            self._path(step), tree, metadata=metadata, timeout_s=self.timeout_s, manager=record
+            self._path(step),
+            tree,
+            metadata=metadata,
+            pipeline=pipeline,
+            timeout_s=self.timeout_s,
+            manager=record,
         )
         background = self.async_save if blocking is None else not blocking
         with _runtime.paused_gc():
@@ -265,6 +274,7 @@ class CheckpointManager:
         *,
         partial: bool = False,
         cast: bool = False,
+        pipeline: Any = None,
     ) -> Any:
         """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``."""
         self.wait_until_finished()
@@ -274,7 +284,12 @@ class CheckpointManager:
                 raise NotCommittedError(f"no committed steps in {self.directory} to restore")
         self._check_step(step)
         return _restore(
-            self._path(step), target, partial=partial, cast=cast, timeout_s=self.timeout_s
+            self._path(step),
+            target,
+            partial=partial,
+            cast=cast,
+            pipeline=pipeline,
+            timeout_s=self.timeout_s,
         )
 
     def delete(self, step: int) -> None:

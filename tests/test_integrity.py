@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _knobs
+from distckpt import _knobs, _manifest
 from distckpt.errors import CorruptCheckpointError
 
 
@@ -36,6 +36,7 @@ def saved(tmp_path):
         ),
         "small": np.arange(7, dtype=np.int16),
         "flag": jax.device_put(np.array([True, False, True])),
+        "step": 1234,
     }
     # Small segments: several data files, so every file can be damaged in turn.
     with _knobs.override(segment_bytes=512, chunk_bytes=256):
@@ -127,10 +128,30 @@ def test_damaged_chunk_table_is_refused_not_filled_with_garbage(saved, tmp_path)
     doc = json.loads(open(manifest).read())
     leaf = next(e for e in doc["leaves"] if e["path"] == [["key", "w"]])
     leaf["chunks"].pop()  # still valid JSON, but part of ['w'] is nowhere
-    with open(manifest, "w") as f:
-        json.dump(doc, f)
+    del doc["manifest_crc32c"]
+    with open(manifest, "wb") as f:  # resealed, as a faulty writer would have
+        f.write(_manifest.seal(json.dumps(doc, separators=(",", ":")).encode()))
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*written by no process"):
         distckpt.restore(work)
+
+
+@pytest.mark.parametrize("where", ["value", "crc"])
+def test_a_flipped_bit_in_the_manifest_is_caught(saved, tmp_path, where):
+    work = _copy(saved, tmp_path / where)
+    manifest = os.path.join(work, "manifest.json")
+    raw = bytearray(open(manifest, "rb").read())
+    # A digit of the first chunk's crc, or of the saved Python value: still
+    # valid JSON, so only the manifest's own checksum can tell.
+    needle = b'"chunks":[[' if where == "crc" else b'"value":'
+    at = raw.index(needle) + len(needle)
+    while not chr(raw[at]).isdigit():
+        at += 1
+    raw[at] = ord("1") if raw[at] != ord("1") else ord("2")
+    open(manifest, "wb").write(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="manifest's checksum does not match"):
+        distckpt.restore(work)
+    with pytest.raises(CorruptCheckpointError, match="manifest's checksum does not match"):
+        distckpt.verify(work)
 
 
 def test_failure_after_the_commit_point_keeps_the_new_checkpoint(tmp_path, monkeypatch):

@@ -1,0 +1,151 @@
+"""State that differs per process (a data pipeline's position): the protocol and its encoding.
+
+Each process's state is small host data. It travels to the primary through
+the coordination service and is committed inside the manifest, one entry
+per process, so it is covered by the manifest's checksum and committed with
+the arrays. The encoding is JSON with tagged values for what JSON lacks:
+tuples, dicts with non-string keys, numpy arrays and scalars, typed PRNG
+keys and bytes, so ``set_state`` gets back exactly the types ``get_state``
+gave (a ``jax.Array`` comes back as a host numpy array, a typed PRNG key as
+a typed key on the default device).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import jax
+import numpy as np
+
+T = TypeVar("T", covariant=True)
+
+_TAG = "__distckpt__"
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """An object whose state distckpt saves and gives back.
+
+    ``get_state`` returns a dict of host data: Python scalars and strings,
+    lists, tuples, dicts, numpy arrays, small jax arrays and PRNG keys.
+    ``set_state`` receives a dict equal to what ``get_state`` returned.
+
+    The state is *per process* (each process reads its own shard of the
+    data, so its position differs): every process's state is saved, and on
+    restore each process gets its own back, which needs the same process
+    count. A class whose state is the same on every process (for example a
+    global sample index from which each process derives its shard) sets the
+    class attribute ``checkpoint_global = True``: the state is then checked
+    to be identical on all processes when saved, stored once, and given to
+    every process on restore, whatever the process count.
+    """
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class CheckpointableIterator(Checkpointable, Protocol[T]):
+    """A ``Checkpointable`` that is also an iterator (a data loader)."""
+
+    def __iter__(self) -> Iterator[T]: ...
+
+    def __next__(self) -> T: ...
+
+
+def is_global(obj: Any) -> bool:
+    return bool(getattr(obj, "checkpoint_global", False))
+
+
+def check(obj: Any) -> None:
+    if not isinstance(obj, Checkpointable):
+        raise TypeError(
+            f"pipeline= must have get_state() and set_state(state) (distckpt.Checkpointable); "
+            f"got a {type(obj).__name__}"
+        )
+
+
+def capture(obj: Any, process: int) -> bytes:
+    """``obj.get_state()`` encoded; errors name the process and the bad entry."""
+    check(obj)
+    state = obj.get_state()
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{type(obj).__name__}.get_state() on process {process} returned "
+            f"{type(state).__name__}; it must return a dict"
+        )
+    return json.dumps(_encode(state, "state"), separators=(",", ":"), sort_keys=False).encode()
+
+
+def restore_into(obj: Any, raw: str) -> None:
+    obj.set_state(_decode(json.loads(raw)))
+
+
+def _encode(value: Any, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and _TAG not in value:
+            return {k: _encode(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {
+            _TAG: "dict",
+            "items": [[_encode(k, where), _encode(v, f"{where}[{k!r}]")] for k, v in value.items()],
+        }
+    if isinstance(value, list):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return {_TAG: "tuple", "items": [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, bytes):
+        return {_TAG: "bytes", "data": base64.b64encode(value).decode()}
+    if isinstance(value, jax.Array):
+        if not value.is_fully_addressable:
+            raise TypeError(
+                f"{where} is a jax.Array sharded over several processes; per-process state "
+                "must be host data (put model state in the saved tree instead)"
+            )
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            data = _encode(np.asarray(jax.random.key_data(value)), where)
+            return {_TAG: "key", "impl": str(jax.random.key_impl(value)), "data": data}
+        return _encode(np.asarray(value), where)
+    if isinstance(value, (np.ndarray, np.generic)):
+        arr = np.asarray(value)
+        if arr.dtype.hasobject:
+            raise TypeError(f"{where} is a numpy array of Python objects, which is not state")
+        return {
+            _TAG: "array" if isinstance(value, np.ndarray) else "scalar",
+            "dtype": arr.dtype.str,
+            "shape": list(arr.shape),
+            "data": base64.b64encode(np.ascontiguousarray(arr).tobytes()).decode(),
+        }
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}; per-process state "
+        "may hold Python scalars, strings, bytes, lists, tuples, dicts, numpy arrays, "
+        "jax arrays and PRNG keys"
+    )
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: _decode(v) for k, v in value.items()}
+    if tag == "dict":
+        return {_decode(k): _decode(v) for k, v in value["items"]}
+    if tag == "tuple":
+        return tuple(_decode(v) for v in value["items"])
+    if tag == "bytes":
+        return base64.b64decode(value["data"])
+    if tag == "key":
+        return jax.random.wrap_key_data(_decode(value["data"]), impl=value["impl"])
+    if tag in ("array", "scalar"):
+        arr = np.frombuffer(base64.b64decode(value["data"]), np.dtype(value["dtype"]))
+        arr = arr.reshape(value["shape"]).copy()
+        return arr if tag == "array" else arr[()]
+    raise ValueError(f"unknown tag {tag!r} in saved per-process state")
