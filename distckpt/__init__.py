@@ -6,6 +6,7 @@ job has now.
 """
 
 from distckpt import errors as errors
+from distckpt import pipeline as pipeline
 from distckpt._inspect import CheckpointInfo as CheckpointInfo
 from distckpt._inspect import LeafInfo as LeafInfo
 from distckpt._inspect import VerifyReport as VerifyReport
@@ -18,6 +19,8 @@ from distckpt._restore import restore as restore
 from distckpt._save import SaveStats as SaveStats
 from distckpt._save import save as save
 from distckpt._target import abstract_like as abstract_like
+from distckpt.handler import CheckpointHandler as CheckpointHandler
+from distckpt.handler import PipelineCheckpoint as PipelineCheckpoint
 from distckpt.manager import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
 from distckpt.manager import CheckpointManager as CheckpointManager
 from distckpt.manager import forward_signal as forward_signal
@@ -26,15 +29,18 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
+    "CheckpointHandler",
     "CheckpointInfo",
     "Checkpointable",
     "CheckpointableIterator",
     "CheckpointManager",
     "LeafInfo",
+    "PipelineCheckpoint",
     "SaveStats",
     "VerifyReport",
     "abstract_like",
     "errors",
+    "pipeline",
     "forward_signal",
     "is_committed",
     "metadata",

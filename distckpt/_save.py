@@ -184,7 +184,12 @@ class SaveJob:
             # Captured now, while the caller waits: the state of this step.
             raw = _procstate.capture(self.pipeline, self.coll.pid)
             self.coll.put_blob(f"pipeline/{self.coll.pid}", raw)
-            out["pipeline"] = "global" if _procstate.is_global(self.pipeline) else "per-process"
+            if _procstate.is_global(self.pipeline):
+                out["pipeline"] = "global"
+                out["pipeline_state"] = raw[:300].decode()  # shown if processes differ
+                out["pipeline_digest"] = hashlib.sha256(raw).hexdigest()
+            else:
+                out["pipeline"] = "per-process"
         self.pipeline = None
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
@@ -261,16 +266,7 @@ class SaveJob:
         if self.pipeline_mode is None:
             return None
         states = [self.coll.get_blob(f"pipeline/{p}").decode() for p in range(self.coll.count)]
-        if self.pipeline_mode == "global":
-            differ = [p for p, s in enumerate(states) if s != states[0]]
-            if differ:
-                raise ValueError(
-                    f"save to {self.storage.display}: the pipeline state declares itself "
-                    f"global (checkpoint_global = True) but differs on processes {differ} "
-                    f"from process 0's.\n  process 0: {states[0][:300]}\n  process "
-                    f"{differ[0]}: {states[differ[0]][:300]}\nMake it per-process (drop "
-                    "checkpoint_global) or keep the processes in step."
-                )
+        if self.pipeline_mode == "global":  # the same on all: checked after prepare
             states = states[:1]
         return {"mode": self.pipeline_mode, "states": states}
 
@@ -343,6 +339,19 @@ def _check_same_tree(prepared: list[dict], where: str) -> None:
             f"save to {where}: processes disagree about pipeline= (None, per-process or "
             f"global): {modes}. Every process must pass a pipeline of the same kind, or none."
         )
+    if modes[0] == "global":
+        first = prepared[0]
+        differ = [
+            p for p, d in enumerate(prepared) if d["pipeline_digest"] != first["pipeline_digest"]
+        ]
+        if differ:
+            raise TreeMismatchError(
+                f"save to {where}: the pipeline state declares itself global "
+                f"(checkpoint_global = True) but differs on processes {differ} from process "
+                f"0's.\n  process 0: {first['pipeline_state']}\n  process {differ[0]}: "
+                f"{prepared[differ[0]]['pipeline_state']}\nMake it per-process (drop "
+                "checkpoint_global) or keep the processes in step."
+            )
 
 
 def _check_unique_paths(specs: list[LeafSpec]) -> None:

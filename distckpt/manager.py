@@ -141,7 +141,7 @@ class CheckpointManager:
     def metadata(self, step: int) -> _inspect.CheckpointInfo:
         """The checkpoint description of ``step`` (reads no arrays)."""
         self._check_step(step)
-        return _inspect.metadata(self._path(step))
+        return _inspect.metadata(self.path(step))
 
     def should_save(self, step: int) -> bool:
         """True at every ``save_interval_steps``-th step and at the preemption step."""
@@ -161,6 +161,7 @@ class CheckpointManager:
         pipeline: Any = None,
         force: bool = False,
         blocking: bool | None = None,
+        overwrite: bool = False,
     ) -> bool:
         """Saves ``tree`` as ``step`` if ``should_save(step)`` (or ``force``); collective.
 
@@ -177,12 +178,14 @@ class CheckpointManager:
         Raises:
           The error of the previous background save, if it failed (on every
           process). The next call saves normally.
-          CheckpointExistsError: ``step`` is already committed.
+          CheckpointExistsError: ``step`` is already committed (and not
+          ``overwrite``: that replaces it, the old one readable until the new
+          one commits).
         """
         if not force and not self.should_save(step):
             return False
         self.wait_until_finished()
-        if step in self._steps:
+        if step in self._steps and not overwrite:
             raise CheckpointExistsError(
                 f"step {step} is already committed in {self.directory} (steps: {self.all_steps()}); "
                 "delete it first or save under another step"
@@ -193,10 +196,11 @@ class CheckpointManager:
             )
         record = {"step": step, "metrics": metrics}
         job = SaveJob(
-            self._path(step),
+            self.path(step),
             tree,
             metadata=metadata,
             pipeline=pipeline,
+            overwrite=overwrite,
             timeout_s=self.timeout_s,
             manager=record,
         )
@@ -252,7 +256,7 @@ class CheckpointManager:
         log.info(
             "saved step %d to %s: %.3f s blocking, %.3f s writing, %.3f s commit, %d bytes",
             step,
-            self._path(step),
+            self.path(step),
             stats.blocking_s,
             stats.write_s,
             stats.commit_s,
@@ -284,7 +288,7 @@ class CheckpointManager:
                 raise NotCommittedError(f"no committed steps in {self.directory} to restore")
         self._check_step(step)
         return _restore(
-            self._path(step),
+            self.path(step),
             target,
             partial=partial,
             cast=cast,
@@ -296,7 +300,7 @@ class CheckpointManager:
         """Deletes a committed step; collective (the primary deletes, all agree)."""
         self.wait_until_finished()
         self._check_step(step)
-        coll = _multihost.Collective("delete", self._path(step), self.timeout_s)
+        coll = _multihost.Collective("delete", self.path(step), self.timeout_s)
         coll.run("delete", lambda: self._remove(step) if coll.is_primary else None, last=True)
         del self._steps[step]
 
@@ -325,7 +329,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
 
-    def _path(self, step: int) -> str:
+    def path(self, step: int) -> str:
+        """The directory of ``step`` (whether or not it exists)."""
         return os.path.join(self.directory, step_name(step))
 
     def _check_step(self, step: int) -> None:

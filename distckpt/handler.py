@@ -1,0 +1,238 @@
+"""The handler API data-pipeline users know, on distckpt's multi-host engine.
+
+``CheckpointHandler`` saves and restores pytrees or ``Checkpointable``
+objects into numbered steps of a directory; ``PipelineCheckpoint`` does the
+same for one data pipeline. Both are thin layers over ``CheckpointManager``
+(one per directory), so every call is collective in a multi-process job:
+the primary lists and deletes, and every process sees the same answer.
+
+Unlike handlers that wrap other libraries, these never fall back to another
+step when the asked-for one is missing, keep dict key types, prune old
+steps only after the new one is committed, and check a checksum on every
+byte they read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from distckpt import _procstate
+from distckpt._inspect import CheckpointInfo, metadata
+from distckpt._restore import restore as _restore
+from distckpt._save import save as _save
+from distckpt._target import abstract_like
+from distckpt.errors import NotCommittedError
+from distckpt.manager import CheckpointManager
+
+
+class CheckpointHandler:
+    """Saves and restores training or pipeline state under ``directory/step_*``.
+
+    Args:
+      async_checkpointing: ``save`` returns once the state is copied to host
+        memory and commits in the background (default: saves block).
+      timeout_s: longest wait for the slowest process at any synchronisation point.
+
+    ``target`` may be a pytree (arrays, numpy, Python scalars and strings,
+    PRNG keys) or a ``distckpt.Checkpointable``: then ``get_state()`` is
+    saved, *per process* (or once, if it declares ``checkpoint_global``),
+    and ``restore`` calls ``set_state`` on it and returns it.
+
+    Example::
+
+      with distckpt.CheckpointHandler() as h:
+          h.save("/ckpt", state, step=100, keep=5, metadata={"epoch": 3})
+          state = h.restore("/ckpt", state)            # latest, into state's layout
+          h.latest_step("/ckpt"), h.get_checkpoint_steps("/ckpt")
+    """
+
+    def __init__(self, async_checkpointing: bool = False, *, timeout_s: float | None = None):
+        self.async_checkpointing, self.timeout_s = async_checkpointing, timeout_s
+        self._managers: dict[str, CheckpointManager] = {}
+
+    def _manager(self, directory: str | os.PathLike) -> CheckpointManager:
+        key = os.path.abspath(os.fspath(directory))
+        if key not in self._managers:
+            self._managers[key] = CheckpointManager(
+                key, async_save=self.async_checkpointing, timeout_s=self.timeout_s
+            )
+        return self._managers[key]
+
+    def save(
+        self,
+        directory: str | os.PathLike,
+        target: Any,
+        step: int | None = None,
+        keep: int | None = None,
+        overwrite: bool = False,
+        metadata: Any = None,
+    ) -> None:
+        """Saves ``target`` as ``step`` (or, without a step, as ``directory`` itself).
+
+        ``keep`` keeps the latest N steps; older ones are deleted only after
+        this step is committed. ``overwrite`` replaces a committed step; the
+        old one stays readable until the new one commits.
+        """
+        tree, pipeline = ({}, target) if _is_checkpointable(target) else (target, None)
+        if step is None:
+            if keep is not None:
+                raise ValueError("keep= needs step=: it keeps the latest N numbered steps")
+            _save(
+                directory,
+                tree,
+                overwrite=overwrite,
+                metadata=metadata,
+                pipeline=pipeline,
+                timeout_s=self.timeout_s,
+            )
+            return
+        if keep is not None and (not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+        mgr = self._manager(directory)
+        mgr.max_to_keep = keep
+        mgr.save(step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite)
+
+    save_to_directory = save
+
+    def restore(
+        self, directory: str | os.PathLike, target: Any = None, step: int | None = None
+    ) -> Any:
+        """Restores ``step`` (default: the latest) into ``target``'s layout.
+
+        With a pytree ``target`` the result has its structure, types,
+        shapes and shardings; without one, host numpy arrays and Python
+        values in plain dicts and lists. A ``Checkpointable`` target gets
+        ``set_state`` and is returned. A missing step is an error that
+        lists the steps there are; no other step is restored instead.
+        """
+        path = self._step_path(directory, step)
+        if _is_checkpointable(target):
+            _restore(path, {}, partial=True, pipeline=target, timeout_s=self.timeout_s)
+            return target
+        want = None if target is None else abstract_like(target)
+        return _restore(path, want, timeout_s=self.timeout_s)
+
+    def _step_path(self, directory: str | os.PathLike, step: int | None) -> str:
+        if step is None and os.path.exists(os.path.join(directory, "manifest.json")):
+            return os.fspath(directory)  # saved without a step
+        mgr = self._manager(directory)
+        mgr.wait_until_finished()
+        steps = mgr.all_steps()
+        if step is None:
+            if not steps:
+                raise NotCommittedError(f"no committed checkpoints in {directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise NotCommittedError(
+                f"step {step} is not a committed checkpoint in {directory} (committed steps: "
+                f"{steps or 'none'}); no other step is restored in its place"
+            )
+        return mgr.path(step)
+
+    def get_checkpoint_steps(self, directory: str | os.PathLike) -> list[int]:
+        """The committed steps, ascending."""
+        mgr = self._manager(directory)
+        mgr.wait_until_finished()
+        return mgr.all_steps()
+
+    def latest_step(self, directory: str | os.PathLike) -> int | None:
+        steps = self.get_checkpoint_steps(directory)
+        return steps[-1] if steps else None
+
+    def list_checkpoints(self, directory: str | os.PathLike) -> list[CheckpointInfo]:
+        """What each committed step holds (``distckpt.metadata`` of each), ascending."""
+        mgr = self._manager(directory)
+        return [metadata(mgr.path(s)) for s in self.get_checkpoint_steps(directory)]
+
+    def wait_until_finished(self) -> None:
+        for mgr in self._managers.values():
+            mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for background saves and raises their errors."""
+        managers, self._managers = list(self._managers.values()), {}
+        for mgr in managers:
+            mgr.close()
+
+    def __enter__(self) -> CheckpointHandler:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            for mgr in self._managers.values():
+                mgr.__exit__(exc_type, *rest)
+            self._managers = {}
+
+
+class PipelineCheckpoint:
+    """Checkpoints one data pipeline's position under ``directory/step_*``.
+
+    Each process's ``pipeline.get_state()`` is saved (once, if the pipeline
+    declares ``checkpoint_global``); ``restore_latest`` gives each its own
+    back through ``set_state``.
+
+    Example::
+
+      ckpt = distckpt.PipelineCheckpoint("/ckpt/data")
+      ckpt.restore_latest(pipeline)        # no-op (returns None) on a fresh start
+      for step, batch in enumerate(pipeline, start=1):
+          ...
+          if step % 100 == 0:
+              ckpt.save(pipeline, step=step, metadata={"epoch": 1}, keep=3)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        async_checkpointing: bool = False,
+        timeout_s: float | None = None,
+    ):
+        self.directory = directory
+        self._handler = CheckpointHandler(async_checkpointing, timeout_s=timeout_s)
+
+    def save(
+        self,
+        pipeline: Any,
+        step: int,
+        metadata: Any = None,
+        keep: int | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        _procstate.check(pipeline)
+        self._handler.save(
+            self.directory, pipeline, step=step, keep=keep, overwrite=overwrite, metadata=metadata
+        )
+
+    def restore(self, pipeline: Any, step: int) -> Any:
+        """Restores ``step`` into ``pipeline`` (an error if it is not committed)."""
+        return self._handler.restore(self.directory, pipeline, step=step)
+
+    def restore_latest(self, pipeline: Any) -> int | None:
+        """Restores the latest step into ``pipeline``; returns it, or None if there is none."""
+        step = self.latest_step()
+        if step is not None:
+            self._handler.restore(self.directory, pipeline, step=step)
+        return step
+
+    def latest_step(self) -> int | None:
+        return self._handler.latest_step(self.directory)
+
+    def steps(self) -> list[int]:
+        return self._handler.get_checkpoint_steps(self.directory)
+
+    def close(self) -> None:
+        self._handler.close()
+
+    def __enter__(self) -> PipelineCheckpoint:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._handler.__exit__(exc_type, *rest)
+
+
+def _is_checkpointable(obj: Any) -> bool:
+    return isinstance(obj, _procstate.Checkpointable)

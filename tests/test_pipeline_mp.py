@@ -1,0 +1,130 @@
+"""Per-process pipeline state with real processes: each gets its own back, exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+import distckpt
+from distckpt.errors import TreeMismatchError
+from distckpt.pipeline import ShuffledIterator
+from tests.mp import run_processes
+
+pytestmark = pytest.mark.multiprocess
+
+HERE = "tests.test_pipeline_mp"
+SAVED_AT, TOTAL = 5, 12
+
+
+def _noise(indices, rng):
+    return [int(i) for i in indices] + [int(v) for v in rng.integers(0, 10**6, size=2)]
+
+
+def _make(per_process: bool) -> ShuffledIterator:
+    # 4 batches of 16 per epoch: TOTAL steps cross two epoch boundaries.
+    return ShuffledIterator(
+        70,
+        global_batch_size=16,
+        seed=3,
+        transform=_noise if per_process else None,
+        transform_seed=100 if per_process else None,
+    )
+
+
+def _model():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    w = jax.make_array_from_callback(
+        (8, 8), NamedSharding(mesh, P("x", "y")), lambda i: jnp.arange(64.0).reshape(8, 8)[i]
+    )
+    return {"w": w, "step": SAVED_AT}
+
+
+def _as_lists(batches) -> list:
+    return [b if isinstance(b, list) else b.tolist() for b in batches]
+
+
+def _w_train_and_save(directory: str, per_process: bool) -> dict:
+    import itertools
+
+    uninterrupted = _as_lists(itertools.islice(_make(per_process), TOTAL))
+    it = _make(per_process)
+    seen = _as_lists(itertools.islice(it, SAVED_AT))
+    with distckpt.CheckpointManager(directory, timeout_s=30) as mgr:
+        mgr.save(SAVED_AT, _model(), pipeline=it)
+    return {"uninterrupted": uninterrupted, "seen": seen, "state": it.get_state()["batch"]}
+
+
+def _w_resume(directory: str, per_process: bool) -> list:
+    import itertools
+
+    it = _make(per_process)
+    with distckpt.CheckpointManager(directory, timeout_s=30) as mgr:
+        restored = mgr.restore(SAVED_AT, distckpt.abstract_like(_model()), pipeline=it)
+    assert restored["step"] == SAVED_AT
+    return _as_lists(itertools.islice(it, TOTAL - SAVED_AT))
+
+
+@pytest.mark.parametrize("per_process", [True, False], ids=["per-process", "global"])
+def test_each_process_resumes_its_own_batch_sequence(tmp_path, per_process):
+    args = {"directory": str(tmp_path), "per_process": per_process}
+    first = [r.value for r in run_processes(f"{HERE}:_w_train_and_save", 2, 4, args=args)]
+    resumed = [r.value for r in run_processes(f"{HERE}:_w_resume", 2, 4, args=args)]
+    for p in range(2):
+        assert first[p]["seen"] + resumed[p] == first[p]["uninterrupted"], f"process {p}"
+    # The processes read different data (and, per process, different noise).
+    assert first[0]["uninterrupted"][0] != first[1]["uninterrupted"][0]
+
+    info = distckpt.metadata(tmp_path / "step_00000005")
+    assert info.step == SAVED_AT
+    # Now the same checkpoint in this test's single process.
+    single = ShuffledIterator(
+        70,
+        16,
+        seed=3,
+        process_index=0,
+        process_count=1,
+        transform=_noise if per_process else None,
+        transform_seed=100 if per_process else None,
+    )
+    if per_process:
+        with pytest.raises(TreeMismatchError, match="pipeline states of 2 processes.*has 1"):
+            distckpt.restore(tmp_path / "step_00000005", pipeline=single)
+        return
+    # A global position resumes on any process count: one process now reads
+    # what the two read together.
+    distckpt.restore(tmp_path / "step_00000005", {}, partial=True, pipeline=single)
+    whole = next(single).tolist()
+    assert whole == first[0]["uninterrupted"][SAVED_AT] + first[1]["uninterrupted"][SAVED_AT]
+
+
+def _w_global_but_different(directory: str) -> str:
+    import jax
+
+    class Drifting:
+        checkpoint_global = True
+
+        def get_state(self):
+            return {"position": jax.process_index()}
+
+        def set_state(self, state):
+            pass
+
+    try:
+        distckpt.save(directory, {}, pipeline=Drifting(), timeout_s=30)
+    except distckpt.errors.DistckptError as e:
+        return str(e)
+    return "saved"
+
+
+def test_a_global_state_that_differs_between_processes_is_refused(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_global_but_different", 2, 2, args={"directory": str(tmp_path / "c")}
+    )
+    for r in results:
+        assert "declares itself global" in r.value and "differs on processes [1]" in r.value
+    assert not distckpt.is_committed(tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == []  # refused before any data was written
