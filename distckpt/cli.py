@@ -1,39 +1,740 @@
-"""The ``distckpt`` command. Subcommands arrive with the CLI issue; for now it
-can tell whether a checkpoint is committed and verify it."""
+"""The ``distckpt`` command: ls, inspect, verify, diff, audit, convert, gc.
+
+Every command runs in one process, without ``jax.distributed``. Commands
+that only read (ls, inspect, verify, diff, audit) never write to the
+checkpoint. See docs/cli.md for an example session of each.
+
+Exit codes: 0 success (clean, no differences); 1 a negative answer (verify
+found corruption or no committed checkpoint, diff found differences, audit
+found a damaged or corrupt step); 2 a usage error, or the command could not
+run (a path that is not a checkpoint, a refused conversion, an I/O error).
+"""
 
 from __future__ import annotations
 
-import argparse
+import json
+import os
 import sys
+import time
+from typing import Any
+
+import click
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_TROUBLE = 0, 1, 2
+
+
+class Trouble(click.ClickException):
+    """The command could not run; printed as ``Error: ...``, exit code 2."""
+
+    exit_code = EXIT_TROUBLE
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    try:
+        rv = cli.main(args=argv, prog_name="distckpt", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return EXIT_NEGATIVE
+    return rv if isinstance(rv, int) else EXIT_OK
+
+
+def _version() -> str:
     from distckpt import __version__
 
-    parser = argparse.ArgumentParser(prog="distckpt", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"distckpt {__version__}")
-    sub = parser.add_subparsers(dest="command")
-    p_verify = sub.add_parser("verify", help="re-read a checkpoint and check every checksum")
-    p_verify.add_argument("path")
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if args.command == "verify":
-        import distckpt
-        from distckpt.errors import DistckptError
+    return __version__
 
-        try:
-            report = distckpt.verify(args.path)
-        except DistckptError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            return 1
-        print(
-            f"OK: {report.directory}: {report.leaves} leaves, {report.files} files, "
-            f"{report.chunks} chunks, {report.bytes_checked} bytes checked in {report.seconds:.2f} s"
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit codes: 0 success; 1 corruption or differences found; 2 usage error or "
+    "could not run. See docs/cli.md.",
+)
+@click.version_option(_version(), prog_name="distckpt", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Look at, check, compare, convert and clean distckpt checkpoints.
+
+    Every command runs in a single process (no jax.distributed) and only the
+    ones that say so (convert, gc) write anything.
+    """
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def _error(e: BaseException) -> Trouble:
+    return Trouble(str(e))
+
+
+def _min_age_option(f: Any) -> Any:
+    from distckpt import _scan
+
+    return click.option(
+        "--min-age",
+        type=click.FloatRange(min=0),
+        default=_scan.DEFAULT_MIN_AGE_S,
+        show_default=True,
+        metavar="SECONDS",
+        help="A leftover modified less than this long ago may belong to a save in progress "
+        "and is never called stale (nor removed by gc).",
+    )(f)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _fmt_metrics(metrics: dict | None) -> str:
+    if not metrics:
+        return "-"
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
+
+
+def _fmt_sharding(sharding: dict | None) -> str:
+    if not sharding:
+        return "-"
+    kind = sharding.get("type")
+    if kind == "NamedSharding":
+        mesh = ", ".join(f"{k}={v}" for k, v in sharding.get("mesh", {}).items())
+
+        def entry(p: Any) -> str:
+            if p is None:
+                return "None"
+            if isinstance(p, list):
+                return "(" + ", ".join(repr(a) for a in p) + ")"
+            return repr(p)
+
+        return f"mesh({mesh}) P({', '.join(entry(p) for p in sharding.get('spec', []))})"
+    if kind == "SingleDeviceSharding":
+        return "single device"
+    if kind == "host":
+        return "host (numpy)"
+    return str(kind)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+@cli.command("ls")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--best-metric",
+    metavar="NAME",
+    help="Metric that marks the best step (default: the first metric all steps recorded).",
+)
+@click.option(
+    "--best-mode",
+    type=click.Choice(["min", "max"]),
+    default="min",
+    show_default=True,
+    help="Whether lower or higher values of the metric are better.",
+)
+@_min_age_option
+def ls_command(
+    directory: str, as_json: bool, best_metric: str | None, best_mode: str, min_age: float
+) -> int:
+    """List the steps of a CheckpointManager DIRECTORY.
+
+    For each step: committed or not (and why not), size, processes, commit
+    time, metrics and the best marker. Leftovers (interrupted saves,
+    half-deleted steps, unreferenced attempts) are listed separately.
+    Reads manifests only.
+    """
+    from distckpt import _scan
+
+    try:
+        scan = _scan.scan(directory, min_age_s=min_age)
+    except OSError as e:
+        raise _error(e) from e
+    metric, best = _scan.best_step(scan.steps, best_metric, best_mode)
+    if as_json:
+        _emit_json(
+            {
+                "directory": scan.directory,
+                "is_checkpoint": scan.is_checkpoint,
+                "best": {"metric": metric, "mode": best_mode, "step": best},
+                "steps": [s.to_json() for s in scan.steps],
+                "leftovers": [lo.to_json() for lo in scan.leftovers],
+                "foreign": scan.foreign,
+            }
         )
-        return 0
-    return 2  # pragma: no cover - argparse rejects unknown commands
+        return EXIT_OK
+    if scan.is_checkpoint:
+        click.echo(f"{scan.directory} is a single checkpoint (not a manager directory)")
+    elif not scan.steps:
+        click.echo(f"{scan.directory}: no steps")
+    rows = []
+    for s in scan.steps:
+        if s.state == "committed":
+            rows.append(
+                [
+                    str(s.step),
+                    "committed",
+                    _scan.format_bytes(s.bytes),
+                    str(s.process_count),
+                    s.created or "-",
+                    _fmt_metrics(s.metrics) + ("  *best" if s.step == best else ""),
+                ]
+            )
+        else:
+            rows.append([str(s.step), s.state, _scan.format_bytes(s.bytes), "-", "-", f"({s.why})"])
+    if rows:
+        _table(rows, ["STEP", "STATE", "SIZE", "PROCS", "CREATED (UTC)", "METRICS"])
+    if metric and best is not None and not scan.is_checkpoint:
+        click.echo(f"best: step {best} by {metric} ({best_mode})")
+    if scan.leftovers:
+        click.echo(
+            "\nleftovers (never part of a committed step; `distckpt gc` removes stale ones):"
+        )
+        _table(
+            [
+                [
+                    os.path.relpath(lo.path, scan.directory),
+                    lo.kind,
+                    _scan.format_bytes(lo.bytes),
+                    _scan.format_age(lo.age_s),
+                    "stale" if lo.stale else "recent: may be in use",
+                ]
+                for lo in scan.leftovers
+            ],
+            ["PATH", "KIND", "SIZE", "AGE", "STATUS"],
+        )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def inspect_command(path: str, as_json: bool) -> int:
+    """Show the tree of the checkpoint at PATH without reading any array.
+
+    Key path, global shape, dtype, sharding at save time (mesh axes and
+    PartitionSpec), bytes; user metadata; format and library versions; the
+    save timings and, for a manager's step, its step and metrics. An Orbax
+    checkpoint is described too.
+    """
+    from distckpt import _source
+    from distckpt.errors import DistckptError
+
+    try:
+        with _source.open_source(path) as src:
+            doc = _describe_source(src)
+    except (DistckptError, OSError, ValueError) as e:
+        raise _error(e) from e
+    if as_json:
+        _emit_json(doc)
+        return EXIT_OK
+    _print_description(doc)
+    return EXIT_OK
+
+
+def _describe_source(src: Any) -> dict:
+    leaves = []
+    for spec in src.leaves:
+        entry: dict[str, Any] = {"path": spec.display, "key_path": [list(p) for p in spec.path]}
+        entry["kind"] = spec.kind
+        if spec.stored:
+            entry.update(
+                shape=list(spec.shape), dtype=spec.dtype, sharding=spec.sharding, bytes=spec.nbytes
+            )
+        if spec.impl:
+            entry["prng_impl"] = spec.impl
+        if spec.kind == "python":
+            entry["value"] = spec.value
+        leaves.append(entry)
+    return {
+        "path": src.display,
+        "format": src.format,
+        **src.info,
+        "user_metadata": src.user_metadata,
+        "leaves": leaves,
+    }
+
+
+def _print_description(doc: dict) -> None:
+    from distckpt._scan import format_bytes
+
+    if doc["format"] == "distckpt":
+        click.echo(
+            f"{doc['path']}: distckpt format {doc['format_version']}, created {doc['created']}, "
+            f"{doc['process_count']} process(es), {doc['device_count']} device(s), "
+            f"{doc['files']} file(s), {format_bytes(doc['total_bytes'])}"
+        )
+        versions = ", ".join(f"{k} {v}" for k, v in doc.get("versions", {}).items())
+        click.echo(f"written by: {versions or 'unknown'}")
+        manager = doc.get("manager")
+        if manager:
+            click.echo(
+                f"step {manager.get('step')}, metrics: {_fmt_metrics(manager.get('metrics'))}"
+            )
+        stats = doc.get("save_stats")
+        if stats:
+            click.echo(
+                f"save: blocking {stats.get('blocking_s', 0):.3f} s, write "
+                f"{stats.get('write_s', 0):.3f} s, commit {stats.get('commit_s', 0):.3f} s"
+            )
+    else:
+        click.echo(
+            f"{doc['path']}: Orbax checkpoint ({doc.get('layout')}), "
+            f"{format_bytes(doc['total_bytes'])} of array data"
+        )
+    click.echo(f"user metadata: {json.dumps(doc.get('user_metadata'))}")
+    rows = []
+    for leaf in doc["leaves"]:
+        if "shape" in leaf:
+            kind = leaf["kind"] + (f" ({leaf['prng_impl']})" if leaf.get("prng_impl") else "")
+            rows.append(
+                [
+                    leaf["path"],
+                    kind,
+                    str(tuple(leaf["shape"])),
+                    leaf["dtype"],
+                    _fmt_sharding(leaf.get("sharding")),
+                    format_bytes(leaf["bytes"]),
+                ]
+            )
+        else:
+            value = repr(leaf.get("value")) if leaf["kind"] == "python" else ""
+            rows.append([leaf["path"], leaf["kind"], "-", value, "-", "0 B"])
+    click.echo(f"{len(rows)} leaves:")
+    _table(rows, ["PATH", "KIND", "SHAPE", "DTYPE", "SHARDING AT SAVE", "BYTES"])
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@cli.command("verify")
+@click.argument("path")
+@click.option(
+    "--all",
+    "all_steps",
+    is_flag=True,
+    help="PATH is a CheckpointManager directory: verify every committed step.",
+)
+def verify_command(path: str, all_steps: bool) -> int:
+    """Re-read every byte of a checkpoint and check every checksum and full coverage.
+
+    Exit code 0 when clean, 1 when corrupt or not committed, naming the files
+    and leaf paths at fault. With --all, a progress bar on a terminal (plain
+    lines otherwise) and exit code 1 if any committed step is corrupt;
+    uncommitted steps are listed but do not fail the run.
+    """
+    import distckpt
+    from distckpt.errors import DistckptError
+
+    if not all_steps:
+        try:
+            report = distckpt.verify(path)
+        except DistckptError as e:
+            click.echo(f"FAILED: {e}", err=True)
+            return EXIT_NEGATIVE
+        click.echo(_ok_line(report))
+        return EXIT_OK
+
+    from distckpt import _scan
+
+    try:
+        scan = _scan.scan(path)
+    except OSError as e:
+        raise _error(e) from e
+    results: list[tuple[Any, str, Any]] = []
+    tty = sys.stderr.isatty()
+
+    def check(s: Any) -> None:
+        if s.state == "uncommitted":
+            results.append((s, "not committed", s.why))
+            return
+        try:
+            results.append((s, "ok", distckpt.verify(s.path)))
+        except DistckptError as e:
+            results.append((s, "corrupt", e))
+        if not tty:
+            _print_verify_result(*results[-1])
+
+    if tty:
+        with click.progressbar(
+            scan.steps,
+            label=f"verifying {len(scan.steps)} step(s)",
+            file=sys.stderr,
+            item_show_func=lambda s: f"step {s.step}" if s else "",
+        ) as bar:
+            for s in bar:
+                check(s)
+        for r in results:
+            _print_verify_result(*r)
+    else:
+        for s in scan.steps:
+            check(s)
+            if s.state == "uncommitted":
+                _print_verify_result(*results[-1])
+    bad = [s.step for s, status, _ in results if status == "corrupt"]
+    ok = sum(1 for _, status, _ in results if status == "ok")
+    click.echo(
+        f"{ok} step(s) clean, {len(bad)} corrupt"
+        + (f" ({', '.join(map(str, bad))})" if bad else "")
+        + f", {sum(1 for _, st, _ in results if st == 'not committed')} not committed"
+    )
+    return EXIT_NEGATIVE if bad else EXIT_OK
+
+
+def _ok_line(report: Any) -> str:
+    return (
+        f"OK: {report.directory}: {report.leaves} leaves, {report.files} files, "
+        f"{report.chunks} chunks, {report.bytes_checked} bytes checked in {report.seconds:.2f} s"
+    )
+
+
+def _print_verify_result(step: Any, status: str, detail: Any) -> None:
+    if status == "ok":
+        click.echo(f"step {step.step}: {_ok_line(detail)}")
+    elif status == "corrupt":
+        click.echo(f"step {step.step}: FAILED: {detail}", err=True)
+    else:
+        click.echo(f"step {step.step}: not committed ({detail})")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--values", is_flag=True, help="Also compare values, leaf by leaf, slab by slab.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--partial", is_flag=True, help="With a target spec B: allow B to be a subtree of A.")
+@click.option(
+    "--slab-mb",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Rows of a leaf are compared this many MiB at a time (bounds memory).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def diff_command(
+    a: str,
+    b: str,
+    values: bool,
+    atol: float,
+    rtol: float,
+    partial: bool,
+    slab_mb: int,
+    as_json: bool,
+) -> int:
+    """Differences between checkpoints A and B (distckpt or Orbax).
+
+    Structure, shape and dtype differences from metadata; with --values, per
+    leaf the largest absolute and relative difference and how many elements
+    lie outside atol + rtol * |B|. B may instead be a Python target spec,
+    module:attr or file.py:attr, naming a pytree of jax.ShapeDtypeStruct,
+    arrays and scalars (or a function returning one): the diff then lists
+    what restore(A, target) would refuse.
+
+    Exit code 0 when there is no difference, 1 when there is.
+    """
+    from distckpt import _diff, _source
+    from distckpt.errors import DistckptError
+
+    try:
+        with _source.open_source(a) as src_a:
+            if _diff.is_target_spec(b):
+                target = _diff.load_target(b)
+                problems = _diff.target_problems(src_a, target, partial=partial)
+                if as_json:
+                    _emit_json({"a": src_a.display, "target": b, "structure": problems})
+                else:
+                    _print_structure(problems, f"{src_a.display} against target {b}")
+                return EXIT_NEGATIVE if problems else EXIT_OK
+            with _source.open_source(b) as src_b:
+                structure = _diff.structure(src_a, src_b)
+                if not as_json:
+                    _print_structure(structure, f"{src_a.display} (A) and {src_b.display} (B)")
+                leaf_diffs = []
+                if values:
+                    if not as_json:
+                        click.echo(f"values (atol={atol:g}, rtol={rtol:g}):")
+                    for d in _diff.values(
+                        src_a, src_b, atol=atol, rtol=rtol, slab_bytes=slab_mb << 20
+                    ):
+                        leaf_diffs.append(d)
+                        if not as_json:
+                            _print_value_diff(d)
+    except (DistckptError, OSError, ValueError) as e:
+        raise _error(e) from e
+    different = [d for d in leaf_diffs if d.status == "different"]
+    if as_json:
+        _emit_json(
+            {
+                "a": src_a.display,
+                "b": src_b.display,
+                "structure": structure,
+                "values": [d.to_json() for d in leaf_diffs] if values else None,
+                "atol": atol,
+                "rtol": rtol,
+            }
+        )
+    elif values:
+        click.echo(
+            f"values: {len(leaf_diffs)} leaves compared: "
+            f"{sum(d.status == 'equal' for d in leaf_diffs)} equal, "
+            f"{sum(d.status == 'close' for d in leaf_diffs)} close, {len(different)} different"
+        )
+    return EXIT_NEGATIVE if structure or different else EXIT_OK
+
+
+def _print_structure(problems: list[str], what: str) -> None:
+    if not problems:
+        click.echo(f"structure: same leaves, shapes and dtypes in {what}")
+        return
+    click.echo(f"structure: {len(problems)} difference(s) in {what}:")
+    for p in problems:
+        click.echo(f"  {p}")
+
+
+def _print_value_diff(d: Any) -> None:
+    if d.detail:
+        click.echo(f"  {d.path}: {d.status}: {d.detail}")
+    elif d.status == "equal":
+        click.echo(f"  {d.path}: equal ({d.elements} elements)")
+    else:
+        click.echo(
+            f"  {d.path}: {d.status}: {d.mismatched}/{d.elements} elements outside tolerance, "
+            f"max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}"
+        )
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@cli.command("audit")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Also draw save timings and sizes over steps into this PNG (matplotlib).",
+)
+@click.option(
+    "--no-verify", is_flag=True, help="Skip re-reading the data (integrity 'not checked')."
+)
+@_min_age_option
+def audit_command(
+    directory: str, as_json: bool, plot_path: str | None, no_verify: bool, min_age: float
+) -> int:
+    """A report over a CheckpointManager DIRECTORY.
+
+    Integrity of every step, bytes per step and per process (imbalance =
+    largest / mean), growth over steps, the save timings the manager recorded
+    (blocking, write, commit), what retention kept, and leftovers. Reads only;
+    --plot writes the PNG you name and nothing else.
+
+    Exit code 1 when a committed step is corrupt or its manifest damaged.
+    """
+    from distckpt import _audit, _scan
+
+    try:
+        scan = _scan.scan(directory, min_age_s=min_age)
+    except OSError as e:
+        raise _error(e) from e
+    progress = None
+    if not as_json and not sys.stderr.isatty() and not no_verify:
+
+        def progress(s: Any) -> None:
+            click.echo(f"audit: checked step {s.step}", err=True)
+
+    if not no_verify and sys.stderr.isatty() and scan.steps:
+        with click.progressbar(length=len(scan.steps), label="auditing", file=sys.stderr) as bar:
+            doc = _audit.report(scan, verify=True, on_step=lambda s: bar.update(1))
+    else:
+        doc = _audit.report(scan, verify=not no_verify, on_step=progress)
+    if plot_path:
+        try:
+            _audit.plot(doc, plot_path)
+        except (ImportError, OSError) as e:
+            raise _error(e) from e
+        doc["plot"] = os.path.abspath(plot_path)
+    if as_json:
+        _emit_json(doc)
+    else:
+        _print_audit(doc)
+    return EXIT_NEGATIVE if doc["problems"] else EXIT_OK
+
+
+def _print_audit(doc: dict) -> None:
+    from distckpt._scan import format_bytes
+
+    click.echo(f"audit of {doc['directory']}")
+    rows = []
+    for r in doc["steps"]:
+        if r["state"] != "committed":
+            rows.append([str(r["step"]), r["state"], format_bytes(r["bytes"]), "-", "-", "-", "-"])
+            continue
+        growth = "-"
+        if r.get("growth_bytes") is not None:
+            growth = f"{'+' if r['growth_bytes'] >= 0 else ''}{format_bytes(r['growth_bytes'])}"
+            if r.get("growth_pct") is not None:
+                growth += f" ({r['growth_pct']:+.1f}%)"
+        timings = "/".join(
+            f"{r[k]:.3f}" if r.get(k) is not None else "-"
+            for k in ("blocking_s", "write_s", "commit_s")
+        )
+        imbalance = f"{r['imbalance']:.2f}" if r.get("imbalance") else "-"
+        rows.append(
+            [
+                str(r["step"]),
+                r.get("integrity", "-"),
+                format_bytes(r["bytes"]),
+                growth,
+                " ".join(format_bytes(b) for b in r["bytes_per_process"]),
+                imbalance,
+                timings,
+            ]
+        )
+    _table(
+        rows,
+        [
+            "STEP",
+            "INTEGRITY",
+            "SIZE",
+            "GROWTH",
+            "BYTES PER PROCESS",
+            "IMBALANCE",
+            "BLOCK/WRITE/COMMIT S",
+        ],
+    )
+    t, ret = doc["totals"], doc["retention"]
+    click.echo(
+        f"totals: {t['committed_steps']} committed step(s), {format_bytes(t['bytes'])}; "
+        f"leftovers {format_bytes(t['leftover_bytes'])}"
+        + (f"; largest imbalance {t['max_imbalance']:.2f}" if t.get("max_imbalance") else "")
+    )
+    click.echo(
+        f"retention: kept steps {ret['kept_steps'] or 'none'}"
+        + (f", intervals {ret['intervals']}" if ret["intervals"] else "")
+        + (
+            f"; {len(ret['interrupted_deletions'])} interrupted deletion(s)"
+            if ret["interrupted_deletions"]
+            else ""
+        )
+        + (f"; uncommitted steps {ret['uncommitted_steps']}" if ret["uncommitted_steps"] else "")
+    )
+    for p in doc["saves_in_progress"]:
+        click.echo(f"recently modified, may be in use by a save or deletion: {p}")
+    for w in doc["warnings"]:
+        click.echo(f"warning: {w}")
+    for p in doc["problems"]:
+        click.echo(f"PROBLEM: {p}")
+    if doc.get("plot"):
+        click.echo(f"plot: {doc['plot']}")
+    if not doc["problems"]:
+        click.echo("no problems found")
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@cli.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["distckpt", "orbax", "npz", "safetensors"]),
+    required=True,
+    help="Format to write.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
+    """Convert the checkpoint SRC (distckpt or Orbax, detected) into DST.
+
+    \b
+    --to distckpt     an Orbax StandardCheckpointer/PyTree checkpoint (or a distckpt one)
+    --to orbax        an Orbax checkpoint written with orbax's StandardCheckpointer
+    --to npz          one uncompressed .npz file, streamed leaf by leaf
+    --to safetensors  one safetensors file, streamed leaf by leaf
+
+    Key paths become flat names like params/layer_0/w (docs/cli.md). npz and
+    safetensors are written a slab at a time, so memory stays bounded; the
+    distckpt and Orbax targets hold the whole tree in host memory. Writes
+    only DST.
+    """
+    from distckpt import _convert
+    from distckpt.errors import DistckptError
+
+    began = time.perf_counter()
+    try:
+        summary = _convert.convert(src, dst, to=to, overwrite=overwrite)
+    except (DistckptError, OSError, ValueError, ImportError) as e:
+        raise _error(e) from e
+    from distckpt._scan import format_bytes
+
+    click.echo(
+        f"converted {summary['leaves']} leaves ({format_bytes(summary['bytes'])}) from "
+        f"{summary['from']} {summary['src']} to {to} {summary['dst']} in "
+        f"{time.perf_counter() - began:.2f} s"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- gc
+
+
+@cli.command("gc")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_min_age_option
+def gc_command(directory: str, dry_run: bool, as_json: bool, min_age: float) -> int:
+    """Remove stale leftovers in a CheckpointManager DIRECTORY (or one checkpoint).
+
+    Removes interrupted saves (step directories with save attempts and no
+    manifest.json), half-deleted steps (.step_*.deleting-*), and attempts
+    and temporary manifests a step's manifest does not name. Never a
+    committed step, never anything modified within --min-age (a save may
+    hold it), never a directory holding files distckpt did not write. A step
+    directory is renamed aside first and checked again, so a save that
+    commits meanwhile is put back, not deleted.
+    """
+    from distckpt import _gc, _scan
+
+    try:
+        scan = _scan.scan(directory, min_age_s=min_age)
+    except OSError as e:
+        raise _error(e) from e
+    outcomes = _gc.run(scan, dry_run=dry_run)
+    if as_json:
+        _emit_json(
+            {
+                "directory": scan.directory,
+                "dry_run": dry_run,
+                "outcomes": [o.to_json() for o in outcomes],
+            }
+        )
+        return EXIT_OK
+    for o in outcomes:
+        line = f"{o.action}: {o.path} ({o.kind}, {_scan.format_bytes(o.bytes)})"
+        click.echo(line + (f": {o.reason}" if o.reason else ""))
+    gone = [o for o in outcomes if o.action in ("removed", "would remove")]
+    kept = len(outcomes) - len(gone)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(
+        f"gc: {verb} {len(gone)} leftover(s), {_scan.format_bytes(sum(o.bytes for o in gone))}; "
+        f"kept {kept}"
+    )
+    return EXIT_OK
 
 
 if __name__ == "__main__":

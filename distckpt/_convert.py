@@ -1,0 +1,103 @@
+"""``distckpt convert``: between distckpt, Orbax, npz and safetensors.
+
+The source format is detected (an Orbax PyTree directory has ``_METADATA``;
+a distckpt checkpoint has ``manifest.json``). npz and safetensors are
+written slab by slab (``_export``); distckpt and Orbax destinations are
+written by ``distckpt.save`` and Orbax's ``StandardCheckpointer``, which take
+a whole tree, so those hold the checkpoint in host memory, read one leaf at
+a time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from distckpt import _export, _orbax, _source, _tree
+
+FORMATS = ("distckpt", "orbax", "npz", "safetensors")
+
+
+def load_tree(source: _source.Source) -> Any:
+    """The whole checkpoint as plain dicts and lists, read one leaf at a time.
+
+    ``array`` leaves become ``jax.Array`` on the first CPU device (Orbax then
+    records them as jax.Array, distckpt as arrays), numpy leaves stay numpy,
+    PRNG keys become key arrays, Python values and ``None`` stay as they are.
+    """
+    cpu = jax.devices("cpu")[0]
+    items = []
+    for i, spec in enumerate(source.leaves):
+        if spec.kind == _tree.PYTHON:
+            value = spec.value
+        elif spec.kind == _tree.NONE:
+            value = None
+        else:
+            value = source.read_all(i)
+            if spec.kind == _tree.PRNG_KEY:
+                value = jax.random.wrap_key_data(jax.device_put(value, cpu), impl=spec.impl)
+            elif spec.kind == _tree.ARRAY:
+                value = jax.device_put(value, cpu)
+        items.append((spec.path, value))
+    return _tree.unflatten_plain(items)
+
+
+def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
+    """Converts ``src`` into ``dst`` in format ``to``; returns a summary.
+
+    Raises:
+      NotCommittedError: ``src`` is neither a committed distckpt checkpoint
+        nor an Orbax checkpoint.
+      CheckpointExistsError / FileExistsError: ``dst`` exists and not ``overwrite``.
+      ValueError: a leaf the destination format cannot hold (named).
+    """
+    if to not in FORMATS:
+        raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"SRC and DST are the same path ({src}); write to another path")
+    with _source.open_source(src) as source:
+        summary = {
+            "from": source.format,
+            "src": source.display,
+            "dst": os.path.abspath(dst),
+            "leaves": len(source.leaves),
+            "bytes": sum(s.nbytes for s in source.leaves),
+        }
+        if to == "npz":
+            _export.to_npz(source, dst, overwrite=overwrite)
+        elif to == "safetensors":
+            _export.to_safetensors(source, dst, overwrite=overwrite)
+        elif to == "orbax":
+            _write_orbax(source, dst, overwrite=overwrite)
+        else:
+            from distckpt._save import save
+
+            tree = load_tree(source)
+            save(dst, tree, overwrite=overwrite, metadata=source.user_metadata)
+    return summary
+
+
+def _write_orbax(source: _source.Source, dst: str, *, overwrite: bool) -> None:
+    ocp = _orbax.import_orbax()
+    strings = [
+        s.display for s in source.leaves if s.kind == _tree.PYTHON and isinstance(s.value, str)
+    ]
+    if strings:
+        raise ValueError(
+            f"{source.display}: Orbax cannot store Python str leaves ({', '.join(strings)}); "
+            "remove them from the tree, or export with --to npz, which keeps them"
+        )
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(
+            f"{dst} already exists; pass --overwrite to replace it or choose another path"
+        )
+    tree = load_tree(source)
+    metadata = source.user_metadata
+    if metadata is not None and not isinstance(metadata, dict):
+        metadata = {"user_metadata": metadata}  # Orbax's custom_metadata is a dict
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(dst, tree, force=overwrite, custom_metadata=metadata)
+        ckptr.wait_until_finished()

@@ -1,0 +1,239 @@
+"""Differences between two checkpoints, or a checkpoint and a restore target.
+
+Structure (leaves on one side only, kind, shape, dtype, PRNG implementation)
+comes from the metadata alone. Values are compared slab by slab (rows of
+the first dimension), so memory stays near the slab budget whatever the
+size of a leaf. Leaves are matched by key path as strings, as ``restore``
+matches them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from distckpt import _tree
+from distckpt._manifest import Manifest
+from distckpt._plan import LeafSpec
+from distckpt._source import Source
+
+DEFAULT_SLAB_BYTES = 16 << 20
+
+_CATEGORY = {
+    _tree.ARRAY: "array",
+    _tree.NUMPY: "array",  # a numpy leaf and a jax.Array leaf hold comparable values
+    _tree.PRNG_KEY: "PRNG key",
+    _tree.PYTHON: "Python value",
+    _tree.NONE: "None",
+}
+
+
+def describe(spec: LeafSpec) -> str:
+    if spec.kind == _tree.PYTHON:
+        return f"Python {type(spec.value).__name__}"
+    if spec.kind == _tree.NONE:
+        return "None"
+    if spec.kind == _tree.PRNG_KEY:
+        return f"{spec.impl} PRNG key data uint32{list(spec.shape)}"
+    return f"{spec.dtype}{list(spec.shape)}"
+
+
+def pairs(a: Source, b: Source) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """(leaves in both, as index pairs), (only in a), (only in b); in a's then b's order."""
+    b_by_key = {_tree.match_key(s.path): i for i, s in enumerate(b.leaves)}
+    both, only_a, seen = [], [], set()
+    for i, s in enumerate(a.leaves):
+        j = b_by_key.get(_tree.match_key(s.path))
+        if j is None:
+            only_a.append(i)
+        else:
+            both.append((i, j))
+            seen.add(j)
+    only_b = [j for j in range(len(b.leaves)) if j not in seen]
+    return both, only_a, only_b
+
+
+def structure(a: Source, b: Source) -> list[str]:
+    """Every structural difference, one line each (empty: same structure)."""
+    both, only_a, only_b = pairs(a, b)
+    lines = [f"{a.leaves[i].display}: only in A ({describe(a.leaves[i])})" for i in only_a]
+    lines += [f"{b.leaves[j].display}: only in B ({describe(b.leaves[j])})" for j in only_b]
+    for i, j in both:
+        sa, sb = a.leaves[i], b.leaves[j]
+        ca, cb = _CATEGORY[sa.kind], _CATEGORY[sb.kind]
+        if ca != cb:
+            lines.append(f"{sa.display}: {ca} in A ({describe(sa)}), {cb} in B ({describe(sb)})")
+            continue
+        if sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl:
+            lines.append(f"{sa.display}: PRNG implementation {sa.impl} in A, {sb.impl} in B")
+        if sa.stored and tuple(sa.shape) != tuple(sb.shape):
+            lines.append(f"{sa.display}: shape {tuple(sa.shape)} in A, {tuple(sb.shape)} in B")
+        if sa.stored and sa.dtype != sb.dtype:
+            lines.append(f"{sa.display}: dtype {sa.dtype} in A, {sb.dtype} in B")
+    return lines
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    """How one leaf's values differ; ``status`` is "equal", "close" or "different"."""
+
+    path: str
+    status: str
+    elements: int
+    mismatched: int  # elements outside atol + rtol * |b|
+    max_abs: float
+    max_rel: float
+    detail: str = ""  # for Python values: both values
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+    if x.dtype.kind == "c":
+        return x.astype(np.complex128)
+    return x.astype(np.float64)
+
+
+def values(
+    a: Source,
+    b: Source,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> Iterator[ValueDiff]:
+    """Compares every leaf present in both with the same shape, one slab at a time.
+
+    ``max_rel`` is ``max |a - b| / |b|`` (``inf`` where ``b`` is 0 and ``a`` is
+    not); an element is mismatched when ``|a - b| > atol + rtol * |b|``, as in
+    ``numpy.isclose`` with B as the reference. NaN equals NaN.
+    """
+    both, _, _ = pairs(a, b)
+    for i, j in both:
+        sa, sb = a.leaves[i], b.leaves[j]
+        if _CATEGORY[sa.kind] != _CATEGORY[sb.kind]:
+            continue
+        if sa.kind == _tree.NONE:
+            continue
+        if sa.kind == _tree.PYTHON:
+            same = sa.value == sb.value and type(sa.value) is type(sb.value)
+            yield ValueDiff(
+                sa.display,
+                "equal" if same else "different",
+                1,
+                0 if same else 1,
+                0.0,
+                0.0,
+                "" if same else f"{sa.value!r} in A, {sb.value!r} in B",
+            )
+            continue
+        if tuple(sa.shape) != tuple(sb.shape) or (sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl):
+            continue  # reported by structure()
+        yield _compare_leaf(a, b, i, j, atol, rtol, slab_bytes)
+
+
+def _compare_leaf(
+    a: Source, b: Source, i: int, j: int, atol: float, rtol: float, slab_bytes: int
+) -> ValueDiff:
+    spec = a.leaves[i]
+    mismatched, max_abs, max_rel, exact = 0, 0.0, 0.0, True
+    for rows in a.slabs(i, slab_bytes):
+        xa, xb = a.read(i, rows), b.read(j, rows)
+        if xa.size == 0:
+            continue
+        if xa.dtype.kind in "biu" and xb.dtype.kind in "biu":
+            exact = exact and bool(np.array_equal(xa, xb))
+        fa, fb = _as_float(xa), _as_float(xb)
+        both_nan = np.isnan(fa) & np.isnan(fb) if fa.dtype.kind in "fc" else None
+        diff = np.abs(fa - fb)
+        ref = np.abs(fb)
+        if both_nan is not None:
+            diff = np.where(both_nan, 0.0, diff)
+            diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only
+            ref = np.where(np.isnan(ref), 0.0, ref)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(diff == 0, 0.0, diff / ref)
+        bad = diff > atol + rtol * ref
+        mismatched += int(np.count_nonzero(bad))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float(np.nanmax(rel)))
+        if xa.dtype.kind not in "biu" or xb.dtype.kind not in "biu":
+            exact = exact and not bool(np.any(diff))
+    if exact and not mismatched:
+        status = "equal"
+    elif not mismatched:
+        status = "close"
+    else:
+        status = "different"
+    elements = int(np.prod(spec.shape, dtype=np.int64))
+    return ValueDiff(spec.display, status, elements, mismatched, max_abs, max_rel)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+_SPEC = re.compile(r"^(?P<where>[^:]+):(?P<attr>[A-Za-z_][\w.]*)$")
+
+
+def is_target_spec(arg: str) -> bool:
+    """``module:attr`` or ``file.py:attr`` (and not an existing path)."""
+    return not os.path.exists(arg) and _SPEC.match(arg) is not None
+
+
+def load_target(arg: str) -> Any:
+    """The pytree a target spec names; a callable is called with no arguments.
+
+    Raises:
+      ValueError: the module, file or attribute cannot be found (says which).
+    """
+    m = _SPEC.match(arg)
+    if m is None:
+        raise ValueError(f"{arg!r} is not a target spec; expected module:attr or file.py:attr")
+    where, attr = m["where"], m["attr"]
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ValueError(f"target spec {arg!r}: file {where} does not exist")
+        name = f"_distckpt_target_{abs(hash(os.path.abspath(where)))}"
+        spec = importlib.util.spec_from_file_location(name, where)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"target spec {arg!r}: cannot import module {where!r} ({e})") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"target spec {arg!r}: {where} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj() if callable(obj) and not isinstance(obj, jax.ShapeDtypeStruct) else obj
+
+
+def target_problems(source: Source, target: Any, *, partial: bool = False) -> list[str]:
+    """What ``restore(source, target)`` would refuse, every problem at once (no data read)."""
+    from distckpt import _restore
+
+    manifest = Manifest(
+        attempt="",
+        leaves=source.leaves,
+        chunks=[[] for _ in source.leaves],
+        files={},
+        process_count=1,
+        device_count=1,
+    )
+    items, _ = _tree.flatten(target)
+    _, problems = _restore.match(manifest, items, partial=partial, cast=False)
+    return problems

@@ -1,0 +1,297 @@
+"""Orbax checkpoints: detect, read leaf by leaf through TensorStore, restore, and write.
+
+Reads the layout that orbax-checkpoint's ``StandardCheckpointer`` and
+``PyTreeCheckpointer`` write (``_METADATA`` with ``tree_metadata``, one
+zarr array per leaf, in an OCDBT kvstore or one directory per leaf). Reading
+needs only TensorStore; writing (``_convert``) needs orbax-checkpoint
+(``pip install 'distckpt[orbax]'``), imported only then.
+
+Limits: single process only (``distckpt.restore`` of an Orbax checkpoint
+refuses a multi-process job); leaves are read with TensorStore's zarr
+driver, so an Orbax layout that is not zarr (older msgpack-only
+checkpoints) is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from distckpt import _reshard, _tree
+from distckpt._manifest import MANIFEST_NAME, Manifest
+from distckpt._plan import LeafSpec
+from distckpt._source import Rows, Source, rows_box
+from distckpt.errors import DistckptError, NotCommittedError, TreeMismatchError
+
+METADATA_NAME = "_METADATA"
+_SEQUENCE_KEY, _DICT_KEY = 1, 2  # orbax's KeyType values in tree_metadata
+
+
+def find_root(path: str) -> str | None:
+    """The Orbax PyTree directory at ``path``, or None if it is not one.
+
+    ``path`` itself (``_METADATA`` and no distckpt ``manifest.json``), or an
+    Orbax CheckpointManager step directory holding exactly one item
+    directory (such as ``default/``) that is one.
+    """
+    if "://" in path:
+        return None
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return None
+    if os.path.isfile(os.path.join(path, METADATA_NAME)):
+        return os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")):
+        items = [
+            e
+            for e in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, e, METADATA_NAME))
+        ]
+        if len(items) == 1:
+            return os.path.abspath(os.path.join(path, items[0]))
+    return None
+
+
+def looks_like_orbax(directory: Any) -> bool:
+    """Cheap test used by ``distckpt.restore``: a local Orbax checkpoint, not a distckpt one."""
+    if isinstance(directory, os.PathLike):
+        directory = os.fspath(directory)
+    return isinstance(directory, str) and find_root(directory) is not None
+
+
+def import_orbax() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError(
+            "writing Orbax checkpoints needs orbax-checkpoint, which is not installed: "
+            "pip install 'distckpt[orbax]'"
+        ) from e
+    return ocp
+
+
+def _path_of(key_metadata: list[dict]) -> _tree.Path:
+    parts = []
+    for k in key_metadata:
+        key = k["key"]
+        if k.get("key_type") == _SEQUENCE_KEY:
+            parts.append(("idx", int(key)))
+        else:
+            parts.append(("key", str(key)))
+    return tuple(parts)
+
+
+def _sharding_of(raw: str | None) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    kind = doc.get("sharding_type")
+    if kind == "NamedSharding":
+        mesh = dict(zip(doc.get("axis_names", []), doc.get("shape", []), strict=False))
+        spec = [list(p) if isinstance(p, list) else p for p in doc.get("partition_spec", [])]
+        return {"type": "NamedSharding", "mesh": mesh, "spec": spec}
+    return {"type": kind or "unknown"}
+
+
+class OrbaxSource(Source):
+    """An Orbax PyTree checkpoint, read one leaf (or slab of rows) at a time."""
+
+    format = "orbax"
+
+    def __init__(self, root: str):
+        self.root = self.display = root
+        meta_path = os.path.join(root, METADATA_NAME)
+        try:
+            with open(meta_path) as f:
+                doc = json.load(f)
+            tree = doc["tree_metadata"]
+        except (OSError, ValueError, KeyError) as e:
+            raise NotCommittedError(
+                f"{meta_path} is not a readable Orbax PyTree metadata file ({type(e).__name__}: "
+                f"{e}); distckpt reads Orbax checkpoints written by StandardCheckpointer or "
+                "PyTreeCheckpointer with orbax-checkpoint 0.5 or newer"
+            ) from e
+        self.use_ocdbt = bool(doc.get("use_ocdbt", True))
+        self.use_zarr3 = bool(doc.get("use_zarr3", False))
+        self.user_metadata = doc.get("custom_metadata")
+        shardings = self._json_file("_sharding") or {}
+        ext = {}  # param name -> ext_metadata (the PRNG implementation of key leaves)
+        am_dir = os.path.join(root, "array_metadatas")
+        for name in sorted(os.listdir(am_dir)) if os.path.isdir(am_dir) else []:
+            doc_am = self._json_file(os.path.join("array_metadatas", name)) or {}
+            for entry in doc_am.get("array_metadatas", []):
+                am = entry.get("array_metadata", {})
+                ext[am.get("param_name")] = am.get("ext_metadata") or {}
+        self.names: list[str | None] = []
+        self._stores: dict[int, Any] = {}
+        leaves = []
+        for entry in tree.values():
+            path = _path_of(entry["key_metadata"])
+            vm = entry.get("value_metadata", {})
+            vtype = vm.get("value_type")
+            name = ".".join(str(k) for _, k in path)  # orbax's param name
+            disp = _tree.display(path)
+            if vtype == "None":
+                leaves.append(LeafSpec(path, disp, _tree.NONE))
+                self.names.append(None)
+                continue
+            if vm.get("skip_deserialize"):
+                continue  # an empty container: no leaf
+            self.names.append(name)
+            store = self._open(len(leaves), name)
+            dtype = str(np.dtype(store.dtype.numpy_dtype))
+            shape = tuple(int(n) for n in store.shape)
+            if vtype == "scalar":
+                value = store.read().result()[()]
+                value = bool(value) if dtype == "bool" else value.item()
+                leaves.append(LeafSpec(path, disp, _tree.PYTHON, value=value))
+                self._stores.pop(len(leaves) - 1, None)
+                continue
+            sharding = _sharding_of(shardings.get(base64.b64encode(name.encode()).decode())) or {
+                "type": "host"
+            }
+            impl = ext.get(name, {}).get("random_key_impl")
+            kind = (
+                _tree.PRNG_KEY if impl else (_tree.NUMPY if vtype == "np.ndarray" else _tree.ARRAY)
+            )
+            leaves.append(LeafSpec(path, disp, kind, shape, dtype, sharding, impl=impl))
+        self.leaves = leaves
+        # StandardCheckpointer keeps its custom_metadata here (in the step
+        # directory, the parent, for a CheckpointManager's item).
+        ckpt_meta = self._json_file("_CHECKPOINT_METADATA") or self._json_file(
+            os.path.join(os.pardir, "_CHECKPOINT_METADATA")
+        )
+        ckpt_meta = ckpt_meta if isinstance(ckpt_meta, dict) else {}
+        if self.user_metadata is None and ckpt_meta.get("custom_metadata"):
+            self.user_metadata = ckpt_meta["custom_metadata"]
+        self.info = {
+            "layout": ("ocdbt" if self.use_ocdbt else "per-leaf directories")
+            + (", zarr3" if self.use_zarr3 else ", zarr"),
+            "item_handlers": ckpt_meta.get("item_handlers"),
+            "commit_timestamp_nsecs": ckpt_meta.get("commit_timestamp_nsecs"),
+            "total_bytes": sum(s.nbytes for s in leaves),
+        }
+
+    def _json_file(self, rel: str) -> Any:
+        try:
+            with open(os.path.join(self.root, rel)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _open(self, index: int, name: str) -> Any:
+        import tensorstore as ts
+
+        if index in self._stores:
+            return self._stores[index]
+        if self.use_ocdbt:
+            kv = {"driver": "ocdbt", "base": f"file://{self.root}/", "path": name}
+        else:
+            kv = {"driver": "file", "path": os.path.join(self.root, name)}
+        spec = {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv}
+        try:
+            store = ts.open(spec, open=True, read=True).result()
+        except ValueError as e:
+            raise DistckptError(
+                f"{self.root}: cannot open the Orbax array of leaf {name!r} ({e}). The checkpoint "
+                "is incomplete or was written in a layout distckpt does not read; read it with "
+                "orbax-checkpoint instead."
+            ) from e
+        self._stores = {index: store}  # keep one open array: memory stays per-leaf
+        return store
+
+    def read(self, index: int, rows: Rows = None) -> np.ndarray:
+        spec = self.leaves[index]
+        if not spec.stored:
+            raise ValueError(f"{spec.display} is a {spec.kind} leaf; it has no stored data")
+        return self.read_box(index, rows_box(spec.shape, rows))
+
+    def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
+        store = self._open(index, self.names[index])
+        if not box:
+            return np.asarray(store.read().result())
+        sl = tuple(slice(a, b) for a, b in box)
+        return np.asarray(store[sl].read().result())
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def restore(
+    directory: Any, target: Any = None, *, partial: bool = False, cast: bool = False
+) -> Any:
+    """``distckpt.restore`` of an Orbax checkpoint, in a single process.
+
+    Same target rules as ``distckpt.restore``; each device reads only the box
+    of each leaf it needs.
+    """
+    if jax.process_count() > 1:
+        raise DistckptError(
+            f"{directory} is an Orbax checkpoint; distckpt restores those in a single process "
+            "only. Use orbax-checkpoint in a multi-process job, or convert it first with "
+            "`distckpt convert SRC DST --to distckpt`."
+        )
+    from distckpt import _restore
+
+    source = OrbaxSource(find_root(os.fspath(directory)))
+    manifest = Manifest(
+        attempt="",
+        leaves=source.leaves,
+        chunks=[[] for _ in source.leaves],
+        files={},
+        process_count=1,
+        device_count=jax.device_count(),
+    )
+    if target is None:
+        values = []
+        for i, spec in enumerate(source.leaves):
+            values.append(_host_value(source, i, spec))
+        return _tree.unflatten_plain(
+            [(spec.path, v) for spec, v in zip(source.leaves, values, strict=True)]
+        )
+    items, treedef = _tree.flatten(target)
+    wants, problems = _restore.match(manifest, items, partial=partial, cast=cast)
+    if problems:
+        raise TreeMismatchError(
+            f"the restore target does not match the Orbax checkpoint at {source.display} "
+            f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
+            problems,
+        )
+    values: list[Any] = [None] * len(items)
+    for w in wants:
+        spec = source.leaves[w.leaf]
+        if w.mode == "value":
+            values[w.index] = w.value
+        elif not w.device_boxes:
+            arr = source.read_all(w.leaf)
+            if w.mode == "key":
+                values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
+            else:
+                values[w.index] = arr.astype(w.dtype, copy=False)
+        else:
+            boxes = dict.fromkeys(box for _, box in w.device_boxes)
+            host = {box: source.read_box(w.leaf, box).astype(w.dtype, copy=False) for box in boxes}
+            arrays = [jax.device_put(host[box], d) for d, box in w.device_boxes]
+            arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
+            if w.mode == "key":
+                arr = jax.random.wrap_key_data(arr, impl=spec.impl)
+            values[w.index] = arr
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _host_value(source: Source, index: int, spec: LeafSpec) -> Any:
+    if spec.kind == _tree.PYTHON:
+        return spec.value
+    if spec.kind == _tree.NONE:
+        return None
+    arr = source.read_all(index)
+    if spec.kind == _tree.PRNG_KEY:
+        return jax.random.wrap_key_data(arr, impl=spec.impl)
+    return arr

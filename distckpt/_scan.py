@@ -1,0 +1,292 @@
+"""What a CheckpointManager directory holds: steps, leftovers, their sizes and ages.
+
+Read-only. Used by ``distckpt ls``, ``audit`` and ``gc``. The names are the
+manager's (see docs/manager.md): ``step_XXXXXXXX`` per step,
+``.step_XXXXXXXX.deleting-<id>`` for a deletion in progress; inside a step,
+``attempt-<id>/`` per save attempt and ``.manifest.json.tmp-attempt-<id>``
+for a commit in progress (see docs/format.md).
+
+A leftover is *stale* when nothing in it was modified for ``min_age_s``
+seconds. A save writes its files continuously and waits at most
+``DISTCKPT_TIMEOUT_S`` (300 s by default) between phases, so a leftover
+untouched for longer than that belongs to no live save; the default
+``min_age_s`` of one hour leaves a wide margin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from distckpt._manifest import MANIFEST_NAME
+from distckpt._storage import ATTEMPT_PREFIX
+
+STEP = re.compile(r"^step_(\d+)$")
+DELETING = re.compile(r"^\.step_(\d+)\.deleting-[0-9a-z]+$")
+TMP_MANIFEST = f".{MANIFEST_NAME}.tmp-"
+
+DEFAULT_MIN_AGE_S = 3600.0
+
+# kinds of leftovers
+INTERRUPTED_SAVE = "uncommitted step"  # a step directory without a manifest
+HALF_DELETED = "half-deleted step"  # .step_X.deleting-<id>
+STALE_ATTEMPT = "unreferenced attempt"  # attempt-<id> in a committed step, not its manifest's
+TMP_MANIFEST_KIND = "temporary manifest"  # .manifest.json.tmp-attempt-<id>
+
+
+@dataclass
+class Leftover:
+    """Something a save or a deletion left behind (never a committed step)."""
+
+    path: str
+    kind: str
+    bytes: int
+    age_s: float  # since the newest modification of anything inside it
+    stale: bool  # older than min_age_s: no live save holds it
+    step: int | None = None
+    removable: bool = True  # False: holds files distckpt did not write
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Step:
+    """One ``step_XXXXXXXX`` directory."""
+
+    step: int
+    path: str
+    state: str  # "committed", "uncommitted" or "damaged" (manifest.json unreadable)
+    why: str = ""  # for uncommitted or damaged steps
+    bytes: int = 0  # committed: the manifest's data files; otherwise bytes on disk
+    manifest_bytes: int = 0
+    process_count: int | None = None
+    device_count: int | None = None
+    created: str = ""
+    metrics: dict | None = None
+    save_stats: dict | None = None
+    bytes_per_process: list[int] = field(default_factory=list)
+    attempt: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Scan:
+    directory: str
+    steps: list[Step]  # sorted by step
+    leftovers: list[Leftover]
+    foreign: list[str]  # entries that are not the manager's (never touched)
+    min_age_s: float
+    is_checkpoint: bool = False  # the directory is itself one checkpoint, not a manager's
+
+
+def tree_size_and_mtime(path: str) -> tuple[int, float]:
+    """Bytes of all files under ``path`` and the newest mtime of anything in it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0, 0.0
+    if not os.path.isdir(path):
+        return st.st_size, st.st_mtime
+    total, newest = 0, st.st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                s = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue  # removed while we looked
+            newest = max(newest, s.st_mtime)
+            if name in files:
+                total += s.st_size
+    return total, newest
+
+
+def _leftover(path: str, kind: str, min_age_s: float, now: float, **kw: object) -> Leftover:
+    size, newest = tree_size_and_mtime(path)
+    age = max(0.0, now - newest)
+    return Leftover(path, kind, size, age, age >= min_age_s, **kw)
+
+
+def read_manifest_doc(step_dir: str) -> dict | None:
+    """The parsed manifest of a step; None if absent. Raises ValueError if unreadable."""
+    try:
+        with open(os.path.join(step_dir, MANIFEST_NAME), "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != "distckpt":
+        raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    return doc
+
+
+def _committed_step(step: int, path: str, doc: dict) -> Step:
+    files = doc.get("files", [])
+    per_process = [0] * max(1, int(doc.get("process_count") or 1))
+    for f in files:
+        p = int(f.get("process", 0))
+        if p >= len(per_process):
+            per_process.extend([0] * (p + 1 - len(per_process)))
+        per_process[p] += int(f.get("bytes", 0))
+    manager = doc.get("manager") or {}
+    return Step(
+        step=step,
+        path=path,
+        state="committed",
+        bytes=sum(int(f.get("bytes", 0)) for f in files),
+        manifest_bytes=os.path.getsize(os.path.join(path, MANIFEST_NAME)),
+        process_count=doc.get("process_count"),
+        device_count=doc.get("device_count"),
+        created=doc.get("created", ""),
+        metrics=manager.get("metrics"),
+        save_stats=doc.get("save_stats"),
+        bytes_per_process=per_process,
+        attempt=doc.get("attempt"),
+    )
+
+
+def _inside_step(
+    path: str, attempt: str | None, min_age_s: float, now: float, step: int | None
+) -> list[Leftover]:
+    """Attempts and temporary manifests in a step directory that its manifest does not name."""
+    out = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if entry.startswith(ATTEMPT_PREFIX) and entry != attempt:
+            out.append(_leftover(full, STALE_ATTEMPT, min_age_s, now, step=step))
+        elif entry.startswith(TMP_MANIFEST) and entry != f"{TMP_MANIFEST}{attempt}":
+            out.append(_leftover(full, TMP_MANIFEST_KIND, min_age_s, now, step=step))
+    return out
+
+
+def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | None = None) -> Scan:
+    """Looks at a manager directory (or a single checkpoint directory); writes nothing.
+
+    Raises:
+      FileNotFoundError / NotADirectoryError: ``directory`` is not a directory.
+    """
+    now = time.time() if now is None else now
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        what = "does not exist" if not os.path.exists(directory) else "is not a directory"
+        raise FileNotFoundError(
+            f"{directory} {what}; pass a CheckpointManager directory (it holds step_XXXXXXXX "
+            "subdirectories) or a checkpoint directory"
+        )
+    if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+        return _scan_checkpoint(directory, min_age_s, now)
+    steps, leftovers, foreign = [], [], []
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        m = DELETING.match(entry)
+        if m and os.path.isdir(path):
+            leftovers.append(
+                _leftover(
+                    path,
+                    HALF_DELETED,
+                    min_age_s,
+                    now,
+                    step=int(m[1]),
+                    note="a deletion by retention or delete() that did not finish",
+                )
+            )
+            continue
+        m = STEP.match(entry)
+        if not m or not os.path.isdir(path):
+            foreign.append(entry)
+            continue
+        step = int(m[1])
+        try:
+            doc = read_manifest_doc(path)
+        except (ValueError, OSError) as e:
+            size, _ = tree_size_and_mtime(path)
+            steps.append(
+                Step(step, path, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})", bytes=size)
+            )
+            continue
+        if doc is not None:
+            s = _committed_step(step, path, doc)
+            steps.append(s)
+            leftovers += _inside_step(path, s.attempt, min_age_s, now, step)
+            continue
+        inside = sorted(os.listdir(path))
+        ours = [e for e in inside if e.startswith((ATTEMPT_PREFIX, TMP_MANIFEST))]
+        left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, step=step)
+        others = sorted(set(inside) - set(ours))
+        if others:
+            left.removable = False
+            left.note = f"also holds files distckpt did not write: {', '.join(others[:5])}"
+        if not ours:
+            why = "empty" if not inside else f"no {MANIFEST_NAME} and no save attempt"
+        else:
+            when = f"last written {format_age(left.age_s)} ago"
+            why = f"no {MANIFEST_NAME}: {len(ours)} save attempt(s), {when}; " + (
+                "an interrupted save" if left.stale else "a save may be in progress"
+            )
+        left.note = left.note or why
+        steps.append(Step(step, path, "uncommitted", why=why, bytes=left.bytes))
+        leftovers.append(left)
+    steps.sort(key=lambda s: s.step)
+    return Scan(directory, steps, leftovers, foreign, min_age_s)
+
+
+def _scan_checkpoint(directory: str, min_age_s: float, now: float) -> Scan:
+    try:
+        doc = read_manifest_doc(directory)
+        step = _committed_step((doc.get("manager") or {}).get("step") or 0, directory, doc)
+        attempt = step.attempt
+        steps = [step]
+    except (ValueError, OSError) as e:
+        steps = [Step(0, directory, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})")]
+        attempt = None
+    leftovers = [] if attempt is None else _inside_step(directory, attempt, min_age_s, now, None)
+    return Scan(directory, steps, leftovers, [], min_age_s, is_checkpoint=True)
+
+
+def format_age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def best_step(steps: list[Step], metric: str | None, mode: str) -> tuple[str | None, int | None]:
+    """(metric used, best committed step) the manager's way: ties go to the newer step.
+
+    With ``metric=None``: the first metric every committed step with metrics recorded.
+    """
+    committed = [s for s in steps if s.state == "committed" and s.metrics]
+    if metric is None:
+        common = None
+        for s in committed:
+            keys = [k for k, v in s.metrics.items() if isinstance(v, (int, float))]
+            common = keys if common is None else [k for k in common if k in keys]
+        if not common:
+            return None, None
+        metric = common[0]
+    scored = [
+        (float(s.metrics[metric]), s.step)
+        for s in committed
+        if isinstance(s.metrics.get(metric), (int, float))
+    ]
+    if not scored:
+        return metric, None
+    scored.sort(key=lambda x: (x[0] if mode == "min" else -x[0], -x[1]))
+    return metric, scored[0][1]

@@ -1,0 +1,370 @@
+"""The distckpt command on real checkpoints: ls, inspect, verify, diff, audit, gc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import distckpt
+from distckpt import _diff, _gc, _scan, _source
+from distckpt.cli import main
+
+COMMANDS = ["ls", "inspect", "verify", "diff", "audit", "convert", "gc"]
+HOURS_AGO = time.time() - 2 * 3600
+
+
+def _state(i: int) -> dict:
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) * i
+    return {
+        "params": {
+            "w": jax.device_put(w, NamedSharding(mesh, P("data", "model"))),
+            "b": jnp.full((32,), i, jnp.bfloat16),
+        },
+        "opt": [np.arange(5, dtype=np.int32), None],
+        "rng": jax.random.key(i),
+        "step": i,
+    }
+
+
+def _age(path, when=HOURS_AGO) -> None:
+    """Backdates everything under ``path`` (a leftover nobody touched for hours)."""
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.utime(os.path.join(root, name), (when, when))
+    os.utime(path, (when, when))
+
+
+def _snapshot(directory) -> dict:
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A manager directory: steps 1..3 committed, an interrupted step 4, a half-deleted step."""
+    d = tmp_path / "run"
+    with distckpt.CheckpointManager(d, async_save=False) as mgr:
+        for i in (1, 2, 3):
+            mgr.save(i, _state(i), metrics={"loss": [0.5, 0.2, 0.3][i - 1]})
+    attempt = d / "step_00000004" / "attempt-00000000deadbeef"
+    attempt.mkdir(parents=True)
+    (attempt / "p00000.s000.bin").write_bytes(b"\0" * 100)
+    half = d / ".step_00000000.deleting-0123abcd" / "attempt-1"
+    half.mkdir(parents=True)
+    (half / "p00000.s000.bin").write_bytes(b"\0" * 10)
+    return d
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_on_every_command(capsys):
+    code, out, _ = _run(capsys, "--help")
+    assert code == 0
+    assert "Exit codes" in out
+    for cmd in COMMANDS:
+        assert cmd in out
+        code, out_cmd, _ = _run(capsys, cmd, "--help")
+        assert code == 0 and out_cmd.startswith(f"Usage: distckpt {cmd}")
+    code, _, err = _run(capsys, "nosuchcommand")
+    assert code == 2 and "No such command" in err
+
+
+def test_ls_shows_steps_why_uncommitted_best_and_leftovers(run_dir, capsys):
+    before = _snapshot(run_dir)
+    code, out, _ = _run(capsys, "ls", run_dir)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "committed" in lines["1"] and "loss=0.5" in lines["1"]
+    assert "*best" in lines["2"] and "*best" not in lines["3"]
+    assert "uncommitted" in lines["4"] and "no manifest.json: 1 save attempt(s)" in lines["4"]
+    assert "a save may be in progress" in lines["4"]  # written just now
+    assert ".step_00000000.deleting-0123abcd" in out and "half-deleted step" in out
+
+    code, out, _ = _run(capsys, "ls", run_dir, "--json", "--best-mode", "max")
+    doc = json.loads(out)
+    assert doc["best"] == {"metric": "loss", "mode": "max", "step": 1}
+    steps = {s["step"]: s for s in doc["steps"]}
+    assert [steps[i]["state"] for i in (1, 2, 3, 4)] == ["committed"] * 3 + ["uncommitted"]
+    assert steps[2]["bytes"] == sum(steps[2]["bytes_per_process"]) > 8 * 1024
+    assert steps[2]["process_count"] == 1 and steps[2]["metrics"] == {"loss": 0.2}
+    assert {lo["kind"] for lo in doc["leftovers"]} == {_scan.HALF_DELETED, _scan.INTERRUPTED_SAVE}
+    assert _snapshot(run_dir) == before  # read-only
+
+    code, _, err = _run(capsys, "ls", run_dir / "nope")
+    assert code == 2 and "does not exist" in err
+
+
+def test_inspect_shows_tree_shardings_metadata_versions(tmp_path, capsys):
+    distckpt.save(tmp_path / "c", _state(2), metadata={"run": "abc", "lr": 0.1})
+    code, out, _ = _run(capsys, "inspect", tmp_path / "c")
+    assert code == 0
+    assert "distckpt format 1" in out and f"jax {jax.__version__}" in out
+    assert '"run": "abc"' in out
+    w_line = next(line for line in out.splitlines() if line.startswith("['params']['w']"))
+    assert "(64, 32)" in w_line and "float32" in w_line
+    assert "mesh(data=2, model=4) P('data', 'model')" in w_line and "8.0 KiB" in w_line
+    assert "threefry2x32" in out
+
+    code, out, _ = _run(capsys, "inspect", "--json", tmp_path / "c")
+    doc = json.loads(out)
+    leaves = {leaf["path"]: leaf for leaf in doc["leaves"]}
+    w = leaves["['params']['w']"]
+    assert w["shape"] == [64, 32] and w["dtype"] == "float32" and w["bytes"] == 64 * 32 * 4
+    assert w["sharding"] == {
+        "type": "NamedSharding",
+        "mesh": {"data": 2, "model": 4},
+        "spec": ["data", "model"],
+    }
+    assert leaves["['step']"]["value"] == 2 and leaves["['opt'][1]"]["kind"] == "none"
+    assert doc["user_metadata"] == {"run": "abc", "lr": 0.1}
+    assert doc["versions"]["jax"] == jax.__version__
+
+    code, _, err = _run(capsys, "inspect", tmp_path)
+    assert code == 2 and "not a distckpt checkpoint" in err
+
+
+def _flip_byte(step_dir) -> str:
+    data = sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs if f.endswith(".bin")
+    )[0]
+    with open(data, "r+b") as f:
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 0x10]))
+    return os.path.basename(data)
+
+
+def test_verify_single_and_all_with_a_corrupt_step(run_dir, capsys):
+    code, out, _ = _run(capsys, "verify", run_dir / "step_00000002")
+    assert code == 0 and out.startswith("OK:")
+    name = _flip_byte(run_dir / "step_00000002")
+
+    code, _, err = _run(capsys, "verify", run_dir / "step_00000002")
+    assert code == 1
+    assert name in err and "crc32c" in err and "['params']['w']" in err
+
+    code, out, err = _run(capsys, "verify", "--all", run_dir)
+    assert code == 1
+    assert "step 1: OK" in out and "step 3: OK" in out
+    assert "step 2: FAILED" in err and name in err
+    assert "step 4: not committed" in out
+    assert "2 step(s) clean, 1 corrupt (2), 1 not committed" in out
+
+    code, _, err = _run(capsys, "verify", run_dir / "step_00000004")
+    assert code == 1 and "interrupted" in err
+
+
+def test_verify_console_script(tmp_path):
+    distckpt.save(tmp_path / "c", {"x": np.arange(10)})
+    script = os.path.join(os.path.dirname(sys.executable), "distckpt")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ok = subprocess.run(
+        [script, "verify", str(tmp_path / "c")], capture_output=True, text=True, env=env
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("OK:")
+    bad = subprocess.run([script, "verify", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "FAILED" in bad.stderr
+    usage = subprocess.run([script, "diff"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+
+
+def test_diff_structure_and_values(tmp_path, capsys):
+    a = _state(1)
+    b = _state(1)
+    b["params"]["w"] = b["params"]["w"] + 1e-3  # close with atol
+    b["opt"][0] = np.arange(6, dtype=np.int32)  # shape
+    b["params"]["b"] = b["params"]["b"].astype(jnp.float32)  # dtype
+    b["extra"] = np.zeros(2)
+    del b["rng"]
+    b["step"] = 7
+    distckpt.save(tmp_path / "a", a)
+    distckpt.save(tmp_path / "b", b)
+    distckpt.save(tmp_path / "a2", _state(1))
+
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "a2", "--values")
+    assert code == 0
+    assert "same leaves" in out and "0 different" in out
+
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "b")
+    assert code == 1
+    assert "['rng']: only in A" in out and "['extra']: only in B" in out
+    assert "['opt'][0]: shape (5,) in A, (6,) in B" in out
+    assert "['params']['b']: dtype bfloat16 in A, float32 in B" in out
+
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values", "--json")
+    doc = json.loads(out)
+    values = {v["path"]: v for v in doc["values"]}
+    w = values["['params']['w']"]
+    assert w["status"] == "different" and w["mismatched"] == 64 * 32
+    assert w["max_abs"] == pytest.approx(1e-3, rel=1e-2)
+    assert values["['step']"]["status"] == "different"
+
+    code, out, _ = _run(
+        capsys, "diff", tmp_path / "a", tmp_path / "b", "--values", "--atol", "0.01", "--json"
+    )
+    values = {v["path"]: v for v in json.loads(out)["values"]}
+    assert values["['params']['w']"]["status"] == "close"
+    assert code == 1  # the structure still differs
+
+
+def test_value_diff_streams_slabs_and_matches_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 7)).astype(np.float32)
+    y = x.copy()
+    y[17, 3] += 0.5
+    y[250, 0] = np.nan
+    x[5, 5] = y[5, 5] = np.nan  # NaN on both sides counts as equal
+    distckpt.save(tmp_path / "x", {"v": x})
+    distckpt.save(tmp_path / "y", {"v": y})
+    with _source.open_source(tmp_path / "x") as a, _source.open_source(tmp_path / "y") as b:
+        assert len(a.slabs(0, 64)) > 50  # forced into many slabs
+        (d,) = list(_diff.values(a, b, atol=1e-6, slab_bytes=64))
+    assert d.status == "different" and d.mismatched == 2 and d.max_abs == np.inf
+    rel = abs(0.5) / abs(y[17, 3])
+    assert d.max_rel >= rel * 0.999
+
+
+def test_row_slabs_cut_on_chunk_edges():
+    assert _source.row_slabs((), 4, 10) == [None]
+    assert _source.row_slabs((0, 3), 4, 10) == [(0, 0)]
+    slabs = _source.row_slabs((10, 1), 1, 4, edges=[5])
+    assert slabs[0][0] == 0 and slabs[-1][1] == 10
+    assert all(b - a <= 4 for a, b in slabs)
+    assert all(b == c for (_, b), (c, _) in zip(slabs, slabs[1:], strict=False))
+    assert _source.row_slabs((8, 2), 4, 32, edges=[4]) == [(0, 4), (4, 8)]
+
+
+def test_diff_against_a_python_target_spec(tmp_path, capsys):
+    distckpt.save(tmp_path / "c", {"w": np.zeros((4, 3), np.float32), "step": 1})
+    spec = tmp_path / "target.py"
+    spec.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "good = {'w': jax.ShapeDtypeStruct((4, 3), jnp.float32), 'step': 0}\n"
+        "def bad():\n"
+        "    return {'w': jax.ShapeDtypeStruct((4, 4), jnp.float32), 'lr': 0.1}\n"
+    )
+    code, out, _ = _run(capsys, "diff", tmp_path / "c", f"{spec}:good")
+    assert code == 0 and "same leaves" in out
+    code, out, _ = _run(capsys, "diff", tmp_path / "c", f"{spec}:bad")
+    assert code == 1
+    assert "['w']: target shape (4, 4)" in out
+    assert "['lr']: in the target but not in the checkpoint" in out
+    assert "['step']: in the checkpoint" in out
+    code, _, err = _run(capsys, "diff", tmp_path / "c", f"{spec}:missing")
+    assert code == 2 and "has no attribute 'missing'" in err
+
+
+def test_audit_reports_integrity_sizes_timings_retention_and_plots(run_dir, tmp_path, capsys):
+    _age(run_dir / ".step_00000000.deleting-0123abcd")
+    before = _snapshot(run_dir)
+    png = tmp_path / "audit.png"
+    code, out, _ = _run(capsys, "audit", run_dir, "--plot", png)
+    assert code == 0, out
+    assert "no problems found" in out
+    assert "retention: kept steps [1, 2, 3], intervals [1]" in out
+    assert "1 interrupted deletion(s)" in out and "warning: stale half-deleted step" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _snapshot(run_dir) == before  # only the plot was written, outside DIR
+
+    _flip_byte(run_dir / "step_00000003")
+    code, out, _ = _run(capsys, "audit", run_dir, "--json")
+    assert code == 1
+    doc = json.loads(out)
+    rows = {r["step"]: r for r in doc["steps"]}
+    assert rows[3]["integrity"] == "corrupt" and rows[1]["integrity"] == "ok"
+    assert any("crc32c" in p for p in rows[3]["integrity_problems"])
+    assert rows[2]["growth_bytes"] == rows[2]["bytes"] - rows[1]["bytes"]
+    for r in (rows[1], rows[2], rows[3]):
+        assert r["blocking_s"] >= 0 and r["write_s"] > 0 and r["commit_s"] >= 0
+        assert r["imbalance"] == 1.0 and r["bytes_per_process"] == [r["bytes"]]
+    assert rows[4]["state"] == "uncommitted"
+    assert doc["problems"] == [
+        f"step 3: corrupt (1 problem(s)); run `distckpt verify {run_dir}/step_00000003` for the details"
+    ]
+
+
+def test_gc_removes_only_stale_leftovers(run_dir, capsys):
+    stale_attempt = run_dir / "step_00000001" / "attempt-00000000feedface"
+    stale_attempt.mkdir()
+    (stale_attempt / "p00000.s000.bin").write_bytes(b"x" * 7)
+    foreign = run_dir / "step_00000009"
+    (foreign / "attempt-1").mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    _age(foreign)
+
+    # Everything was just written: a save may hold it; nothing goes.
+    code, out, _ = _run(capsys, "gc", run_dir)
+    assert code == 0 and "gc: removed 0 leftover(s)" in out
+    assert "a save may still hold it" in out
+
+    for p in (
+        stale_attempt,
+        run_dir / "step_00000004",
+        run_dir / ".step_00000000.deleting-0123abcd",
+    ):
+        _age(p)
+    before = _snapshot(run_dir)
+    code, out, _ = _run(capsys, "gc", run_dir, "--dry-run")
+    assert code == 0 and "would remove 3 leftover(s)" in out
+    assert _snapshot(run_dir) == before
+
+    code, out, _ = _run(capsys, "gc", run_dir)
+    assert code == 0 and "removed 3 leftover(s)" in out
+    assert sorted(os.listdir(run_dir)) == [
+        "step_00000001",
+        "step_00000002",
+        "step_00000003",
+        "step_00000009",  # holds a file distckpt did not write
+    ]
+    assert "notes.txt" in out
+    assert not stale_attempt.exists()
+    for step in (1, 2, 3):
+        distckpt.verify(run_dir / f"step_{step:08d}")
+    with distckpt.CheckpointManager(run_dir) as mgr:
+        assert mgr.all_steps() == [1, 2, 3]
+
+
+def test_gc_puts_back_a_step_that_committed_after_the_scan(tmp_path):
+    run = tmp_path / "run"
+    distckpt.save(run / "step_00000001", {"x": np.arange(4)})
+    src = run / "step_00000001"
+    pending = run / "step_00000002"
+    pending.mkdir()
+    shutil.copytree(
+        src / next(e for e in os.listdir(src) if e.startswith("attempt-")),
+        pending / "attempt-00000000000000aa",
+    )
+    _age(pending)
+    scan = _scan.scan(str(run))
+    assert [lo.path for lo in scan.leftovers] == [str(pending)]
+    # The save commits between gc's scan and its removal.
+    doc = json.loads((src / "manifest.json").read_bytes())
+    doc["attempt"] = "attempt-00000000000000aa"
+    (pending / "manifest.json").write_text(json.dumps(doc))
+    (outcome,) = _gc.run(scan, dry_run=False)
+    assert outcome.action == "kept" and "committed" in outcome.reason
+    assert sorted(os.listdir(run)) == ["step_00000001", "step_00000002"]
+    assert (pending / "manifest.json").exists()
