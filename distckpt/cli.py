@@ -338,7 +338,12 @@ def verify_command(path: str, all_steps: bool) -> int:
         try:
             report = distckpt.verify(path)
         except DistckptError as e:
-            click.echo(f"FAILED: {e}", err=True)
+            hint = ""
+            if os.path.isdir(path) and any(n.startswith("step_") for n in os.listdir(path)):
+                hint = (
+                    f"\n{path} holds manager steps: `distckpt verify --all {path}` checks them all"
+                )
+            click.echo(f"FAILED: {e}{hint}", err=True)
             return EXIT_NEGATIVE
         click.echo(_ok_line(report))
         return EXIT_OK

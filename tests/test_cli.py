@@ -174,6 +174,8 @@ def test_verify_single_and_all_with_a_corrupt_step(run_dir, capsys):
 
     code, _, err = _run(capsys, "verify", run_dir / "step_00000004")
     assert code == 1 and "interrupted" in err
+    code, _, err = _run(capsys, "verify", run_dir)
+    assert code == 1 and "verify --all" in err
 
 
 def test_verify_console_script(tmp_path):

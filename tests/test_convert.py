@@ -287,3 +287,23 @@ def test_convert_refuses_a_path_that_is_no_checkpoint(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "junk"), str(tmp_path / "o"), "--to", "npz"]) == 2
     err = capsys.readouterr().err
     assert "not a distckpt checkpoint" in err and str(tmp_path / "junk") in err
+
+
+@pytest.mark.parametrize("use_ocdbt,use_zarr3", [(False, False), (True, True), (False, True)])
+def test_restore_reads_other_orbax_layouts(tmp_path, use_ocdbt, use_zarr3):
+    tree = {"a": jnp.arange(12.0).reshape(3, 4), "n": np.arange(3), "s": 5}
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)
+    ocp.Checkpointer(handler).save(tmp_path / "o", args=ocp.args.PyTreeSave(tree))
+    got = distckpt.restore(tmp_path / "o")
+    np.testing.assert_array_equal(got["a"], np.asarray(tree["a"]))
+    np.testing.assert_array_equal(got["n"], tree["n"])
+    assert got["s"] == 5
+
+
+def test_orbax_manager_step_directory_is_found(tmp_path):
+    tree = {"w": np.arange(4.0)}
+    with ocp.CheckpointManager(tmp_path / "mgr") as mgr:
+        mgr.save(7, args=ocp.args.StandardSave(tree))
+        mgr.wait_until_finished()
+    got = distckpt.restore(tmp_path / "mgr" / "7")
+    np.testing.assert_array_equal(got["w"], tree["w"])
