@@ -50,6 +50,7 @@ def not_committed(storage: Storage) -> NotCommittedError:
 
 def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> None:
     """Primary, before any data is written: overwrite policy and free space."""
+    storage.overwrite = overwrite  # the commit enforces it again, atomically
     if not overwrite and storage.read_manifest() is not None:
         raise CheckpointExistsError(
             f"a committed checkpoint already exists at {storage.display}; pass overwrite=True to "
@@ -137,13 +138,18 @@ def discard_unless_committed(storage: Storage, attempt: str) -> None:
         storage.remove_attempt(attempt)
     except (OSError, ValueError):
         pass  # best effort: the next successful save removes leftovers too
+    finally:
+        storage.release_attempt(attempt)
 
 
 def commit(storage: Storage, manifest: Manifest) -> None:
     """Primary: makes the attempt the checkpoint, then removes older attempts."""
     # IMPORTANT: called only after every process reported that its files are
     # written and fsync'd (the barrier of the write phase).
-    storage.commit_manifest(manifest.to_json(), manifest.attempt)
-    for stale in storage.attempts():
-        if stale != manifest.attempt:
-            storage.remove_attempt(stale)
+    try:
+        storage.commit_manifest(manifest.to_json(), manifest.attempt)
+        # Leftovers of failed saves go; an attempt another job is still
+        # writing into this directory does not (it is locked).
+        storage.remove_stale_attempts(keep=manifest.attempt)
+    finally:
+        storage.release_attempt(manifest.attempt)

@@ -34,6 +34,7 @@ POINTS = (
     "save.commit",
     "save.commit.barrier",
     "save.final",
+    "save.report",  # end of the write phase, before this process publishes its report
     "restore.restore",
     "restore.restore.barrier",
     "restore.final",
@@ -69,6 +70,11 @@ def hit(point: str) -> None:
         if times is not None and _hits[key] > times:
             continue
         _act(point, action)
+
+
+def reset() -> None:
+    """Forgets the hit counts (``*<times>``), so that a test starts afresh."""
+    _hits.clear()
 
 
 def _parse(rest: str) -> tuple[str, int | None, int | None]:

@@ -170,7 +170,11 @@ class Collective:
         )
         err.processes = pids
         # Details a caller may inspect travel with the error.
-        err.problems = [p for s in failed.values() for p in s.get("problems", [])]  # type: ignore[attr-defined]
+        # Processes that fail alike (every process finds the same tree
+        # mismatch) report each problem once.
+        err.problems = list(  # type: ignore[attr-defined]
+            dict.fromkeys(p for s in failed.values() for p in s.get("problems", []))
+        )
         err.missing = sorted({m for s in failed.values() for m in s.get("missing", [])})  # type: ignore[attr-defined]
         return err
 
@@ -178,6 +182,7 @@ class Collective:
     # the primary reads, instead of through the status every process reads.
 
     def put_blob(self, name: str, data: bytes) -> None:
+        _faults.hit(f"{self.op}.report")  # the only blobs are the per-process write reports
         if self.client is None:
             self._local_blobs[name] = data
             return

@@ -21,6 +21,8 @@ Layout (see docs/format.md)::
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
 from typing import Any
@@ -29,9 +31,13 @@ import numpy as np
 
 from distckpt import _faults
 from distckpt._manifest import MANIFEST_NAME
-from distckpt.errors import CorruptCheckpointError
+from distckpt.errors import CheckpointExistsError, CorruptCheckpointError
 
 ATTEMPT_PREFIX = "attempt-"
+# Held (flock) by the primary of a save from before its attempt directory
+# appears until its commit or discard ends: another job's commit must not
+# delete an attempt that is still being written (see remove_stale_attempts).
+LOCK_NAME = ".lock"
 
 
 def open_storage(directory: Any) -> Storage:
@@ -70,6 +76,8 @@ class Storage:
 
     display: str
     local_path: str | None = None
+    # Set by preflight: may the commit replace a manifest that appeared meanwhile?
+    overwrite: bool = True
 
     def read_manifest(self) -> bytes | None: ...
     def commit_manifest(self, raw: bytes, attempt: str) -> None: ...
@@ -80,6 +88,14 @@ class Storage:
     def reader(self, attempt: str) -> Any: ...
     def attempts(self) -> list[str]: ...
     def remove_attempt(self, attempt: str) -> None: ...
+    def remove_stale_attempts(self, keep: str) -> None:
+        for stale in self.attempts():
+            if stale != keep:
+                self.remove_attempt(stale)
+
+    def release_attempt(self, attempt: str) -> None:
+        pass
+
     def exists(self) -> bool: ...
     def entries(self) -> list[str]: ...
     def free_bytes(self) -> int | None:
@@ -138,10 +154,15 @@ class _PosixWriter:
             _faults.hit("write.fsync")
             os.fsync(self.fd)
         finally:
-            os.close(self.fd)
+            self.abort()
 
     def abort(self) -> None:
-        os.close(self.fd)
+        # Closes once. The caller aborts after a failed close(): closing the
+        # number again would hide the real error behind EBADF, or close a file
+        # another writer thread has just opened under the same number.
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class _PosixReader:
@@ -197,6 +218,7 @@ class PosixStorage(Storage):
         self.path = path
         self.display = path
         self.local_path = path
+        self._locks: dict[str, int] = {}  # attempt -> fd of its held lock file
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
@@ -231,8 +253,64 @@ class PosixStorage(Storage):
             except FileExistsError:
                 pass
             _fsync_dir(os.path.dirname(d))
-        os.mkdir(os.path.join(self.path, attempt))
+        # The attempt appears under its name already locked. Should another
+        # job's cleanup remove it while unlocked, before the rename, this save
+        # fails here; a crash here leaves a leftover like any other attempt.
+        building = os.path.join(self.path, f"{attempt}.creating")
+        os.mkdir(building)
+        fd = os.open(os.path.join(building, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # no locks on this filesystem: concurrent jobs are not protected
+        self._locks[attempt] = fd
+        os.rename(building, os.path.join(self.path, attempt))
         _fsync_dir(self.path)
+
+    def release_attempt(self, attempt: str) -> None:
+        fd = self._locks.pop(attempt, None)
+        if fd is None:
+            return
+        try:
+            os.unlink(os.path.join(self.path, attempt, LOCK_NAME))
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _in_flight(self, attempt: str) -> bool:
+        """Whether another save (of this or another job) still writes ``attempt``."""
+        if attempt in self._locks:
+            return True
+        try:
+            fd = os.open(os.path.join(self.path, attempt, LOCK_NAME), os.O_RDWR)
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # released (or a crashed save of an older version)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False  # no locks here: cannot tell, behave as before
+        finally:
+            os.close(fd)  # a dead owner's lock is gone with it; ours goes with the fd
+        return False
+
+    def remove_stale_attempts(self, keep: str) -> None:
+        """Removes leftovers of failed or replaced saves, never one still running.
+
+        Another job may save into the same directory at the same time. Its
+        attempt is locked while it writes and commits, so it is skipped. An
+        attempt found unlocked is finished for good, so the manifest read
+        afterwards says for certain whether it is the committed one.
+        """
+        for stale in self.attempts():
+            if stale == keep or self._in_flight(stale):
+                continue
+            raw = self.read_manifest()
+            if raw is not None and _named_attempt(raw) == stale:
+                continue  # another job committed it after we did
+            self.remove_attempt(stale)
 
     def check_attempt_visible(self, attempt: str) -> None:
         d = os.path.join(self.path, attempt)
@@ -260,7 +338,9 @@ class PosixStorage(Storage):
         # THE COMMIT POINT: rename is atomic, so readers see the old manifest
         # or the new one, never a mix; the directory fsync makes it durable.
         _faults.hit("commit.rename")
-        os.rename(tmp, os.path.join(self.path, MANIFEST_NAME))
+        target = os.path.join(self.path, MANIFEST_NAME)
+        if self.overwrite or not _link_no_replace(tmp, target):
+            os.rename(tmp, target)
         _faults.hit("commit.renamed")
         _fsync_dir(self.path)
 
@@ -284,6 +364,39 @@ class PosixStorage(Storage):
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
+
+
+def _named_attempt(raw: bytes) -> str | None:
+    import json
+
+    try:
+        return json.loads(raw).get("attempt")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _link_no_replace(tmp: str, target: str) -> bool:
+    """Commits ``tmp`` as ``target`` unless ``target`` exists, atomically.
+
+    ``rename`` replaces silently, so two jobs saving with ``overwrite=False``
+    would both "succeed". A hard link fails instead if the name is taken.
+    Returns False where links are not supported (the caller renames).
+    """
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise CheckpointExistsError(
+            f"{target} appeared while this save was writing (another job saved there); "
+            "this save is not committed and the other checkpoint is left as it is. "
+            "Pass overwrite=True to replace it, or save somewhere else."
+        ) from None
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            return False
+        raise
+    os.unlink(tmp)
+    return True
 
 
 # --------------------------------------------------------------------------- TensorStore kvstore
