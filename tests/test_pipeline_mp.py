@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import distckpt
@@ -128,3 +130,31 @@ def test_a_global_state_that_differs_between_processes_is_refused(tmp_path):
         assert "declares itself global" in r.value and "differs on processes [1]" in r.value
     assert not distckpt.is_committed(tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []  # refused before any data was written
+
+
+def _w_handler(directory: str) -> dict:
+    import jax
+
+    it = _make(per_process=True)
+    with distckpt.CheckpointHandler(async_checkpointing=True, timeout_s=30) as h:
+        for step in (1, 2, 3):
+            next(it)
+            h.save(directory, {"model": _model()}, step=step, keep=2)
+            h.save(os.path.join(directory, "data"), it, step=step, keep=2)
+        steps = h.get_checkpoint_steps(directory)
+        fresh = _make(per_process=True)
+        h.restore(os.path.join(directory, "data"), fresh, step=3)
+        model = h.restore(directory, {"model": _model()})["model"]
+    return {
+        "steps": steps,
+        "same_position": fresh.get_state() == it.get_state(),
+        "w_sum": float(jax.numpy.sum(model["w"])),
+    }
+
+
+def test_the_handler_api_agrees_across_processes(tmp_path):
+    results = run_processes(f"{HERE}:_w_handler", 2, 4, args={"directory": str(tmp_path)})
+    for r in results:
+        assert r.value == {"steps": [2, 3], "same_position": True, "w_sum": float(sum(range(64)))}
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["data", "step_00000002", "step_00000003"]
