@@ -1,6 +1,7 @@
 """``distckpt gc``: removes stale leftovers of saves and deletions, never a committed step.
 
-Rules (see ``_scan`` for what *stale* means):
+Rules (see ``_scan`` for what *stale* means: no running save holds its
+lock, and nothing in it was modified for ``--min-age``):
 
 * only what ``_scan`` lists as a leftover, and only when it is stale and
   holds nothing but what distckpt writes;
@@ -41,6 +42,10 @@ def plan(scan: _scan.Scan) -> list[Outcome]:
     for left in scan.leftovers:
         if not left.removable:
             out.append(Outcome(left.path, left.kind, left.bytes, "kept", left.note))
+        elif left.locked:
+            out.append(
+                Outcome(left.path, left.kind, left.bytes, "kept", "a running save holds its lock")
+            )
         elif not left.stale:
             out.append(
                 Outcome(
@@ -80,12 +85,17 @@ def _remove(o: Outcome) -> tuple[str, str]:
     if o.kind == _scan.INTERRUPTED_SAVE:
         aside = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex[:8]}")
         os.rename(o.path, aside)  # atomic: a save can no longer commit into it
-        if os.path.exists(os.path.join(aside, MANIFEST_NAME)):
-            os.rename(aside, o.path)  # it committed after all: put it back
-            return "kept", "a save committed into it while gc looked"
+        attempts = [e for e in os.listdir(aside) if e.startswith(_scan.ATTEMPT_PREFIX)]
+        if os.path.exists(os.path.join(aside, MANIFEST_NAME)) or any(
+            _scan.attempt_locked(aside, a) for a in attempts
+        ):
+            os.rename(aside, o.path)  # a save committed or started after all: put it back
+            return "kept", "a save committed or started in it while gc looked"
         shutil.rmtree(aside, ignore_errors=True)
         return "removed", ""
     # An attempt or temporary manifest inside a committed step (or checkpoint).
+    if name.startswith(_scan.ATTEMPT_PREFIX) and _scan.attempt_locked(parent, name):
+        return "kept", "a running save holds its lock"
     try:
         doc = _scan.read_manifest_doc(parent)
     except (ValueError, OSError) as e:

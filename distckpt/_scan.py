@@ -6,8 +6,11 @@ manager's (see docs/manager.md): ``step_XXXXXXXX`` per step,
 ``attempt-<id>/`` per save attempt and ``.manifest.json.tmp-attempt-<id>``
 for a commit in progress (see docs/format.md).
 
-A leftover is *stale* when nothing in it was modified for ``min_age_s``
-seconds. A save writes its files continuously and waits at most
+A leftover is *stale* when no running save holds the lock of an attempt in
+it (a save flocks ``<attempt>/.lock`` from creating the attempt until it
+commits or gives up) and nothing in it was modified for ``min_age_s``
+seconds. The age rule covers filesystems without working locks and saves
+that predate them: a save writes its files continuously and waits at most
 ``DISTCKPT_TIMEOUT_S`` (300 s by default) between phases, so a leftover
 untouched for longer than that belongs to no live save; the default
 ``min_age_s`` of one hour leaves a wide margin.
@@ -21,6 +24,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
+from distckpt import _storage
 from distckpt._manifest import MANIFEST_NAME
 from distckpt._storage import ATTEMPT_PREFIX
 
@@ -49,6 +53,7 @@ class Leftover:
     step: int | None = None
     removable: bool = True  # False: holds files distckpt did not write
     note: str = ""
+    locked: bool = False  # a running save holds the lock of an attempt in it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -107,10 +112,36 @@ def tree_size_and_mtime(path: str) -> tuple[int, float]:
     return total, newest
 
 
+def attempt_locked(step_dir: str, attempt: str) -> bool:
+    """Whether a running save holds ``attempt``'s lock (``<attempt>/.lock``, flock).
+
+    False when unlocked, when there is no lock file (a crashed save, or one
+    from a distckpt without locks) or when the filesystem cannot tell.
+    """
+    try:
+        return _storage.PosixStorage(step_dir)._in_flight(attempt)
+    except OSError:
+        return False  # e.g. a read-only mount: cannot open the lock to test it
+
+
 def _leftover(path: str, kind: str, min_age_s: float, now: float, **kw: object) -> Leftover:
     size, newest = tree_size_and_mtime(path)
     age = max(0.0, now - newest)
-    return Leftover(path, kind, size, age, age >= min_age_s, **kw)
+    if kind in (INTERRUPTED_SAVE, HALF_DELETED):
+        attempts = [e for e in _entries(path) if e.startswith(ATTEMPT_PREFIX)]
+        locked = any(attempt_locked(path, a) for a in attempts)
+    elif kind == STALE_ATTEMPT:
+        locked = attempt_locked(os.path.dirname(path), os.path.basename(path))
+    else:
+        locked = False
+    return Leftover(path, kind, size, age, age >= min_age_s and not locked, locked=locked, **kw)
+
+
+def _entries(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def read_manifest_doc(step_dir: str) -> dict | None:
@@ -226,9 +257,13 @@ def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | N
             why = "empty" if not inside else f"no {MANIFEST_NAME} and no save attempt"
         else:
             when = f"last written {format_age(left.age_s)} ago"
-            why = f"no {MANIFEST_NAME}: {len(ours)} save attempt(s), {when}; " + (
-                "an interrupted save" if left.stale else "a save may be in progress"
-            )
+            if left.locked:
+                state = "a save is in progress (it holds the attempt's lock)"
+            elif left.stale:
+                state = "an interrupted save"
+            else:
+                state = "a save may be in progress"
+            why = f"no {MANIFEST_NAME}: {len(ours)} save attempt(s), {when}; {state}"
         left.note = left.note or why
         steps.append(Step(step, path, "uncommitted", why=why, bytes=left.bytes))
         leftovers.append(left)

@@ -202,7 +202,9 @@ def ls_command(
                     lo.kind,
                     _scan.format_bytes(lo.bytes),
                     _scan.format_age(lo.age_s),
-                    "stale" if lo.stale else "recent: may be in use",
+                    "locked by a running save"
+                    if lo.locked
+                    else ("stale" if lo.stale else "recent: may be in use"),
                 ]
                 for lo in scan.leftovers
             ],
@@ -708,8 +710,9 @@ def gc_command(directory: str, dry_run: bool, as_json: bool, min_age: float) -> 
     Removes interrupted saves (step directories with save attempts and no
     manifest.json), half-deleted steps (.step_*.deleting-*), and attempts
     and temporary manifests a step's manifest does not name. Never a
-    committed step, never anything modified within --min-age (a save may
-    hold it), never a directory holding files distckpt did not write. A step
+    committed step, never an attempt whose lock a running save holds, never
+    anything modified within --min-age (for filesystems without locks),
+    never a directory holding files distckpt did not write. A step
     directory is renamed aside first and checked again, so a save that
     commits meanwhile is put back, not deleted.
     """

@@ -370,3 +370,29 @@ def test_gc_puts_back_a_step_that_committed_after_the_scan(tmp_path):
     assert outcome.action == "kept" and "committed" in outcome.reason
     assert sorted(os.listdir(run)) == ["step_00000001", "step_00000002"]
     assert (pending / "manifest.json").exists()
+
+
+def test_gc_never_removes_an_attempt_a_running_save_holds(tmp_path, capsys):
+    import fcntl
+
+    run = tmp_path / "run"
+    distckpt.save(run / "step_00000001", {"x": np.arange(4)})
+    attempt = run / "step_00000002" / "attempt-00000000000000bb"
+    attempt.mkdir(parents=True)
+    (attempt / "p00000.s000.bin").write_bytes(b"x" * 8)
+    # What a running save holds (see PosixStorage.prepare_attempt): an flock
+    # on <attempt>/.lock. Old mtimes must not matter while it is held.
+    fd = os.open(attempt / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        _age(run / "step_00000002")
+        code, out, _ = _run(capsys, "ls", run)
+        assert "a save is in progress (it holds the attempt's lock)" in out
+        code, out, _ = _run(capsys, "gc", run)
+        assert code == 0 and "kept: " in out and "a running save holds its lock" in out
+        assert attempt.exists()
+    finally:
+        os.close(fd)  # the save ends (or dies): its lock goes with it
+    code, out, _ = _run(capsys, "gc", run)
+    assert "removed 1 leftover(s)" in out and not (run / "step_00000002").exists()
+    distckpt.verify(run / "step_00000001")
