@@ -95,10 +95,6 @@ def restore(
 
     if _orbax.looks_like_orbax(directory):  # read an Orbax checkpoint directly (docs/cli.md)
         return _orbax.restore(directory, target, partial=partial, cast=cast)
-    from distckpt import _orbax
-
-    if _orbax.looks_like_orbax(directory):  # read an Orbax checkpoint directly (docs/cli.md)
-        return _orbax.restore(directory, target, partial=partial, cast=cast)
     if pipeline is not None:
         _procstate.check(pipeline)
     storage = open_storage(directory)
