@@ -94,6 +94,11 @@ def restore(
     from distckpt import _orbax
 
     if _orbax.looks_like_orbax(directory):  # read an Orbax checkpoint directly (docs/cli.md)
+        if pipeline is not None:
+            raise TreeMismatchError(
+                f"restore of {directory}: pipeline= was given but this is an Orbax "
+                "checkpoint, which holds no distckpt pipeline state; restore without pipeline="
+            )
         return _orbax.restore(directory, target, partial=partial, cast=cast)
     if pipeline is not None:
         _procstate.check(pipeline)

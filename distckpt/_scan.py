@@ -119,7 +119,7 @@ def attempt_locked(step_dir: str, attempt: str) -> bool:
     from a distckpt without locks) or when the filesystem cannot tell.
     """
     try:
-        return _storage.PosixStorage(step_dir)._in_flight(attempt)
+        return _storage.PosixStorage(step_dir).in_flight(attempt)
     except OSError:
         return False  # e.g. a read-only mount: cannot open the lock to test it
 

@@ -278,7 +278,7 @@ class PosixStorage(Storage):
         finally:
             os.close(fd)
 
-    def _in_flight(self, attempt: str) -> bool:
+    def in_flight(self, attempt: str) -> bool:
         """Whether another save (of this or another job) still writes ``attempt``."""
         if attempt in self._locks:
             return True
@@ -305,7 +305,7 @@ class PosixStorage(Storage):
         afterwards says for certain whether it is the committed one.
         """
         for stale in self.attempts():
-            if stale == keep or self._in_flight(stale):
+            if stale == keep or self.in_flight(stale):
                 continue
             raw = self.read_manifest()
             if raw is not None and _named_attempt(raw) == stale:
