@@ -6,13 +6,23 @@ See docs/protocol.md for who calls what, in what order.
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
 
-from distckpt import _plan
+from distckpt import _plan, _tree
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt._storage import Storage
-from distckpt.errors import CheckpointExistsError, DistckptError, NotCommittedError
+from distckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    DistckptError,
+    NotCommittedError,
+)
+
+_ATTEMPT = re.compile(r"attempt-[0-9A-Za-z_-]+")
+_KINDS = (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY, _tree.PYTHON, _tree.NONE)
 
 
 def new_attempt() -> str:
@@ -24,7 +34,91 @@ def load(storage: Storage) -> Manifest:
     raw = storage.read_manifest()
     if raw is None:
         raise not_committed(storage)
-    return Manifest.from_json(raw, f"{storage.display}/{MANIFEST_NAME}")
+    where = f"{storage.display}/{MANIFEST_NAME}"
+    try:
+        manifest = Manifest.from_json(raw, where)
+    except AttributeError as e:  # valid JSON, but not an object (``null``, ``[]``)
+        raise CorruptCheckpointError(
+            f"{where} is not a readable distckpt manifest (not a JSON object). The "
+            "checkpoint's metadata is damaged; restore an older step or a backup.",
+            [f"{where}: not a JSON object"],
+        ) from e
+    _check_manifest(manifest, where)
+    return manifest
+
+
+def _count(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _plain_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+    )
+
+
+def _check_manifest(m: Manifest, where: str) -> None:
+    """Refuses a manifest that parses but describes no checkpoint a save writes.
+
+    Names in a manifest become paths: the attempt and file names must stay
+    inside the checkpoint directory (no ``../``, no separators). Shapes,
+    sizes and offsets must be non-negative integers, and each chunk must lie
+    inside its file, so that a damaged or hostile manifest gives this error,
+    not a read elsewhere or a giant allocation. Leaf key paths are only dict
+    keys and never name files.
+    """
+    problems = []
+    if not _count(m.format_version) or m.format_version < 1:
+        problems.append(
+            f"format_version {m.format_version!r} was never written (versions start at 1)"
+        )
+    if not isinstance(m.attempt, str) or not _ATTEMPT.fullmatch(m.attempt):
+        problems.append(f"attempt {m.attempt!r} is not an attempt directory name (attempt-<id>)")
+    for name, info in m.files.items():
+        if not _plain_name(name):
+            problems.append(f"data file {name!r} is not a plain file name inside the attempt")
+        if not _count(info.get("bytes")):
+            problems.append(f"data file {name!r} has size {info.get('bytes')!r}")
+    for spec, chunks in zip(m.leaves, m.chunks, strict=True):
+        if spec.kind not in _KINDS:
+            problems.append(f"{spec.display}: unknown leaf kind {spec.kind!r}")
+        if not spec.stored:
+            continue
+        shape = spec.shape
+        if not isinstance(shape, tuple) or not all(_count(n) for n in shape):
+            problems.append(f"{spec.display}: shape {shape!r} is not a list of sizes")
+            continue
+        try:
+            itemsize = spec.itemsize
+            if _plan.np_dtype(spec.dtype).hasobject:  # bytes would become pointers
+                raise TypeError(spec.dtype)
+        except (TypeError, ValueError, AttributeError):
+            problems.append(f"{spec.display}: unknown dtype {spec.dtype!r}")
+            continue
+        if math.prod(shape) * itemsize >= 1 << 63:
+            problems.append(f"{spec.display}: shape {list(shape)} is absurd ({spec.dtype})")
+            continue
+        for c in chunks:
+            box_ok = len(c.box) == len(shape) and all(
+                len(r) == 2 and _count(r[0]) and _count(r[1]) and r[0] <= r[1] for r in c.box
+            )
+            size = m.files[c.file]["bytes"]
+            if not (box_ok and _count(c.offset) and _count(c.nbytes) and _count(size)):
+                problems.append(f"{spec.display}: malformed chunk record {c}")
+            elif c.offset + c.nbytes > size:
+                problems.append(
+                    f"{spec.display}: chunk at {c.file} bytes {c.offset}..{c.offset + c.nbytes} "
+                    f"lies past the end of the file ({size} bytes)"
+                )
+    if problems:
+        raise CorruptCheckpointError(
+            f"{where} does not describe a valid checkpoint ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(problems[:20])
+            + "\nThe checkpoint's metadata is damaged; restore an older step or a backup.",
+            [f"{where}: {p}" for p in problems],
+        )
 
 
 def not_committed(storage: Storage) -> NotCommittedError:
