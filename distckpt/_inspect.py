@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -107,8 +108,11 @@ def metadata(directory: Any) -> CheckpointInfo:
     return info
 
 
-def verify(directory: Any) -> VerifyReport:
+def verify(directory: Any, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Re-reads every stored byte; checks checksums, file sizes, chunk sizes and coverage.
+
+    ``progress(bytes_checked, bytes_total)`` is called as the reading goes
+    (about every 64 MiB) and once at the end.
 
     Returns:
       A ``VerifyReport`` when everything is intact.
@@ -137,8 +141,13 @@ def verify(directory: Any) -> VerifyReport:
                     f"{reader.display}/{name}: data file has {size} bytes, the manifest says {info['bytes']}"
                 )
         ranges = _plan.plan_reads(all_chunks, max_range_bytes=16 << 20)
+        total, done, bad = sum(r.nbytes for r in ranges), 0, []
         with ThreadPoolExecutor(_knobs.get("io_threads")) as pool:
-            bad = _restore.read_ranges(reader, ranges, m, pool)
+            for group in _groups(ranges, _PROGRESS_BYTES if progress else None):
+                bad.extend(_restore.read_ranges(reader, group, m, pool))
+                done += sum(r.nbytes for r in group)
+                if progress is not None:
+                    progress(done, total)
     problems.extend(p for p in bad if p not in problems)
     if problems:
         raise CorruptCheckpointError(
@@ -154,3 +163,21 @@ def verify(directory: Any) -> VerifyReport:
         bytes_checked=sum(c.nbytes for c in all_chunks),
         seconds=time.perf_counter() - start,
     )
+
+
+_PROGRESS_BYTES = 64 << 20
+
+
+def _groups(ranges: list[_plan.ReadRange], nbytes: int | None) -> list[list[_plan.ReadRange]]:
+    """``ranges`` in consecutive groups of about ``nbytes`` (one group if None)."""
+    if nbytes is None:
+        return [ranges]
+    groups: list[list[_plan.ReadRange]] = [[]]
+    size = 0
+    for r in ranges:
+        if size >= nbytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(r)
+        size += r.nbytes
+    return groups

@@ -338,7 +338,7 @@ def verify_command(path: str, all_steps: bool) -> int:
 
     if not all_steps:
         try:
-            report = distckpt.verify(path)
+            report = _verify_one(path)
         except DistckptError as e:
             hint = ""
             if os.path.isdir(path) and any(n.startswith("step_") for n in os.listdir(path)):
@@ -394,6 +394,29 @@ def verify_command(path: str, all_steps: bool) -> int:
         + f", {sum(1 for _, st, _ in results if st == 'not committed')} not committed"
     )
     return EXIT_NEGATIVE if bad else EXIT_OK
+
+
+def _verify_one(path: str) -> Any:
+    """``distckpt.verify`` with a byte progress bar on a terminal, a line per ~10% otherwise."""
+    import distckpt
+
+    if sys.stderr.isatty():
+        with click.progressbar(length=1, label="verifying", file=sys.stderr) as bar:
+
+            def on_tty(done: int, total: int) -> None:
+                bar.length = max(total, 1)
+                bar.update(done - bar.pos)
+
+            return distckpt.verify(path, progress=on_tty)
+    shown = [0]
+
+    def on_lines(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown[0] and done < total:
+            shown[0] = tenth
+            click.echo(f"verifying: {done >> 20} of {total >> 20} MiB", err=True)
+
+    return distckpt.verify(path, progress=on_lines)
 
 
 def _ok_line(report: Any) -> str:

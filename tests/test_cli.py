@@ -396,3 +396,18 @@ def test_gc_never_removes_an_attempt_a_running_save_holds(tmp_path, capsys):
     code, out, _ = _run(capsys, "gc", run)
     assert "removed 1 leftover(s)" in out and not (run / "step_00000002").exists()
     distckpt.verify(run / "step_00000001")
+
+
+def test_verify_reports_progress_by_bytes(tmp_path, capsys):
+    from distckpt import _inspect
+
+    distckpt.save(tmp_path / "c", {"a": np.arange(10 << 20, dtype=np.float32)})  # 40 MiB
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_inspect, "_PROGRESS_BYTES", 1)  # a step per read range (16 MiB)
+        report = distckpt.verify(tmp_path / "c", progress=lambda d, t: calls.append((d, t)))
+        assert main(["verify", str(tmp_path / "c")]) == 0
+    assert calls[-1] == (report.bytes_checked, report.bytes_checked)
+    assert len(calls) == 3 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    err = capsys.readouterr().err  # not a terminal: a plain line per tenth or so
+    assert err.count("verifying: ") == 2 and err.endswith(" of 40 MiB\n"), err
