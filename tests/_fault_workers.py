@@ -343,3 +343,23 @@ def concurrent_job(directory: str, job: str, overwrite: bool, marker: str) -> di
     except distckpt.errors.DistckptError as e:
         return _seen(e, began)
     return {"type": None, "seconds": time.monotonic() - began}
+
+
+def freeze_in_save(directory: str, marker_dir: str, fault: str, timeout_s: float) -> dict:
+    """Saves under ``fault`` (a SIGSTOP); the test watches the processes from outside."""
+    import jax
+
+    import distckpt
+
+    with open(os.path.join(marker_dir, f"pid{jax.process_index()}"), "w") as f:
+        f.write(str(os.getpid()))
+    sync("pids")
+    arm(fault)
+    began = time.monotonic()
+    try:
+        distckpt.save(directory, state(1), timeout_s=timeout_s)
+    except distckpt.errors.DistckptError as e:
+        seen = _seen(e, began)
+        print(json.dumps({"error": seen}), flush=True)
+        return seen
+    return {"type": None}

@@ -8,7 +8,10 @@ every one: that the job can continue is part of what is tested.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -151,14 +154,74 @@ def test_a_stalled_or_frozen_process_is_named_within_the_timeout(tmp_path):
         assert seen[1][case]["type"] == "BarrierTimeoutError", seen[1][case]
         assert not distckpt.is_committed(tmp_path / case)
     # The primary stalls in the commit phase, past the others' timeout: they
-    # raise, naming it; the primary then commits. The result is a complete
-    # checkpoint (never a partial one) that is_committed() reports.
+    # raise, naming it; the primary then commits and raises too. The result
+    # is a complete checkpoint (never a partial one) that is_committed() reports.
     waiting = seen[1]["stall-p0-commit"]
     assert waiting["type"] == "BarrierTimeoutError" and waiting["missing"] == [0], waiting
-    if distckpt.is_committed(tmp_path / "stall-p0-commit"):
-        distckpt.verify(tmp_path / "stall-p0-commit")
+    assert seen[0]["stall-p0-commit"]["type"] == "BarrierTimeoutError"  # late at the barrier
+    assert distckpt.is_committed(tmp_path / "stall-p0-commit")
+    distckpt.verify(tmp_path / "stall-p0-commit")
     # Training and checkpointing went on afterwards (the worker saved and restored).
     distckpt.verify(tmp_path / "after")
+
+
+def _state_of(pid: int) -> str | None:
+    """The kernel's state letter of ``pid`` (R, S, T, Z, ...), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.slow
+def test_a_frozen_primary_gets_the_others_aborted_by_jax(tmp_path):
+    """Case 16 when the frozen process is the primary: it hosts JAX's
+    coordination service, which freezes with it, so no barrier can time out
+    and nobody can be named. JAX's heartbeat aborts the others instead
+    (SIGABRT) within about heartbeat_timeout_s; nothing is committed."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    heartbeat_s = 5
+    seen = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while not (markers / "pid1").exists() or not (markers / "pid0").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        pid0, pid1 = (int((markers / f"pid{i}").read_text()) for i in (0, 1))
+        while _state_of(pid0) != "T" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen["stopped"] = time.monotonic()
+        while _state_of(pid1) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen["others_gone"] = time.monotonic()
+        os.kill(pid0, signal.SIGKILL)  # the frozen primary never wakes up
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    results = run_processes(
+        f"{W}:freeze_in_save",
+        2,
+        2,
+        args={
+            "directory": str(tmp_path / "c"),
+            "marker_dir": str(markers),
+            "fault": "save.write.barrier:stop@0",
+            "timeout_s": 2.0,
+        },
+        heartbeat_timeout_s=heartbeat_s,
+        check=False,
+        timeout=80,
+    )
+    watcher.join(5)
+    assert results[0].returncode == -signal.SIGKILL
+    assert results[1].returncode == -signal.SIGABRT, results[1].stderr[-2000:]
+    waited = seen["others_gone"] - seen["stopped"]
+    assert waited < 2 * heartbeat_s + SLACK_S, f"the others went down {waited:.1f} s later"
+    assert not distckpt.is_committed(tmp_path / "c")
 
 
 def test_async_save_in_flight_and_a_background_error(tmp_path):
