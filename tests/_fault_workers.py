@@ -13,6 +13,7 @@ and on what is on disk.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -322,7 +323,7 @@ def train_until_preempted(directory: str, marker_dir: str, timeout_s: float) -> 
 # --------------------------------------------------------------------------- two jobs
 
 
-def concurrent_job(directory: str, job: str, overwrite: bool, marker: str) -> dict:
+def concurrent_job(directory: str, job: str, overwrite: bool) -> dict:
     """One of two single-process jobs saving into the same directory.
 
     Job "B" runs under a stall fault (set by the test) and saves first; job
@@ -330,13 +331,12 @@ def concurrent_job(directory: str, job: str, overwrite: bool, marker: str) -> di
     """
     import distckpt
 
-    if job == "B":
-        open(marker, "w").close()
-    else:
+    if job == "A":  # wait until B has written its data: B is then stalled before its commit
         deadline = time.monotonic() + 60
-        while not os.path.exists(marker) and time.monotonic() < deadline:
+        while not glob.glob(os.path.join(directory, "attempt-*", "*.bin")):
+            assert time.monotonic() < deadline, "job B never wrote its data"
             time.sleep(0.02)
-        time.sleep(1.0)  # B is inside its save by now, stalled
+        time.sleep(0.5)
     began = time.monotonic()
     try:
         distckpt.save(directory, {**state(1), "job": job}, overwrite=overwrite, timeout_s=30)

@@ -248,13 +248,12 @@ def test_async_save_in_flight_and_a_background_error(tmp_path):
 
 @pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
 def test_two_jobs_saving_into_one_directory(tmp_path, overwrite):
-    """Case 12: job B stalls inside its save while job A saves and commits.
+    """Case 12: job B stalls before its commit while job A saves and commits.
 
     Before the fix, A's commit deleted B's attempt as a leftover and B then
     committed a manifest naming deleted data: a checkpoint with no data.
     """
     directory = tmp_path / "c"
-    marker = tmp_path / "b-started"
     seen = {}
 
     def job(name: str, env: dict) -> None:
@@ -262,18 +261,13 @@ def test_two_jobs_saving_into_one_directory(tmp_path, overwrite):
             f"{W}:concurrent_job",
             1,
             2,
-            args={
-                "directory": str(directory),
-                "job": name,
-                "overwrite": overwrite,
-                "marker": str(marker),
-            },
+            args={"directory": str(directory), "job": name, "overwrite": overwrite},
             env=env,
             timeout=60,
         )[0].value
 
     # B stalls between its write barrier and its commit.
-    b = threading.Thread(target=job, args=("B", {"DISTCKPT_FAULT": "save.commit:stall=5"}))
+    b = threading.Thread(target=job, args=("B", {"DISTCKPT_FAULT": "save.commit:stall=8"}))
     a = threading.Thread(target=job, args=("A", {}))
     b.start()
     a.start()
