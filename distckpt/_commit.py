@@ -19,6 +19,7 @@ from distckpt.errors import (
     CorruptCheckpointError,
     DistckptError,
     NotCommittedError,
+    OutOfSpaceError,
 )
 
 _ATTEMPT = re.compile(r"attempt-[0-9A-Za-z_-]+")
@@ -152,10 +153,10 @@ def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> Non
         )
     free = storage.free_bytes()
     if free is not None and estimated_bytes > free:
-        raise OSError(
-            28,
+        raise OutOfSpaceError(
             f"not enough free space at {storage.display}: the checkpoint needs about "
-            f"{estimated_bytes} bytes and {free} are free",
+            f"{estimated_bytes} bytes and {free} are free. Nothing was written; free space "
+            "(fewer kept steps) or save elsewhere."
         )
 
 

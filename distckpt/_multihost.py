@@ -13,6 +13,7 @@ collective operations in the same order (SPMD), so the counters agree.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import zlib
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 
 from distckpt import _faults, errors
-from distckpt.errors import BarrierTimeoutError, DistckptError, ProcessFailure
+from distckpt.errors import BarrierTimeoutError, DistckptError, OutOfSpaceError, ProcessFailure
 
 _op_counter = itertools.count()
 _BLOB_PART = 1 << 20  # stay well under the coordination service's message limit
@@ -92,7 +93,7 @@ class Collective:
             _faults.hit(f"{self.op}.{phase}")
             payload = fn()
         except Exception as e:  # noqa: BLE001 - every error must reach the other processes
-            local_error = e
+            local_error = self._typed(e)
         _faults.hit(f"{self.op}.{phase}.barrier")
         if self.client is None:
             if local_error is not None:
@@ -141,6 +142,20 @@ class Collective:
         if failed:
             raise self._combined(phase, failed) from local_error
         return [statuses[p].get("payload") for p in range(self.count)]
+
+    def _typed(self, e: Exception) -> Exception:
+        """A full disk, whatever raised it, becomes ``OutOfSpaceError`` (chained)."""
+        if isinstance(e, OSError) and not isinstance(e, OutOfSpaceError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                typed = OutOfSpaceError(
+                    f"{self.op} of {self.where}: out of space on process {self.pid} "
+                    f"({e.strerror or e}{': ' + e.filename if e.filename else ''}). Nothing was "
+                    "committed and older checkpoints are intact; free space (fewer kept "
+                    "steps) or save elsewhere."
+                )
+                typed.__cause__ = e
+                return typed
+        return e
 
     def _timeout_ms(self) -> int:
         return max(1, int(self.timeout_s * 1000))

@@ -442,6 +442,7 @@ def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[li
 def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -> list[Any]:
     values: list[Any] = [None] * count
     indexes: dict[int, _ChunkIndex] = {}
+    sizes: dict[str, int | None] = {}  # data file sizes, stat'd once
     threads = _knobs.get("io_threads")
     with (
         storage.reader(manifest.attempt) as reader,
@@ -462,6 +463,7 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
             ranges = _plan.plan_reads(
                 (c for cs in needs.values() for c in cs), max_range_bytes=_MAX_RANGE
             )
+            _check_files_hold(reader, ranges, manifest, sizes)
             assembler = _Assembler(needs, manifest)
             problems = read_ranges(
                 reader, ranges, manifest, pool, assembler.consume, assembler.adopt
@@ -474,6 +476,38 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                 )
             _place(batch, manifest, assembler.outputs, values)
     return values
+
+
+def _check_files_hold(
+    reader: Any, ranges: list[ReadRange], manifest: Manifest, sizes: dict[str, int | None]
+) -> None:
+    """Refuses ranges past the end of their file before anything is allocated for them.
+
+    A manifest can be self-consistent and still describe far more data than
+    the files hold (a damaged or crafted one); without this check restore
+    would first try to allocate it all. Missing files are left to the read,
+    which names them per leaf.
+    """
+    if not getattr(reader, "cheap_size", False):
+        return
+    problems = []
+    for r in ranges:
+        if r.file not in sizes:
+            sizes[r.file] = reader.size(r.file)
+        size = sizes[r.file]
+        if size is not None and r.offset + r.nbytes > size:
+            leaves = sorted({manifest.leaves[c.leaf].display for c in r.chunks})
+            problems.append(
+                f"{reader.display}/{r.file}: holds {size} bytes but chunks of "
+                f"{', '.join(leaves)} lie at bytes {r.offset}..{r.offset + r.nbytes} "
+                "(the file is truncated or the manifest is wrong)"
+            )
+    if problems:
+        raise CorruptCheckpointError(
+            f"checkpoint at {reader.display} is corrupt; refusing to return wrong data "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20]),
+            problems,
+        )
 
 
 def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) -> None:

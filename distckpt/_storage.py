@@ -166,6 +166,8 @@ class _PosixWriter:
 
 
 class _PosixReader:
+    cheap_size = True  # size() is a stat: restore checks files before allocating
+
     def __init__(self, directory: str, display: str):
         self.directory = directory
         self.display = display
@@ -419,6 +421,8 @@ class _KvWriter:
 
 
 class _KvReader:
+    cheap_size = False  # size() reads the whole value
+
     def __init__(self, kv: Any, attempt: str, display: str):
         self.kv, self.attempt, self.display = kv, attempt, display
 

@@ -7,12 +7,15 @@ on every process, as the same type, naming the process it came from.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "BarrierTimeoutError",
     "CheckpointExistsError",
     "CorruptCheckpointError",
     "DistckptError",
     "NotCommittedError",
+    "OutOfSpaceError",
     "ProcessFailure",
     "TreeMismatchError",
 ]
@@ -66,3 +69,15 @@ class ProcessFailure(DistckptError):
     def __init__(self, message: str, processes: list[int] | None = None):
         super().__init__(message)
         self.processes = list(processes or [])
+
+
+class OutOfSpaceError(DistckptError, OSError):
+    """The checkpoint's storage ran out of space (or quota) on some process.
+
+    Also an ``OSError`` with ``errno.ENOSPC``, so code that handles a full
+    disk the usual way keeps working. Nothing is committed; older
+    checkpoints are intact and the job can go on training.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)

@@ -137,6 +137,7 @@ def test_disk_full_before_writing_is_refused_in_preflight(tmpfs, fault):
     fault("save.write:raise")  # proves the error comes before the write phase
     with pytest.raises(OSError) as info:
         distckpt.save(disk / "step_2", _tree(128 * 1024, 2.0))  # 512 KiB
+    assert isinstance(info.value, distckpt.errors.OutOfSpaceError)
     assert info.value.errno == errno.ENOSPC
     assert "not enough free space" in str(info.value)
     fault(None)
@@ -159,7 +160,9 @@ def test_disk_full_while_writing(tmpfs):
         with _knobs.override(chunk_bytes=4096, segment_bytes=6000):
             with pytest.raises(OSError) as info:
                 mgr.save(2, _tree(n, 2.0))
+        assert isinstance(info.value, distckpt.errors.OutOfSpaceError)
         assert info.value.errno == errno.ENOSPC
+        assert "out of space on process 0" in str(info.value)
         assert "not enough free space" not in str(info.value)  # write(2) said it, not preflight
         assert mgr.all_steps() == [1]
         st = os.statvfs(disk)

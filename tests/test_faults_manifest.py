@@ -236,6 +236,28 @@ def test_absurd_chunk(original, tmp_path, case):
     _expect_refused(work, match=match)
 
 
+def test_a_self_consistent_manifest_bigger_than_its_files_allocates_nothing(original, tmp_path):
+    # 4 GiB declared in one chunk and one file, all consistent with each
+    # other, but the file holds 88 bytes: refused before any allocation.
+    work = _copy(original, tmp_path)
+    size = 4 << 30
+
+    def grow(doc, _):
+        leaf = _leaf(doc, "w")
+        leaf["shape"] = [1 << 20, 1 << 10]
+        leaf["chunks"] = [[0, 0, size, 0, [[0, 1 << 20], [0, 1 << 10]]]]
+        for other in doc["leaves"]:
+            if other is not leaf and "chunks" in other:
+                other["chunks"] = [[0, size + c[1], c[2], c[3], c[4]] for c in other["chunks"]]
+        doc["files"][0]["bytes"] = size + 1024
+
+    _edit(work, grow)
+    with pytest.raises(CorruptCheckpointError, match=r"holds 88 bytes but chunks of"):
+        distckpt.restore(work)
+    with pytest.raises(CorruptCheckpointError, match="data file has .* bytes, the manifest says"):
+        distckpt.verify(work)
+
+
 def test_python_values_are_data_not_code(original, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     work = _copy(original, tmp_path)

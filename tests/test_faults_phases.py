@@ -40,6 +40,8 @@ BEFORE_COMMIT = {
     # Case 7 across processes: EIO once, never retried in place.
     "fsync-eio-p1": "write.fsync:eio@1*1",
     "rename-eio-p0": "commit.rename:eio@0*1",
+    # Case 6 across processes: a full disk on one process is typed everywhere.
+    "enospc-p1": "write.chunk:enospc@1",
 }
 # Faults on a process that has nothing left to do when the primary commits:
 # the outcome is decided without it, so the checkpoint is committed.
@@ -70,10 +72,15 @@ def test_an_exception_in_a_phase_is_raised_on_every_process(phase_run, case):
     k = _victim(BEFORE_COMMIT[case])
     errors = [s[case] for s in seen]
     for e in errors:
-        assert e["type"] == "ProcessFailure", e
+        assert e["type"] == ("OutOfSpaceError" if "enospc" in case else "ProcessFailure"), e
         assert e["processes"] == [k], e
         assert f"process {k}: " in e["message"]
-        assert ("OSError: [Errno 5]" if "eio" in case else "InjectedFault") in e["message"]
+        if "eio" in case:
+            assert "OSError: [Errno 5]" in e["message"]
+        elif "enospc" in case:
+            assert f"out of space on process {k}" in e["message"]
+        else:
+            assert "InjectedFault" in e["message"]
     assert errors[0]["message"] == errors[1]["message"]  # the same error, everywhere
     directory = root / case
     assert not distckpt.is_committed(directory)

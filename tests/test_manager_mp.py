@@ -99,7 +99,7 @@ def _w_background_error(directory: str) -> dict:
 def test_background_error_surfaces_on_every_process(tmp_path):
     results = run_processes(f"{HERE}:_w_background_error", 2, 4, args={"directory": str(tmp_path)})
     for r in results:
-        assert r.value["error"]["type"] == "ProcessFailure", r.value
+        assert r.value["error"]["type"] == "OutOfSpaceError", r.value  # a full disk is typed
         assert r.value["error"]["processes"] == [1]
         assert "injected: no space left" in r.value["error"]["message"]
         assert r.value["steps"] == [1, 3]
