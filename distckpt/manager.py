@@ -19,7 +19,7 @@ from typing import Any
 from distckpt import _commit, _inspect, _knobs, _multihost, _runtime, _stage, _storage
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
-from distckpt.errors import CheckpointExistsError, NotCommittedError
+from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
 
 log = logging.getLogger("distckpt")
 
@@ -102,6 +102,7 @@ class CheckpointManager:
         self.save_interval_steps, self.async_save = save_interval_steps, async_save
         self.timeout_s = _knobs.get("timeout_s", timeout_s)
         self.last_save_stats: SaveStats | None = None
+        self.last_restored_step: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._preemption_step: int | None = None
@@ -279,22 +280,52 @@ class CheckpointManager:
         partial: bool = False,
         cast: bool = False,
         pipeline: Any = None,
+        fall_back: bool = False,
     ) -> Any:
-        """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``."""
+        """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``.
+
+        ``fall_back`` (only without ``step``): if the latest step is corrupt,
+        log why and restore the newest step that is intact instead. Without
+        it a corrupt step is an error. ``last_restored_step`` says which
+        step was restored.
+        """
         self.wait_until_finished()
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            candidates = sorted(self._steps, reverse=True)
+            if not candidates:
                 raise NotCommittedError(f"no committed steps in {self.directory} to restore")
-        self._check_step(step)
-        return _restore(
-            self.path(step),
-            target,
-            partial=partial,
-            cast=cast,
-            pipeline=pipeline,
-            timeout_s=self.timeout_s,
-        )
+        else:
+            self._check_step(step)
+            candidates = [step]
+        for i, candidate in enumerate(candidates):
+            try:
+                tree = _restore(
+                    self.path(candidate),
+                    target,
+                    partial=partial,
+                    cast=cast,
+                    pipeline=pipeline,
+                    timeout_s=self.timeout_s,
+                )
+            except CorruptCheckpointError as e:
+                older = candidates[i + 1 :]
+                if step is None and not fall_back and older:
+                    e.add_note(
+                        f"older committed steps: {older[:5]}; restore(fall_back=True) restores "
+                        "the newest intact one instead"
+                    )
+                if not (fall_back and step is None and older):
+                    raise
+                log.warning(
+                    "step %d is corrupt (%s); falling back to step %d",
+                    candidate,
+                    str(e).splitlines()[0],
+                    older[0],
+                )
+                continue
+            self.last_restored_step = candidate
+            return tree
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def delete(self, step: int) -> None:
         """Deletes a committed step; collective (the primary deletes, all agree)."""

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import distckpt
 from distckpt import _storage
-from distckpt.errors import CheckpointExistsError, NotCommittedError
+from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
 from tests.faults import fail_once
 
 
@@ -216,3 +216,21 @@ def test_options_are_validated():
         distckpt.CheckpointManager("/tmp/never", keep_best=2)
     with pytest.raises(ValueError, match="best_mode must be"):
         distckpt.CheckpointManager("/tmp/never", best_mode="lowest")
+
+
+def test_a_corrupt_latest_step_falls_back_only_when_told_to(tmp_path):
+    with distckpt.CheckpointManager(tmp_path, async_save=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"v": np.full(64, float(step))})
+    data = next((tmp_path / "step_00000003").glob("attempt-*/*.bin"))
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    mgr = distckpt.CheckpointManager(tmp_path)
+    with pytest.raises(CorruptCheckpointError) as info:
+        mgr.restore()
+    assert "restore(fall_back=True)" in "".join(getattr(info.value, "__notes__", []))
+    got = mgr.restore(fall_back=True)
+    assert mgr.last_restored_step == 2 and got["v"][0] == 2.0
+    with pytest.raises(CorruptCheckpointError):  # an explicit step never falls back
+        mgr.restore(3, fall_back=True)
