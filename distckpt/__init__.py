@@ -7,6 +7,7 @@ job has now.
 
 from distckpt import errors as errors
 from distckpt import pipeline as pipeline
+from distckpt._cluster import initialize as initialize
 from distckpt._inspect import CheckpointInfo as CheckpointInfo
 from distckpt._inspect import LeafInfo as LeafInfo
 from distckpt._inspect import VerifyReport as VerifyReport
@@ -42,6 +43,7 @@ __all__ = [
     "errors",
     "pipeline",
     "forward_signal",
+    "initialize",
     "is_committed",
     "metadata",
     "restore",

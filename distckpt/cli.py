@@ -768,5 +768,45 @@ def gc_command(directory: str, dry_run: bool, as_json: bool, min_age: float) -> 
     return EXIT_OK
 
 
+@cli.command(
+    "launch",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("-n", "--num-processes", type=click.IntRange(min=1), required=True)
+@click.option(
+    "-d",
+    "--devices-per-process",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="CPU devices each process simulates.",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds the other processes get to exit after one fails, before SIGKILL.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch_command(
+    num_processes: int, devices_per_process: int, grace: float, command: tuple[str, ...]
+) -> int:
+    """Run COMMAND as N local processes of one JAX job on CPU devices.
+
+    Example: distckpt launch -n 2 -d 4 -- python examples/train_mlp.py --dir /tmp/ckpt
+
+    Each process gets a coordinator on 127.0.0.1 and a free port, its process
+    id and the process count (DISTCKPT_* and JAX_* variables, read by
+    distckpt.initialize()), K CPU devices and gloo collectives. Output lines
+    are prefixed with [pN]; SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 are
+    forwarded to every process. Exits with the first non-zero exit code of a
+    process, after stopping the others (none is left behind), or 0.
+    """
+    from distckpt import launch
+
+    return launch.run(command, num_processes, devices_per_process, grace_s=grace)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -84,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--stop-after", type=int, default=None, help="exit (as if killed) after N steps"
     )
+    ap.add_argument(
+        "--fall-back",
+        action="store_true",
+        help="if the latest checkpoint is corrupt, resume from the newest intact one",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    distckpt.initialize()  # SLURM, TPU pods, `distckpt launch`, or one process
+    distckpt.forward_signal(signal.SIGUSR1)  # SLURM's --signal=USR1@120: save, then exit
     primary = jax.process_index() == 0
 
     def say(msg: str) -> None:
@@ -130,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         keep_best=1,
         async_save=True,
     )
-    start = mgr.latest_step() or 0
+    start = redo = mgr.latest_step() or 0
     if start:
         state = mgr.restore(
-            start,
+            None,
             distckpt.abstract_like({"params": params, "opt_state": opt_state}),
             pipeline=data,
+            fall_back=args.fall_back,
         )
+        if mgr.last_restored_step != start:
+            say(f"step {start} is corrupt; fell back to step {mgr.last_restored_step}")
+        redo, start = start, mgr.last_restored_step  # steps up to redo are saved again
         params, opt_state = state["params"], state["opt_state"]
         say(
             f"resumed from step {start} on {jax.process_count()} process(es) x "
@@ -153,15 +165,22 @@ def main(argv: list[str] | None = None) -> int:
         y = jax.make_array_from_process_local_data(batch_sharding, y_all[idx])
         params, opt_state, loss = train_step(params, opt_state, x, y)
         state = {"params": params, "opt_state": opt_state}
+        metrics = {"loss": float(loss)}
         if mgr.reached_preemption(step):
             mgr.save(
-                step, state, pipeline=data, metrics={"loss": float(loss)}, force=True, blocking=True
+                step,
+                state,
+                pipeline=data,
+                metrics=metrics,
+                force=True,
+                blocking=True,
+                overwrite=step <= redo,
             )
             say(f"step {step}: preempted, saved, exiting with {distckpt.PREEMPTED_EXIT_CODE}")
             mgr.close()
             return distckpt.PREEMPTED_EXIT_CODE
         if mgr.should_save(step):
-            mgr.save(step, state, pipeline=data, metrics={"loss": float(loss)})
+            mgr.save(step, state, pipeline=data, metrics=metrics, overwrite=step <= redo)
             say(f"step {step:4d}  loss {float(loss):.5f}  (checkpoint started)")
         elif step % 10 == 0:
             say(f"step {step:4d}  loss {float(loss):.5f}")
@@ -169,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             mgr.wait_until_finished()
             say(f"step {step}: stopping here (--stop-after)")
             os._exit(1)  # as if the job died: no clean shutdown
+    if loss is not None and not mgr.should_save(args.steps):  # the final state, always
+        mgr.save(args.steps, state, pipeline=data, metrics=metrics, force=True)
     mgr.close()
     if loss is not None:
         say(
@@ -179,6 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if "JAX_COORDINATOR_ADDRESS" in os.environ or "DISTCKPT_COORDINATOR" in os.environ:
-        jax.distributed.initialize()
     sys.exit(main())
