@@ -103,52 +103,112 @@ def leaf_names(n: int) -> list[str]:
     return [f"p{i:05d}" for i in range(n)]
 
 
-def leaf_values(layout: dict, i: int) -> np.ndarray:
-    """The full value of leaf ``i``: standard normal float32, seeded by the leaf.
+def train_params_shapes(layout: dict) -> dict:
+    """A transformer-shaped parameter tree: embedding, ``layers`` blocks (attention
+    q/k/v/o with biases, two layer norms, an MLP of width 4d), a final norm and an
+    output head; 16 leaves per block, from (d,) vectors to (vocab, d) matrices."""
+    d, vocab, f = layout["d_model"], layout["vocab"], 4 * layout["d_model"]
+    params = {"embed": (vocab, d), "final_norm": {"scale": (d,), "bias": (d,)}, "head": (d, vocab)}
+    for i in range(layout["layers"]):
+        params[f"block{i:02d}"] = {
+            "attn": {
+                **{k: (d, d) for k in ("q", "k", "v", "o")},
+                **{f"{k}_bias": (d,) for k in ("q", "k", "v", "o")},
+            },
+            "norm1": {"scale": (d,), "bias": (d,)},
+            "mlp": {"w_in": (d, f), "b_in": (f,), "w_out": (f, d), "b_out": (d,)},
+            "norm2": {"scale": (d,), "bias": (d,)},
+        }
+    return params
 
-    Random, because Orbax compresses with zstd by default and trained weights are
-    close to incompressible; an arange-style pattern would flatter compression.
-    Every process can regenerate any leaf, which is how restores onto another
-    topology are checked."""
+
+def abstract_state(layout: dict):
+    """(treedef, [(shape, dtype)]) of the state a layout describes."""
+    import jax
+
+    if layout.get("kind") == "train":
+        import optax
+
+        shapes = train_params_shapes(layout)
+        params = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s, np.float32),
+            shapes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        opt_state = jax.eval_shape(optax.adamw(1e-3, weight_decay=0.1).init, params)
+        leaves, treedef = jax.tree.flatten({"params": params, "opt_state": opt_state})
+        return treedef, [(tuple(x.shape), np.dtype(x.dtype)) for x in leaves]
+    names = leaf_names(layout["n_leaves"])
+    treedef = jax.tree.structure({n: 0 for n in names})
+    return treedef, [(tuple(layout["shape"]), np.dtype(layout["dtype"]))] * len(names)
+
+
+def leaf_values(layout: dict, i: int, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """The full value of leaf ``i``: standard normal float32, seeded by the leaf
+    (integer leaves, like optax's step count, hold 1000).
+
+    Random, because Orbax compresses with zstd by default and trained weights and
+    optimizer moments are close to incompressible; an arange-style pattern (or
+    optax's all-zero initial moments) would flatter compression. Every process can
+    regenerate any leaf, which is how restores onto another topology are checked."""
+    if not np.issubdtype(dtype, np.floating):
+        return np.full(shape, 1000, dtype=dtype)
     rng = np.random.default_rng([layout["seed"], i])
-    return rng.standard_normal(tuple(layout["shape"]), dtype=np.float32)
+    return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
 
 
-def make_sharding(jax, layout: dict):
+def make_sharding(jax, layout: dict, shape: tuple = ()):
+    """The layout's sharding; in a train state only matrices are sharded (2-D over
+    the mesh when its axes divide them), vectors and scalars are replicated."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     devices = np.array(jax.devices()).reshape(layout["mesh_shape"])
     mesh = Mesh(devices, tuple(layout["axes"]))
-    return NamedSharding(mesh, PartitionSpec(*layout["spec"]))
+    spec = list(layout["spec"])
+    if layout.get("kind") == "train":
+        sizes = [
+            int(np.prod([mesh.shape[a] for a in ([p] if isinstance(p, str) else p or [])]))
+            for p in spec
+        ]
+        if len(shape) != len(spec) or any(n % k for n, k in zip(shape, sizes, strict=True)):
+            spec = []
+    return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def make_state(jax, layout: dict) -> dict:
-    sharding = make_sharding(jax, layout)
-    shape = tuple(layout["shape"])
-    state = {}
-    for i, name in enumerate(leaf_names(layout["n_leaves"])):
-        full = leaf_values(layout, i)
-        state[name] = jax.make_array_from_callback(shape, sharding, lambda idx, a=full: a[idx])
-    return state
+def make_state(jax, layout: dict):
+    treedef, leaves = abstract_state(layout)
+    out = []
+    for i, (shape, dtype) in enumerate(leaves):
+        full = leaf_values(layout, i, shape, dtype)
+        sharding = make_sharding(jax, layout, shape)
+        out.append(jax.make_array_from_callback(shape, sharding, lambda idx, a=full: a[idx]))
+    return jax.tree.unflatten(treedef, out)
 
 
-def make_target(jax, layout: dict) -> dict:
-    sharding = make_sharding(jax, layout)
-    sds = jax.ShapeDtypeStruct(tuple(layout["shape"]), np.dtype(layout["dtype"]), sharding=sharding)
-    return {name: sds for name in leaf_names(layout["n_leaves"])}
+def make_target(jax, layout: dict):
+    treedef, leaves = abstract_state(layout)
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jax.ShapeDtypeStruct(shape, dtype, sharding=make_sharding(jax, layout, shape))
+            for shape, dtype in leaves
+        ],
+    )
 
 
 def _index_key(index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
-def restored_bytes(tree: dict) -> int:
+def restored_bytes(tree) -> int:
     """Bytes this process got back: addressable shards, each distinct index once.
 
     Replicas of one index on several local devices count once (the process needs to
     read them once); the same index on two processes counts once per process."""
+    import jax
+
     total = 0
-    for arr in tree.values():
+    for arr in jax.tree.leaves(tree):
         seen = set()
         for shard in arr.addressable_shards:
             key = _index_key(shard.index)
@@ -158,21 +218,36 @@ def restored_bytes(tree: dict) -> int:
     return total
 
 
-def check_restored(layout: dict, tree: dict) -> None:
+def owned_bytes(tree) -> int:
+    """Bytes of the shards this process holds the ``replica_id == 0`` copy of: what a
+    checkpoint that stores every byte once has this process write."""
+    import jax
+
+    return sum(
+        s.data.nbytes
+        for arr in jax.tree.leaves(tree)
+        for s in arr.addressable_shards
+        if s.replica_id == 0
+    )
+
+
+def check_restored(layout: dict, tree) -> None:
     """Compares every addressable shard with the regenerated leaf; raises on mismatch."""
-    names = leaf_names(layout["n_leaves"])
-    if sorted(tree) != names:
-        raise AssertionError(f"restored keys differ: {sorted(tree)[:5]}...")
-    for i, name in enumerate(names):
-        full = leaf_values(layout, i)
-        arr = tree[name]
+    import jax
+
+    treedef, leaves = abstract_state(layout)
+    got, got_def = jax.tree.flatten(tree)
+    if got_def != treedef:
+        raise AssertionError(f"restored tree structure differs: {got_def} != {treedef}")
+    for i, ((shape, dtype), arr) in enumerate(zip(leaves, got, strict=True)):
+        full = leaf_values(layout, i, shape, dtype)
         if tuple(arr.shape) != full.shape or arr.dtype != full.dtype:
             raise AssertionError(
-                f"{name}: got {arr.shape} {arr.dtype}, want {full.shape} {full.dtype}"
+                f"leaf {i}: got {arr.shape} {arr.dtype}, want {full.shape} {full.dtype}"
             )
         for shard in arr.addressable_shards:
             if not np.array_equal(np.asarray(shard.data), full[shard.index]):
-                raise AssertionError(f"{name}: shard {shard.index} on {shard.device} differs")
+                raise AssertionError(f"leaf {i}: shard {shard.index} on {shard.device} differs")
 
 
 # ----------------------------------------------------------------------------
@@ -383,7 +458,7 @@ class Worker:
             # sync_global_devices is a cross-process psum; CPU needs gloo for that.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
-            coordinator_address=self.plan["coordinator"],
+            coordinator_address=coordinator_address(self.plan["coordinator"]),
             num_processes=self.nprocs,
             process_id=self.pid,
             initialization_timeout=self.plan["init_timeout_s"],
@@ -499,6 +574,7 @@ class Worker:
             state = self.get_state(op["layout"])
             sysm = self.system(op["system"])
             _, m = self.timed(label, lambda: sysm.save(op["path"], state))
+            m["owned_bytes"] = owned_bytes(state)
             if self.pid == 0:
                 m["files"], m["disk_bytes"] = dir_stats(op["path"])
             self.emit(event="result", **common, **m)
@@ -531,6 +607,7 @@ class Worker:
             stats = sysm.save_stats(mgr)
             if stats is not None:
                 background["save_stats"] = stats
+            blocked["owned_bytes"] = background["owned_bytes"] = owned_bytes(state)
             self.emit(event="result", **common, **blocked)
             self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
 
@@ -541,7 +618,7 @@ class Worker:
             def copy_owned() -> None:
                 # Fresh arrays, as a real staging copy makes: copying into a reused
                 # buffer would skip the page faults every save's copy pays.
-                for arr in state.values():
+                for arr in self.jax.tree.leaves(state):
                     for shard in arr.addressable_shards:
                         if shard.replica_id == 0:
                             copies.append(np.array(shard.data, copy=True))
@@ -609,12 +686,34 @@ class Worker:
         self.emit(event="done")
 
 
+def coordinator_address(spec: str) -> str:
+    """``host:port``; ``slurm:PORT`` (``bench.py --launcher srun``) means the first node
+    of this job step, where SLURM_PROCID 0 runs and so where JAX starts the service."""
+    if not spec.startswith("slurm:"):
+        return spec
+    import subprocess
+
+    nodelist = os.environ["SLURM_STEP_NODELIST"]
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    return f"{hosts[0]}:{spec.split(':', 1)[1]}"
+
+
 def main() -> None:
     _die_with_parent()
     parser = argparse.ArgumentParser()
     parser.add_argument("--plan", required=True)
-    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument(
+        "--process-id", type=int, required=True, help="-1: take it from SLURM_PROCID (srun)"
+    )
     args = parser.parse_args()
+    if args.process_id < 0:
+        args.process_id = int(os.environ["SLURM_PROCID"])
     with open(args.plan) as f:
         plan = json.load(f)
 

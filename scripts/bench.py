@@ -102,6 +102,7 @@ class Group:
     topology: Topology
     rows: list[Row]
     build_ops: Callable[[set], list[dict]]  # enabled (system, row) pairs -> operations
+    extra_timeout_s: float = 0.0  # on top of --timeout, for groups known to be slow
 
 
 def layout(topo: Topology, n_leaves: int, shape: tuple[int, ...], seed: int) -> dict:
@@ -120,6 +121,15 @@ def large_shape(total_bytes: int, n_leaves: int) -> tuple[int, int]:
     """Square float32 leaves whose side is a multiple of 8, so every mesh here divides it."""
     side = int(math.sqrt(total_bytes / n_leaves / 4)) // 8 * 8
     return (max(side, 8), max(side, 8))
+
+
+def train_state_size(train: dict) -> tuple[int, int]:
+    """(leaves, bytes) of the train state: params, adamw's mu and nu, and its step count."""
+    d, vocab, layers = train["d_model"], train["vocab"], train["layers"]
+    per_block = 4 * d * d + 4 * d + 4 * d + (d * 4 * d + 4 * d + 4 * d * d + d)
+    params = 2 * vocab * d + 2 * d + layers * per_block
+    leaves = 3 * (4 + 16 * layers) + 1
+    return leaves, 3 * params * 4 + 4
 
 
 def rep_order(rep: int, systems: list[str], floor: bool) -> list[str]:
@@ -155,9 +165,17 @@ class Plan:
         self.large_leaves = 64
         self.large_shape = large_shape(total, self.large_leaves)
         self.large_bytes = self.large_leaves * math.prod(self.large_shape) * 4
-        self.small_leaves = args.small_leaves or (500 if args.quick else 2000)
+        self.small_sizes = args.small_leaves or ([200, 2000] if args.quick else [2000, 20000])
         self.small_shape = (256,)
-        self.small_bytes = self.small_leaves * 256 * 4
+        # A transformer-shaped train state with optax adamw moments; d_model 512 gives
+        # 301 leaves from 2 KiB to 16 MiB, 312 MiB in all (--quick: d_model 256, 78 MiB).
+        self.train = {
+            "kind": "train",
+            "d_model": 256 if args.quick else 512,
+            "vocab": 4096 if args.quick else 8192,
+            "layers": 6,
+        }
+        self.train_leaves, self.train_bytes = train_state_size(self.train)
         self.floor_files = [
             [str(root / "floor" / f"part{i}.bin"), self.large_bytes // SAVE_2x4.processes]
             for i in range(SAVE_2x4.processes)
@@ -167,6 +185,16 @@ class Plan:
     def ckpt(self, case: str, system: str, rep: int) -> str:
         return str(self.root / case / system / f"rep{rep}")
 
+    def small_reps(self, system: str, leaves: int) -> tuple[int, int]:
+        """(warm-up, measured) repetitions of ``system`` in the small case of ``leaves``.
+
+        Orbax takes minutes per call at 20,000 leaves, so above SLOW_LEAVES it gets
+        ``--slow-reps`` measured repetitions and no warm-up of its own (its process is
+        already warm from the smaller leaf counts, which run first in the same group)."""
+        if system == "orbax" and leaves > SLOW_LEAVES:
+            return 0, min(self.reps, self.args.slow_reps)
+        return self.warmup, self.reps
+
     def groups(self) -> list[Group]:
         gib = self.large_bytes / GiB
         rows = {
@@ -174,15 +202,15 @@ class Plan:
             "r2x4": Row("r2x4", "restore 2x4 -> 2x4", "restore", self.large_bytes, True),
             "r1x8": Row("r1x8", "restore 2x4 -> 1x8 (cols)", "restore", self.large_bytes, True),
             "r4x2": Row("r4x2", "restore 2x4 -> 4x2", "restore", self.large_bytes, True),
-            "ssave": Row(
-                "ssave", f"small: save {self.small_leaves} x 1 KiB", "save", self.small_bytes, False
-            ),
-            "srestore": Row(
-                "srestore",
-                f"small: restore {self.small_leaves} x 1 KiB",
-                "restore",
-                self.small_bytes,
+            "tsave": Row(
+                "tsave",
+                f"train state: save ({self.train_leaves} leaves, {self.train_bytes / MiB:.0f} MiB)",
+                "save",
+                self.train_bytes,
                 False,
+            ),
+            "trestore": Row(
+                "trestore", "train state: restore 2x4 -> 2x4", "restore", self.train_bytes, False
             ),
             "ablocked": Row("ablocked", "async save 2x4: blocked", "async", self.large_bytes, True),
             "abackground": Row(
@@ -211,10 +239,29 @@ class Plan:
                 )
             )
         if "small" in self.args.cases:
+            small_rows = []
+            for n in self.small_sizes:
+                nbytes = n * 256 * 4
+                small_rows.append(
+                    Row(f"ssave{n}", f"small: save {n} x 1 KiB", "save", nbytes, False)
+                )
+                small_rows.append(
+                    Row(f"srestore{n}", f"small: restore {n} x 1 KiB", "restore", nbytes, False)
+                )
+            # Orbax handles about 200-500 leaves a second here: give the group time.
+            leaf_calls = sum(n * 2 * sum(self.small_reps("orbax", n)) for n in self.small_sizes)
             out.append(
                 Group(
-                    "small-1x8", REPLICATED_1x8, [rows["ssave"], rows["srestore"]], self._small_ops
+                    "small-1x8",
+                    REPLICATED_1x8,
+                    small_rows,
+                    self._small_ops,
+                    extra_timeout_s=0.05 * leaf_calls,
                 )
+            )
+        if "train" in self.args.cases:
+            out.append(
+                Group("train-2x4", SAVE_2x4, [rows["tsave"], rows["trestore"]], self._train_ops)
             )
         if "async" in self.args.cases:
             # Its own launch, so neither manager shares a process with the large case's
@@ -268,19 +315,45 @@ class Plan:
         return ops
 
     def _small_ops(self, enabled: set) -> list[dict]:
-        lay = layout(REPLICATED_1x8, self.small_leaves, self.small_shape, seed=2)
+        ops = []
+        for n in self.small_sizes:
+            lay = layout(REPLICATED_1x8, n, self.small_shape, seed=2)
+            save, restore = f"ssave{n}", f"srestore{n}"
+            case = f"small{n}"
+            for rep in range(self.total_reps):
+                # A system with fewer repetitions runs the last ones (counted as measured
+                # when rep >= the warm-up of the others: see rep_record).
+                order = [
+                    s
+                    for s in rep_order(rep, self.systems, floor=False)
+                    if rep >= self.total_reps - sum(self.small_reps(s, n))
+                ]
+                for s in order:
+                    if (s, save) in enabled:
+                        path = self.ckpt(case, s, rep)
+                        ops.append(_op("save", s, save, rep, layout=lay, path=path))
+                for s in order:
+                    if (s, save) in enabled and (s, restore) in enabled:
+                        ops.append(self._restore(s, restore, rep, lay, self.ckpt(case, s, rep)))
+                ops.append(
+                    {"op": "delete", "paths": [self.ckpt(case, s, rep) for s in self.systems]}
+                )
+        return ops
+
+    def _train_ops(self, enabled: set) -> list[dict]:
+        lay = {**self.train, **layout(SAVE_2x4, 0, (), seed=3)}
         ops = []
         for rep in range(self.total_reps):
             order = rep_order(rep, self.systems, floor=False)
             for s in order:
-                if (s, "ssave") in enabled:
-                    path = self.ckpt("small", s, rep)
-                    ops.append(_op("save", s, "ssave", rep, layout=lay, path=path))
+                if (s, "tsave") in enabled:
+                    path = self.ckpt("train", s, rep)
+                    ops.append(_op("save", s, "tsave", rep, layout=lay, path=path))
             for s in order:
-                if (s, "ssave") in enabled and (s, "srestore") in enabled:
-                    ops.append(self._restore(s, "srestore", rep, lay, self.ckpt("small", s, rep)))
+                if (s, "tsave") in enabled and (s, "trestore") in enabled:
+                    ops.append(self._restore(s, "trestore", rep, lay, self.ckpt("train", s, rep)))
             ops.append(
-                {"op": "delete", "paths": [self.ckpt("small", s, rep) for s in self.systems]}
+                {"op": "delete", "paths": [self.ckpt("train", s, rep) for s in self.systems]}
             )
         return ops
 
@@ -401,7 +474,11 @@ def launch(
         "group": group_name,
         "num_processes": topo.processes,
         "total_devices": topo.processes * topo.devices,
-        "coordinator": f"127.0.0.1:{free_port()}",
+        # Under srun, process 0 runs on the step's first node, which is this one in an
+        # sbatch script; the worker looks the host name up, the port is free here.
+        "coordinator": (
+            f"slurm:{free_port()}" if args.launcher == "srun" else f"127.0.0.1:{free_port()}"
+        ),
         "run_dir": str(run_dir),
         "init_timeout_s": 120,
         "op_timeout_s": args.op_timeout,
@@ -413,7 +490,9 @@ def launch(
     procs, logs = [], []
     failure = ""
     try:
-        for i in range(topo.processes):
+        if args.launcher == "srun":
+            procs.append(srun(topo, plan_path, run_dir, env))
+        for i in range(topo.processes if args.launcher == "local" else 0):
             log = open(run_dir / f"worker_{i}.log", "w")
             logs.append(log)
             procs.append(
@@ -441,6 +520,13 @@ def launch(
             time.sleep(0.1)
     finally:
         for p in procs:
+            if p.poll() is None and args.launcher == "srun":
+                # srun forwards SIGTERM to every task of the step; SIGKILL would only
+                # kill srun and leave slurmd to clean the tasks up later.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=30)
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
@@ -456,10 +542,36 @@ def launch(
         result.culprit = blame(events)
         tails = []
         for i in range(topo.processes):
-            text = (run_dir / f"worker_{i}.log").read_text(errors="replace").strip().splitlines()
+            log_path = run_dir / f"worker_{i}.log"
+            if not log_path.exists():
+                continue
+            text = log_path.read_text(errors="replace").strip().splitlines()
             tails.append(f"--- worker {i} (last lines) ---\n" + "\n".join(text[-15:]))
         result.log_tail = "\n".join(tails)
     return result
+
+
+def srun(topo: Topology, plan_path: Path, run_dir: Path, env: dict) -> subprocess.Popen:
+    """One job step running the group's workers, spread over the allocation's nodes
+    (one per node when there are enough nodes). SLURM_PROCID gives each its index."""
+    nodes = max(1, min(topo.processes, int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))))
+    cmd = [
+        "srun",
+        f"--ntasks={topo.processes}",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={-(-topo.processes // nodes)}",
+        "--kill-on-bad-exit=1",
+        f"--output={run_dir}/worker_%t.log",
+        sys.executable,
+        str(WORKER),
+        "--plan",
+        str(plan_path),
+        "--process-id",
+        "-1",
+    ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=str(REPO), start_new_session=True, stdout=subprocess.DEVNULL
+    )
 
 
 def run_group(
@@ -489,7 +601,7 @@ def run_group(
             ops,
             args,
             runs_dir / f"{group.name}-{attempt}",
-            args.timeout,
+            args.timeout + group.extra_timeout_s,
         )
         if res.ok:
             print(f"[{group.name}] done in {time.monotonic() - t0:.1f} s", flush=True)
@@ -508,22 +620,25 @@ def run_group(
         disable(system, row, res.failure, enabled, errors)
 
 
-# Rows that restore what a save row wrote: if the save fails there is nothing to restore.
-# An async save's background row comes from the same call as its blocked row.
-DEPENDENT_ROWS = {
-    "save": ("r2x4", "r1x8", "r4x2"),
-    "ssave": ("srestore",),
-    "ablocked": ("abackground",),
-}
-ALL_ROWS = ("save", "r2x4", "r1x8", "r4x2", "ssave", "srestore", "ablocked", "abackground")
-CASES = ("large", "small", "async")
+CASES = ("large", "small", "train", "async")
+SLOW_LEAVES = 5000  # small cases above this many leaves give Orbax --slow-reps repetitions
+
+
+def dependent_rows(row: str) -> tuple[str, ...]:
+    """Rows that restore what a save row wrote: if the save fails there is nothing to
+    restore. An async save's background row comes from the same call as its blocked row."""
+    if row == "save":
+        return ("r2x4", "r1x8", "r4x2")
+    if row.startswith("ssave"):
+        return ("srestore" + row[len("ssave") :],)
+    return {"tsave": ("trestore",), "ablocked": ("abackground",)}.get(row, ())
 
 
 def disable(system: str, row: str, why: str, enabled: set, errors: dict) -> None:
     """Stops running ``system`` on ``row`` (and on the rows that need its checkpoint)."""
     enabled.discard((system, row))
     errors.setdefault((system, row), why)
-    for dep in DEPENDENT_ROWS.get(row, ()):
+    for dep in dependent_rows(row):
         if (system, dep) in enabled:
             enabled.discard((system, dep))
             errors.setdefault((system, dep), f"no checkpoint, the save failed: {why}")
@@ -583,6 +698,7 @@ def rep_record(rep: int, evs: list[dict], warmup: int) -> dict:
         "peak_rss_is_lifetime": any(e["peak_rss_is_lifetime"] for e in evs),
         "files": evs[0].get("files"),
         "disk_bytes": evs[0].get("disk_bytes"),
+        "owned_bytes": [e.get("owned_bytes") for e in evs],
         "verified": any(e.get("verified") for e in evs),
         # Async saves: save() + wait_until_finished() on the slowest process, and
         # distckpt's own last_save_stats (the same on every process, so process 0's).
@@ -633,7 +749,14 @@ def summarise(
                     for r in reps
                     for p, b in zip(r["peak_rss_mib"], r["rss_before_mib"], strict=True)
                 ]
+                per_proc = [
+                    max(r["peak_rss_mib"][p] - r["rss_before_mib"][p] for r in reps)
+                    for p in range(nprocs[row.key])
+                ]
                 summary.update(
+                    n_reps=len(reps),
+                    peak_rss_over_before_mib_per_process=per_proc,
+                    owned_mib_per_process=[(b or 0) / MiB for b in reps[0]["owned_bytes"]],
                     seconds=secs,
                     seconds_min=min(r["seconds"] for r in reps),
                     seconds_max=max(r["seconds"] for r in reps),
@@ -674,6 +797,7 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
     header = [
         "case",
         "system",
+        "n",
         "median s",
         "min s",
         "GB/s",
@@ -706,6 +830,7 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
             [
                 title,
                 name,
+                str(s["n_reps"]),
                 f"{s['seconds']:.3f}",
                 f"{s['seconds_min']:.3f}",
                 fmt(s["gb_per_s"], ".3g"),
@@ -735,7 +860,7 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
         out.append(render(row) + ("  " + errors[i] if i in errors else ""))
     out += [
         "",
-        f"medians over {plan.reps} repetitions (after {plan.warmup} warm-up); time = max over processes "
+        f"n = measured repetitions (medians over them; {plan.warmup} warm-up first); time = max over processes "
         "of barrier-to-return; GB = 1e9 bytes of state;",
         "x floor = seconds / floor seconds of the same row; vs orbax = Orbax seconds / distckpt seconds;",
         "read amp = rchar summed over processes / restored bytes; peak RSS = max over processes and reps "
@@ -763,6 +888,153 @@ def table_lines(summaries: list[dict], plan: Plan) -> list[str]:
             f"restored values were compared with the saved state (first repetition) in "
             f"{len(checked)} restore row(s); a mismatch would show as an ERROR."
         )
+    return out
+
+
+# The host-memory budget a save is held to: distckpt's one memory knob
+# (DISTCKPT_READ_BATCH_BYTES, default 256 MiB), read from the environment as the workers do.
+def memory_budget_bytes() -> int:
+    return int(float(os.environ.get("DISTCKPT_READ_BATCH_BYTES", 256 << 20)))
+
+
+def evaluate_targets(summaries: list[dict], plan: Plan) -> list[dict]:
+    """Issue 8's targets, each with the measured ratio and whether it is met.
+
+    ``met`` is None when a number is missing (a case not run, or an error)."""
+    idx = {(s["row"], s["system"]): s for s in summaries}
+
+    def sec(row: str, system: str):
+        s = idx.get((row, system))
+        return s.get("seconds") if s else None
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    out = []
+
+    ran = {row for row, _ in idx}
+
+    def add(name: str, goal: str, value, ok, detail: str = "", row: str = "") -> None:
+        if row and row not in ran:
+            return  # a case this run left out
+        out.append(
+            {
+                "target": name,
+                "goal": goal,
+                "measured": value,
+                "met": None if value is None else bool(ok(value)),
+                "detail": detail,
+            }
+        )
+
+    d = "distckpt"
+    add(
+        "save throughput / fsync'd write floor",
+        ">= 0.80",
+        ratio(sec("save", FLOOR), sec("save", d)),
+        lambda v: v >= 0.8,
+        row="save",
+    )
+    add(
+        "save: Orbax s / distckpt s",
+        ">= 1.5",
+        ratio(sec("save", "orbax"), sec("save", d)),
+        lambda v: v >= 1.5,
+        row="save",
+    )
+    for row, what in (("r2x4", "same sharding"), ("r1x8", "2x4 -> 1x8"), ("r4x2", "2x4 -> 4x2")):
+        add(
+            f"restore {what}: Orbax s / distckpt s",
+            ">= 2",
+            ratio(sec(row, "orbax"), sec(row, d)),
+            lambda v: v >= 2,
+            row=row,
+        )
+        add(
+            f"restore {what}: distckpt s / read floor s",
+            "<= 2",
+            ratio(sec(row, d), sec(row, FLOOR)),
+            lambda v: v <= 2,
+            row=row,
+        )
+    add(
+        "async blocked: distckpt s / host-copy floor s",
+        "<= 1.5",
+        ratio(sec("ablocked", d), sec("ablocked", FLOOR)),
+        lambda v: v <= 1.5,
+        row="ablocked",
+    )
+    add(
+        "async blocked: Orbax s / distckpt s",
+        "> 1",
+        ratio(sec("ablocked", "orbax"), sec("ablocked", d)),
+        lambda v: v > 1,
+        row="ablocked",
+    )
+    sizes = sorted(plan.small_sizes)
+    if sizes:
+        n0, n1 = (2000 if 2000 in sizes else sizes[0]), sizes[-1]
+        for kind in ("save", "restore"):
+            row0 = f"s{kind}{n0}"
+            add(
+                f"small {kind} at {n0} leaves: Orbax s / distckpt s",
+                ">= 20",
+                ratio(sec(row0, "orbax"), sec(row0, d)),
+                lambda v: v >= 20,
+                row=row0,
+            )
+            if n1 > n0:
+                per0 = ratio(sec(row0, d), n0)
+                per1 = ratio(sec(f"s{kind}{n1}", d), n1)
+                add(
+                    f"small {kind}: distckpt cost per leaf at {n1} / at {n0}",
+                    "<= 1.25 (flat)",
+                    ratio(per1, per0),
+                    lambda v: v <= 1.25,
+                    f"{per0 * 1e6:.0f} -> {per1 * 1e6:.0f} us/leaf" if per0 and per1 else "",
+                    row=row0,
+                )
+    for row, what in (("r1x8", "2x4 -> 1x8"), ("r4x2", "2x4 -> 4x2")):
+        s, o = idx.get((row, d)), idx.get((row, "orbax"))
+        orbax_amp = o.get("read_amplification") if o else None
+        add(
+            f"read amplification {what}",
+            "<= 1.25",
+            s.get("read_amplification") if s else None,
+            lambda v: v <= 1.25,
+            f"Orbax {orbax_amp:.2f}" if orbax_amp else "",
+            row=row,
+        )
+    budget = memory_budget_bytes() / MiB
+    for s in summaries:
+        if s["system"] != d or s["kind"] not in ("save", "async") or s["row"] == "ablocked":
+            continue
+        grow = s.get("peak_rss_over_before_mib_per_process")
+        owned = s.get("owned_mib_per_process")
+        if not grow or not owned:
+            continue
+        worst = max(g / (o + budget) for g, o in zip(grow, owned, strict=True))
+        add(
+            f"peak extra RSS, {s['title']}: max over processes of extra / (owned + budget)",
+            "<= 1",
+            worst,
+            lambda v: v <= 1,
+            "extra "
+            + ", ".join(f"{g:.0f}" for g in grow)
+            + " MiB; owned "
+            + ", ".join(f"{o:.0f}" for o in owned)
+            + f" MiB; budget {budget:.0f} MiB",
+        )
+    return out
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    out = ["", "targets (issue 8):"]
+    for t in targets:
+        state = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
+        value = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        extra = f"  ({t['detail']})" if t["detail"] else ""
+        out.append(f"  {state:12s} {t['target']}: {value} (goal {t['goal']}){extra}")
     return out
 
 
@@ -902,15 +1174,29 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--small-leaves",
-        type=int,
         default=None,
-        help="leaves in the small case (default 2000; 500 with --quick)",
+        help="comma-separated leaf counts of the small case (default 2000,20000; 200,2000 "
+        "with --quick)",
+    )
+    p.add_argument(
+        "--slow-reps",
+        type=int,
+        default=1,
+        help=f"measured repetitions of Orbax in small cases above {SLOW_LEAVES} leaves "
+        "(default 1: minutes each)",
     )
     p.add_argument(
         "--systems", default=",".join(SYSTEMS), help="comma-separated subset of distckpt,orbax"
     )
     p.add_argument(
-        "--cases", default=",".join(CASES), help="comma-separated subset of large,small,async"
+        "--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES)
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("local", "srun"),
+        default="local",
+        help="local: start worker processes here; srun: start each group with srun (inside "
+        "a SLURM allocation, see slurm/bench.sbatch; needs --dir on a shared filesystem)",
     )
     p.add_argument(
         "--dir",
@@ -945,6 +1231,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     args.cases = [c for c in args.cases.split(",") if c]
+    try:
+        args.small_leaves = (
+            [int(n) for n in args.small_leaves.split(",") if n] if args.small_leaves else None
+        )
+    except ValueError:
+        p.error(f"--small-leaves takes comma-separated integers, got {args.small_leaves!r}")
+    if args.launcher == "srun" and not args.dir:
+        p.error("--launcher srun needs --dir on a filesystem every node shares")
     unknown = set(args.systems) - set(SYSTEMS)
     unknown |= set(args.cases) - set(CASES)
     if unknown:
@@ -962,12 +1256,13 @@ def parse_args(argv=None):
 def run_all(plan: Plan, args) -> tuple[list[dict], dict]:
     """Runs every group; returns the workers' result events and the errors by (system, row)."""
     errors: dict = {}
-    enabled = {(s, r) for s in plan.systems for r in ALL_ROWS}
+    all_rows = [r.key for g in plan.groups() for r in g.rows]
+    enabled = {(s, r) for s in plan.systems for r in all_rows}
     if "distckpt" in plan.systems:
         why = check_distckpt(args.import_root)
         if why:
             print(f"distckpt will be reported as an error: {why}", flush=True)
-            for r in ALL_ROWS:
+            for r in all_rows:
                 disable("distckpt", r, why, enabled, errors)
     (plan.root / "floor").mkdir()
     results = []
@@ -996,7 +1291,8 @@ def main(argv=None) -> int:
         plan = Plan(args, root)
         print(
             f"checkpoints under {root}; large case {plan.large_leaves} x {plan.large_shape} "
-            f"float32 = {plan.large_bytes / GiB:.3f} GiB; small case {plan.small_leaves} x 1 KiB; "
+            f"float32 = {plan.large_bytes / GiB:.3f} GiB; small case {plan.small_sizes} x 1 KiB; "
+            f"train state {plan.train_leaves} leaves, {plan.train_bytes / MiB:.0f} MiB; "
             f"{args.warmup} warm-up + {args.reps} measured repetitions",
             flush=True,
         )
@@ -1018,6 +1314,8 @@ def main(argv=None) -> int:
     summaries = summarise(results, rows, plan.systems, errors, nprocs, plan.warmup)
     print()
     print("\n".join(table_lines(summaries, plan)))
+    targets = evaluate_targets(summaries, plan)
+    print("\n".join(target_lines(targets)))
     print(
         f"total wall time {time.monotonic() - t_start:.0f} s; distckpt {revision}; "
         f"load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
@@ -1040,10 +1338,18 @@ def main(argv=None) -> int:
                     "bytes": plan.large_bytes,
                 },
                 "small": {
-                    "leaves": plan.small_leaves,
+                    "leaves": plan.small_sizes,
                     "shape": plan.small_shape,
-                    "bytes": plan.small_bytes,
+                    "orbax_reps_above": {"leaves": SLOW_LEAVES, "reps": args.slow_reps},
                     "sharding": "fully replicated over mesh (8,)",
+                },
+                "train": {
+                    **plan.train,
+                    "leaves": plan.train_leaves,
+                    "bytes": plan.train_bytes,
+                    "state": "{'params': transformer-shaped dict, 'opt_state': "
+                    "optax.adamw(1e-3, weight_decay=0.1).init(params)}; matrices "
+                    "P('x','y') on mesh (2, 4), vectors and the step count replicated",
                 },
                 "cases": args.cases,
                 "async": {
@@ -1065,6 +1371,7 @@ def main(argv=None) -> int:
             },
             "machine": info,
             "results": summaries,
+            "targets": targets,
             "raw_events": results,
         }
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
