@@ -17,15 +17,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+$(VENV)/.installed-examples: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[examples]'
+	touch $@
+
+demo: $(VENV)/.installed-examples
 	$(PY) scripts/demo.py
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -n 2 tests
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check distckpt tests scripts
-	$(VENV)/bin/ruff format --check distckpt tests scripts
+	$(VENV)/bin/ruff check distckpt tests scripts examples
+	$(VENV)/bin/ruff format --check distckpt tests scripts examples
 
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
