@@ -146,7 +146,10 @@ def not_committed(storage: Storage) -> NotCommittedError:
 def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> None:
     """Primary, before any data is written: overwrite policy and free space."""
     storage.overwrite = overwrite  # the commit enforces it again, atomically
-    if not overwrite and storage.read_manifest() is not None:
+    # On an object store this read also fixes the manifest generation the
+    # commit is conditional on (see KvStorage.commit_manifest).
+    existing = storage.preflight_manifest()
+    if not overwrite and existing is not None:
         raise CheckpointExistsError(
             f"a committed checkpoint already exists at {storage.display}; pass overwrite=True to "
             "replace it (the old one stays readable until the new one commits) or choose another path."

@@ -157,7 +157,7 @@ def read_manifest_doc(step_dir: str) -> dict | None:
     return doc
 
 
-def _committed_step(step: int, path: str, doc: dict) -> Step:
+def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None = None) -> Step:
     files = doc.get("files", [])
     per_process = [0] * max(1, int(doc.get("process_count") or 1))
     for f in files:
@@ -171,7 +171,11 @@ def _committed_step(step: int, path: str, doc: dict) -> Step:
         path=path,
         state="committed",
         bytes=sum(int(f.get("bytes", 0)) for f in files),
-        manifest_bytes=os.path.getsize(os.path.join(path, MANIFEST_NAME)),
+        manifest_bytes=(
+            os.path.getsize(os.path.join(path, MANIFEST_NAME))
+            if manifest_bytes is None
+            else manifest_bytes
+        ),
         process_count=doc.get("process_count"),
         device_count=doc.get("device_count"),
         created=doc.get("created", ""),
@@ -203,7 +207,12 @@ def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | N
       FileNotFoundError / NotADirectoryError: ``directory`` is not a directory.
     """
     now = time.time() if now is None else now
-    directory = os.path.abspath(directory)
+    if isinstance(directory, dict):
+        return _scan_kv(directory, min_age_s)
+    directory = os.fspath(directory)
+    if "://" in directory and not directory.startswith("file://"):
+        return _scan_kv(directory, min_age_s)  # s3://, gs://, memory://
+    directory = os.path.abspath(directory.removeprefix("file://"))
     if not os.path.isdir(directory):
         what = "does not exist" if not os.path.exists(directory) else "is not a directory"
         raise FileNotFoundError(
@@ -282,6 +291,72 @@ def _scan_checkpoint(directory: str, min_age_s: float, now: float) -> Scan:
         attempt = None
     leftovers = [] if attempt is None else _inside_step(directory, attempt, min_age_s, now, None)
     return Scan(directory, steps, leftovers, [], min_age_s, is_checkpoint=True)
+
+
+_KV_NOTE = (
+    "on an object store gc leaves it (no locks, no ages to tell it from a save in "
+    "progress); a CheckpointManager removes it when it starts"
+)
+
+
+def _doc(raw: bytes) -> dict:
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("format") != "distckpt":
+        raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    return doc
+
+
+def _scan_kv(directory: object, min_age_s: float) -> Scan:
+    """``scan`` of an object store or kvstore location, through the storage layer.
+
+    Committed means a manifest reads back; the listing only proposes names.
+    Leftovers are reported but never marked removable: without locks or
+    reliable ages, gc cannot tell them from a save in progress.
+    """
+    root = _storage.open_storage(directory)
+    where = root.display.rstrip("/")
+
+    def inside(storage: _storage.Storage, path: str, attempt: str | None, step: int | None):
+        return [
+            Leftover(f"{path}/{a}", STALE_ATTEMPT, 0, 0.0, False, step, False, _KV_NOTE)
+            for a in storage.attempts()
+            if a != attempt
+        ]
+
+    raw = root.read_manifest()
+    if raw is not None:
+        try:
+            doc = _doc(raw)
+        except ValueError as e:
+            bad = Step(0, where, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})")
+            return Scan(where, [bad], [], [], min_age_s, is_checkpoint=True)
+        step = _committed_step((doc.get("manager") or {}).get("step") or 0, where, doc, len(raw))
+        leftovers = inside(root, where, step.attempt, None)
+        return Scan(where, [step], leftovers, [], min_age_s, is_checkpoint=True)
+    steps, leftovers, foreign = [], [], []
+    for entry in root.entries():
+        m = STEP.match(entry)
+        if not m:
+            foreign.append(entry)
+            continue
+        number, path, child = int(m[1]), f"{where}/{entry}", root.child(entry)
+        raw = child.read_manifest()
+        if raw is None:
+            why = f"no {MANIFEST_NAME}: an interrupted save, or a save in progress"
+            steps.append(Step(number, path, "uncommitted", why=why))
+            leftovers.append(
+                Leftover(path, INTERRUPTED_SAVE, 0, 0.0, False, number, False, _KV_NOTE)
+            )
+            continue
+        try:
+            s = _committed_step(number, path, _doc(raw), len(raw))
+        except ValueError as e:
+            steps.append(Step(number, path, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})"))
+            continue
+        steps.append(s)
+        leftovers += inside(child, path, s.attempt, number)
+    steps.sort(key=lambda s: s.step)
+    return Scan(where, steps, leftovers, foreign, min_age_s)
 
 
 def format_age(seconds: float) -> str:

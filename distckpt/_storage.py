@@ -29,9 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from distckpt import _faults
+from distckpt import _faults, _location
 from distckpt._manifest import MANIFEST_NAME
-from distckpt.errors import CheckpointExistsError, CorruptCheckpointError
+from distckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageUnavailableError,
+)
 
 ATTEMPT_PREFIX = "attempt-"
 # Held (flock) by the primary of a save from before its attempt directory
@@ -41,28 +45,12 @@ LOCK_NAME = ".lock"
 
 
 def open_storage(directory: Any) -> Storage:
-    """The storage for a checkpoint location: a path, ``memory://...`` or a kvstore spec."""
-    if isinstance(directory, dict):
-        return KvStorage(directory)
-    if isinstance(directory, os.PathLike):
-        directory = os.fspath(directory)
-    if not isinstance(directory, str):
-        raise TypeError(
-            f"a checkpoint location must be a path or a kvstore spec, got {directory!r}"
-        )
-    if "://" in directory:
-        scheme, rest = directory.split("://", 1)
-        if scheme == "memory":
-            return KvStorage(
-                {"driver": "memory", "path": rest.rstrip("/") + "/"}, display=directory
-            )
-        if scheme != "file":
-            raise ValueError(
-                f"{directory!r}: the {scheme}:// scheme is not supported yet; "
-                "use a filesystem path, memory://, or a TensorStore kvstore spec dict"
-            )
-        directory = rest
-    path = os.path.abspath(directory)
+    """The storage for a checkpoint location (see ``_location``): a path, an
+    ``s3://``/``gs://``/``memory://`` URL or a kvstore spec."""
+    loc = _location.parse(directory)
+    if loc.spec is not None:
+        return KvStorage(loc.spec, display=loc.display)
+    path = loc.path
     backend = os.environ.get("DISTCKPT_IO_BACKEND", "posix")
     if backend not in ("posix", "tensorstore"):
         raise ValueError(f"DISTCKPT_IO_BACKEND must be 'posix' or 'tensorstore', got {backend!r}")
@@ -80,6 +68,10 @@ class Storage:
     overwrite: bool = True
 
     def read_manifest(self) -> bytes | None: ...
+    def preflight_manifest(self) -> bytes | None:
+        """The manifest, read by the primary before a save writes anything."""
+        return self.read_manifest()
+
     def commit_manifest(self, raw: bytes, attempt: str) -> None: ...
     def prepare_attempt(self, attempt: str) -> None: ...
     def check_attempt_visible(self, attempt: str) -> None: ...
@@ -100,6 +92,15 @@ class Storage:
     def entries(self) -> list[str]: ...
     def free_bytes(self) -> int | None:
         return None
+
+    # A CheckpointManager's directory: one child location per step.
+    def child(self, name: str) -> Storage: ...
+    def remove_entry(self, name: str) -> None:
+        """Removes child ``name`` and everything in it (a leftover, never a committed step)."""
+
+    def delete_checkpoint(self, name: str, aside: str) -> None:
+        """Deletes the committed checkpoint in child ``name`` so that no crash
+        midway leaves something that looks committed but is not whole."""
 
 
 def _missing(display: str, name: str, why: str) -> CorruptCheckpointError:
@@ -357,6 +358,15 @@ class PosixStorage(Storage):
         except FileNotFoundError:
             pass
 
+    def child(self, name: str) -> PosixStorage:
+        return PosixStorage(os.path.join(self.path, name))
+
+    def remove_entry(self, name: str) -> None:
+        remove_tree(os.path.join(self.path, name))
+
+    def delete_checkpoint(self, name: str, aside: str) -> None:
+        remove_aside(self.path, name, aside)
+
     def free_bytes(self) -> int | None:
         p = self.path
         while not os.path.isdir(p) and os.path.dirname(p) != p:
@@ -404,16 +414,61 @@ def _link_no_replace(tmp: str, target: str) -> bool:
 # --------------------------------------------------------------------------- TensorStore kvstore
 
 
+def _is_unavailable(e: BaseException) -> bool:
+    """Whether a TensorStore error means the store could not be reached (after retries)."""
+    text = str(e)
+    return any(
+        marker in text
+        for marker in (
+            "UNAVAILABLE",
+            "DEADLINE_EXCEEDED",
+            "retry attempts failed",
+            "CURL error",
+            "Could not connect",
+        )
+    )
+
+
+def _process() -> int:
+    try:
+        import jax
+
+        return jax.process_index()
+    except Exception:  # noqa: BLE001 - only for a message
+        return 0
+
+
+def _kv_result(future: Any, what: str, where: str) -> Any:
+    """Waits for a kvstore operation; an unreachable store becomes StorageUnavailableError.
+
+    TensorStore retries failed requests itself (``DISTCKPT_STORAGE_RETRIES``);
+    once it gives up, so does this.
+    """
+    try:
+        return future.result()
+    except ValueError as e:
+        if _is_unavailable(e):
+            raise StorageUnavailableError(
+                f"{what} {where} failed on process {_process()}: the storage did not answer "
+                f"after retries ({e}). Check that the endpoint is up and reachable (for S3: "
+                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, proxies, NO_PROXY) and the credentials; "
+                "DISTCKPT_STORAGE_RETRIES sets how long to retry. Nothing this operation had "
+                "not committed is committed."
+            ) from e
+        e.add_note(f"distckpt: {what} {where} (process {_process()})")
+        raise
+
+
 class _KvWriter:
-    def __init__(self, kv: Any, key: str):
-        self.kv, self.key, self.parts = kv, key, []
+    def __init__(self, kv: Any, key: str, where: str):
+        self.kv, self.key, self.where, self.parts = kv, key, where, []
 
     def write(self, buf: memoryview) -> None:
         self.parts.append(bytes(memoryview(buf).cast("B")))
 
     def close(self) -> None:
         _faults.hit("write.fsync")
-        self.kv.write(self.key, b"".join(self.parts)).result()
+        _kv_result(self.kv.write(self.key, b"".join(self.parts)), "writing", self.where)
         self.parts = []
 
     def abort(self) -> None:
@@ -427,17 +482,21 @@ class _KvReader:
         self.kv, self.attempt, self.display = kv, attempt, display
 
     def size(self, name: str) -> int | None:
-        r = self.kv.read(f"{self.attempt}/{name}").result()
+        r = _kv_result(self.kv.read(f"{self.attempt}/{name}"), "reading", f"{self.display}/{name}")
         return None if r.state == "missing" else len(r.value)
 
     def read(
         self, name: str, offset: int, nbytes: int, out: np.ndarray | None = None
     ) -> np.ndarray:
         try:
-            r = self.kv.read(
-                f"{self.attempt}/{name}", byte_range=slice(offset, offset + nbytes)
-            ).result()
+            r = _kv_result(
+                self.kv.read(f"{self.attempt}/{name}", byte_range=slice(offset, offset + nbytes)),
+                "reading",
+                f"{self.display}/{name}",
+            )
         except ValueError as e:  # TensorStore reports an out-of-range byte range this way
+            if "OUT_OF_RANGE" not in str(e):
+                raise
             raise _missing(self.display, name, f"is truncated ({e})") from None
         if r.state == "missing":
             raise _missing(self.display, name, "is missing")
@@ -461,39 +520,83 @@ class _KvReader:
         pass
 
 
-_CONTEXT = None
+_CONTEXTS: dict[str, object] = {}
 
 
 def _context() -> object:
-    # One TensorStore context per process, so that memory:// stores (and
-    # connection pools) are shared by every open of the same location.
-    global _CONTEXT
-    if _CONTEXT is None:
+    # One TensorStore context per process (per retry setting), so that
+    # memory:// stores, connection pools and credentials are shared by every
+    # open of a location.
+    import json
+
+    spec = _location.context_spec()
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _CONTEXTS:
         import tensorstore as ts
 
-        _CONTEXT = ts.Context()
-    return _CONTEXT
+        _CONTEXTS[key] = ts.Context(spec)
+    return _CONTEXTS[key]
+
+
+_NO_VALUE = b"\x02"  # TensorStore's generation of a key without a value: create-only
 
 
 class KvStorage(Storage):
-    def __init__(self, spec: dict, *, display: str | None = None, local_path: str | None = None):
+    """A location reached through TensorStore's kvstore (object stores, memory, file).
+
+    No rename: data goes under ``attempt-<id>/`` and the manifest, written
+    last with a conditional write, is the commit marker. The condition is
+    the manifest's generation as the primary read it at preflight (none:
+    create-only), so of two saves racing to commit one location exactly one
+    wins and the other gets ``CheckpointExistsError``; TensorStore reports
+    a lost race as an empty generation, not as an exception.
+    """
+
+    def __init__(
+        self,
+        spec: dict,
+        *,
+        display: str | None = None,
+        local_path: str | None = None,
+        kv: Any = None,
+    ):
         import tensorstore as ts
 
         self.spec = spec
-        self.kv = ts.KvStore.open(spec, context=_context()).result()
-        self.display = display or str(spec)
+        self.display = display or _location.parse(spec).display
         self.local_path = local_path
+        self.object_store = spec.get("driver") in _location.OBJECT_DRIVERS
+        if kv is None:
+            kv = _kv_result(ts.KvStore.open(spec, context=_context()), "opening", self.display)
+        self.kv = kv
+        self._expected: bytes | None = None  # manifest generation seen at preflight
+        self._replaced: str | None = None  # the attempt that manifest named
+
+    def _where(self, key: str = "") -> str:
+        return f"{self.display.rstrip('/')}/{key}" if key else self.display
 
     def exists(self) -> bool:
         return bool(self.entries())
 
     def entries(self) -> list[str]:
-        keys = [k.decode() for k in self.kv.list().result()]
+        # LIST finds candidates only: whether something is committed is
+        # decided by reading its manifest, never by what a listing shows.
+        keys = [k.decode() for k in _kv_result(self.kv.list(), "listing", self._where())]
         return sorted({k.split("/", 1)[0] for k in keys})
 
+    def _read_manifest_stamped(self) -> tuple[bytes | None, bytes]:
+        r = _kv_result(self.kv.read(MANIFEST_NAME), "reading", self._where(MANIFEST_NAME))
+        if r.state == "missing":
+            return None, _NO_VALUE
+        return bytes(r.value), bytes(r.stamp.generation)
+
     def read_manifest(self) -> bytes | None:
-        r = self.kv.read(MANIFEST_NAME).result()
-        return None if r.state == "missing" else bytes(r.value)
+        return self._read_manifest_stamped()[0]
+
+    def preflight_manifest(self) -> bytes | None:
+        raw, self._expected = self._read_manifest_stamped()
+        self._replaced = None if raw is None else _named_attempt(raw)
+        return raw
 
     def prepare_attempt(self, attempt: str) -> None:
         pass  # key prefixes need no creation
@@ -502,17 +605,40 @@ class KvStorage(Storage):
         pass
 
     def writer(self, attempt: str, name: str) -> _KvWriter:
-        return _KvWriter(self.kv, f"{attempt}/{name}")
+        return _KvWriter(self.kv, f"{attempt}/{name}", self._where(f"{attempt}/{name}"))
 
     def finish_attempt_writes(self, attempt: str) -> None:
         pass
 
     def reader(self, attempt: str) -> _KvReader:
-        return _KvReader(self.kv, attempt, f"{self.display}/{attempt}")
+        return _KvReader(self.kv, attempt, self._where(attempt))
 
     def commit_manifest(self, raw: bytes, attempt: str) -> None:
-        # THE COMMIT POINT: one put of the manifest, after every data write.
-        self.kv.write(MANIFEST_NAME, raw).result()
+        # THE COMMIT POINT: one conditional put of the manifest, after every
+        # data write. Create-only when nothing was committed at preflight;
+        # otherwise only over the very manifest preflight read (overwrite).
+        expected = self._expected
+        if expected is None:  # no preflight (not a save's primary): as before
+            expected = None if self.overwrite else _NO_VALUE
+        _faults.hit("commit.rename")
+        where = self._where(MANIFEST_NAME)
+        if expected is None:
+            _kv_result(self.kv.write(MANIFEST_NAME, raw), "committing", where)
+            return
+        stamp = _kv_result(
+            self.kv.write(MANIFEST_NAME, raw, if_equal=expected), "committing", where
+        )
+        if not stamp.generation:  # the condition failed: another save committed first
+            if expected == _NO_VALUE:
+                found = "appeared while this save was writing"
+            else:
+                found = "was replaced by another save while this save was writing"
+            raise CheckpointExistsError(
+                f"{where} {found} (another job saved there); process {_process()} did not "
+                f"commit {attempt}, and the other checkpoint is left as it is. Save "
+                "somewhere else, or save again with overwrite=True to replace it."
+            )
+        _faults.hit("commit.renamed")
 
     def attempts(self) -> list[str]:
         return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
@@ -520,7 +646,42 @@ class KvStorage(Storage):
     def remove_attempt(self, attempt: str) -> None:
         import tensorstore as ts
 
-        self.kv.delete_range(ts.KvStore.KeyRange(f"{attempt}/", f"{attempt}0")).result()
+        _kv_result(
+            self.kv.delete_range(ts.KvStore.KeyRange(f"{attempt}/", f"{attempt}0")),
+            "deleting",
+            self._where(attempt),
+        )
+
+    def remove_stale_attempts(self, keep: str) -> None:
+        if not self.object_store:
+            super().remove_stale_attempts(keep)  # one machine: as on a filesystem
+            return
+        # An object store has no locks to tell a crashed save's leftovers from
+        # another job's save in progress, so only the data of the checkpoint
+        # this commit replaced goes now; leftovers go with the manager's
+        # start-up cleanup or ``distckpt gc``.
+        if self._replaced is not None and self._replaced != keep:
+            self.remove_attempt(self._replaced)
+
+    def child(self, name: str) -> KvStorage:
+        loc = _location.Location(self.display, spec=self.spec).child(name)
+        return KvStorage(loc.spec, display=loc.display, kv=self.kv / f"{name}/")
+
+    def remove_entry(self, name: str) -> None:
+        import tensorstore as ts
+
+        _kv_result(
+            self.kv.delete_range(ts.KvStore.KeyRange(f"{name}/", f"{name}0")),
+            "deleting",
+            self._where(name),
+        )
+
+    def delete_checkpoint(self, name: str, aside: str) -> None:
+        # The marker goes first: from then on nothing is committed there, and
+        # a crash before the data is gone leaves an uncommitted leftover.
+        key = f"{name}/{MANIFEST_NAME}"
+        _kv_result(self.kv.write(key, None), "deleting", self._where(key))
+        self.remove_entry(name)
 
 
 def list_dir(path: str) -> list[str]:

@@ -17,6 +17,7 @@ __all__ = [
     "NotCommittedError",
     "OutOfSpaceError",
     "ProcessFailure",
+    "StorageUnavailableError",
     "TreeMismatchError",
 ]
 
@@ -81,3 +82,12 @@ class OutOfSpaceError(DistckptError, OSError):
 
     def __init__(self, message: str):
         super().__init__(errno.ENOSPC, message)
+
+
+class StorageUnavailableError(DistckptError, ConnectionError):
+    """The storage (an object store's endpoint) did not answer, after retries.
+
+    Also a ``ConnectionError`` (an ``OSError``). Raised once TensorStore has
+    retried the request (``DISTCKPT_STORAGE_RETRIES``); a save that gets it
+    has committed nothing, and the checkpoint committed before is intact.
+    """

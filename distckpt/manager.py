@@ -16,7 +16,7 @@ import uuid
 import warnings
 from typing import Any
 
-from distckpt import _commit, _inspect, _knobs, _multihost, _runtime, _stage, _storage
+from distckpt import _commit, _inspect, _knobs, _location, _multihost, _runtime, _stage, _storage
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
@@ -37,7 +37,9 @@ class CheckpointManager:
     """Saves a training loop's state every few steps, keeps the right ones, resumes.
 
     Args:
-      directory: a directory shared by all processes; one subdirectory per step.
+      directory: a directory shared by all processes, an ``s3://`` or ``gs://``
+        URL, ``memory://name`` or a TensorStore kvstore spec (see
+        docs/storage.md); one subdirectory (key prefix) per step.
       max_to_keep: keep the latest N committed steps (None: no limit).
       keep_every_n_steps: also keep, forever, every step divisible by K.
       best_metric: name of a metric passed to ``save(..., metrics=)``.
@@ -70,7 +72,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike | dict,
         *,
         max_to_keep: int | None = None,
         keep_every_n_steps: int | None = None,
@@ -96,7 +98,9 @@ class CheckpointManager:
             raise ValueError(
                 f"keep_best={keep_best} needs best_metric= (the metric to rank steps by)"
             )
-        self.directory = os.path.abspath(os.fspath(directory))
+        self._location = _location.parse(directory)
+        self._spec_given = isinstance(directory, dict)
+        self.directory = self._location.display
         self.max_to_keep, self.keep_every_n_steps = max_to_keep, keep_every_n_steps
         self.best_metric, self.best_mode, self.keep_best = best_metric, best_mode, keep_best
         self.save_interval_steps, self.async_save = save_interval_steps, async_save
@@ -360,9 +364,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
 
-    def path(self, step: int) -> str:
-        """The directory of ``step`` (whether or not it exists)."""
-        return os.path.join(self.directory, step_name(step))
+    def path(self, step: int) -> str | dict:
+        """The location of ``step`` (whether or not it exists): a path or URL,
+        or a kvstore spec if the manager was given one."""
+        child = self._location.child(step_name(step))
+        if child.path is not None:
+            return child.path
+        return child.spec if self._spec_given else child.display
+
+    def _storage(self) -> _storage.Storage:
+        return _storage.open_storage(self._location)
 
     def _check_step(self, step: int) -> None:
         if step not in self._steps:
@@ -402,33 +413,37 @@ class CheckpointManager:
             if is_primary:
                 try:
                     self._remove(step)
-                except OSError as e:
+                except (OSError, ValueError) as e:  # an unreachable object store too
                     log.warning("could not delete step %d of %s: %s", step, self.directory, e)
             del self._steps[step]
 
     def _remove(self, step: int) -> None:
-        _storage.remove_aside(
-            self.directory, step_name(step), f".{step_name(step)}.deleting-{uuid.uuid4().hex[:8]}"
+        # POSIX: renamed aside, then removed; object stores: the manifest
+        # (the commit marker) first, then the data.
+        self._storage().delete_checkpoint(
+            step_name(step), f".{step_name(step)}.deleting-{uuid.uuid4().hex[:8]}"
         )
 
     def _scan(self, clean: bool) -> dict[int, dict | None]:
         """Primary: committed steps and their metrics; removes our own leftovers."""
         steps: dict[int, dict | None] = {}
-        for entry in _storage.list_dir(self.directory):
-            path = os.path.join(self.directory, entry)
+        parent = self._storage()
+        # The listing only proposes candidates; a step is committed iff its
+        # manifest reads back (object-store listings are not the truth).
+        for entry in parent.entries():
             if clean and _DELETING.match(entry):
-                _storage.remove_tree(path)
+                parent.remove_entry(entry)
                 continue
             match = _STEP.match(entry)
             if not match:
                 continue  # foreign: never listed, never deleted
-            storage = _storage.open_storage(path)
+            storage = parent.child(entry)
             raw = storage.read_manifest()
             if raw is None:
                 inside = storage.entries()
                 ours = all(e.startswith(("attempt-", ".manifest.json.tmp-")) for e in inside)
                 if clean and ours:
-                    _storage.remove_tree(path)  # a crashed save of this manager
+                    parent.remove_entry(entry)  # a crashed save of this manager
                 continue
             manifest = _commit.load(storage)
             if clean:

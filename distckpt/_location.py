@@ -1,0 +1,168 @@
+"""Checkpoint locations: what a ``directory`` argument names, built in one place.
+
+A location is one of
+
+* a filesystem path (``str`` or ``os.PathLike``; ``file://`` is stripped):
+  POSIX storage, the fast path;
+* ``s3://bucket/prefix``: TensorStore's ``s3`` kvstore;
+* ``gs://bucket/prefix``: TensorStore's ``gcs`` kvstore;
+* ``memory://name``: TensorStore's ``memory`` kvstore (one process; tests);
+* a TensorStore kvstore spec (a ``dict``), used as given.
+
+Credentials come from where the drivers look (AWS_* variables, ~/.aws,
+instance metadata; Google application default credentials). Settings read
+here, from the environment (see docs/storage.md):
+
+* ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: endpoint of an
+  S3-compatible store (MinIO, Ceph, moto), as for boto3;
+* ``AWS_REGION`` or ``AWS_DEFAULT_REGION``: the bucket's region (else the
+  driver asks the endpoint);
+* ``DISTCKPT_S3_CONDITIONAL_WRITE`` (default ``1``): send real conditional
+  PUTs (``If-None-Match``/``If-Match``). ``0`` lets TensorStore emulate them
+  with a HEAD before an unconditional PUT, which is not atomic: only for
+  stores that reject conditional PUTs;
+* ``DISTCKPT_STORAGE_RETRIES``: how many times an object-store request is
+  retried before ``StorageUnavailableError`` (TensorStore's default: 32,
+  with backoff up to 32 s each);
+* ``DISTCKPT_STORAGE_RETRY_DELAY_S``: the first backoff delay (default 1 s).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+OBJECT_DRIVERS = ("s3", "gcs")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed location: a local path, or a kvstore spec with a display name."""
+
+    display: str
+    path: str | None = None  # a local filesystem path (POSIX storage)
+    spec: dict | None = None  # a TensorStore kvstore spec
+
+    @property
+    def driver(self) -> str:
+        return "posix" if self.spec is None else str(self.spec.get("driver"))
+
+    @property
+    def is_object_store(self) -> bool:
+        return self.driver in OBJECT_DRIVERS
+
+    def child(self, name: str) -> Location:
+        """The location of ``name`` inside this one (a manager's step)."""
+        if self.spec is None:
+            return Location(os.path.join(self.path, name), path=os.path.join(self.path, name))
+        spec = copy.deepcopy(self.spec)
+        spec["path"] = _dir_path(spec.get("path", "")) + name + "/"
+        return Location(f"{self.display.rstrip('/')}/{name}", spec=spec)
+
+
+def parse(location: Any) -> Location:
+    """Turns a ``directory`` argument into a :class:`Location`.
+
+    Raises:
+      TypeError: not a path, URL or dict.
+      ValueError: an unknown scheme, or a URL without a bucket.
+    """
+    if isinstance(location, Location):
+        return location
+    if isinstance(location, dict):
+        if "driver" not in location:
+            raise ValueError(
+                f"a kvstore spec needs a 'driver' member, got {location!r}; e.g. "
+                '{"driver": "s3", "bucket": "my-bucket", "path": "ckpt/"}'
+            )
+        spec = copy.deepcopy(location)
+        if spec["driver"] == "s3":
+            spec.setdefault("use_conditional_write", _s3_conditional_write())
+        return Location(_display(spec), spec=spec)
+    if isinstance(location, os.PathLike):
+        location = os.fspath(location)
+    if not isinstance(location, str):
+        raise TypeError(
+            f"a checkpoint location must be a path, an s3:// or gs:// URL, memory://name "
+            f"or a TensorStore kvstore spec (dict), got {location!r}"
+        )
+    if "://" not in location:
+        return Location(os.path.abspath(location), path=os.path.abspath(location))
+    scheme, rest = location.split("://", 1)
+    if scheme == "file":
+        return Location(os.path.abspath(rest), path=os.path.abspath(rest))
+    if scheme == "memory":
+        return Location(location, spec={"driver": "memory", "path": _dir_path(rest)})
+    if scheme in ("s3", "gs"):
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"{location!r} names no bucket; write {scheme}://bucket/prefix")
+        return Location(
+            f"{scheme}://{bucket}/{prefix.strip('/')}", spec=_bucket_spec(scheme, bucket, prefix)
+        )
+    raise ValueError(
+        f"{location!r}: the {scheme}:// scheme is not supported; use a filesystem path, "
+        "s3://bucket/prefix, gs://bucket/prefix, memory://name or a TensorStore kvstore spec dict"
+    )
+
+
+def _bucket_spec(scheme: str, bucket: str, prefix: str) -> dict:
+    if scheme == "gs":
+        return {"driver": "gcs", "bucket": bucket, "path": _dir_path(prefix)}
+    spec: dict = {"driver": "s3", "bucket": bucket, "path": _dir_path(prefix)}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        spec["aws_region"] = region
+    spec["use_conditional_write"] = _s3_conditional_write()
+    return spec
+
+
+def _s3_conditional_write() -> bool:
+    value = os.environ.get("DISTCKPT_S3_CONDITIONAL_WRITE", "1").strip().lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"DISTCKPT_S3_CONDITIONAL_WRITE must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
+def _dir_path(path: str) -> str:
+    """A key prefix that ends with one ``/`` (or is empty: the bucket's root)."""
+    path = path.strip("/")
+    return path + "/" if path else ""
+
+
+def _display(spec: dict) -> str:
+    driver, path = spec.get("driver"), str(spec.get("path", "")).strip("/")
+    if driver == "s3" and "bucket" in spec:
+        return f"s3://{spec['bucket']}/{path}"
+    if driver == "gcs" and "bucket" in spec:
+        return f"gs://{spec['bucket']}/{path}"
+    if driver == "memory":
+        return f"memory://{path}"
+    return str(spec)
+
+
+def context_spec() -> dict:
+    """TensorStore context resources for every kvstore this process opens."""
+    out: dict = {}
+    retries = os.environ.get("DISTCKPT_STORAGE_RETRIES")
+    delay = os.environ.get("DISTCKPT_STORAGE_RETRY_DELAY_S")
+    if retries is None and delay is None:
+        return out
+    policy: dict = {}
+    if retries is not None:
+        n = int(retries)
+        if n < 1:
+            raise ValueError(f"DISTCKPT_STORAGE_RETRIES must be >= 1, got {retries!r}")
+        policy["max_retries"] = n
+    if delay is not None:
+        d = float(delay)
+        if d <= 0:
+            raise ValueError(f"DISTCKPT_STORAGE_RETRY_DELAY_S must be > 0, got {delay!r}")
+        policy["initial_delay"] = f"{d * 1000:.0f}ms"
+        policy["max_delay"] = f"{d * 8 * 1000:.0f}ms"
+    return {"s3_request_retries": policy, "gcs_request_retries": policy}
