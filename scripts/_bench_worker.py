@@ -575,7 +575,7 @@ class Worker:
             sysm = self.system(op["system"])
             _, m = self.timed(label, lambda: sysm.save(op["path"], state))
             m["owned_bytes"] = owned_bytes(state)
-            if self.pid == 0:
+            if self.pid == 0 and "://" not in op["path"]:
                 m["files"], m["disk_bytes"] = dir_stats(op["path"])
             self.emit(event="result", **common, **m)
 
@@ -656,7 +656,13 @@ class Worker:
             self.sync(f"{label}-begin")
             if self.pid == 0:
                 for p in op["paths"]:
-                    shutil.rmtree(p, ignore_errors=True)
+                    if "://" in p:  # an object store: through distckpt's storage layer
+                        from distckpt import _storage
+
+                        parent, name = p.rstrip("/").rsplit("/", 1)
+                        _storage.open_storage(parent).remove_entry(name)
+                    else:
+                        shutil.rmtree(p, ignore_errors=True)
             self.sync(f"{label}-end")
 
         else:
