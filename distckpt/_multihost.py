@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,20 @@ def process_index() -> int:
 
 def process_count() -> int:
     return jax.process_count()
+
+
+def _late_tasks(message: str) -> list[int]:
+    """The task ids a coordination-service barrier timeout names as late, if it does."""
+    _, found, rest = message.partition("timed out task names:")
+    if not found:
+        return []
+    late = []
+    for line in rest.strip().splitlines():
+        m = re.fullmatch(r"\s*(?:\S*task:)?(\d+)\s*", line)
+        if m is None:
+            break
+        late.append(int(m.group(1)))
+    return sorted(set(late))
 
 
 def _describe(exc: BaseException) -> str:
@@ -117,7 +132,10 @@ class Collective:
             self.client.wait_at_barrier(f"{self.ns}/{phase}", self._timeout_ms())
         except jax.errors.JaxRuntimeError as e:
             statuses = self._statuses(key)
-            missing = [p for p in range(self.count) if p not in statuses]
+            # Who did not publish a status, else whom the coordination service
+            # names as late at the barrier itself (a process that published and
+            # then stalled, or lost its link, before reaching it).
+            missing = [p for p in range(self.count) if p not in statuses] or _late_tasks(str(e))
             failed = self._failures(statuses)
             detail = "".join(f"\n  process {p}: {s['message']}" for p, s in failed.items())
             err = BarrierTimeoutError(

@@ -117,3 +117,17 @@ def test_paths_display_and_rebuild():
     assert [_tree.display(p) for p in paths] == ["['a'][0]", "['a'][1]['b']", "['c'][3][0]"]
     rebuilt = _tree.unflatten_plain(items)
     assert rebuilt == {"c": {3: [2]}, "a": [1, {"b": None}]}
+
+
+def test_late_tasks_are_read_from_the_coordination_service_message():
+    from distckpt._multihost import _late_tasks
+
+    jax_010 = (
+        "DEADLINE_EXCEEDED: Barrier timed out. Id: distckpt/0/prepare::0. ...\n"
+        "# of tasks that reached the barrier: 1/3.\nThe first task at the barrier: 0. "
+        "Some timed out task names:\n2\n1\n\n\nRPC: /xla.coordination.CoordinationService/Barrier"
+    )
+    assert _late_tasks(jax_010) == [1, 2]
+    older = "Some timed out task names:\n/job:jax_worker/replica:0/task:1\n\nRPC"
+    assert _late_tasks(older) == [1]
+    assert _late_tasks("UNAVAILABLE: connection reset") == []
