@@ -8,6 +8,7 @@ job has now.
 from distckpt import errors as errors
 from distckpt import pipeline as pipeline
 from distckpt._cluster import initialize as initialize
+from distckpt._copy import copy as copy
 from distckpt._inspect import CheckpointInfo as CheckpointInfo
 from distckpt._inspect import LeafInfo as LeafInfo
 from distckpt._inspect import VerifyReport as VerifyReport
@@ -40,6 +41,7 @@ __all__ = [
     "SaveStats",
     "VerifyReport",
     "abstract_like",
+    "copy",
     "errors",
     "pipeline",
     "forward_signal",

@@ -43,6 +43,7 @@ POINTS = (
     "write.fsync",  # before a data file's fsync
     "commit.rename",  # manifest written and fsync'd, before the rename
     "commit.renamed",  # right after the rename, before the directory fsync
+    "copy.file",  # distckpt.copy: after each data file is written at the destination
 )
 
 
