@@ -83,12 +83,18 @@ class CheckpointManager:
         async_save: bool = True,
         timeout_s: float | None = None,
         clean_on_start: bool = True,
+        storage_budget_bytes: int | None = None,
+        backup_to: str | os.PathLike | dict | None = None,
+        backup_every_n_steps: int | None = None,
+        backup_best: bool = False,
     ):
         for name, value in [
             ("max_to_keep", max_to_keep),
             ("keep_every_n_steps", keep_every_n_steps),
             ("keep_best", keep_best),
             ("save_interval_steps", save_interval_steps),
+            ("storage_budget_bytes", storage_budget_bytes),
+            ("backup_every_n_steps", backup_every_n_steps),
         ]:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -107,6 +113,9 @@ class CheckpointManager:
         self.timeout_s = _knobs.get("timeout_s", timeout_s)
         self.last_save_stats: SaveStats | None = None
         self.last_restored_step: int | None = None
+        self.storage_budget_bytes = storage_budget_bytes
+        self._sizes: dict[int, int] = {}  # bytes of each committed step, as learnt
+        self._backup = _Backups(backup_to, backup_every_n_steps, backup_best, self.directory)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._preemption_step: int | None = None
@@ -123,6 +132,10 @@ class CheckpointManager:
         scan = (lambda: self._scan(clean_on_start)) if coll.is_primary else (lambda: None)
         scanned = coll.run("scan", scan, last=True)[0]
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
+        ranked = self._ranked()
+        self._best_seen = (
+            float(self._steps[ranked[0]][self.best_metric]) if ranked else None
+        )  # the bar a step must beat to be backed up as the best
 
     # ------------------------------------------------------------------ queries
 
@@ -200,6 +213,8 @@ class CheckpointManager:
                 f"metrics must map metric names (str) to numbers, got keys {list(metrics)}"
             )
         record = {"step": step, "metrics": metrics}
+        if self.storage_budget_bytes is not None:
+            record["storage"] = self._project_storage(step, metrics)
         job = SaveJob(
             self.path(step),
             tree,
@@ -233,10 +248,22 @@ class CheckpointManager:
         self._raise_pending()
 
     def close(self) -> None:
-        """Waits for the background save; the manager cannot save afterwards."""
+        """Waits for the background save and backups; the manager cannot save afterwards."""
         if not self._closed:
             self._closed = True
-            self.wait_until_finished()
+            try:
+                self.wait_until_finished()
+            finally:
+                self._backup.close()
+
+    @property
+    def backup_errors(self) -> list[str]:
+        """Backups that failed (each also logged); training is not stopped by them."""
+        return list(self._backup.errors)
+
+    def wait_for_backups(self) -> None:
+        """Blocks until every backup started so far is done (primary process only)."""
+        self._backup.wait()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -258,6 +285,7 @@ class CheckpointManager:
             return
         self.last_save_stats = stats
         self._steps[step] = metrics
+        self._sizes[step] = stats.total_bytes
         log.info(
             "saved step %d to %s: %.3f s blocking, %.3f s writing, %.3f s commit, %d bytes",
             step,
@@ -267,7 +295,62 @@ class CheckpointManager:
             stats.commit_s,
             stats.total_bytes,
         )
-        self._apply_retention(_multihost.process_index() == 0)
+        primary = _multihost.process_index() == 0
+        self._apply_retention(primary)
+        if primary and self._backup.wants(step, self._new_best(step, metrics)):
+            self._backup.submit(step, self.path(step))
+
+    def _new_best(self, step: int, metrics: dict | None) -> bool:
+        """Whether ``step`` beats every step saved before it (kept or not)."""
+        if self.best_metric is None or not metrics or self.best_metric not in metrics:
+            return False
+        value = float(metrics[self.best_metric])
+        best = self._best_seen
+        if best is None or (value < best if self.best_mode == "min" else value > best):
+            self._best_seen = value
+            return True
+        return False
+
+    def _size(self, step: int) -> int | None:
+        if step not in self._sizes:
+            try:
+                self._sizes[step] = _inspect.metadata(self.path(step)).total_bytes
+            except Exception as e:  # noqa: BLE001 - a projection must not stop a save
+                log.warning("could not read the size of step %d: %s", step, e)
+                return None
+        return self._sizes[step]
+
+    def _project_storage(self, step: int, metrics: dict | None) -> dict:
+        """Bytes retention would keep once ``step`` is saved, against the budget; warns."""
+        self._steps[step] = metrics
+        try:
+            kept = sorted(self._keep())
+        finally:
+            del self._steps[step]
+        latest = max(self._sizes, default=None) if self._sizes else None
+        estimate = self._sizes.get(latest) if latest is not None else None
+        sizes = [self._size(s) for s in kept if s != step]
+        if estimate is None:
+            estimate = sizes[-1] if sizes and sizes[-1] is not None else 0
+        projected = sum(x or 0 for x in sizes) + estimate
+        over = projected > self.storage_budget_bytes
+        if over:
+            log.warning(
+                "%s: keeping steps %s after saving step %d needs about %d bytes, over the "
+                "storage budget of %d bytes; keep fewer steps (max_to_keep, keep_best, "
+                "keep_every_n_steps) or raise the budget",
+                self.directory,
+                kept,
+                step,
+                projected,
+                self.storage_budget_bytes,
+            )
+        return {
+            "budget_bytes": self.storage_budget_bytes,
+            "projected_bytes": projected,
+            "kept_steps": kept,
+            "over_budget": over,
+        }
 
     def _raise_pending(self) -> None:
         error, self._error = self._error, None
@@ -495,3 +578,59 @@ def _catch_sigterm(seen: threading.Event) -> bool:
 
     signal.signal(signal.SIGTERM, notice)
     return True
+
+
+class _Backups:
+    """Copies selected committed steps to a second location, one at a time, in the background.
+
+    Runs on the primary process only (``distckpt.copy`` is a one-process
+    operation); a failed backup is logged and kept in ``errors``, never raised
+    into the training loop.
+    """
+
+    def __init__(self, to: Any, every_n: int | None, best: bool, directory: str):
+        self.to, self.every_n, self.best, self.directory = to, every_n, best, directory
+        self.errors: list[str] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def wants(self, step: int, is_best: bool) -> bool:
+        if self.to is None:
+            return False
+        if self.every_n is None and not self.best:
+            return True
+        return (self.every_n is not None and step % self.every_n == 0) or (self.best and is_best)
+
+    def submit(self, step: int, path: str) -> None:
+        previous = self._threads[-1] if self._threads else None
+        thread = threading.Thread(
+            target=self._copy,
+            args=(step, path, previous),
+            name=f"distckpt-backup-{step}",
+            daemon=True,
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _copy(self, step: int, path: str, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()  # one copy at a time, in step order
+        from distckpt._copy import copy
+
+        loc = _location.parse(self.to).child(step_name(step))
+        try:
+            report = copy(path, loc.spec if loc.spec is not None else loc.display, overwrite=True)
+            log.info("backed up step %d to %s in %.2f s", step, report.destination, report.seconds)
+        except Exception as e:  # noqa: BLE001 - a backup must never stop training
+            message = f"backup of step {step} from {self.directory} to {loc.display} failed: {e}"
+            log.warning(message)
+            with self._lock:
+                self.errors.append(message)
+
+    def wait(self) -> None:
+        for t in list(self._threads):
+            t.join()
+
+    def close(self) -> None:
+        self.wait()
+        self._threads = []

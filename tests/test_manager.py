@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 
@@ -234,3 +235,56 @@ def test_a_corrupt_latest_step_falls_back_only_when_told_to(tmp_path):
     assert mgr.last_restored_step == 2 and got["v"][0] == 2.0
     with pytest.raises(CorruptCheckpointError):  # an explicit step never falls back
         mgr.restore(3, fall_back=True)
+
+
+def test_storage_budget_warns_and_records_the_projection(tmp_path, caplog):
+    tree = {"v": np.zeros(1024, np.float32)}  # 4 KiB a step
+    with distckpt.CheckpointManager(
+        tmp_path, async_save=False, max_to_keep=3, storage_budget_bytes=10_000
+    ) as mgr:
+        with caplog.at_level("WARNING", logger="distckpt"):
+            for step in (1, 2, 3, 4):
+                mgr.save(step, tree)
+    storage = [
+        json.loads((tmp_path / f"step_{s:08d}" / "manifest.json").read_bytes())["manager"][
+            "storage"
+        ]
+        for s in (2, 3, 4)
+    ]
+    assert [s["over_budget"] for s in storage] == [False, True, True]
+    assert storage[2]["kept_steps"] == [2, 3, 4] and storage[2]["projected_bytes"] >= 3 * 4096
+    assert "over the storage budget of 10000 bytes" in caplog.text
+
+
+def test_selected_steps_are_backed_up_in_the_background(tmp_path):
+    with distckpt.CheckpointManager(
+        tmp_path / "run",
+        async_save=True,
+        max_to_keep=1,
+        best_metric="loss",
+        backup_to=tmp_path / "backup",
+        backup_every_n_steps=3,
+        backup_best=True,
+    ) as mgr:
+        for step, loss in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0), (5, 2.0), (6, 9.0)]:
+            mgr.save(step, {"v": np.full(8, float(step))}, metrics={"loss": loss})
+    assert mgr.all_steps() == [6]  # retention at the source is unchanged
+    backed = sorted(p.name for p in (tmp_path / "backup").iterdir())
+    # best so far when saved: 1 (5.0), 2 (1.0); every 3rd: 3, 6.
+    assert backed == ["step_00000001", "step_00000002", "step_00000003", "step_00000006"]
+    assert distckpt.restore(tmp_path / "backup" / "step_00000002")["v"][0] == 2.0
+    distckpt.verify(tmp_path / "backup" / "step_00000006")
+    assert mgr.backup_errors == []
+
+
+def test_a_failed_backup_is_logged_not_raised(tmp_path, caplog):
+    (tmp_path / "not_a_dir").write_text("a file where the backups should go")
+    with caplog.at_level("WARNING", logger="distckpt"):
+        with distckpt.CheckpointManager(
+            tmp_path / "run", async_save=False, backup_to=tmp_path / "not_a_dir"
+        ) as mgr:
+            mgr.save(1, {"v": np.zeros(4)})
+            mgr.wait_for_backups()
+            mgr.save(2, {"v": np.ones(4)})  # training goes on
+    assert len(mgr.backup_errors) == 2 and "backup of step 1" in mgr.backup_errors[0]
+    assert "backup of step 1" in caplog.text
