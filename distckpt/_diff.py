@@ -47,12 +47,17 @@ def describe(spec: LeafSpec) -> str:
     return f"{spec.dtype}{list(spec.shape)}"
 
 
-def pairs(a: Source, b: Source) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """(leaves in both, as index pairs), (only in a), (only in b); in a's then b's order."""
+def pairs(
+    a: Source, b: Source, migration: Any = None
+) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """(leaves in both, as index pairs), (only in a), (only in b); in a's then b's order.
+
+    ``migration`` (a ``_migrate.Migration``) renames A's paths first."""
     b_by_key = {_tree.match_key(s.path): i for i, s in enumerate(b.leaves)}
     both, only_a, seen = [], [], set()
     for i, s in enumerate(a.leaves):
-        j = b_by_key.get(_tree.match_key(s.path))
+        key = _tree.match_key(s.path)
+        j = b_by_key.get(migration.renamed(key) if migration else key)
         if j is None:
             only_a.append(i)
         else:
@@ -62,9 +67,11 @@ def pairs(a: Source, b: Source) -> tuple[list[tuple[int, int]], list[int], list[
     return both, only_a, only_b
 
 
-def structure(a: Source, b: Source) -> list[str]:
+def structure(a: Source, b: Source, migration: Any = None) -> list[str]:
     """Every structural difference, one line each (empty: same structure)."""
-    both, only_a, only_b = pairs(a, b)
+    both, only_a, only_b = pairs(a, b, migration)
+    if migration is not None:
+        only_a = [i for i in only_a if not migration.dropped(_tree.match_key(a.leaves[i].path))]
     lines = [f"{a.leaves[i].display}: only in A ({describe(a.leaves[i])})" for i in only_a]
     lines += [f"{b.leaves[j].display}: only in B ({describe(b.leaves[j])})" for j in only_b]
     for i, j in both:
@@ -111,6 +118,7 @@ def values(
     atol: float = 0.0,
     rtol: float = 0.0,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
+    migration: Any = None,
 ) -> Iterator[ValueDiff]:
     """Compares every leaf present in both with the same shape, one slab at a time.
 
@@ -118,7 +126,7 @@ def values(
     not); an element is mismatched when ``|a - b| > atol + rtol * |b|``, as in
     ``numpy.isclose`` with B as the reference. NaN equals NaN.
     """
-    both, _, _ = pairs(a, b)
+    both, _, _ = pairs(a, b, migration)
     for i, j in both:
         sa, sb = a.leaves[i], b.leaves[j]
         if _CATEGORY[sa.kind] != _CATEGORY[sb.kind]:
@@ -222,7 +230,23 @@ def load_target(arg: str) -> Any:
     return obj() if callable(obj) and not isinstance(obj, jax.ShapeDtypeStruct) else obj
 
 
-def target_problems(source: Source, target: Any, *, partial: bool = False) -> list[str]:
+def renames(a: Source, migration: Any) -> list[str]:
+    """What ``migration`` does to A's paths: one line per renamed or dropped leaf."""
+    from distckpt._migrate import slash
+
+    lines = []
+    for s in a.leaves:
+        key = _tree.match_key(s.path)
+        if migration.dropped(key):
+            lines.append(f"{slash(key)}: dropped")
+        elif migration.renamed(key) != key:
+            lines.append(f"{slash(key)} -> {slash(migration.renamed(key))}")
+    return lines
+
+
+def target_problems(
+    source: Source, target: Any, *, partial: bool = False, migration: Any = None
+) -> list[str]:
     """What ``restore(source, target)`` would refuse, every problem at once (no data read)."""
     from distckpt import _restore
 
@@ -235,5 +259,8 @@ def target_problems(source: Source, target: Any, *, partial: bool = False) -> li
         device_count=1,
     )
     items, _ = _tree.flatten(target)
-    _, problems = _restore.match(manifest, items, partial=partial, cast=False)
-    return problems
+    hints: list[str] = []
+    _, problems = _restore.match(
+        manifest, items, partial=partial, cast=False, migration=migration, hints=hints
+    )
+    return problems + hints

@@ -21,7 +21,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from distckpt import _commit, _knobs, _multihost, _plan, _procstate, _reshard, _runtime, _tree
+from distckpt import (
+    _commit,
+    _knobs,
+    _migrate,
+    _multihost,
+    _plan,
+    _procstate,
+    _reshard,
+    _runtime,
+    _tree,
+)
 from distckpt._manifest import Manifest
 from distckpt._plan import ChunkRecord, LeafSpec, ReadRange
 from distckpt._reshard import Box
@@ -51,6 +61,9 @@ def restore(
     *,
     partial: bool = False,
     cast: bool = False,
+    rename: Any = None,
+    drop: Any = None,
+    init: Any = None,
     pipeline: Any = None,
     timeout_s: float | None = None,
 ) -> Any:
@@ -68,6 +81,14 @@ def restore(
       partial: allow ``target`` to be a subtree of what was saved.
       cast: allow dtypes (and Python number types) to differ; values are
         converted. Without it a dtype difference is an error.
+      rename, drop, init: restore into a tree whose key paths changed (see
+        docs/training_state.md, "Layout migration"): ``rename`` maps saved
+        paths (``a/b/c``; a dict of regular expressions to replacements, or a
+        function) to target paths; ``drop`` lists patterns of saved paths to
+        leave out; ``init`` gives the values of target leaves the checkpoint
+        lacks (a tree like part of the target, or a function of the path).
+        A difference none of them covers is an error listing every path,
+        with a suggested ``rename``.
       pipeline: a ``distckpt.Checkpointable`` saved with ``save(...,
         pipeline=)``: its ``set_state`` is called with this process's saved
         state. Per-process state needs the process count it was saved with;
@@ -118,7 +139,8 @@ def restore(
                 [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
             )
         else:
-            result["tree"] = _restore_into(storage, manifest, target, partial, cast)
+            migration = _migrate.Migration.build(rename, drop, init)
+            result["tree"] = _restore_into(storage, manifest, target, partial, cast, migration)
         if state is not None:  # only once the arrays are in: no half-restored state
             _procstate.restore_into(pipeline, state)
 
@@ -127,13 +149,23 @@ def restore(
     return result["tree"]
 
 
-def _restore_into(storage: Any, manifest: Manifest, target: Any, partial: bool, cast: bool) -> Any:
+def _restore_into(
+    storage: Any,
+    manifest: Manifest,
+    target: Any,
+    partial: bool,
+    cast: bool,
+    migration: _migrate.Migration | None = None,
+) -> Any:
     items, treedef = _tree.flatten(target)
-    wants, problems = match(manifest, items, partial=partial, cast=cast)
+    hints: list[str] = []
+    wants, problems = match(
+        manifest, items, partial=partial, cast=cast, migration=migration, hints=hints
+    )
     if problems:
         raise TreeMismatchError(
             f"the restore target does not match the checkpoint at {storage.display} "
-            f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
+            f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems + hints),
             problems,
         )
     values = _execute(storage, manifest, wants, len(items))
@@ -210,11 +242,27 @@ def _key_data_sharding(sharding: Any, ndim: int, extra: int) -> Any:
 
 
 def match(
-    manifest: Manifest, items: Sequence[tuple[_tree.Path, Any]], *, partial: bool, cast: bool
+    manifest: Manifest,
+    items: Sequence[tuple[_tree.Path, Any]],
+    *,
+    partial: bool,
+    cast: bool,
+    migration: _migrate.Migration | None = None,
+    hints: list[str] | None = None,
 ) -> tuple[list[_Want], list[str]]:
-    """Pairs target leaves with saved leaves; returns (wants, every problem found)."""
-    saved = {_tree.match_key(s.path): i for i, s in enumerate(manifest.leaves)}
-    wants, problems, used, skipped = [], [], set(), []
+    """Pairs target leaves with saved leaves; returns (wants, every problem found).
+
+    ``hints``, if given, receives a suggested ``rename`` for the problems.
+    """
+    saved, problems = {}, []
+    for i, s in enumerate(manifest.leaves):
+        key = _tree.match_key(s.path)
+        new = migration.renamed(key) if migration else key
+        if new in saved:
+            other = manifest.leaves[saved[new]].display
+            problems.append(f"rename maps both {other} and {s.display} to {_migrate.slash(new)}")
+        saved[new] = i
+    wants, used, skipped, missing = [], set(), [], {}
     for index, (path, t) in enumerate(items):
         key, disp = _tree.match_key(path), _tree.display(path)
         if t is None:
@@ -222,7 +270,12 @@ def match(
             continue
         leaf = saved.get(key)
         if leaf is None:
+            has, value = migration.initial(key) if migration else (False, None)
+            if has:
+                wants.append(_Want(index, -1, _VALUE, value=value))
+                continue
             problems.append(f"{disp}: in the target but not in the checkpoint")
+            missing[_migrate.slash(key)] = _shape_dtype(t)
             continue
         used.add(key)
         spec = manifest.leaves[leaf]
@@ -231,16 +284,39 @@ def match(
             problems.append(problem)
         else:
             wants.append(want)
-    if not partial:
-        for key, leaf in saved.items():
-            if key in used or any(key[: len(p)] == p for p in skipped):
-                continue
-            spec = manifest.leaves[leaf]
-            problems.append(
-                f"{spec.display}: in the checkpoint ({_describe(spec)}) but not in the target "
-                "(pass partial=True to leave it out)"
-            )
+    unused = {}
+    for key, leaf in saved.items():
+        if key in used or any(key[: len(p)] == p for p in skipped):
+            continue
+        spec = manifest.leaves[leaf]
+        unused[_migrate.slash(_tree.match_key(spec.path))] = (
+            tuple(spec.shape) if spec.shape is not None else None,
+            spec.dtype,
+        )
+        if partial or (migration and migration.dropped(_tree.match_key(spec.path))):
+            continue
+        problems.append(
+            f"{spec.display}: in the checkpoint ({_describe(spec)}) but not in the target "
+            "(pass partial=True to leave it out, or drop= to leave out just these)"
+        )
+    pairs = _migrate.suggestions(missing, unused)
+    if pairs and hints is not None:
+        hints.append(
+            "if these are renames, restore(..., rename={" + ", ".join(pairs) + "}) "
+            "maps them; new leaves can come from init=, removed ones go with drop="
+        )
     return wants, problems
+
+
+def _shape_dtype(t: Any) -> tuple:
+    shape = getattr(t, "shape", None)
+    dtype = getattr(t, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return (None, None)  # key data shapes differ from key shapes: no suggestion
+    return (
+        tuple(shape) if shape is not None else None,
+        str(np.dtype(dtype)) if dtype is not None else None,
+    )
 
 
 def _match_leaf(
@@ -426,9 +502,9 @@ def _boxes(want: _Want, spec: LeafSpec) -> list[Box]:
 def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[list[_Want]]:
     batch, size = [], 0
     for w in wants:
-        spec = manifest.leaves[w.leaf]
         nbytes = 0
         if w.mode != _VALUE:
+            spec = manifest.leaves[w.leaf]
             nbytes = sum(_reshard.box_size(b) for b in _boxes(w, spec)) * spec.itemsize
         if batch and size + nbytes > budget:
             yield batch

@@ -452,6 +452,17 @@ def _print_verify_result(step: Any, status: str, detail: Any) -> None:
     show_default=True,
     help="Rows of a leaf are compared this many MiB at a time (bounds memory).",
 )
+@click.option(
+    "--rename",
+    "renames",
+    multiple=True,
+    metavar="OLD=NEW",
+    help="Rename A's key paths (a/b/c) first: a regular expression over the whole path "
+    "and its replacement, as restore(rename=) takes them. Repeatable.",
+)
+@click.option(
+    "--drop", multiple=True, metavar="PATTERN", help="A's paths to leave out, as restore(drop=)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def diff_command(
     a: str,
@@ -461,6 +472,8 @@ def diff_command(
     rtol: float,
     partial: bool,
     slab_mb: int,
+    renames: tuple[str, ...],
+    drop: tuple[str, ...],
     as_json: bool,
 ) -> int:
     """Differences between checkpoints A and B (distckpt or Orbax).
@@ -470,25 +483,40 @@ def diff_command(
     lie outside atol + rtol * |B|. B may instead be a Python target spec,
     module:attr or file.py:attr, naming a pytree of jax.ShapeDtypeStruct,
     arrays and scalars (or a function returning one): the diff then lists
-    what restore(A, target) would refuse.
+    what restore(A, target) would refuse. --rename and --drop show what a
+    layout migration would do: A's paths are mapped first, and every mapped
+    path is listed.
 
     Exit code 0 when there is no difference, 1 when there is.
     """
-    from distckpt import _diff, _source
+    from distckpt import _diff, _migrate, _source
     from distckpt.errors import DistckptError
 
+    bad = [r for r in renames if "=" not in r]
+    if bad:
+        raise click.BadParameter(f"expected OLD=NEW, got {bad[0]!r}", param_hint="--rename")
+    migration = _migrate.Migration.build(
+        dict(r.split("=", 1) for r in renames) or None, list(drop) or None, None
+    )
     try:
         with _source.open_source(a) as src_a:
+            if migration is not None and not as_json:
+                mapped = _diff.renames(src_a, migration)
+                click.echo(f"mapping: {len(mapped)} of A's leaves renamed or dropped:")
+                for line in mapped:
+                    click.echo(f"  {line}")
             if _diff.is_target_spec(b):
                 target = _diff.load_target(b)
-                problems = _diff.target_problems(src_a, target, partial=partial)
+                problems = _diff.target_problems(
+                    src_a, target, partial=partial, migration=migration
+                )
                 if as_json:
                     _emit_json({"a": src_a.display, "target": b, "structure": problems})
                 else:
                     _print_structure(problems, f"{src_a.display} against target {b}")
                 return EXIT_NEGATIVE if problems else EXIT_OK
             with _source.open_source(b) as src_b:
-                structure = _diff.structure(src_a, src_b)
+                structure = _diff.structure(src_a, src_b, migration)
                 if not as_json:
                     _print_structure(structure, f"{src_a.display} (A) and {src_b.display} (B)")
                 leaf_diffs = []
@@ -496,7 +524,12 @@ def diff_command(
                     if not as_json:
                         click.echo(f"values (atol={atol:g}, rtol={rtol:g}):")
                     for d in _diff.values(
-                        src_a, src_b, atol=atol, rtol=rtol, slab_bytes=slab_mb << 20
+                        src_a,
+                        src_b,
+                        atol=atol,
+                        rtol=rtol,
+                        slab_bytes=slab_mb << 20,
+                        migration=migration,
                     ):
                         leaf_diffs.append(d)
                         if not as_json:
