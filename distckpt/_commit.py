@@ -10,7 +10,7 @@ import math
 import re
 import uuid
 
-from distckpt import _plan, _tree
+from distckpt import _codec, _plan, _tree
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt._storage import Storage
@@ -86,6 +86,9 @@ def _check_manifest(m: Manifest, where: str) -> None:
         if spec.kind not in _KINDS:
             problems.append(f"{spec.display}: unknown leaf kind {spec.kind!r}")
         if not spec.stored:
+            continue
+        if spec.compression is not None and spec.compression not in _codec.CODECS:
+            problems.append(f"{spec.display}: unknown compression {spec.compression!r}")
             continue
         shape = spec.shape
         if not isinstance(shape, tuple) or not all(_count(n) for n in shape):

@@ -9,7 +9,7 @@ from typing import Any
 
 import crc32c
 
-from distckpt import _commit, _faults, _plan
+from distckpt import _codec, _commit, _faults, _plan, _reshard
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
 
@@ -27,7 +27,15 @@ class CopyReport:
     seconds: float
 
 
-def copy(src: Any, dst: Any, *, verify: bool = True, overwrite: bool = False) -> CopyReport:
+def copy(
+    src: Any,
+    dst: Any,
+    *,
+    verify: bool = True,
+    overwrite: bool = False,
+    compression: str | None = "keep",
+    compression_level: int = 3,
+) -> CopyReport:
     """Copies the committed checkpoint at ``src`` to ``dst``; one process, not collective.
 
     ``src`` and ``dst`` are any locations distckpt accepts: paths, ``s3://``,
@@ -37,6 +45,10 @@ def copy(src: Any, dst: Any, *, verify: bool = True, overwrite: bool = False) ->
     protocol as a save: until the manifest is written last, ``dst`` holds no
     checkpoint, so an interrupted or failed copy is never mistaken for one.
 
+    ``compression``: ``"keep"`` (the default) copies the stored bytes as they
+    are; ``"zstd"`` or ``None`` re-encodes every chunk (compressed, or raw),
+    with new checksums, for long-term storage or fast reading.
+
     Raises:
       NotCommittedError: nothing committed at ``src``.
       CheckpointExistsError: a checkpoint is at ``dst`` and ``overwrite`` is False.
@@ -44,8 +56,18 @@ def copy(src: Any, dst: Any, *, verify: bool = True, overwrite: bool = False) ->
         nothing is committed at ``dst``.
     """
     began = time.perf_counter()
+    if compression != "keep":
+        _codec.check(compression, compression_level)
     source = open_storage(src)
     manifest = _commit.load(source)
+    if compression != "keep":
+        leaves = [
+            dataclasses.replace(s, compression=compression) if s.stored else s
+            for s in manifest.leaves
+        ]
+        recode = _Recoder(manifest, leaves, compression, compression_level)
+    else:
+        leaves, recode = manifest.leaves, None
     total = sum(info["bytes"] for info in manifest.files.values())
     target = open_storage(dst)
     _commit.preflight(target, overwrite=overwrite, estimated_bytes=total)
@@ -59,10 +81,15 @@ def copy(src: Any, dst: Any, *, verify: bool = True, overwrite: bool = False) ->
                 by_file[c.file].append(c)
         with source.reader(manifest.attempt) as reader:
             for name in sorted(by_file):
-                _copy_file(reader, target, attempt, name, by_file[name], manifest, verify)
+                _copy_file(reader, target, attempt, name, by_file[name], manifest, verify, recode)
                 _faults.hit("copy.file")
         target.finish_attempt_writes(attempt)
-        _commit.commit(target, dataclasses.replace(manifest, attempt=attempt))
+        copied = dataclasses.replace(manifest, attempt=attempt)
+        if recode is not None:
+            copied = dataclasses.replace(
+                copied, leaves=leaves, chunks=recode.chunks(), files=recode.files
+            )
+        _commit.commit(target, copied)
     except BaseException:
         _commit.discard_unless_committed(target, attempt)
         raise
@@ -70,7 +97,7 @@ def copy(src: Any, dst: Any, *, verify: bool = True, overwrite: bool = False) ->
         source=source.display,
         destination=target.display,
         files=len(manifest.files),
-        bytes=total,
+        bytes=total if recode is None else sum(f["bytes"] for f in recode.files.values()),
         seconds=time.perf_counter() - began,
     )
 
@@ -83,8 +110,9 @@ def _copy_file(
     chunks: list[_plan.ChunkRecord],
     manifest: Any,
     verify: bool,
+    recode: _Recoder | None = None,
 ) -> None:
-    """One data file, byte for byte, in ranges of whole chunks."""
+    """One data file, byte for byte (or re-encoded chunk by chunk), in ranges of whole chunks."""
     chunks.sort(key=lambda c: c.offset)
     expected = manifest.files[name]["bytes"]
     writer = target.writer(attempt, name)
@@ -109,7 +137,12 @@ def _copy_file(
                             "destination. Copy an older step or a backup.",
                             [f"{reader.display}/{name}: {leaf} at {c.offset}"],
                         )
-            writer.write(memoryview(data))
+            if recode is None:
+                writer.write(memoryview(data))
+            else:
+                for c in r.chunks:
+                    part = data[c.offset - r.offset : c.offset - r.offset + c.nbytes]
+                    writer.write(recode.chunk(c, part, reader.display))
             at = r.offset + r.nbytes
         if at != expected:
             raise CorruptCheckpointError(
@@ -119,3 +152,36 @@ def _copy_file(
     except BaseException:
         writer.abort()
         raise
+
+
+class _Recoder:
+    """Re-encodes chunks for a copy with another compression; keeps the new chunk table."""
+
+    def __init__(self, manifest: Any, leaves: list, compression: str | None, level: int):
+        self.manifest, self.leaves = manifest, leaves
+        self.compress = _codec.compressor(compression, level) if compression else None
+        self.records: dict[int, list[_plan.ChunkRecord]] = {}
+        self.files = {name: {**info, "bytes": 0} for name, info in manifest.files.items()}
+
+    def chunk(self, c: _plan.ChunkRecord, stored: Any, where: str) -> memoryview:
+        spec = self.manifest.leaves[c.leaf]
+        raw = stored
+        if spec.compression is not None:
+            try:
+                raw = _codec.decompress(
+                    spec.compression, stored, _reshard.box_size(c.box) * spec.itemsize
+                )
+            except ValueError as e:
+                raise CorruptCheckpointError(
+                    f"copy of {where}: {spec.display}: chunk at bytes {c.offset} of {c.file}: {e}"
+                ) from e
+        out = memoryview(self.compress(memoryview(raw)) if self.compress else memoryview(raw))
+        offset = self.files[c.file]["bytes"]
+        self.records.setdefault(c.leaf, []).append(
+            _plan.ChunkRecord(c.leaf, c.file, offset, out.nbytes, crc32c.crc32c(out), c.box)
+        )
+        self.files[c.file]["bytes"] = offset + out.nbytes
+        return out
+
+    def chunks(self) -> list[list[_plan.ChunkRecord]]:
+        return [self.records.get(i, []) for i in range(len(self.manifest.leaves))]

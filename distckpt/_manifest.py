@@ -13,7 +13,9 @@ from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "distckpt"
-FORMAT_VERSION = 1  # bump on any change a reader of the previous version cannot read
+FORMAT_VERSION = 2  # the newest version this code reads; bump on any change a reader
+# of the previous version cannot read. Version 2 added per-leaf compression; a
+# checkpoint without it is still written as version 1, readable by 1's readers.
 MANIFEST_NAME = "manifest.json"
 
 
@@ -34,6 +36,11 @@ class Manifest:
     # Data-pipeline states: {"mode": "per-process" | "global", "states": [json, ...]}
     process_state: dict | None = None
 
+    @property
+    def written_version(self) -> int:
+        """The oldest format version that can hold this manifest."""
+        return 2 if any(spec.compression for spec in self.leaves) else 1
+
     def to_json(self) -> bytes:
         file_names = sorted(self.files)
         file_index = {name: i for i, name in enumerate(file_names)}
@@ -50,12 +57,14 @@ class Manifest:
                 ]
             if spec.kind == _tree.PRNG_KEY:
                 entry["impl"] = spec.impl
+            if spec.compression is not None:
+                entry["compression"] = spec.compression
             if spec.kind == _tree.PYTHON:
                 entry["value"] = spec.value
             leaves.append(entry)
         doc = {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": self.written_version,
             "attempt": self.attempt,
             "created": self.created,
             "versions": self.versions,
@@ -97,6 +106,7 @@ class Manifest:
                         sharding=e.get("sharding"),
                         value=e.get("value"),
                         impl=e.get("impl"),
+                        compression=e.get("compression") if version >= 2 else None,
                     )
                 )
                 chunks.append(

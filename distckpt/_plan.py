@@ -40,6 +40,7 @@ class LeafSpec:
     sharding: dict | None = None
     value: Any = None  # the value of a Python leaf
     impl: str | None = None  # PRNG implementation of a key leaf
+    compression: str | None = None  # codec of its chunks ("zstd"), None: raw bytes
 
     @property
     def stored(self) -> bool:
@@ -185,7 +186,12 @@ def chunk_table_problems(spec: LeafSpec, chunks: Sequence[ChunkRecord]) -> list[
         f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
         f"{_reshard.box_size(c.box) * spec.itemsize}"
         for c in chunks
-        if c.nbytes != _reshard.box_size(c.box) * spec.itemsize
+        if spec.compression is None and c.nbytes != _reshard.box_size(c.box) * spec.itemsize
+    ]
+    problems += [
+        f"chunk {[list(b) for b in c.box]} records {c.nbytes} stored bytes"
+        for c in chunks
+        if spec.compression is not None and c.nbytes <= 0
     ]
     return [f"{spec.display}: {p}" for p in problems]
 

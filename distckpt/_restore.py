@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from distckpt import (
+    _codec,
     _commit,
     _knobs,
     _migrate,
@@ -448,13 +449,25 @@ def read_ranges(
         for c in r.chunks:
             view = buf[c.offset - r.offset : c.offset - r.offset + c.nbytes]
             actual = crc32c.crc32c(view)
+            spec = manifest.leaves[c.leaf]
+            where = (
+                f"{spec.display}: chunk {[list(b) for b in c.box]} in "
+                f"{reader.display}/{c.file} bytes {c.offset}..{c.offset + c.nbytes}"
+            )
             if actual != c.crc32c:
                 problems.append(
-                    f"{manifest.leaves[c.leaf].display}: chunk {[list(b) for b in c.box]} in "
-                    f"{reader.display}/{c.file} bytes {c.offset}..{c.offset + c.nbytes} fails its "
-                    f"crc32c (stored {c.crc32c:#010x}, read {actual:#010x})"
+                    f"{where} fails its crc32c (stored {c.crc32c:#010x}, read {actual:#010x})"
                 )
-            elif consume is not None:
+                continue
+            if spec.compression is not None:
+                try:
+                    view = _codec.decompress(
+                        spec.compression, view, _reshard.box_size(c.box) * spec.itemsize
+                    )
+                except ValueError as e:
+                    problems.append(f"{where}: {e}")
+                    continue
+            if consume is not None:
                 consume(c, view)
         return problems
 

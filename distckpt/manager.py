@@ -52,6 +52,11 @@ class CheckpointManager:
       timeout_s: longest wait for the slowest process at any synchronisation point.
       clean_on_start: the primary removes leftovers of crashed saves and
         deletions of this manager when it is constructed.
+      storage_budget_bytes: warn (and record) when retention would keep more.
+      backup_to, backup_every_n_steps, backup_best: copy selected committed
+        steps to a second location in the background (docs/manager.md).
+      compression, compression_level: ``"zstd"`` compresses every save's
+        chunks (see ``distckpt.save``).
 
     The most recent step is always kept, whatever the rules, so a job can
     resume. With neither ``max_to_keep`` nor ``keep_best``, every step is kept.
@@ -87,6 +92,8 @@ class CheckpointManager:
         backup_to: str | os.PathLike | dict | None = None,
         backup_every_n_steps: int | None = None,
         backup_best: bool = False,
+        compression: str | None = None,
+        compression_level: int = 3,
     ):
         for name, value in [
             ("max_to_keep", max_to_keep),
@@ -114,6 +121,7 @@ class CheckpointManager:
         self.last_save_stats: SaveStats | None = None
         self.last_restored_step: int | None = None
         self.storage_budget_bytes = storage_budget_bytes
+        self.compression, self.compression_level = compression, compression_level
         self._sizes: dict[int, int] = {}  # bytes of each committed step, as learnt
         self._backup = _Backups(backup_to, backup_every_n_steps, backup_best, self.directory)
         self._thread: threading.Thread | None = None
@@ -221,6 +229,8 @@ class CheckpointManager:
             metadata=metadata,
             pipeline=pipeline,
             overwrite=overwrite,
+            compression=self.compression,
+            compression_level=self.compression_level,
             timeout_s=self.timeout_s,
             manager=record,
         )

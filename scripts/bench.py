@@ -662,8 +662,8 @@ def run_group(
         disable(system, row, res.failure, enabled, errors)
 
 
-CASES = ("large", "small", "train", "async", "s3")
-DEFAULT_CASES = ("large", "small", "train", "async")  # s3 needs moto: --cases ...,s3
+CASES = ("large", "small", "train", "async", "s3", "compress")
+DEFAULT_CASES = ("large", "small", "train", "async", "compress")  # s3 needs moto
 SLOW_LEAVES = 5000  # small cases above this many leaves give Orbax --slow-reps repetitions
 
 
@@ -1334,6 +1334,41 @@ def run_all(plan: Plan, args) -> tuple[list[dict], dict]:
     return results, errors
 
 
+def run_compress(args) -> dict | None:
+    """The compression case: one process, its own script; None (and a message) if it fails."""
+    mib = 16 if args.quick else 64
+    cmd = [sys.executable, str(Path(__file__).with_name("_bench_compress.py")), str(mib)]
+    cmd += [str(max(1, args.reps)), "1,3,9"]
+    env = worker_env(1, args.import_root)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print("compression case: timed out", flush=True)
+        return None
+    if done.returncode != 0:
+        print(f"compression case failed:\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compress_lines(result: dict) -> list[str]:
+    lines = [
+        "",
+        "compression (one process; ratio = raw bytes / stored bytes; times are medians):",
+        f"  {'leaf kind':<14} {'codec':<8} {'ratio':>6} {'save s':>8} {'x raw':>6} "
+        f"{'restore s':>9} {'x raw':>6}",
+    ]
+    raw = {r["kind"]: r for r in result["rows"] if r["compression"] == "raw"}
+    for r in result["rows"]:
+        base = raw[r["kind"]]
+        lines.append(
+            f"  {r['kind']:<14} {r['compression']:<8} {r['ratio']:>6.2f} {r['save_s']:>8.3f} "
+            f"{r['save_s'] / base['save_s']:>6.2f} {r['restore_s']:>9.3f} "
+            f"{r['restore_s'] / base['restore_s']:>6.2f}"
+        )
+    return lines
+
+
 def start_s3():
     """moto's S3 server on loopback, a bucket, and the environment the workers inherit.
 
@@ -1403,6 +1438,7 @@ def main(argv=None) -> int:
         has_source = (REPO / "distckpt").is_dir()
         args.import_root = snapshot_distckpt(root) if has_source else REPO
         results, errors = run_all(plan, args)
+        compress = run_compress(args) if "compress" in args.cases else None
     except KeyboardInterrupt:
         print("interrupted; workers were killed", flush=True)
         return 130
@@ -1420,6 +1456,8 @@ def main(argv=None) -> int:
     print("\n".join(table_lines(summaries, plan)))
     targets = evaluate_targets(summaries, plan)
     print("\n".join(target_lines(targets)))
+    if compress is not None:
+        print("\n".join(compress_lines(compress)))
     print(
         f"total wall time {time.monotonic() - t_start:.0f} s; distckpt {revision}; "
         f"load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
@@ -1431,6 +1469,7 @@ def main(argv=None) -> int:
     info["distckpt_revision"] = revision
     if args.json:
         doc = {
+            "compression": compress,
             "config": {
                 "reps": args.reps,
                 "warmup": args.warmup,

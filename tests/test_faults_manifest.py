@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import distckpt
+from distckpt import _manifest
 from distckpt.errors import CorruptCheckpointError
 
 READERS = {
@@ -122,11 +123,11 @@ def test_edited_without_a_new_checksum(original, tmp_path):
     _expect_refused(work, match="checksum does not match")
 
 
-@pytest.mark.parametrize("version", [2, 99, 0, -1, "1", None, 1.5])
+@pytest.mark.parametrize("version", [_manifest.FORMAT_VERSION + 1, 99, 0, -1, "1", None, 1.5])
 def test_wrong_format_version(original, tmp_path, version):
     work = _copy(original, tmp_path)
     _edit(work, lambda doc, _: doc.update(format_version=version))
-    if isinstance(version, int) and version > 1:
+    if isinstance(version, int) and version > _manifest.FORMAT_VERSION:
         match = f"format version {version}, newer than this distckpt reads.*Upgrade"
     else:
         match = "format_version|not a readable"

@@ -35,7 +35,7 @@ def _expected_v1() -> dict:
     }
 
 
-EXPECTED = {1: _expected_v1}
+EXPECTED = {1: _expected_v1, 2: _expected_v1}  # v2: the same tree, zstd-compressed
 
 
 def test_every_format_version_has_a_fixture():
