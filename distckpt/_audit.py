@@ -86,6 +86,7 @@ def report(
             f"{_scan.format_age(lo.age_s)} old); `distckpt gc {scan.directory}` removes it"
         )
     sizes = [r["bytes"] for r in committed]
+    latest = next((s for s in reversed(scan.steps) if s.state == "committed"), None)
     return {
         "directory": scan.directory,
         "steps": rows,
@@ -99,6 +100,7 @@ def report(
                 (r["imbalance"] for r in committed if r.get("imbalance")), default=None
             ),
         },
+        "usage": _usage(sizes, latest.storage if latest is not None else None),
         "retention": {
             "kept_steps": steps,
             "intervals": gaps,
@@ -152,3 +154,18 @@ def plot(audit: dict[str, Any], destination: str) -> None:
     fig.tight_layout()
     fig.savefig(destination)
     plt.close(fig)
+
+
+def _usage(sizes: list[int], budget: dict | None) -> dict[str, Any]:
+    """Bytes on storage now, what the next save will likely add, and the budget."""
+    growth = (sizes[-1] - sizes[0]) / (len(sizes) - 1) if len(sizes) > 1 else 0
+    next_step = max(0, round(sizes[-1] + growth)) if sizes else None
+    return {
+        "bytes": sum(sizes),
+        "mean_step_bytes": round(sum(sizes) / len(sizes)) if sizes else None,
+        "growth_per_step_bytes": round(growth),
+        "next_step_bytes": next_step,
+        # With the same number of steps kept: the oldest goes, the next one comes.
+        "projected_bytes": sum(sizes[1:]) + next_step if sizes else None,
+        "budget": budget,  # recorded by a CheckpointManager with storage_budget_bytes
+    }

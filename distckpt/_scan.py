@@ -76,6 +76,7 @@ class Step:
     save_stats: dict | None = None
     bytes_per_process: list[int] = field(default_factory=list)
     attempt: str | None = None
+    storage: dict | None = None  # the manager's storage-budget projection, if it had a budget
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -183,6 +184,7 @@ def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None 
         save_stats=doc.get("save_stats"),
         bytes_per_process=per_process,
         attempt=doc.get("attempt"),
+        storage=manager.get("storage"),
     )
 
 

@@ -684,6 +684,21 @@ def _print_audit(doc: dict) -> None:
         f"leftovers {format_bytes(t['leftover_bytes'])}"
         + (f"; largest imbalance {t['max_imbalance']:.2f}" if t.get("max_imbalance") else "")
     )
+    u = doc["usage"]
+    if u["next_step_bytes"] is not None:
+        budget = u["budget"]
+        click.echo(
+            f"usage: {format_bytes(u['bytes'])} now; next step about "
+            f"{format_bytes(u['next_step_bytes'])} (growth {format_bytes(u['growth_per_step_bytes'])}"
+            f" per step); keeping as many steps then: about {format_bytes(u['projected_bytes'])}"
+            + (
+                f"; budget {format_bytes(budget['budget_bytes'])}: the manager projected "
+                f"{format_bytes(budget['projected_bytes'])} at its last save"
+                + (" (OVER BUDGET)" if budget.get("over_budget") else "")
+                if budget
+                else ""
+            )
+        )
     click.echo(
         f"retention: kept steps {ret['kept_steps'] or 'none'}"
         + (f", intervals {ret['intervals']}" if ret["intervals"] else "")

@@ -411,3 +411,19 @@ def test_verify_reports_progress_by_bytes(tmp_path, capsys):
     assert len(calls) == 3 and [d for d, _ in calls] == sorted(d for d, _ in calls)
     err = capsys.readouterr().err  # not a terminal: a plain line per tenth or so
     assert err.count("verifying: ") == 2 and err.endswith(" of 40 MiB\n"), err
+
+
+def test_audit_shows_usage_and_the_budget_projection(tmp_path, capsys):
+    with distckpt.CheckpointManager(
+        tmp_path / "run", async_save=False, max_to_keep=2, storage_budget_bytes=5000
+    ) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"v": np.zeros(512 * step, np.float32)})
+    assert main(["audit", str(tmp_path / "run"), "--json"]) == 0
+    usage = json.loads(capsys.readouterr().out)["usage"]
+    assert usage["bytes"] == 4 * 512 * (2 + 3)
+    assert usage["next_step_bytes"] == 4 * 512 * 4  # the last size plus the growth per step
+    assert usage["projected_bytes"] == 4 * 512 * (3 + 4)
+    assert usage["budget"]["budget_bytes"] == 5000 and usage["budget"]["over_budget"] is True
+    assert main(["audit", str(tmp_path / "run")]) == 0
+    assert "(OVER BUDGET)" in capsys.readouterr().out

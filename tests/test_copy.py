@@ -114,3 +114,16 @@ def test_copy_command(source, tmp_path, capsys):
     assert "every checksum checked" in capsys.readouterr().out
     assert main(["copy", str(src), str(tmp_path / "dst")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_corrupt_source_never_commits_on_s3(source, s3_url, s3_server):  # noqa: F811
+    src, _ = source
+    data = sorted(src.glob("attempt-*/*.bin"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[5] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match="fails its crc32c"):
+        distckpt.copy(src, s3_url)
+    assert not distckpt.is_committed(s3_url)
+    bucket, prefix = s3_url[len("s3://") :].split("/", 1)
+    assert not [k for k in s3_server.keys(bucket, prefix) if k.endswith("manifest.json")]
