@@ -821,7 +821,19 @@ def gc_command(directory: str, dry_run: bool, as_json: bool, min_age: float) -> 
 @click.argument("dst")
 @click.option("--no-verify", is_flag=True, help="Do not check chunk checksums on the way.")
 @click.option("--overwrite", is_flag=True, help="Replace a checkpoint already at DST.")
-def copy_command(src: str, dst: str, no_verify: bool, overwrite: bool) -> int:
+@click.option(
+    "--compression",
+    type=click.Choice(["keep", "zstd", "none"]),
+    default="keep",
+    show_default=True,
+    help="keep: copy the stored bytes; zstd or none: re-encode every chunk.",
+)
+@click.option(
+    "--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level."
+)
+def copy_command(
+    src: str, dst: str, no_verify: bool, overwrite: bool, compression: str, level: int
+) -> int:
     """Copy the committed checkpoint at SRC to DST (paths, s3://, gs://).
 
     Streams the data files 16 MiB at a time, checks every chunk's checksum,
@@ -834,7 +846,14 @@ def copy_command(src: str, dst: str, no_verify: bool, overwrite: bool) -> int:
     from distckpt.errors import DistckptError
 
     try:
-        report = distckpt.copy(src, dst, verify=not no_verify, overwrite=overwrite)
+        report = distckpt.copy(
+            src,
+            dst,
+            verify=not no_verify,
+            overwrite=overwrite,
+            compression=None if compression == "none" else compression,
+            compression_level=level,
+        )
     except DistckptError as e:
         click.echo(f"FAILED: {e}", err=True)
         return EXIT_NEGATIVE

@@ -109,6 +109,13 @@ def test_copy_re_encodes_both_ways(tmp_path):
         np.testing.assert_array_equal(got["w"], np.asarray(w))
         assert got["step"] == 3
     assert distckpt.copy(tmp_path / "z", tmp_path / "same").bytes == packed.bytes  # "keep"
+    from distckpt.cli import main
+
+    assert (
+        main(["copy", str(tmp_path / "raw"), str(tmp_path / "cli"), "--compression", "zstd"]) == 0
+    )
+    doc = json.loads((tmp_path / "cli" / "manifest.json").read_bytes())
+    assert doc["format_version"] == 2
 
 
 def test_manager_saves_compressed(tmp_path):
