@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from distckpt import _procstate
-from distckpt._inspect import CheckpointInfo, metadata
+from distckpt import _location, _procstate
+from distckpt._inspect import CheckpointInfo, is_committed, metadata
 from distckpt._restore import restore as _restore
 from distckpt._save import save as _save
 from distckpt._target import abstract_like
@@ -51,11 +51,11 @@ class CheckpointHandler:
         self.async_checkpointing, self.timeout_s = async_checkpointing, timeout_s
         self._managers: dict[str, CheckpointManager] = {}
 
-    def _manager(self, directory: str | os.PathLike) -> CheckpointManager:
-        key = os.path.abspath(os.fspath(directory))
+    def _manager(self, directory: str | os.PathLike | dict) -> CheckpointManager:
+        key = _location.parse(directory).display  # one manager per location, however spelled
         if key not in self._managers:
             self._managers[key] = CheckpointManager(
-                key, async_save=self.async_checkpointing, timeout_s=self.timeout_s
+                directory, async_save=self.async_checkpointing, timeout_s=self.timeout_s
             )
         return self._managers[key]
 
@@ -114,8 +114,8 @@ class CheckpointHandler:
         return _restore(path, want, timeout_s=self.timeout_s)
 
     def _step_path(self, directory: str | os.PathLike, step: int | None) -> str:
-        if step is None and os.path.exists(os.path.join(directory, "manifest.json")):
-            return os.fspath(directory)  # saved without a step
+        if step is None and is_committed(directory):
+            return directory  # saved without a step
         mgr = self._manager(directory)
         mgr.wait_until_finished()
         steps = mgr.all_steps()

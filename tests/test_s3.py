@@ -327,3 +327,17 @@ def test_cli_on_s3(s3_server, s3_url, capsys):
     capsys.readouterr()
     assert main(["gc", s3_url + "/run"]) == 0
     assert f"{prefix}/run/step_00000003/attempt-00000000000000cc/p.bin" in s3_server.keys(bucket)
+
+
+def test_handler_api_on_s3(s3_url):
+    import numpy as np
+
+    import distckpt
+
+    with distckpt.CheckpointHandler() as h:
+        for step in (1, 2, 3):
+            h.save(s3_url, {"v": np.full(4, float(step))}, step=step, keep=2)
+        assert h.get_checkpoint_steps(s3_url) == [2, 3]
+        assert h.restore(s3_url)["v"][0] == 3.0
+        h.save(s3_url + "/single", {"v": np.arange(3)})
+        assert h.restore(s3_url + "/single")["v"].tolist() == [0, 1, 2]
