@@ -22,8 +22,6 @@ import jax
 import numpy as np
 
 from distckpt import _tree
-from distckpt._manifest import Manifest
-from distckpt._plan import LeafSpec
 from distckpt._source import Source
 
 DEFAULT_SLAB_BYTES = 16 << 20
@@ -35,16 +33,6 @@ _CATEGORY = {
     _tree.PYTHON: "Python value",
     _tree.NONE: "None",
 }
-
-
-def describe(spec: LeafSpec) -> str:
-    if spec.kind == _tree.PYTHON:
-        return f"Python {type(spec.value).__name__}"
-    if spec.kind == _tree.NONE:
-        return "None"
-    if spec.kind == _tree.PRNG_KEY:
-        return f"{spec.impl} PRNG key data uint32{list(spec.shape)}"
-    return f"{spec.dtype}{list(spec.shape)}"
 
 
 def pairs(
@@ -72,13 +60,13 @@ def structure(a: Source, b: Source, migration: Any = None) -> list[str]:
     both, only_a, only_b = pairs(a, b, migration)
     if migration is not None:
         only_a = [i for i in only_a if not migration.dropped(_tree.match_key(a.leaves[i].path))]
-    lines = [f"{a.leaves[i].display}: only in A ({describe(a.leaves[i])})" for i in only_a]
-    lines += [f"{b.leaves[j].display}: only in B ({describe(b.leaves[j])})" for j in only_b]
+    lines = [f"{a.leaves[i].display}: only in A ({a.leaves[i].describe()})" for i in only_a]
+    lines += [f"{b.leaves[j].display}: only in B ({b.leaves[j].describe()})" for j in only_b]
     for i, j in both:
         sa, sb = a.leaves[i], b.leaves[j]
         ca, cb = _CATEGORY[sa.kind], _CATEGORY[sb.kind]
         if ca != cb:
-            lines.append(f"{sa.display}: {ca} in A ({describe(sa)}), {cb} in B ({describe(sb)})")
+            lines.append(f"{sa.display}: {ca} in A ({sa.describe()}), {cb} in B ({sb.describe()})")
             continue
         if sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl:
             lines.append(f"{sa.display}: PRNG implementation {sa.impl} in A, {sb.impl} in B")
@@ -250,17 +238,9 @@ def target_problems(
     """What ``restore(source, target)`` would refuse, every problem at once (no data read)."""
     from distckpt import _restore
 
-    manifest = Manifest(
-        attempt="",
-        leaves=source.leaves,
-        chunks=[[] for _ in source.leaves],
-        files={},
-        process_count=1,
-        device_count=1,
-    )
     items, _ = _tree.flatten(target)
     hints: list[str] = []
     _, problems = _restore.match(
-        manifest, items, partial=partial, cast=False, migration=migration, hints=hints
+        source.leaves, items, partial=partial, cast=False, migration=migration, hints=hints
     )
     return problems + hints

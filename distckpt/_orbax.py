@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from distckpt import _reshard, _tree
-from distckpt._manifest import MANIFEST_NAME, Manifest
+from distckpt._manifest import MANIFEST_NAME
 from distckpt._plan import LeafSpec
 from distckpt._source import Rows, Source, rows_box
 from distckpt.errors import DistckptError, NotCommittedError, TreeMismatchError
@@ -241,14 +241,6 @@ def restore(
     from distckpt import _restore
 
     source = OrbaxSource(find_root(os.fspath(directory)))
-    manifest = Manifest(
-        attempt="",
-        leaves=source.leaves,
-        chunks=[[] for _ in source.leaves],
-        files={},
-        process_count=1,
-        device_count=jax.device_count(),
-    )
     if target is None:
         values = []
         for i, spec in enumerate(source.leaves):
@@ -257,7 +249,7 @@ def restore(
             [(spec.path, v) for spec, v in zip(source.leaves, values, strict=True)]
         )
     items, treedef = _tree.flatten(target)
-    wants, problems = _restore.match(manifest, items, partial=partial, cast=cast)
+    wants, problems = _restore.match(source.leaves, items, partial=partial, cast=cast)
     if problems:
         raise TreeMismatchError(
             f"the restore target does not match the Orbax checkpoint at {source.display} "

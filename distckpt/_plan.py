@@ -50,6 +50,16 @@ class LeafSpec:
     def itemsize(self) -> int:
         return np_dtype(self.dtype).itemsize
 
+    def describe(self) -> str:
+        """What was saved here, as error messages and diffs name it."""
+        if self.kind == _tree.PYTHON:
+            return f"a Python {type(self.value).__name__} ({self.value!r})"
+        if self.kind == _tree.NONE:
+            return "None"
+        if self.kind == _tree.PRNG_KEY:
+            return f"a {self.impl} PRNG key array of key-data shape {tuple(self.shape)}"
+        return f"{self.dtype}{list(self.shape)}"
+
     @property
     def nbytes(self) -> int:
         """Bytes of the whole value in data files (0 for values kept in the manifest)."""

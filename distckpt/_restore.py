@@ -161,7 +161,7 @@ def _restore_into(
     items, treedef = _tree.flatten(target)
     hints: list[str] = []
     wants, problems = match(
-        manifest, items, partial=partial, cast=cast, migration=migration, hints=hints
+        manifest.leaves, items, partial=partial, cast=cast, migration=migration, hints=hints
     )
     if problems:
         raise TreeMismatchError(
@@ -203,16 +203,6 @@ def _pipeline_state(manifest: Manifest, process: int, where: str) -> str:
 # --------------------------------------------------------------------------- matching
 
 
-def _describe(spec: LeafSpec) -> str:
-    if spec.kind == _tree.PYTHON:
-        return f"a Python {type(spec.value).__name__} ({spec.value!r})"
-    if spec.kind == _tree.NONE:
-        return "None"
-    if spec.kind == _tree.PRNG_KEY:
-        return f"a {spec.impl} PRNG key array of key-data shape {tuple(spec.shape)}"
-    return f"{spec.dtype}{list(spec.shape)}"
-
-
 def _want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = None) -> _Want:
     if spec.kind == _tree.PYTHON:
         return _Want(index, leaf, _VALUE, value=spec.value)
@@ -243,7 +233,7 @@ def _key_data_sharding(sharding: Any, ndim: int, extra: int) -> Any:
 
 
 def match(
-    manifest: Manifest,
+    leaves: Sequence[LeafSpec],
     items: Sequence[tuple[_tree.Path, Any]],
     *,
     partial: bool,
@@ -251,16 +241,16 @@ def match(
     migration: _migrate.Migration | None = None,
     hints: list[str] | None = None,
 ) -> tuple[list[_Want], list[str]]:
-    """Pairs target leaves with saved leaves; returns (wants, every problem found).
+    """Pairs target leaves with the saved ``leaves``; returns (wants, every problem found).
 
     ``hints``, if given, receives a suggested ``rename`` for the problems.
     """
     saved, problems = {}, []
-    for i, s in enumerate(manifest.leaves):
+    for i, s in enumerate(leaves):
         key = _tree.match_key(s.path)
         new = migration.renamed(key) if migration else key
         if new in saved:
-            other = manifest.leaves[saved[new]].display
+            other = leaves[saved[new]].display
             problems.append(f"rename maps both {other} and {s.display} to {_migrate.slash(new)}")
         saved[new] = i
     wants, used, skipped, missing = [], set(), [], {}
@@ -279,7 +269,7 @@ def match(
             missing[_migrate.slash(key)] = _shape_dtype(t)
             continue
         used.add(key)
-        spec = manifest.leaves[leaf]
+        spec = leaves[leaf]
         want, problem = _match_leaf(index, leaf, spec, t, disp, cast)
         if problem:
             problems.append(problem)
@@ -289,7 +279,7 @@ def match(
     for key, leaf in saved.items():
         if key in used or any(key[: len(p)] == p for p in skipped):
             continue
-        spec = manifest.leaves[leaf]
+        spec = leaves[leaf]
         unused[_migrate.slash(_tree.match_key(spec.path))] = (
             tuple(spec.shape) if spec.shape is not None else None,
             spec.dtype,
@@ -297,7 +287,7 @@ def match(
         if partial or (migration and migration.dropped(_tree.match_key(spec.path))):
             continue
         problems.append(
-            f"{spec.display}: in the checkpoint ({_describe(spec)}) but not in the target "
+            f"{spec.display}: in the checkpoint ({spec.describe()}) but not in the target "
             "(pass partial=True to leave it out, or drop= to leave out just these)"
         )
     pairs = _migrate.suggestions(missing, unused)
@@ -323,7 +313,7 @@ def _shape_dtype(t: Any) -> tuple:
 def _match_leaf(
     index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: bool
 ) -> tuple[_Want | None, str | None]:
-    found = f"checkpoint has {_describe(spec)}"
+    found = f"checkpoint has {spec.describe()}"
     if isinstance(t, _tree.PYTHON_TYPES):
         if spec.kind != _tree.PYTHON:
             return None, f"{disp}: target is a Python {type(t).__name__}, {found}"

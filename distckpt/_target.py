@@ -49,8 +49,7 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
           shardings=param_shardings)   # params and moments share shardings
       state = distckpt.restore(path, target)
     """
-    own = shardings is None
-    if own:
+    if shardings is None:
         per_leaf = jax.tree.map(_own_sharding, tree, is_leaf=_is_none)
     elif isinstance(shardings, Sharding):
         per_leaf = jax.tree.map(lambda _: shardings, tree, is_leaf=_is_none)
@@ -58,9 +57,7 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
         per_leaf = _spread(tree, shardings)
     mesh = mesh or _the_mesh(tree, per_leaf)
     items, treedef = _tree.flatten(tree)
-    found, _ = _tree.flatten(per_leaf)
-    if len(found) != len(items):  # pragma: no cover - per_leaf mirrors tree by construction
-        raise AssertionError("shardings do not line up with the tree's leaves")
+    found, _ = _tree.flatten(per_leaf)  # mirrors tree: zip(strict=True) checks it
     out = [
         _abstract(path, leaf, sharding, mesh)
         for (path, leaf), (_, sharding) in zip(items, found, strict=True)

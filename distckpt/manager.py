@@ -337,11 +337,9 @@ class CheckpointManager:
             kept = sorted(self._keep())
         finally:
             del self._steps[step]
-        latest = max(self._sizes, default=None) if self._sizes else None
-        estimate = self._sizes.get(latest) if latest is not None else None
         sizes = [self._size(s) for s in kept if s != step]
-        if estimate is None:
-            estimate = sizes[-1] if sizes and sizes[-1] is not None else 0
+        # The new step will be about as large as the newest one whose size is known.
+        estimate = self._sizes[max(self._sizes)] if self._sizes else 0
         projected = sum(x or 0 for x in sizes) + estimate
         over = projected > self.storage_budget_bytes
         if over:
