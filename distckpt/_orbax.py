@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from distckpt import _reshard, _tree
+from distckpt import _put, _reshard, _tree
 from distckpt._manifest import MANIFEST_NAME
 from distckpt._plan import LeafSpec
 from distckpt._source import Rows, Source, rows_box
@@ -268,10 +268,10 @@ def restore(
             else:
                 values[w.index] = arr.astype(w.dtype, copy=False)
         else:
-            boxes = dict.fromkeys(box for _, box in w.device_boxes)
-            host = {box: source.read_box(w.leaf, box).astype(w.dtype, copy=False) for box in boxes}
-            arrays = [jax.device_put(host[box], d) for d, box in w.device_boxes]
-            arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
+            host = {
+                box: source.read_box(w.leaf, box).astype(w.dtype, copy=False) for box in w.boxes
+            }
+            (arr,) = _put.arrays([(tuple(spec.shape), w.sharding, w.device_boxes, host)])
             if w.mode == "key":
                 arr = jax.random.wrap_key_data(arr, impl=spec.impl)
             values[w.index] = arr

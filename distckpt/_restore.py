@@ -13,7 +13,7 @@ import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -29,6 +29,7 @@ from distckpt import (
     _multihost,
     _plan,
     _procstate,
+    _put,
     _reshard,
     _runtime,
     _tree,
@@ -52,7 +53,8 @@ class _Want:
     mode: str  # _HOST, _ARRAY, _KEY or _VALUE
     dtype: np.dtype | None = None  # dtype to return (after an allowed cast)
     sharding: Any = None  # of the (key data) array, for _ARRAY / _KEY
-    device_boxes: list[tuple[Any, Box]] = field(default_factory=list)
+    device_boxes: Sequence[tuple[Any, Box]] = ()  # (addressable device, the box it holds)
+    boxes: Sequence[Box] = ()  # the distinct boxes to read, for every mode but _VALUE
     value: Any = None  # for _VALUE
 
 
@@ -209,7 +211,13 @@ def _want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = N
     if spec.kind == _tree.NONE:
         return _Want(index, leaf, _VALUE, value=None)
     mode = _KEY if spec.kind == _tree.PRNG_KEY else _HOST
-    return _Want(index, leaf, mode, dtype=dtype or _plan.np_dtype(spec.dtype))
+    return _Want(
+        index,
+        leaf,
+        mode,
+        dtype=dtype or _plan.np_dtype(spec.dtype),
+        boxes=(_reshard.full_box(spec.shape),),
+    )
 
 
 def _key_impl_name(dtype: Any) -> str | None:
@@ -313,10 +321,12 @@ def _shape_dtype(t: Any) -> tuple:
 def _match_leaf(
     index: int, leaf: int, spec: LeafSpec, t: Any, disp: str, cast: bool
 ) -> tuple[_Want | None, str | None]:
-    found = f"checkpoint has {spec.describe()}"
+    def found() -> str:  # only on the error path: describing costs per leaf
+        return f"checkpoint has {spec.describe()}"
+
     if isinstance(t, _tree.PYTHON_TYPES):
         if spec.kind != _tree.PYTHON:
-            return None, f"{disp}: target is a Python {type(t).__name__}, {found}"
+            return None, f"{disp}: target is a Python {type(t).__name__}, {found()}"
         value = spec.value
         if type(value) is not type(t):
             numbers = (int, float)
@@ -324,7 +334,7 @@ def _match_leaf(
                 value = type(t)(value)
             else:
                 hint = " (pass cast=True to convert)" if isinstance(value, (int, float)) else ""
-                return None, f"{disp}: target is a Python {type(t).__name__}, {found}{hint}"
+                return None, f"{disp}: target is a Python {type(t).__name__}, {found()}{hint}"
         return _Want(index, leaf, _VALUE, value=value), None
 
     if isinstance(t, (np.ndarray, np.generic)):
@@ -340,11 +350,11 @@ def _match_leaf(
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         impl = _key_impl_name(dtype)
         if spec.kind != _tree.PRNG_KEY:
-            return None, f"{disp}: target is a PRNG key array ({impl}), {found}"
+            return None, f"{disp}: target is a PRNG key array ({impl}), {found()}"
         if impl != spec.impl:
-            return None, f"{disp}: target keys use {impl}, {found}"
+            return None, f"{disp}: target keys use {impl}, {found()}"
         if tuple(spec.shape[: len(shape)]) != tuple(shape):
-            return None, f"{disp}: target key shape {tuple(shape)}, {found}"
+            return None, f"{disp}: target key shape {tuple(shape)}, {found()}"
         extra = len(spec.shape) - len(shape)
         if sharding is None:
             sharding = SingleDeviceSharding(jax.local_devices()[0])
@@ -354,12 +364,15 @@ def _match_leaf(
         ), None
 
     if not spec.stored or spec.kind == _tree.PRNG_KEY:
-        return None, f"{disp}: target is an array {np.dtype(dtype)}{list(shape)}, {found}"
+        return None, f"{disp}: target is an array {np.dtype(dtype)}{list(shape)}, {found()}"
     if tuple(shape) != tuple(spec.shape):
-        return None, f"{disp}: target shape {tuple(shape)}, {found}"
+        return None, f"{disp}: target shape {tuple(shape)}, {found()}"
     saved_dtype = _plan.np_dtype(spec.dtype)
     if np.dtype(dtype) != saved_dtype and not cast:
-        return None, f"{disp}: target dtype {np.dtype(dtype)}, {found} (pass cast=True to convert)"
+        return (
+            None,
+            f"{disp}: target dtype {np.dtype(dtype)}, {found()} (pass cast=True to convert)",
+        )
     if isinstance(t, (np.ndarray, np.generic)):
         return _want_host(index, leaf, spec, np.dtype(dtype)), None
     if sharding is None:
@@ -370,17 +383,22 @@ def _match_leaf(
 def _device_want(
     index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any
 ) -> _Want:
-    boxes = _device_boxes(sharding, tuple(spec.shape))
-    return _Want(index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=list(boxes))
+    device_boxes, boxes = _device_boxes(sharding, tuple(spec.shape))
+    return _Want(
+        index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=device_boxes, boxes=boxes
+    )
 
 
 @functools.lru_cache(maxsize=4096)
-def _device_boxes(sharding: Any, shape: tuple[int, ...]) -> tuple[tuple[Any, Box], ...]:
-    """The box each addressable device holds (cached: states repeat shardings)."""
-    return tuple(
+def _device_boxes(
+    sharding: Any, shape: tuple[int, ...]
+) -> tuple[tuple[tuple[Any, Box], ...], tuple[Box, ...]]:
+    """The box each addressable device holds, and the distinct ones (cached: states repeat shardings)."""
+    pairs = tuple(
         (d, _reshard.box_from_index(idx, shape))
         for d, idx in sharding.addressable_devices_indices_map(shape).items()
     )
+    return pairs, tuple(dict.fromkeys(box for _, box in pairs))
 
 
 # --------------------------------------------------------------------------- reading
@@ -496,19 +514,13 @@ class _Assembler:
             self.outputs[key][_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
 
 
-def _boxes(want: _Want, spec: LeafSpec) -> list[Box]:
-    if want.mode in (_HOST, _KEY) and not want.device_boxes:
-        return [_reshard.full_box(spec.shape)]
-    return list(dict.fromkeys(box for _, box in want.device_boxes))
-
-
 def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[list[_Want]]:
     batch, size = [], 0
     for w in wants:
         nbytes = 0
         if w.mode != _VALUE:
             spec = manifest.leaves[w.leaf]
-            nbytes = sum(_reshard.box_size(b) for b in _boxes(w, spec)) * spec.itemsize
+            nbytes = sum(_reshard.box_size(b) for b in w.boxes) * spec.itemsize
         if batch and size + nbytes > budget:
             yield batch
             batch, size = [], 0
@@ -537,7 +549,7 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                 if w.leaf not in indexes:
                     _check_chunk_table(spec, manifest.chunks[w.leaf], storage.display)
                     indexes[w.leaf] = _ChunkIndex(manifest.chunks[w.leaf])
-                for box in _boxes(w, spec):
+                for box in w.boxes:
                     needs[(w.leaf, box)] = indexes[w.leaf].overlapping(box)
             ranges = _plan.plan_reads(
                 (c for cs in needs.values() for c in cs), max_range_bytes=_MAX_RANGE
@@ -600,15 +612,14 @@ def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) ->
 
 def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[Any]) -> None:
     """Builds host arrays per box, then device arrays, for one batch."""
-    puts: list[np.ndarray | None] = []
-    put_devices, owners, copies, replicated = [], [], [], []
+    jobs, owners = [], []
     for w in batch:
         if w.mode == _VALUE:
             continue
         spec = manifest.leaves[w.leaf]
         saved = _plan.np_dtype(spec.dtype)
         hosts = {}
-        for box in _boxes(w, spec):
+        for box in w.boxes:
             arr = outputs[(w.leaf, box)]
             if w.mode == _ARRAY and w.dtype != saved:
                 cast = aligned_empty(arr.shape, w.dtype)
@@ -622,60 +633,9 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
             else:
                 values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
             continue
-        if (
-            len(w.device_boxes) > 1
-            and w.sharding.is_fully_addressable
-            and list(hosts) == [_reshard.full_box(spec.shape)]
-        ):
-            # Every device holds the whole array: one device_put per leaf
-            # instead of one per device. Only for shardings within this
-            # process: across processes, device_put runs a collective that
-            # checks the value agrees, and restore must never issue one.
-            replicated.append((w, hosts.popitem()[1]))
-            continue
-        slots = []
-        for device, box in w.device_boxes:
-            slots.append(len(puts))
-            if box in hosts:
-                puts.append(hosts.pop(box))
-            else:  # a box several local devices hold: copied from the first device below
-                puts.append(None)
-                copies.append((len(puts) - 1, slots[[b for _, b in w.device_boxes].index(box)]))
-            put_devices.append(device)
-        owners.append((w, slots))
-    if replicated:
-        arrays = jax.device_put([h for _, h in replicated], [w.sharding for w, _ in replicated])
-        for (w, _), arr in zip(replicated, arrays, strict=True):
-            spec = manifest.leaves[w.leaf]
-            values[w.index] = (
-                jax.random.wrap_key_data(arr, impl=spec.impl) if w.mode == _KEY else arr
-            )
-    if not puts:
-        return
-    # On CPU the aligned host buffers become the device buffers without a copy.
-    # Each buffer backs exactly one device array, so donating one never
-    # touches another: devices that share a box get their own copy.
-    firsts = [i for i, p in enumerate(puts) if p is not None]
-    placed: list[Any] = [None] * len(puts)
-    for i, arr in zip(
-        firsts,
-        jax.device_put([puts[i] for i in firsts], [put_devices[i] for i in firsts], may_alias=True),
-        strict=True,
-    ):
-        placed[i] = arr
-    if copies:
-        moved = jax.device_put(
-            [placed[src] for _, src in copies], [put_devices[dst] for dst, _ in copies]
-        )
-        for (dst, _), arr in zip(copies, moved, strict=True):
-            placed[dst] = arr
-    for w, slots in owners:
-        spec = manifest.leaves[w.leaf]
-        arrays = [placed[i] for i in slots]
-        if len(arrays) == 1 and arrays[0].sharding == w.sharding:
-            arr = arrays[0]  # already what was asked for: skip the (per-leaf costly) assembly
-        else:
-            arr = jax.make_array_from_single_device_arrays(tuple(spec.shape), w.sharding, arrays)
+        jobs.append((tuple(spec.shape), w.sharding, w.device_boxes, hosts))
+        owners.append(w)
+    for w, arr in zip(owners, _put.arrays(jobs), strict=True):
         if w.mode == _KEY:
-            arr = jax.random.wrap_key_data(arr, impl=spec.impl)
+            arr = jax.random.wrap_key_data(arr, impl=manifest.leaves[w.leaf].impl)
         values[w.index] = arr

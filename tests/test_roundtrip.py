@@ -286,3 +286,66 @@ def test_tensorstore_file_backend(tmp_path, monkeypatch):
     monkeypatch.delenv("DISTCKPT_IO_BACKEND")
     # Same format either way: the POSIX path reads what the kvstore path wrote.
     np.testing.assert_array_equal(distckpt.restore(tmp_path / "c")["x"], np.asarray(x))
+
+
+def _kinds_of_sharding():
+    out = {name: _sharding(layout) for name, layout in SAVE_LAYOUTS.items()}
+    out["single_device"] = _sharding(None)
+    explicit = getattr(jax.sharding, "AxisType", None)
+    if explicit is not None and hasattr(explicit, "Explicit"):
+        mesh = jax.make_mesh((2, 4), ("x", "y"), axis_types=(explicit.Explicit,) * 2)
+        out["explicit_axes"] = NamedSharding(mesh, P("x", "y"))
+    return out
+
+
+def test_restored_arrays_are_what_device_put_gives(tmp_path):
+    # Restore builds most arrays through the runtime's batched device_put
+    # (distckpt/_put.py), not the public API; every property a user can see
+    # must be the same as jax.device_put's, for the first leaf of a kind
+    # (public path) and the later ones (batched path) alike.
+    from distckpt import _put
+
+    assert _put._batched_device_put is not None, "restore's fast path is gone in this JAX"
+    shardings = _kinds_of_sharding()
+    values = {
+        f"{name}_{i}": np.arange(16 * 24, dtype=np.float32).reshape(16, 24) + i
+        for name in shardings
+        for i in range(3)
+    }
+    tree = {k: jax.device_put(v, shardings[k.rsplit("_", 1)[0]]) for k, v in values.items()}
+    distckpt.save(tmp_path / "c", tree)
+    out = distckpt.restore(tmp_path / "c", jax.tree.map(distckpt.abstract_like, tree))
+    double = jax.jit(lambda a: a * 2)
+    for key, value in values.items():
+        want, got = jax.device_put(value, tree[key].sharding), out[key]
+        assert (got.aval, got.sharding, got.committed) == (want.aval, want.sharding, True), key
+        assert not got.weak_type
+        np.testing.assert_array_equal(np.asarray(got), value)
+        for shard in got.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+        np.testing.assert_array_equal(np.asarray(double(got)), value * 2)
+
+
+def test_donating_restored_arrays_never_writes_into_shared_buffers(tmp_path):
+    # Devices that hold the same block share one host buffer after restore,
+    # as after jax.device_put. A donating step must not write into it, or it
+    # would change the block under the other devices while they read it.
+    value = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    shardings = {
+        "replicated": _sharding(SAVE_LAYOUTS["replicated"]),
+        "partial_replica": _sharding(SAVE_LAYOUTS["partial_replica"]),
+        "rows_of_2": NamedSharding(_mesh((2, 4), ("x", "y")), P("x")),
+    }
+    tree = {k: jax.device_put(value, s) for k, s in shardings.items()}
+    distckpt.save(tmp_path / "c", tree)
+    for key, sharding in shardings.items():
+        restored = distckpt.restore(
+            tmp_path / "c", {key: distckpt.abstract_like(tree[key])}, partial=True
+        )[key]
+        before = {s.data.unsafe_buffer_pointer() for s in restored.addressable_shards}
+        step = jax.jit(lambda a: a * 2 + 1, donate_argnums=0, out_shardings=sharding)
+        result = step(restored)
+        assert restored.is_deleted()
+        for shard in result.addressable_shards:
+            assert shard.data.unsafe_buffer_pointer() not in before, key
+            np.testing.assert_array_equal(np.asarray(shard.data), (value * 2 + 1)[shard.index])
