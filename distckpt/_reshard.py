@@ -6,6 +6,7 @@ The empty tuple is the box of a 0-d array.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -51,6 +52,18 @@ def intersect(a: Box, b: Box) -> Box | None:
 def relative(inner: Box, outer: Box) -> tuple[slice, ...]:
     """Slices that select ``inner`` from an array holding ``outer``."""
     return tuple(slice(i0 - o0, i1 - o0) for (i0, i1), (o0, _) in zip(inner, outer, strict=True))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def copy_slices(src: Box, dst: Box) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """``(into dst, out of src)``: slices that copy the elements two boxes share.
+
+    Cached: a state's leaves repeat the same chunk and shard boxes.
+    """
+    inter = intersect(src, dst)
+    if inter is None:
+        raise ValueError(f"boxes {src} and {dst} share no element")
+    return relative(inter, dst), relative(inter, src)
 
 
 def chunk_shape(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
@@ -110,30 +123,36 @@ def coverage_problems(shape: Sequence[int], boxes: Sequence[Box]) -> list[str]:
     edge crosses), so the cost follows the number of boxes, not of elements.
     Returns human-readable problems (empty when the tiling is exact).
     """
-    whole = full_box(shape)
-    if len(boxes) == 1 and boxes[0] == whole:
+    if len(boxes) == 1 and boxes[0] == full_box(shape):
         return []  # the common case of a small leaf written whole
+    return list(_coverage(tuple(shape), tuple(boxes)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _coverage(shape: tuple[int, ...], boxes: tuple[Box, ...]) -> tuple[str, ...]:
+    """``coverage_problems``, cached: the leaves of a state repeat a few chunk layouts."""
+    whole = full_box(shape)
     problems = [
         f"box {list(b)} lies outside the array of shape {tuple(shape)}"
         for b in boxes
         if len(b) != len(shape) or (box_size(b) > 0 and intersect(b, whole) != b)
     ]
     if problems:
-        return problems
+        return tuple(problems)
     if not shape:
         if len(boxes) != 1:
             problems.append(f"a 0-d value was written {len(boxes)} times, expected once")
-        return problems
+        return tuple(problems)
     if box_size(whole) == 0:
-        return problems
-    boxes = [b for b in boxes if box_size(b) > 0]
+        return tuple(problems)
+    nonempty = [b for b in boxes if box_size(b) > 0]
     edges = [
-        sorted({0, n} | {b[d][0] for b in boxes} | {b[d][1] for b in boxes})
+        sorted({0, n} | {b[d][0] for b in nonempty} | {b[d][1] for b in nonempty})
         for d, n in enumerate(shape)
     ]
     counts = np.zeros([len(e) - 1 for e in edges], dtype=np.int32)
     position = [{v: i for i, v in enumerate(e)} for e in edges]
-    for b in boxes:
+    for b in nonempty:
         counts[tuple(slice(position[d][lo], position[d][hi]) for d, (lo, hi) in enumerate(b))] += 1
     for label, mask in (
         ("written by no process", counts == 0),
@@ -143,4 +162,4 @@ def coverage_problems(shape: Sequence[int], boxes: Sequence[Box]) -> list[str]:
             cells = np.argwhere(mask)
             first = tuple((int(edges[d][i]), int(edges[d][i + 1])) for d, i in enumerate(cells[0]))
             problems.append(f"{len(cells)} region(s) {label}, e.g. {list(first)}")
-    return problems
+    return tuple(problems)

@@ -405,19 +405,41 @@ def _device_boxes(
 
 
 class _ChunkIndex:
-    """Finds a leaf's chunks that overlap a box without scanning all of them."""
+    """Finds which of a leaf's chunk boxes overlap a box without scanning all of them.
 
-    def __init__(self, chunks: Sequence[ChunkRecord]):
-        self.chunks = sorted(chunks, key=lambda c: c.box[0][0] if c.box else 0)
-        self.starts = [c.box[0][0] if c.box else 0 for c in self.chunks]
-        self.longest = max((c.box[0][1] - c.box[0][0] for c in self.chunks if c.box), default=0)
+    Built per chunk layout and shared (``_chunk_index``): the leaves of a
+    state repeat a few layouts, so each overlap is worked out once.
+    """
 
-    def overlapping(self, box: Box) -> list[ChunkRecord]:
-        if not box or len(self.chunks) < 16:
-            return _plan.chunks_for(box, self.chunks)
-        lo = bisect.bisect_left(self.starts, box[0][0] - self.longest + 1)
-        hi = bisect.bisect_left(self.starts, box[0][1])
-        return _plan.chunks_for(box, self.chunks[lo:hi])
+    def __init__(self, boxes: tuple[Box, ...]):
+        self.order = sorted(range(len(boxes)), key=lambda i: boxes[i][0][0] if boxes[i] else 0)
+        self.boxes = boxes
+        self.starts = [boxes[i][0][0] if boxes[i] else 0 for i in self.order]
+        self.longest = max((b[0][1] - b[0][0] for b in boxes if b), default=0)
+        self.memo: dict[Box, tuple[int, ...]] = {}
+
+    def overlapping(self, box: Box) -> tuple[int, ...]:
+        """Positions (in the leaf's chunk list) of the chunks holding any element of ``box``."""
+        found = self.memo.get(box)
+        if found is None:
+            candidates = self.order
+            if box and len(self.order) >= 16:
+                lo = bisect.bisect_left(self.starts, box[0][0] - self.longest + 1)
+                hi = bisect.bisect_left(self.starts, box[0][1])
+                candidates = self.order[lo:hi]
+            found = self.memo[box] = tuple(
+                sorted(
+                    i
+                    for i in candidates
+                    if not box or _reshard.intersect(self.boxes[i], box) is not None
+                )
+            )
+        return found
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_index(boxes: tuple[Box, ...]) -> _ChunkIndex:
+    return _ChunkIndex(boxes)
 
 
 def read_ranges(
@@ -509,9 +531,8 @@ class _Assembler:
                     src = src.copy()  # unaligned: JAX would copy it anyway
                 self.outputs[key] = src
                 continue
-            box = key[1]
-            inter = _reshard.intersect(c.box, box)
-            self.outputs[key][_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
+            into, out_of = _reshard.copy_slices(c.box, key[1])
+            self.outputs[key][into] = src[out_of]
 
 
 def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[list[_Want]]:
@@ -532,7 +553,7 @@ def _batches(wants: list[_Want], manifest: Manifest, budget: int) -> Iterator[li
 
 def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -> list[Any]:
     values: list[Any] = [None] * count
-    indexes: dict[int, _ChunkIndex] = {}
+    indexes: dict[int, _ChunkIndex] = {}  # by leaf
     sizes: dict[str, int | None] = {}  # data file sizes, stat'd once
     threads = _knobs.get("io_threads")
     with (
@@ -546,11 +567,12 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                     values[w.index] = w.value
                     continue
                 spec = manifest.leaves[w.leaf]
+                chunks = manifest.chunks[w.leaf]
                 if w.leaf not in indexes:
-                    _check_chunk_table(spec, manifest.chunks[w.leaf], storage.display)
-                    indexes[w.leaf] = _ChunkIndex(manifest.chunks[w.leaf])
+                    _check_chunk_table(spec, chunks, storage.display)
+                    indexes[w.leaf] = _chunk_index(tuple(c.box for c in chunks))
                 for box in w.boxes:
-                    needs[(w.leaf, box)] = indexes[w.leaf].overlapping(box)
+                    needs[(w.leaf, box)] = [chunks[i] for i in indexes[w.leaf].overlapping(box)]
             ranges = _plan.plan_reads(
                 (c for cs in needs.values() for c in cs), max_range_bytes=_MAX_RANGE
             )

@@ -152,8 +152,8 @@ class DistckptSource(Source):
 
         def consume(c: Any, view: np.ndarray) -> None:
             src = view.view(dtype).reshape(_reshard.box_shape(c.box))
-            inter = _reshard.intersect(c.box, box)
-            out[_reshard.relative(inter, box)] = src[_reshard.relative(inter, c.box)]
+            into, out_of = _reshard.copy_slices(c.box, box)
+            out[into] = src[out_of]
 
         needed = _plan.chunks_for(box, chunks)
         ranges = _plan.plan_reads(needed, max_range_bytes=16 << 20)
