@@ -17,7 +17,7 @@ communicates across processes: each process builds its own shards.
 Buffers are taken without a copy where the runtime allows (aligned host
 memory on CPU); devices holding the same box share one host buffer, as they
 do after ``jax.device_put``. The runtime never donates such a buffer: a
-donating computation writes its output elsewhere (tests/test_restore.py).
+donating computation writes its output elsewhere (tests/test_roundtrip.py).
 """
 
 from __future__ import annotations
