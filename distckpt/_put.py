@@ -11,7 +11,8 @@ So the first leaf of each (shape, dtype, sharding) goes through the public
 API, and the others of the same kind are built the way JAX builds the result
 of ``device_put`` of a numpy array: one call of the runtime's batched
 ``device_put`` with the abstract value JAX gave the first. Without that entry
-point (a JAX that moved it), everything takes the public path. Nothing here
+point (a JAX that moved it), everything takes the public path and a warning
+says so once. Nothing here
 communicates across processes: each process builds its own shards.
 
 Buffers are taken without a copy where the runtime allows (aligned host
@@ -22,6 +23,7 @@ donating computation writes its output elsewhere (tests/test_roundtrip.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +38,12 @@ try:  # the call jax.device_put of a numpy array ends in; not public API
     _batched_device_put = _xc.batched_device_put
 except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX version
     _batched_device_put = None
+    logging.getLogger("distckpt").warning(
+        "jax %s has no jax._src.lib.xla_client.batched_device_put: restore builds every "
+        "array through the public API, which is slower for many small leaves "
+        "(distckpt/_put.py)",
+        jax.__version__,
+    )
 
 
 def arrays(
