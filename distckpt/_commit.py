@@ -30,9 +30,11 @@ def new_attempt() -> str:
     return f"attempt-{uuid.uuid4().hex[:16]}"
 
 
-def load(storage: Storage) -> Manifest:
-    """Reads the committed manifest, or explains why there is none."""
-    raw = storage.read_manifest()
+def load(storage: Storage, raw: bytes | None = None) -> Manifest:
+    """Reads the committed manifest (or checks ``raw``, its bytes read already), or
+    explains why there is none."""
+    if raw is None:
+        raw = storage.read_manifest()
     if raw is None:
         raise not_committed(storage)
     where = f"{storage.display}/{MANIFEST_NAME}"

@@ -90,9 +90,9 @@ def _parse(rest: str) -> tuple[str, int | None, int | None]:
 
 
 def _process_index() -> int:
-    import jax
+    from distckpt import _multihost  # it imports this module
 
-    return jax.process_index()
+    return _multihost.process_index()
 
 
 def _act(point: str, action: str) -> None:

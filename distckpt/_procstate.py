@@ -13,12 +13,15 @@ a typed key on the default device).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import jax
 import numpy as np
+
+from distckpt.errors import TreeMismatchError
 
 T = TypeVar("T", covariant=True)
 
@@ -79,6 +82,73 @@ def capture(obj: Any, process: int) -> bytes:
             f"{type(state).__name__}; it must return a dict"
         )
     return json.dumps(_encode(state, "state"), separators=(",", ":"), sort_keys=False).encode()
+
+
+def summary(obj: Any, raw: bytes) -> dict[str, Any]:
+    """What a process tells the others at save time about its captured state ``raw``."""
+    if not is_global(obj):
+        return {"pipeline": "per-process"}
+    return {
+        "pipeline": "global",
+        "pipeline_state": raw[:300].decode(),  # shown if processes differ
+        "pipeline_digest": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def check_agreement(summaries: list[dict[str, Any]], where: str) -> None:
+    """Refuses a save whose processes passed pipelines of different kinds, or a
+    global state that differs between them. ``summaries[p]`` is process ``p``'s
+    ``summary`` (``{"pipeline": None}`` without a pipeline)."""
+    modes = {p: d["pipeline"] for p, d in enumerate(summaries)}
+    if len(set(modes.values())) > 1:
+        raise TreeMismatchError(
+            f"save to {where}: processes disagree about pipeline= (None, per-process or "
+            f"global): {modes}. Every process must pass a pipeline of the same kind, or none."
+        )
+    if modes[0] != "global":
+        return
+    first = summaries[0]
+    differ = [
+        p for p, d in enumerate(summaries) if d["pipeline_digest"] != first["pipeline_digest"]
+    ]
+    if differ:
+        raise TreeMismatchError(
+            f"save to {where}: the pipeline state declares itself global "
+            f"(checkpoint_global = True) but differs on processes {differ} from process "
+            f"0's.\n  process 0: {first['pipeline_state']}\n  process {differ[0]}: "
+            f"{summaries[differ[0]]['pipeline_state']}\nMake it per-process (drop "
+            "checkpoint_global) or keep the processes in step."
+        )
+
+
+def manifest_entry(mode: str, states: list[str]) -> dict[str, Any]:
+    """The manifest's ``process_state``: each process's state, or the global one once."""
+    return {"mode": mode, "states": states[:1] if mode == "global" else states}
+
+
+def saved_state(entry: dict[str, Any] | None, process: int, count: int, where: str) -> str:
+    """Process ``process``'s state in a manifest's ``process_state`` (a job of ``count``
+    processes), or an error saying why there is none for it."""
+    if entry is None:
+        raise TreeMismatchError(
+            f"restore of {where}: pipeline= was given but the checkpoint holds no pipeline "
+            "state (it was saved without pipeline=). Restore without pipeline= and start "
+            "the pipeline from its beginning, or pick a checkpoint saved with one."
+        )
+    states = entry["states"]
+    if entry["mode"] == "global":
+        return states[0]
+    if len(states) != count:
+        raise TreeMismatchError(
+            f"restore of {where}: the checkpoint holds per-process pipeline states of "
+            f"{len(states)} processes, and this job has {count}. "
+            "Each process's data position cannot be handed to a different process count. "
+            "Restore with the original process count, restore without pipeline= (and "
+            "restart the data from a position you choose), or make the pipeline state "
+            "global (checkpoint_global = True: a global position each process derives its "
+            "shard from) for future checkpoints."
+        )
+    return states[process]
 
 
 def restore_into(obj: Any, raw: str) -> None:

@@ -2,8 +2,8 @@
 
 Each process reads only the chunks that overlap the boxes its addressable
 devices need under the *target* sharding, each chunk once, checks every
-chunk's crc32c, and builds its arrays with
-``jax.make_array_from_single_device_arrays``. No XLA collectives are used.
+chunk's crc32c, and builds its arrays from those host buffers without a copy
+where the platform allows (``_put``). No XLA collectives are used.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def restore(
         manifest = _commit.load(storage)
         state = None
         if pipeline is not None:
-            state = _pipeline_state(manifest, coll.pid, storage.display)
+            state = _procstate.saved_state(
+                manifest.process_state, coll.pid, coll.count, storage.display
+            )
         if target is None:
             wants = [_want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
             values = _execute(storage, manifest, wants, len(wants))
@@ -173,33 +175,6 @@ def _restore_into(
         )
     values = _execute(storage, manifest, wants, len(items))
     return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def _pipeline_state(manifest: Manifest, process: int, where: str) -> str:
-    """This process's saved pipeline state (JSON), or an error saying why there is none."""
-    saved = manifest.process_state
-    if saved is None:
-        raise TreeMismatchError(
-            f"restore of {where}: pipeline= was given but the checkpoint holds no pipeline "
-            "state (it was saved without pipeline=). Restore without pipeline= and start "
-            "the pipeline from its beginning, or pick a checkpoint saved with one."
-        )
-    states = saved["states"]
-    if saved["mode"] == "global":
-        raw = states[0]
-    elif len(states) != _multihost.process_count():
-        raise TreeMismatchError(
-            f"restore of {where}: the checkpoint holds per-process pipeline states of "
-            f"{len(states)} processes, and this job has {_multihost.process_count()}. "
-            "Each process's data position cannot be handed to a different process count. "
-            "Restore with the original process count, restore without pipeline= (and "
-            "restart the data from a position you choose), or make the pipeline state "
-            "global (checkpoint_global = True: a global position each process derives its "
-            "shard from) for future checkpoints."
-        )
-    else:
-        raw = states[process]
-    return raw
 
 
 # --------------------------------------------------------------------------- matching

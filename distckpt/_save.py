@@ -204,12 +204,7 @@ class SaveJob:
             # Captured now, while the caller waits: the state of this step.
             raw = _procstate.capture(self.pipeline, self.coll.pid)
             self.coll.put_blob(f"pipeline/{self.coll.pid}", raw)
-            if _procstate.is_global(self.pipeline):
-                out["pipeline"] = "global"
-                out["pipeline_state"] = raw[:300].decode()  # shown if processes differ
-                out["pipeline_digest"] = hashlib.sha256(raw).hexdigest()
-            else:
-                out["pipeline"] = "per-process"
+            out.update(_procstate.summary(self.pipeline, raw))
         self.pipeline = None
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
@@ -293,9 +288,7 @@ class SaveJob:
         if self.pipeline_mode is None:
             return None
         states = [self.coll.get_blob(f"pipeline/{p}").decode() for p in range(self.coll.count)]
-        if self.pipeline_mode == "global":  # the same on all: checked after prepare
-            states = states[:1]
-        return {"mode": self.pipeline_mode, "states": states}
+        return _procstate.manifest_entry(self.pipeline_mode, states)
 
     def _discard(self) -> None:
         if self.coll.is_primary and self.attempt is not None:
@@ -407,25 +400,7 @@ def _check_same_tree(prepared: list[dict], where: str) -> None:
             f"save to {where}: processes {differ} passed a tree whose structure, shapes or dtypes "
             "differ from process 0's. save() is collective: every process must pass the same tree."
         )
-    modes = {p: d["pipeline"] for p, d in enumerate(prepared)}
-    if len(set(modes.values())) > 1:
-        raise TreeMismatchError(
-            f"save to {where}: processes disagree about pipeline= (None, per-process or "
-            f"global): {modes}. Every process must pass a pipeline of the same kind, or none."
-        )
-    if modes[0] == "global":
-        first = prepared[0]
-        differ = [
-            p for p, d in enumerate(prepared) if d["pipeline_digest"] != first["pipeline_digest"]
-        ]
-        if differ:
-            raise TreeMismatchError(
-                f"save to {where}: the pipeline state declares itself global "
-                f"(checkpoint_global = True) but differs on processes {differ} from process "
-                f"0's.\n  process 0: {first['pipeline_state']}\n  process {differ[0]}: "
-                f"{prepared[differ[0]]['pipeline_state']}\nMake it per-process (drop "
-                "checkpoint_global) or keep the processes in step."
-            )
+    _procstate.check_agreement(prepared, where)
 
 
 def _check_unique_paths(specs: list[LeafSpec]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from typing import Any
@@ -38,6 +39,8 @@ from distckpt.errors import (
 )
 
 ATTEMPT_PREFIX = "attempt-"
+# Where a POSIX commit writes the manifest before renaming it: <prefix><attempt>.
+TMP_MANIFEST_PREFIX = f".{MANIFEST_NAME}.tmp-"
 # Held (flock) by the primary of a save from before its attempt directory
 # appears until its commit or discard ends: another job's commit must not
 # delete an attempt that is still being written (see remove_stale_attempts).
@@ -333,7 +336,7 @@ class PosixStorage(Storage):
         return _PosixReader(os.path.join(self.path, attempt), f"{self.path}/{attempt}")
 
     def commit_manifest(self, raw: bytes, attempt: str) -> None:
-        tmp = os.path.join(self.path, f".{MANIFEST_NAME}.tmp-{attempt}")
+        tmp = os.path.join(self.path, TMP_MANIFEST_PREFIX + attempt)
         with open(tmp, "wb") as f:
             f.write(raw)
             f.flush()
@@ -352,7 +355,7 @@ class PosixStorage(Storage):
 
     def remove_attempt(self, attempt: str) -> None:
         shutil.rmtree(os.path.join(self.path, attempt), ignore_errors=True)
-        tmp = os.path.join(self.path, f".{MANIFEST_NAME}.tmp-{attempt}")
+        tmp = os.path.join(self.path, TMP_MANIFEST_PREFIX + attempt)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
@@ -379,8 +382,6 @@ class PosixStorage(Storage):
 
 
 def _named_attempt(raw: bytes) -> str | None:
-    import json
-
     try:
         return json.loads(raw).get("attempt")
     except (ValueError, AttributeError):
@@ -431,9 +432,9 @@ def _is_unavailable(e: BaseException) -> bool:
 
 def _process() -> int:
     try:
-        import jax
+        from distckpt import _multihost
 
-        return jax.process_index()
+        return _multihost.process_index()
     except Exception:  # noqa: BLE001 - only for a message
         return 0
 
@@ -527,8 +528,6 @@ def _context() -> object:
     # One TensorStore context per process (per retry setting), so that
     # memory:// stores, connection pools and credentials are shared by every
     # open of a location.
-    import json
-
     spec = _location.context_spec()
     key = json.dumps(spec, sort_keys=True)
     if key not in _CONTEXTS:

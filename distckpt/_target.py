@@ -50,9 +50,9 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
       state = distckpt.restore(path, target)
     """
     if shardings is None:
-        per_leaf = jax.tree.map(_own_sharding, tree, is_leaf=_is_none)
+        per_leaf = jax.tree.map(_own_sharding, tree, is_leaf=_tree.is_none)
     elif isinstance(shardings, Sharding):
-        per_leaf = jax.tree.map(lambda _: shardings, tree, is_leaf=_is_none)
+        per_leaf = jax.tree.map(lambda _: shardings, tree, is_leaf=_tree.is_none)
     else:
         per_leaf = _spread(tree, shardings)
     mesh = mesh or _the_mesh(tree, per_leaf)
@@ -63,10 +63,6 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
         for (path, leaf), (_, sharding) in zip(items, found, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _is_array_like(leaf: Any) -> bool:
@@ -80,12 +76,12 @@ def _own_sharding(leaf: Any) -> Sharding | None:
 def _spread(tree: Any, shardings: Any) -> Any:
     """A sharding (or None) per leaf of ``tree`` from a tree of shardings or arrays."""
     is_ref = lambda x: x is None or isinstance(x, Sharding) or _is_array_like(x)  # noqa: E731
-    structure = jax.tree.structure(tree, is_leaf=_is_none)
+    structure = jax.tree.structure(tree, is_leaf=_tree.is_none)
     if jax.tree.structure(shardings, is_leaf=is_ref) == structure:
         return jax.tree.map(_as_sharding, shardings, is_leaf=is_ref)
     # Shaped like a part of the tree (the params): a leaf whose key path ends
     # with a reference's path, and whose shape fits, gets its sharding.
-    refs = {_tree.match_key(path): ref for path, ref in _flatten(shardings, is_ref)}
+    refs = {_tree.match_key(path): ref for path, ref in _tree.flatten(shardings, is_ref)[0]}
     out, matched = [], 0
     for path, leaf in _tree.flatten(tree)[0]:
         key, found = _tree.match_key(path), None
@@ -106,11 +102,6 @@ def _spread(tree: Any, shardings: Any) -> Any:
             "params (or their shardings) to share them with the optimizer state."
         )
     return jax.tree_util.tree_unflatten(structure, out)
-
-
-def _flatten(tree: Any, is_leaf: Any) -> list[tuple[_tree.Path, Any]]:
-    with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(tuple(_tree.part(e) for e in path), leaf) for path, leaf in with_path]
 
 
 def _as_sharding(ref: Any) -> Sharding | None:

@@ -11,6 +11,7 @@ restores into a namedtuple field ``mu``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,9 +47,16 @@ def part(entry: Any) -> tuple[str, Any]:
     return ("key", str(entry))
 
 
-def flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
-    """Flattens ``tree`` keeping ``None`` as a leaf; returns ([(path, leaf)], treedef)."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+def is_none(x: Any) -> bool:
+    return x is None
+
+
+def flatten(
+    tree: Any, is_leaf: Callable[[Any], bool] = is_none
+) -> tuple[list[tuple[Path, Any]], Any]:
+    """Flattens ``tree`` keeping ``None`` (or what ``is_leaf`` says) as a leaf;
+    returns ([(path, leaf)], treedef)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(tuple(part(e) for e in path), leaf) for path, leaf in with_path], treedef
 
 

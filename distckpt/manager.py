@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import signal
 import threading
@@ -332,11 +333,7 @@ class CheckpointManager:
 
     def _project_storage(self, step: int, metrics: dict | None) -> dict:
         """Bytes retention would keep once ``step`` is saved, against the budget; warns."""
-        self._steps[step] = metrics
-        try:
-            kept = sorted(self._keep())
-        finally:
-            del self._steps[step]
+        kept = sorted(self._keep({**self._steps, step: metrics}))
         sizes = [self._size(s) for s in kept if s != step]
         # The new step will be about as large as the newest one whose size is known.
         estimate = self._sizes[max(self._sizes)] if self._sizes else 0
@@ -473,19 +470,22 @@ class CheckpointManager:
                 f"{self.all_steps() or 'none'}"
             )
 
-    def _ranked(self) -> list[int]:
+    def _ranked(self, metrics: dict[int, dict | None] | None = None) -> list[int]:
+        """Steps best first by ``best_metric`` (of ``metrics``' steps, default the committed ones)."""
         if self.best_metric is None:
             return []
         scored = [
             (float(m[self.best_metric]), s)
-            for s, m in self._steps.items()
+            for s, m in (self._steps if metrics is None else metrics).items()
             if m is not None and self.best_metric in m
         ]
         scored.sort(key=lambda x: (x[0] if self.best_mode == "min" else -x[0], -x[1]))
         return [s for _, s in scored]
 
-    def _keep(self) -> set[int]:
-        steps = self.all_steps()
+    def _keep(self, metrics: dict[int, dict | None] | None = None) -> set[int]:
+        """What retention keeps of ``metrics``' steps (default the committed ones)."""
+        metrics = self._steps if metrics is None else metrics
+        steps = sorted(metrics)
         if not steps or (self.max_to_keep is None and self.keep_best is None):
             return set(steps)
         keep = {steps[-1]}  # the latest step is always kept: a job must be able to resume
@@ -494,7 +494,7 @@ class CheckpointManager:
         if self.keep_every_n_steps is not None:
             keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
         if self.keep_best is not None:
-            keep.update(self._ranked()[: self.keep_best])
+            keep.update(self._ranked(metrics)[: self.keep_best])
         return keep
 
     def _apply_retention(self, is_primary: bool) -> None:
@@ -532,15 +532,16 @@ class CheckpointManager:
             raw = storage.read_manifest()
             if raw is None:
                 inside = storage.entries()
-                ours = all(e.startswith(("attempt-", ".manifest.json.tmp-")) for e in inside)
+                ours = all(
+                    e.startswith((_storage.ATTEMPT_PREFIX, _storage.TMP_MANIFEST_PREFIX))
+                    for e in inside
+                )
                 if clean and ours:
                     parent.remove_entry(entry)  # a crashed save of this manager
                 continue
-            manifest = _commit.load(storage)
-            if clean:
-                for stale in storage.attempts():
-                    if stale != manifest.attempt:
-                        storage.remove_attempt(stale)
+            manifest = _commit.load(storage, raw)
+            if clean:  # leftovers of replaced saves; never one another job still writes
+                storage.remove_stale_attempts(keep=manifest.attempt)
             steps[int(match.group(1))] = (manifest.manager or {}).get("metrics")
         return steps
 
@@ -599,8 +600,8 @@ class _Backups:
     def __init__(self, to: Any, every_n: int | None, best: bool, directory: str):
         self.to, self.every_n, self.best, self.directory = to, every_n, best, directory
         self.errors: list[str] = []
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, str]] = queue.Queue()
+        self._worker: threading.Thread | None = None
 
     def wants(self, step: int, is_best: bool) -> bool:
         if self.to is None:
@@ -610,35 +611,35 @@ class _Backups:
         return (self.every_n is not None and step % self.every_n == 0) or (self.best and is_best)
 
     def submit(self, step: int, path: str) -> None:
-        previous = self._threads[-1] if self._threads else None
-        thread = threading.Thread(
-            target=self._copy,
-            args=(step, path, previous),
-            name=f"distckpt-backup-{step}",
-            daemon=True,
-        )
-        self._threads.append(thread)
-        thread.start()
+        if self._worker is None:  # one thread: one copy at a time, in step order
+            self._worker = threading.Thread(target=self._run, name="distckpt-backup", daemon=True)
+            self._worker.start()
+        self._queue.put((step, path))
 
-    def _copy(self, step: int, path: str, previous: threading.Thread | None) -> None:
-        if previous is not None:
-            previous.join()  # one copy at a time, in step order
+    def _run(self) -> None:
+        while True:
+            step, path = self._queue.get()
+            try:
+                self._copy(step, path)
+            finally:
+                self._queue.task_done()
+
+    def _copy(self, step: int, path: str) -> None:
         from distckpt._copy import copy
 
-        loc = _location.parse(self.to).child(step_name(step))
+        where = f"{self.to}/{step_name(step)}"
         try:
-            report = copy(path, loc.spec if loc.spec is not None else loc.display, overwrite=True)
+            loc = _location.parse(self.to).child(step_name(step))
+            where = loc.display
+            report = copy(path, loc, overwrite=True)
             log.info("backed up step %d to %s in %.2f s", step, report.destination, report.seconds)
         except Exception as e:  # noqa: BLE001 - a backup must never stop training
-            message = f"backup of step {step} from {self.directory} to {loc.display} failed: {e}"
+            message = f"backup of step {step} from {self.directory} to {where} failed: {e}"
             log.warning(message)
-            with self._lock:
-                self.errors.append(message)
+            self.errors.append(message)  # list.append is atomic
 
     def wait(self) -> None:
-        for t in list(self._threads):
-            t.join()
+        self._queue.join()
 
     def close(self) -> None:
         self.wait()
-        self._threads = []
