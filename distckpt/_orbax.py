@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from distckpt import _put, _reshard, _tree
+from distckpt import _reshard, _tree
 from distckpt._manifest import MANIFEST_NAME
 from distckpt._plan import LeafSpec
 from distckpt._source import Rows, Source, rows_box
@@ -242,48 +242,23 @@ def restore(
 
     source = OrbaxSource(find_root(os.fspath(directory)))
     if target is None:
-        values = []
-        for i, spec in enumerate(source.leaves):
-            values.append(_host_value(source, i, spec))
+        wants = [_restore.want_host(i, i, spec) for i, spec in enumerate(source.leaves)]
+        count = len(wants)
+    else:
+        items, treedef = _tree.flatten(target)
+        wants, problems = _restore.match(source.leaves, items, partial=partial, cast=cast)
+        if problems:
+            raise TreeMismatchError(
+                f"the restore target does not match the Orbax checkpoint at {source.display} "
+                f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
+                problems,
+            )
+        count = len(items)
+    blocks = {(w.leaf, box): source.read_box(w.leaf, box) for w in wants for box in w.boxes}
+    values: list[Any] = [None] * count
+    _restore.place(wants, source.leaves, blocks, values)
+    if target is None:
         return _tree.unflatten_plain(
             [(spec.path, v) for spec, v in zip(source.leaves, values, strict=True)]
         )
-    items, treedef = _tree.flatten(target)
-    wants, problems = _restore.match(source.leaves, items, partial=partial, cast=cast)
-    if problems:
-        raise TreeMismatchError(
-            f"the restore target does not match the Orbax checkpoint at {source.display} "
-            f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
-            problems,
-        )
-    values: list[Any] = [None] * len(items)
-    for w in wants:
-        spec = source.leaves[w.leaf]
-        if w.mode == "value":
-            values[w.index] = w.value
-        elif not w.device_boxes:
-            arr = source.read_all(w.leaf)
-            if w.mode == "key":
-                values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
-            else:
-                values[w.index] = arr.astype(w.dtype, copy=False)
-        else:
-            host = {
-                box: source.read_box(w.leaf, box).astype(w.dtype, copy=False) for box in w.boxes
-            }
-            (arr,) = _put.arrays([(tuple(spec.shape), w.sharding, w.device_boxes, host)])
-            if w.mode == "key":
-                arr = jax.random.wrap_key_data(arr, impl=spec.impl)
-            values[w.index] = arr
     return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def _host_value(source: Source, index: int, spec: LeafSpec) -> Any:
-    if spec.kind == _tree.PYTHON:
-        return spec.value
-    if spec.kind == _tree.NONE:
-        return None
-    arr = source.read_all(index)
-    if spec.kind == _tree.PRNG_KEY:
-        return jax.random.wrap_key_data(arr, impl=spec.impl)
-    return arr

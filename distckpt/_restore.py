@@ -138,7 +138,7 @@ def restore(
                 manifest.process_state, coll.pid, coll.count, storage.display
             )
         if target is None:
-            wants = [_want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
+            wants = [want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
             values = _execute(storage, manifest, wants, len(wants))
             result["tree"] = _tree.unflatten_plain(
                 [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
@@ -180,7 +180,7 @@ def _restore_into(
 # --------------------------------------------------------------------------- matching
 
 
-def _want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = None) -> _Want:
+def want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = None) -> _Want:
     if spec.kind == _tree.PYTHON:
         return _Want(index, leaf, _VALUE, value=spec.value)
     if spec.kind == _tree.NONE:
@@ -349,7 +349,7 @@ def _match_leaf(
             f"{disp}: target dtype {np.dtype(dtype)}, {found()} (pass cast=True to convert)",
         )
     if isinstance(t, (np.ndarray, np.generic)):
-        return _want_host(index, leaf, spec, np.dtype(dtype)), None
+        return want_host(index, leaf, spec, np.dtype(dtype)), None
     if sharding is None:
         sharding = SingleDeviceSharding(jax.local_devices()[0])
     return _device_want(index, leaf, _ARRAY, spec, np.dtype(dtype), sharding), None
@@ -539,7 +539,6 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
             needs: dict[tuple[int, Box], list[ChunkRecord]] = {}
             for w in batch:
                 if w.mode == _VALUE:
-                    values[w.index] = w.value
                     continue
                 spec = manifest.leaves[w.leaf]
                 chunks = manifest.chunks[w.leaf]
@@ -562,7 +561,7 @@ def _execute(storage: Any, manifest: Manifest, wants: list[_Want], count: int) -
                     f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20]),
                     problems,
                 )
-            _place(batch, manifest, assembler.outputs, values)
+            place(batch, manifest.leaves, assembler.outputs, values)
     return values
 
 
@@ -607,13 +606,21 @@ def _check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) ->
         )
 
 
-def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[Any]) -> None:
-    """Builds host arrays per box, then device arrays, for one batch."""
+def place(
+    wants: Sequence[_Want], leaves: Sequence[LeafSpec], outputs: dict, values: list[Any]
+) -> None:
+    """Sets ``values[w.index]`` for each want from the host blocks read for it.
+
+    ``outputs[(leaf, box)]`` holds the saved data of every box in ``w.boxes``;
+    host wants get a numpy array, the others device arrays (cast as asked,
+    PRNG keys wrapped).
+    """
     jobs, owners = [], []
-    for w in batch:
+    for w in wants:
         if w.mode == _VALUE:
+            values[w.index] = w.value
             continue
-        spec = manifest.leaves[w.leaf]
+        spec = leaves[w.leaf]
         saved = _plan.np_dtype(spec.dtype)
         hosts = {}
         for box in w.boxes:
@@ -634,5 +641,5 @@ def _place(batch: list[_Want], manifest: Manifest, outputs: dict, values: list[A
         owners.append(w)
     for w, arr in zip(owners, _put.arrays(jobs), strict=True):
         if w.mode == _KEY:
-            arr = jax.random.wrap_key_data(arr, impl=manifest.leaves[w.leaf].impl)
+            arr = jax.random.wrap_key_data(arr, impl=leaves[w.leaf].impl)
         values[w.index] = arr
