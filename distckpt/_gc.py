@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 
 from distckpt import _scan
 from distckpt._manifest import MANIFEST_NAME
+from distckpt.manager import deleting_name
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _remove(o: Outcome) -> tuple[str, str]:
         shutil.rmtree(o.path, ignore_errors=True)
         return "removed", ""
     if o.kind == _scan.INTERRUPTED_SAVE:
-        aside = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex[:8]}")
+        aside = os.path.join(parent, deleting_name(name))
         os.rename(o.path, aside)  # atomic: a save can no longer commit into it
         attempts = [e for e in os.listdir(aside) if e.startswith(_scan.ATTEMPT_PREFIX)]
         if os.path.exists(os.path.join(aside, MANIFEST_NAME)) or any(
@@ -103,7 +103,7 @@ def _remove(o: Outcome) -> tuple[str, str]:
     attempt = doc.get("attempt") if doc else None
     if attempt is None:
         return "kept", f"the step has no readable {MANIFEST_NAME} now"
-    if name == attempt or name == f"{_scan.TMP_MANIFEST}{attempt}":
+    if name == attempt or name == f"{_scan.TMP_MANIFEST_PREFIX}{attempt}":
         return "kept", "the step's manifest names it now (a save committed it)"
     if os.path.isdir(o.path):
         shutil.rmtree(o.path, ignore_errors=True)

@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
-from distckpt import _storage
+from distckpt import _location, _storage
 from distckpt._manifest import MANIFEST_NAME
-from distckpt._storage import ATTEMPT_PREFIX
-
-STEP = re.compile(r"^step_(\d+)$")
-DELETING = re.compile(r"^\.step_(\d+)\.deleting-[0-9a-z]+$")
-TMP_MANIFEST = f".{MANIFEST_NAME}.tmp-"
+from distckpt._storage import ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX
+from distckpt.manager import DELETING_RE, STEP_RE
 
 DEFAULT_MIN_AGE_S = 3600.0
 
@@ -125,24 +121,28 @@ def attempt_locked(step_dir: str, attempt: str) -> bool:
         return False  # e.g. a read-only mount: cannot open the lock to test it
 
 
-def _leftover(path: str, kind: str, min_age_s: float, now: float, **kw: object) -> Leftover:
+def _leftover(
+    path: str,
+    kind: str,
+    min_age_s: float,
+    now: float,
+    *,
+    listing: list[str] | None = None,
+    **kw: object,
+) -> Leftover:
+    """``listing``: what ``path`` holds, if the caller has listed it already."""
     size, newest = tree_size_and_mtime(path)
     age = max(0.0, now - newest)
     if kind in (INTERRUPTED_SAVE, HALF_DELETED):
-        attempts = [e for e in _entries(path) if e.startswith(ATTEMPT_PREFIX)]
+        if listing is None:
+            listing = _storage.PosixStorage(path).entries()
+        attempts = [e for e in listing if e.startswith(ATTEMPT_PREFIX)]
         locked = any(attempt_locked(path, a) for a in attempts)
     elif kind == STALE_ATTEMPT:
         locked = attempt_locked(os.path.dirname(path), os.path.basename(path))
     else:
         locked = False
     return Leftover(path, kind, size, age, age >= min_age_s and not locked, locked=locked, **kw)
-
-
-def _entries(path: str) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def read_manifest_doc(step_dir: str) -> dict | None:
@@ -197,24 +197,27 @@ def _inside_step(
         full = os.path.join(path, entry)
         if entry.startswith(ATTEMPT_PREFIX) and entry != attempt:
             out.append(_leftover(full, STALE_ATTEMPT, min_age_s, now, step=step))
-        elif entry.startswith(TMP_MANIFEST) and entry != f"{TMP_MANIFEST}{attempt}":
+        elif entry.startswith(TMP_MANIFEST_PREFIX) and entry != f"{TMP_MANIFEST_PREFIX}{attempt}":
             out.append(_leftover(full, TMP_MANIFEST_KIND, min_age_s, now, step=step))
     return out
 
 
-def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | None = None) -> Scan:
+def scan(
+    directory: str | os.PathLike | dict,
+    *,
+    min_age_s: float = DEFAULT_MIN_AGE_S,
+    now: float | None = None,
+) -> Scan:
     """Looks at a manager directory (or a single checkpoint directory); writes nothing.
 
     Raises:
       FileNotFoundError / NotADirectoryError: ``directory`` is not a directory.
     """
     now = time.time() if now is None else now
-    if isinstance(directory, dict):
-        return _scan_kv(directory, min_age_s)
-    directory = os.fspath(directory)
-    if "://" in directory and not directory.startswith("file://"):
-        return _scan_kv(directory, min_age_s)  # s3://, gs://, memory://
-    directory = os.path.abspath(directory.removeprefix("file://"))
+    loc = _location.parse(directory)
+    if loc.spec is not None:
+        return _scan_kv(loc, min_age_s)  # s3://, gs://, memory://, a kvstore spec
+    directory = loc.path
     if not os.path.isdir(directory):
         what = "does not exist" if not os.path.exists(directory) else "is not a directory"
         raise FileNotFoundError(
@@ -226,7 +229,7 @@ def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | N
     steps, leftovers, foreign = [], [], []
     for entry in sorted(os.listdir(directory)):
         path = os.path.join(directory, entry)
-        m = DELETING.match(entry)
+        m = DELETING_RE.match(entry)
         if m and os.path.isdir(path):
             leftovers.append(
                 _leftover(
@@ -239,7 +242,7 @@ def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | N
                 )
             )
             continue
-        m = STEP.match(entry)
+        m = STEP_RE.match(entry)
         if not m or not os.path.isdir(path):
             foreign.append(entry)
             continue
@@ -258,8 +261,8 @@ def scan(directory: str, *, min_age_s: float = DEFAULT_MIN_AGE_S, now: float | N
             leftovers += _inside_step(path, s.attempt, min_age_s, now, step)
             continue
         inside = sorted(os.listdir(path))
-        ours = [e for e in inside if e.startswith((ATTEMPT_PREFIX, TMP_MANIFEST))]
-        left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, step=step)
+        ours = [e for e in inside if e.startswith((ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX))]
+        left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, listing=inside, step=step)
         others = sorted(set(inside) - set(ours))
         if others:
             left.removable = False
@@ -308,14 +311,14 @@ def _doc(raw: bytes) -> dict:
     return doc
 
 
-def _scan_kv(directory: object, min_age_s: float) -> Scan:
+def _scan_kv(location: _location.Location, min_age_s: float) -> Scan:
     """``scan`` of an object store or kvstore location, through the storage layer.
 
     Committed means a manifest reads back; the listing only proposes names.
     Leftovers are reported but never marked removable: without locks or
     reliable ages, gc cannot tell them from a save in progress.
     """
-    root = _storage.open_storage(directory)
+    root = _storage.open_storage(location)
     where = root.display.rstrip("/")
 
     def inside(storage: _storage.Storage, path: str, attempt: str | None, step: int | None):
@@ -337,7 +340,7 @@ def _scan_kv(directory: object, min_age_s: float) -> Scan:
         return Scan(where, [step], leftovers, [], min_age_s, is_checkpoint=True)
     steps, leftovers, foreign = [], [], []
     for entry in root.entries():
-        m = STEP.match(entry)
+        m = STEP_RE.match(entry)
         if not m:
             foreign.append(entry)
             continue

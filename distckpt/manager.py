@@ -26,12 +26,20 @@ log = logging.getLogger("distckpt")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes from latest_step()
 
-_STEP = re.compile(r"^step_(\d+)$")
-_DELETING = re.compile(r"^\.step_\d+\.deleting-[0-9a-f]+$")
+# The layout of a manager's directory (the CLI's ls/gc/audit read it too):
+# step_<8 digits>/ per committed step, and a step being deleted renamed aside
+# first to .step_<8 digits>.deleting-<id>.
+STEP_RE = re.compile(r"^step_(\d+)$")
+DELETING_RE = re.compile(r"^\.step_(\d+)\.deleting-[0-9a-f]+$")
 
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def deleting_name(name: str) -> str:
+    """A fresh name to rename the step directory ``name`` to before removing it."""
+    return f".{name}.deleting-{uuid.uuid4().hex[:8]}"
 
 
 class CheckpointManager:
@@ -500,7 +508,15 @@ class CheckpointManager:
     def _apply_retention(self, is_primary: bool) -> None:
         # Every process computes the same decision from the same step list;
         # only the primary touches storage, after the new step committed.
-        for step in sorted(set(self._steps) - self._keep()):
+        drop = sorted(set(self._steps) - self._keep())
+        if is_primary and drop and not self._backup.wait_for(set(drop), self.timeout_s):
+            log.warning(
+                "steps %s are still waiting for their backup after %.0f s; deleting them "
+                "anyway (their backups will fail and be listed in backup_errors)",
+                drop,
+                self.timeout_s,
+            )
+        for step in drop:
             if is_primary:
                 try:
                     self._remove(step)
@@ -511,9 +527,7 @@ class CheckpointManager:
     def _remove(self, step: int) -> None:
         # POSIX: renamed aside, then removed; object stores: the manifest
         # (the commit marker) first, then the data.
-        self._storage().delete_checkpoint(
-            step_name(step), f".{step_name(step)}.deleting-{uuid.uuid4().hex[:8]}"
-        )
+        self._storage().delete_checkpoint(step_name(step), deleting_name(step_name(step)))
 
     def _scan(self, clean: bool) -> dict[int, dict | None]:
         """Primary: committed steps and their metrics; removes our own leftovers."""
@@ -522,10 +536,10 @@ class CheckpointManager:
         # The listing only proposes candidates; a step is committed iff its
         # manifest reads back (object-store listings are not the truth).
         for entry in parent.entries():
-            if clean and _DELETING.match(entry):
+            if clean and DELETING_RE.match(entry):
                 parent.remove_entry(entry)
                 continue
-            match = _STEP.match(entry)
+            match = STEP_RE.match(entry)
             if not match:
                 continue  # foreign: never listed, never deleted
             storage = parent.child(entry)
@@ -540,8 +554,12 @@ class CheckpointManager:
                     parent.remove_entry(entry)  # a crashed save of this manager
                 continue
             manifest = _commit.load(storage, raw)
-            if clean:  # leftovers of replaced saves; never one another job still writes
-                storage.remove_stale_attempts(keep=manifest.attempt)
+            if clean:
+                # All leftovers, also on object stores, where a commit's own
+                # cleanup (remove_stale_attempts) leaves them to this.
+                for stale in storage.attempts():
+                    if stale != manifest.attempt:
+                        storage.remove_attempt(stale)
             steps[int(match.group(1))] = (manifest.manager or {}).get("metrics")
         return steps
 
@@ -602,6 +620,8 @@ class _Backups:
         self.errors: list[str] = []
         self._queue: queue.Queue[tuple[int, str]] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._pending: set[int] = set()  # steps submitted and not yet copied
+        self._copied = threading.Condition()
 
     def wants(self, step: int, is_best: bool) -> bool:
         if self.to is None:
@@ -614,6 +634,8 @@ class _Backups:
         if self._worker is None:  # one thread: one copy at a time, in step order
             self._worker = threading.Thread(target=self._run, name="distckpt-backup", daemon=True)
             self._worker.start()
+        with self._copied:
+            self._pending.add(step)
         self._queue.put((step, path))
 
     def _run(self) -> None:
@@ -622,6 +644,9 @@ class _Backups:
             try:
                 self._copy(step, path)
             finally:
+                with self._copied:
+                    self._pending.discard(step)
+                    self._copied.notify_all()
                 self._queue.task_done()
 
     def _copy(self, step: int, path: str) -> None:
@@ -640,6 +665,12 @@ class _Backups:
 
     def wait(self) -> None:
         self._queue.join()
+
+    def wait_for(self, steps: set[int], timeout_s: float) -> bool:
+        """Waits until none of ``steps`` is still to be copied (retention is about to
+        delete them); False if some still are after ``timeout_s``."""
+        with self._copied:
+            return self._copied.wait_for(lambda: not self._pending & steps, timeout_s)
 
     def close(self) -> None:
         self.wait()

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,30 @@ def test_selected_steps_are_backed_up_in_the_background(tmp_path):
     assert distckpt.restore(tmp_path / "backup" / "step_00000002")["v"][0] == 2.0
     distckpt.verify(tmp_path / "backup" / "step_00000006")
     assert mgr.backup_errors == []
+
+
+def test_retention_waits_for_a_step_s_backup_before_deleting_it(tmp_path, monkeypatch):
+    # max_to_keep=1 deletes each step at the next save; a slow backup of it
+    # must still find it (it used to fail with "no checkpoint at ...").
+    import distckpt._copy
+
+    real_copy = distckpt._copy.copy
+
+    def slow_copy(*args, **kwargs):
+        time.sleep(0.3)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(distckpt._copy, "copy", slow_copy)
+    with distckpt.CheckpointManager(
+        tmp_path / "run", async_save=True, max_to_keep=1, backup_to=tmp_path / "backup"
+    ) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"v": np.full(8, float(step))})
+    assert mgr.backup_errors == []
+    assert mgr.all_steps() == [3]
+    backed = sorted(p.name for p in (tmp_path / "backup").iterdir())
+    assert backed == ["step_00000001", "step_00000002", "step_00000003"]
+    assert distckpt.restore(tmp_path / "backup" / "step_00000001")["v"][0] == 1.0
 
 
 def test_a_failed_backup_is_logged_not_raised(tmp_path, caplog):
