@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from distckpt import _export, _orbax, _source, _tree
+from distckpt import _export, _orbax, _source, _storage, _tree
+from distckpt.errors import CheckpointExistsError
 
 FORMATS = ("distckpt", "orbax", "npz", "safetensors")
 
@@ -74,9 +75,22 @@ def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
         else:
             from distckpt._save import save
 
+            if not overwrite:
+                _refuse_committed(dst)  # before the whole source is read into memory
             tree = load_tree(source)
             save(dst, tree, overwrite=overwrite, metadata=source.user_metadata)
     return summary
+
+
+def _refuse_committed(dst: str) -> None:
+    """What ``save``'s preflight refuses without ``overwrite``: a committed checkpoint at ``dst``."""
+    storage = _storage.open_storage(dst)
+    if storage.read_manifest() is not None:
+        raise CheckpointExistsError(
+            f"a committed checkpoint already exists at {storage.display}; pass --overwrite to "
+            "replace it (the old one stays readable until the new one commits) or choose "
+            "another path"
+        )
 
 
 def _write_orbax(source: _source.Source, dst: str, *, overwrite: bool) -> None:
@@ -90,10 +104,7 @@ def _write_orbax(source: _source.Source, dst: str, *, overwrite: bool) -> None:
             "remove them from the tree, or export with --to npz, which keeps them"
         )
     dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(
-            f"{dst} already exists; pass --overwrite to replace it or choose another path"
-        )
+    _export.check_destination(dst, overwrite)
     tree = load_tree(source)
     metadata = source.user_metadata
     if metadata is not None and not isinstance(metadata, dict):

@@ -113,7 +113,6 @@ def _copy_file(
     recode: _Recoder | None = None,
 ) -> None:
     """One data file, byte for byte (or re-encoded chunk by chunk), in ranges of whole chunks."""
-    chunks.sort(key=lambda c: c.offset)
     expected = manifest.files[name]["bytes"]
     writer = target.writer(attempt, name)
     try:

@@ -24,7 +24,7 @@ import numpy as np
 from distckpt import _tree
 from distckpt._source import Source
 
-DEFAULT_SLAB_BYTES = 16 << 20
+DEFAULT_SLAB_BYTES = 16 << 20  # also the default of `distckpt diff --slab-mb`
 
 _CATEGORY = {
     _tree.ARRAY: "array",

@@ -144,7 +144,8 @@ def _atomic(destination: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def _check_destination(destination: str, overwrite: bool) -> None:
+def check_destination(destination: str, overwrite: bool) -> None:
+    """Refuses an existing ``destination`` unless ``overwrite`` (FileExistsError)."""
     if os.path.exists(destination) and not overwrite:
         raise FileExistsError(
             f"{destination} already exists; pass --overwrite to replace it or choose another path"
@@ -157,13 +158,12 @@ def to_npz(
     *,
     overwrite: bool = False,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
-    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Writes every leaf into an uncompressed ``.npz`` (zip64), slab by slab.
 
     Returns the export record (also stored in the file as ``__distckpt__``).
     """
-    _check_destination(destination, overwrite)
+    check_destination(destination, overwrite)
     names = flat_names(source)
     stored_as: dict[str, str] = {}
 
@@ -184,8 +184,6 @@ def to_npz(
                         _npy_header(f, file_dtype, spec.shape)
                         for _, slab in source.iter_slabs(i, slab_bytes):
                             _write_raw(f, slab.view(file_dtype))
-                if progress:
-                    progress(name)
             record = _record(source, names, stored_as)
             _npy_member(zf, RECORD_NAME, np.array(json.dumps(record)))
 
@@ -222,7 +220,6 @@ def to_safetensors(
     *,
     overwrite: bool = False,
     slab_bytes: int = DEFAULT_SLAB_BYTES,
-    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Writes every leaf into one safetensors file, slab by slab.
 
@@ -234,7 +231,7 @@ def to_safetensors(
       ValueError: a leaf has a dtype safetensors cannot name (listed, all at
         once), or two leaves share a flat name.
     """
-    _check_destination(destination, overwrite)
+    check_destination(destination, overwrite)
     names = flat_names(source)
     unsupported = [
         f"{spec.display} ({spec.dtype})"
@@ -249,7 +246,7 @@ def to_safetensors(
             + ". Export with --to npz instead, which stores any dtype."
         )
     header: dict[str, Any] = {}
-    plan = []  # (leaf index or python value, name, little-endian dtype)
+    plan = []  # (leaf index, little-endian dtype)
     offset = 0
     for i, (name, spec) in enumerate(zip(names, source.leaves, strict=True)):
         if spec.kind == _tree.PYTHON and not isinstance(spec.value, str):
@@ -267,7 +264,7 @@ def to_safetensors(
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
-        plan.append((i, name, dtype))
+        plan.append((i, dtype))
         offset += nbytes
     record = _record(source, names, {})
     header["__metadata__"] = {"distckpt": json.dumps(record)}
@@ -278,15 +275,13 @@ def to_safetensors(
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for i, name, dtype in plan:
+            for i, dtype in plan:
                 spec = source.leaves[i]
                 if spec.kind == _tree.PYTHON:
                     _write_raw(f, _python_array(spec.value).astype(dtype))
                 else:
                     for _, slab in source.iter_slabs(i, slab_bytes):
                         _write_raw(f, slab.astype(dtype, copy=False))
-                if progress:
-                    progress(name)
             f.flush()
             os.fsync(f.fileno())
 

@@ -84,6 +84,18 @@ def _min_age_option(f: Any) -> Any:
     )(f)
 
 
+def _slab_mb_option(f: Any) -> Any:
+    from distckpt import _diff
+
+    return click.option(
+        "--slab-mb",
+        type=click.IntRange(min=1),
+        default=_diff.DEFAULT_SLAB_BYTES >> 20,
+        show_default=True,
+        help="Rows of a leaf are compared this many MiB at a time (bounds memory).",
+    )(f)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -445,13 +457,7 @@ def _print_verify_result(step: Any, status: str, detail: Any) -> None:
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--partial", is_flag=True, help="With a target spec B: allow B to be a subtree of A.")
-@click.option(
-    "--slab-mb",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Rows of a leaf are compared this many MiB at a time (bounds memory).",
-)
+@_slab_mb_option
 @click.option(
     "--rename",
     "renames",

@@ -16,9 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _export, _source
+from distckpt import _convert, _export, _source
 from distckpt.cli import main
-from distckpt.errors import TreeMismatchError
+from distckpt.errors import CheckpointExistsError, TreeMismatchError
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
@@ -169,6 +169,29 @@ def test_orbax_missing_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # as if not installed
     assert main(["convert", str(tmp_path / "d"), str(tmp_path / "o"), "--to", "orbax"]) == 2
     assert "pip install 'distckpt[orbax]'" in capsys.readouterr().err
+
+
+def test_convert_to_distckpt_refuses_a_committed_destination_before_reading(
+    tmp_path, monkeypatch, capsys
+):
+    distckpt.save(tmp_path / "d", {"x": np.ones(2)})
+    distckpt.save(tmp_path / "e", {"y": np.zeros(3)})
+
+    def no_load(source):
+        raise AssertionError("the source was read before the destination was checked")
+
+    monkeypatch.setattr(_convert, "load_tree", no_load)
+    assert main(["convert", str(tmp_path / "d"), str(tmp_path / "e"), "--to", "distckpt"]) == 2
+    err = capsys.readouterr().err
+    assert f"a committed checkpoint already exists at {tmp_path / 'e'}" in err
+    assert "--overwrite" in err
+    with pytest.raises(CheckpointExistsError):
+        _convert.convert(str(tmp_path / "d"), str(tmp_path / "e"), to="distckpt")
+    assert distckpt.restore(tmp_path / "e")["y"].shape == (3,)  # untouched
+    monkeypatch.undo()
+    args = ["convert", str(tmp_path / "d"), str(tmp_path / "e"), "--to", "distckpt"]
+    assert main([*args, "--overwrite"]) == 0
+    np.testing.assert_array_equal(distckpt.restore(tmp_path / "e")["x"], np.ones(2))
 
 
 def test_npz_export_names_dtypes_and_record(tmp_path, capsys):
