@@ -16,7 +16,6 @@ loss continues where it left off. SIGTERM saves at once and exits with
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -82,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256, help="global batch size")
     ap.add_argument("--model-axis", type=int, default=2, help="devices on the 'model' axis")
-    ap.add_argument(
-        "--stop-after", type=int, default=None, help="exit (as if killed) after N steps"
-    )
     ap.add_argument(
         "--fall-back",
         action="store_true",
@@ -184,10 +180,6 @@ def main(argv: list[str] | None = None) -> int:
             say(f"step {step:4d}  loss {float(loss):.5f}  (checkpoint started)")
         elif step % 10 == 0:
             say(f"step {step:4d}  loss {float(loss):.5f}")
-        if args.stop_after is not None and step - start >= args.stop_after:
-            mgr.wait_until_finished()
-            say(f"step {step}: stopping here (--stop-after)")
-            os._exit(1)  # as if the job died: no clean shutdown
     if loss is not None and not mgr.should_save(args.steps):  # the final state, always
         mgr.save(args.steps, state, pipeline=data, metrics=metrics, force=True)
     mgr.close()

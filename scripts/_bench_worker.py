@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -157,13 +158,20 @@ def leaf_values(layout: dict, i: int, shape: tuple, dtype: np.dtype) -> np.ndarr
     return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
 
 
+@functools.cache
+def _mesh(jax, mesh_shape: tuple, axes: tuple):
+    """One Mesh per (shape, axes): states of thousands of leaves share it."""
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()).reshape(mesh_shape), axes)
+
+
 def make_sharding(jax, layout: dict, shape: tuple = ()):
     """The layout's sharding; in a train state only matrices are sharded (2-D over
     the mesh when its axes divide them), vectors and scalars are replicated."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    devices = np.array(jax.devices()).reshape(layout["mesh_shape"])
-    mesh = Mesh(devices, tuple(layout["axes"]))
+    mesh = _mesh(jax, tuple(layout["mesh_shape"]), tuple(layout["axes"]))
     spec = list(layout["spec"])
     if layout.get("kind") == "train":
         sizes = [
@@ -339,14 +347,8 @@ class Distckpt:
     def __init__(self, timeout_s: float):
         import distckpt
 
-        if not (
-            callable(getattr(distckpt, "save", None))
-            and callable(getattr(distckpt, "restore", None))
-        ):
-            raise ImportError("distckpt has no save/restore yet")
         self._lib = distckpt
         self._timeout_s = timeout_s
-        self.source = os.path.dirname(distckpt.__file__)
 
     def save(self, path: str, tree: dict) -> None:
         self._lib.save(path, tree, timeout_s=self._timeout_s)
@@ -478,9 +480,6 @@ class Worker:
     def system(self, name: str):
         if name not in self.systems:
             self.systems[name] = SYSTEMS[name](self.plan["op_timeout_s"])
-            self.emit(
-                event="system", system=name, source=getattr(self.systems[name], "source", None)
-            )
         return self.systems[name]
 
     def _begin(self, label: str) -> tuple[int, dict]:

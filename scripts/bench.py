@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -123,13 +125,27 @@ def large_shape(total_bytes: int, n_leaves: int) -> tuple[int, int]:
     return (max(side, 8), max(side, 8))
 
 
+@functools.cache
+def _worker_module():
+    """scripts/_bench_worker.py, loaded by file path (this script is loaded that way too,
+    so it may not be importable by name); it imports only numpy at the top, not JAX."""
+    spec = importlib.util.spec_from_file_location("_bench_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def train_state_size(train: dict) -> tuple[int, int]:
-    """(leaves, bytes) of the train state: params, adamw's mu and nu, and its step count."""
-    d, vocab, layers = train["d_model"], train["vocab"], train["layers"]
-    per_block = 4 * d * d + 4 * d + 4 * d + (d * 4 * d + 4 * d + 4 * d * d + d)
-    params = 2 * vocab * d + 2 * d + layers * per_block
-    leaves = 3 * (4 + 16 * layers) + 1
-    return leaves, 3 * params * 4 + 4
+    """(leaves, bytes) of the train state: float32 params, adamw's mu and nu of the same
+    shapes, and its int32 step count."""
+
+    def shapes(tree) -> list[tuple]:
+        if isinstance(tree, tuple):
+            return [tree]
+        return [s for sub in tree.values() for s in shapes(sub)]
+
+    params = shapes(_worker_module().train_params_shapes(train))
+    return 3 * len(params) + 1, 3 * sum(math.prod(s) for s in params) * 4 + 4
 
 
 def rep_order(rep: int, systems: list[str], floor: bool) -> list[str]:
@@ -161,7 +177,7 @@ class Plan:
         # save pays for lazy imports, thread pools and tracing that later saves do not.
         self.total_reps = args.warmup + args.reps
         self.systems = [s for s in SYSTEMS if s in args.systems]
-        total = int((args.size if args.size is not None else (1 / 16 if args.quick else 1.0)) * GiB)
+        total = int(args.size * GiB)
         self.large_leaves = 64
         self.large_shape = large_shape(total, self.large_leaves)
         self.large_bytes = self.large_leaves * math.prod(self.large_shape) * 4
@@ -306,7 +322,8 @@ class Plan:
         return out
 
     # Each builder gets the (system, row) pairs still enabled: a system that failed an
-    # operation is dropped from that row (and from restores if its save failed).
+    # operation is dropped from that row (and from restores if its save failed: disable()
+    # drops those too, so a restore row still enabled always has its save).
 
     def _large_save_ops(self, enabled: set) -> list[dict]:
         lay = layout(SAVE_2x4, self.large_leaves, self.large_shape, seed=1)
@@ -322,7 +339,7 @@ class Plan:
             for s in order:
                 if s == FLOOR:
                     ops.append(self._floor_read("r2x4", rep))
-                elif (s, "save") in enabled and (s, "r2x4") in enabled:
+                elif (s, "r2x4") in enabled:
                     ops.append(self._restore(s, "r2x4", rep, lay, self.ckpt("large", s, rep)))
             # Keep only the last repetition's checkpoints: the other topologies restore them.
             if rep < self.total_reps - 1:
@@ -338,7 +355,7 @@ class Plan:
             for s in rep_order(rep, self.systems, floor=True):
                 if s == FLOOR:
                     ops.append(self._floor_read(row, rep))
-                elif (s, "save") in enabled and (s, row) in enabled:
+                elif (s, row) in enabled:
                     path = self.ckpt("large", s, self.total_reps - 1)
                     ops.append(self._restore(s, row, rep, lay, path))
         return ops
@@ -362,7 +379,7 @@ class Plan:
                         path = self.ckpt(case, s, rep)
                         ops.append(_op("save", s, save, rep, layout=lay, path=path))
                 for s in order:
-                    if (s, save) in enabled and (s, restore) in enabled:
+                    if (s, restore) in enabled:
                         ops.append(self._restore(s, restore, rep, lay, self.ckpt(case, s, rep)))
                 ops.append(
                     {"op": "delete", "paths": [self.ckpt(case, s, rep) for s in self.systems]}
@@ -379,7 +396,7 @@ class Plan:
                     path = self.ckpt("train", s, rep)
                     ops.append(_op("save", s, "tsave", rep, layout=lay, path=path))
             for s in order:
-                if (s, "tsave") in enabled and (s, "trestore") in enabled:
+                if (s, "trestore") in enabled:
                     ops.append(self._restore(s, "trestore", rep, lay, self.ckpt("train", s, rep)))
             ops.append(
                 {"op": "delete", "paths": [self.ckpt("train", s, rep) for s in self.systems]}
@@ -476,11 +493,14 @@ def worker_env(devices: int, import_root: Path) -> dict:
 
 @dataclass
 class Launch:
-    ok: bool
     events: list[dict] = field(default_factory=list)
-    failure: str = ""
+    failure: str = ""  # empty if every process finished cleanly
     culprit: tuple | None = None  # (system, row) blamed for a failure, if any
     log_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure
 
 
 def read_events(run_dir: Path) -> list[dict]:
@@ -576,7 +596,7 @@ def launch(
         for log in logs:
             log.close()
     events = read_events(run_dir)
-    result = Launch(ok=not failure, events=events, failure=failure)
+    result = Launch(events=events, failure=failure)
     if failure:
         errors = [e for e in events if e.get("event") == "error"]
         if errors:
@@ -649,14 +669,14 @@ def run_group(
             print(f"[{group.name}] done in {time.monotonic() - t0:.1f} s", flush=True)
             return [e for e in res.events if e.get("event") == "result"]
         print(f"[{group.name}] FAILED: {res.failure}", flush=True)
-        if args.verbose:
+        give_up = res.culprit is None or res.culprit not in enabled
+        if args.verbose or give_up:  # giving up prints the tail even without -v
             print(res.log_tail, flush=True)
-        if res.culprit is None or res.culprit not in enabled:
+        if give_up:
             # Not attributable to one system (floor, start-up, a barrier): give up on the group.
             for row in group.rows:
                 for s in plan.systems + ([FLOOR] if row.has_floor else []):
                     errors.setdefault((s, row.key), f"group {group.name} failed: {res.failure}")
-            print(res.log_tail, flush=True)
             return []
         system, row = res.culprit
         disable(system, row, res.failure, enabled, errors)
@@ -690,9 +710,9 @@ def disable(system: str, row: str, why: str, enabled: set, errors: dict) -> None
 
 
 def check_distckpt(import_root: Path) -> str | None:
-    """None if distckpt.save/restore import; else why not (checked in a subprocess so the
-    parent never initialises JAX)."""
-    code = "import distckpt; assert callable(distckpt.save) and callable(distckpt.restore), 'no save/restore'"
+    """None if distckpt imports; else why not (checked in a subprocess so the parent
+    never initialises JAX)."""
+    code = "import distckpt"
     try:
         p = subprocess.run(
             [sys.executable, "-c", code],
@@ -1212,7 +1232,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--quick",
         action="store_true",
-        help="64 MiB large case and 500 small leaves (one to two minutes)",
+        help="64 MiB large case and 200 and 2,000 small leaves (one to two minutes)",
     )
     p.add_argument(
         "--size",
@@ -1308,18 +1328,19 @@ def parse_args(argv=None):
         p.error(f"unknown systems/cases: {sorted(unknown)}")
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
-    size = args.size if args.size is not None else (1 / 16 if args.quick else 1.0)
+    if args.size is None:
+        args.size = 1 / 16 if args.quick else 1.0
     if args.timeout is None:  # generous: a hang is what it guards against, not slowness
-        args.timeout = 300 + 240 * size * (args.reps + args.warmup)
+        args.timeout = 300 + 240 * args.size * (args.reps + args.warmup)
     if args.op_timeout is None:
         args.op_timeout = max(120.0, args.timeout / 2)
     return args
 
 
-def run_all(plan: Plan, args) -> tuple[list[dict], dict]:
+def run_all(plan: Plan, groups: list[Group], args) -> tuple[list[dict], dict]:
     """Runs every group; returns the workers' result events and the errors by (system, row)."""
     errors: dict = {}
-    all_rows = [r.key for g in plan.groups() for r in g.rows]
+    all_rows = [r.key for g in groups for r in g.rows]
     enabled = {(s, r) for s in plan.systems for r in all_rows}
     if "distckpt" in plan.systems:
         why = check_distckpt(args.import_root)
@@ -1339,7 +1360,7 @@ def run_all(plan: Plan, args) -> tuple[list[dict], dict]:
             disable("distckpt", "s3save", why, enabled, errors)
     try:
         results = []
-        for group in plan.groups():
+        for group in groups:
             results += run_group(group, plan, args, enabled, errors, plan.root / "runs")
     finally:
         if server is not None:
@@ -1441,6 +1462,7 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="distckpt-bench-", dir=parent))
     try:
         plan = Plan(args, root)
+        groups = plan.groups()
         print(
             f"checkpoints under {root}; large case {plan.large_leaves} x {plan.large_shape} "
             f"float32 = {plan.large_bytes / GiB:.3f} GiB; small case {plan.small_sizes} x 1 KiB; "
@@ -1450,7 +1472,7 @@ def main(argv=None) -> int:
         )
         has_source = (REPO / "distckpt").is_dir()
         args.import_root = snapshot_distckpt(root) if has_source else REPO
-        results, errors = run_all(plan, args)
+        results, errors = run_all(plan, groups, args)
         compress = run_compress(args) if "compress" in args.cases else None
     except KeyboardInterrupt:
         print("interrupted; workers were killed", flush=True)
@@ -1461,7 +1483,6 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    groups = plan.groups()
     rows = [r for g in groups for r in g.rows]
     nprocs = {r.key: g.topology.processes for g in groups for r in g.rows}
     summaries = summarise(results, rows, plan.systems, errors, nprocs, plan.warmup)
