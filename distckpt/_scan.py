@@ -152,10 +152,7 @@ def read_manifest_doc(step_dir: str) -> dict | None:
             raw = f.read()
     except FileNotFoundError:
         return None
-    doc = json.loads(raw)
-    if not isinstance(doc, dict) or doc.get("format") != "distckpt":
-        raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else doc!r}")
-    return doc
+    return _doc(raw)
 
 
 def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None = None) -> Step:
@@ -305,6 +302,7 @@ _KV_NOTE = (
 
 
 def _doc(raw: bytes) -> dict:
+    """A manifest's JSON object; ValueError if it is not a distckpt manifest."""
     doc = json.loads(raw)
     if not isinstance(doc, dict) or doc.get("format") != "distckpt":
         raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else doc!r}")

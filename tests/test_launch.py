@@ -39,6 +39,13 @@ def _records(out: str) -> dict[str, dict]:
     return recs
 
 
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    """``distckpt launch ARGS`` run to completion (90 s at most), output captured."""
+    return subprocess.run(
+        [*LAUNCH, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=90
+    )
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -48,14 +55,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_launch_forms_one_job_and_prefixes_output(tmp_path):
-    r = subprocess.run(
-        [*LAUNCH, "-n", "2", "-d", "2", "--", *WORKER, "save", str(tmp_path / "c")],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    r = _launch("-n", "2", "-d", "2", "--", *WORKER, "save", str(tmp_path / "c"))
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(r.stdout)
     assert set(recs) == {"[p0]", "[p1]"}
@@ -67,14 +67,7 @@ def test_launch_forms_one_job_and_prefixes_output(tmp_path):
 
 def test_the_first_failure_stops_the_others_and_is_the_exit_code(tmp_path):
     began = time.monotonic()
-    r = subprocess.run(
-        [*LAUNCH, "-n", "3", "--grace", "3", "--", *WORKER, "fail", str(tmp_path)],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    r = _launch("-n", "3", "--grace", "3", "--", *WORKER, "fail", str(tmp_path))
     assert r.returncode == 1, r.stderr[-3000:]
     assert time.monotonic() - began < 60  # not the 120 s the others would sleep
     assert "RuntimeError: process 1 fails now" in r.stderr
