@@ -10,6 +10,8 @@ import math
 import re
 import uuid
 
+import crc32c
+
 from distckpt import _codec, _plan, _tree
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
@@ -18,6 +20,7 @@ from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     DistckptError,
+    InconsistentProcessesError,
     NotCommittedError,
     OutOfSpaceError,
 )
@@ -48,6 +51,36 @@ def load(storage: Storage, raw: bytes | None = None) -> Manifest:
         ) from e
     _check_manifest(manifest, where)
     return manifest
+
+
+def identity(manifest: Manifest, raw: bytes) -> str:
+    """What names one commit record, whatever path reached it: its attempt and checksum."""
+    return f"{manifest.attempt}:{crc32c.crc32c(raw):08x}"
+
+
+def check_same_checkpoint(opened: list[dict], op: str) -> None:
+    """Refuses, on every process alike, a collective whose processes read different commits.
+
+    ``opened`` is each process's ``{"commit": identity(...), "where": location}``.
+    """
+    first = opened[0]["commit"]
+    if all(o["commit"] == first for o in opened):
+        return
+    groups: dict[str, list[int]] = {}
+    for p, o in enumerate(opened):
+        groups.setdefault(o["commit"], []).append(p)
+    lines = "".join(
+        f"\n  processes {ps}: {opened[ps[0]]['where']} (commit {commit})"
+        for commit, ps in groups.items()
+    )
+    err = InconsistentProcessesError(
+        f"{op}: the processes read different checkpoints:{lines}\nNothing was returned: "
+        f"{op} is collective and every process must name the same checkpoint. Pass the same "
+        "path on every process, and choose steps from values every process shares (for "
+        "metrics, all-reduce them first; a CheckpointManager ranks by the primary's)."
+    )
+    err.processes = [p for ps in list(groups.values())[1:] for p in ps]
+    raise err
 
 
 def _count(n: object) -> bool:

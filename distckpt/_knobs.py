@@ -60,6 +60,14 @@ _KNOBS: dict[str, _Knob] = {
         "restore reads at most about this many bytes before placing them on "
         "devices, which bounds host memory",
     ),
+    "live_attempt_s": _Knob(
+        "DISTCKPT_LIVE_ATTEMPT_S",
+        3600.0,
+        float,
+        0.0,
+        "age below which an unfinished save attempt on an object store (which "
+        "has no locks) counts as a save in progress that clean-up must not touch",
+    ),
 }
 
 _overrides: dict[str, float] = {}

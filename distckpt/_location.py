@@ -62,12 +62,22 @@ class Location:
         return Location(f"{self.display.rstrip('/')}/{name}", spec=spec)
 
 
+def _nonempty(path: str, given: str | None = None) -> str:
+    # An empty path would silently mean the current directory.
+    if not path.strip():
+        raise ValueError(
+            f"checkpoint location {given if given is not None else path!r} is empty; pass a "
+            "directory path (it is created if needed), an s3:// or gs:// URL, or memory://name"
+        )
+    return path
+
+
 def parse(location: Any) -> Location:
     """Turns a ``directory`` argument into a :class:`Location`.
 
     Raises:
       TypeError: not a path, URL or dict.
-      ValueError: an unknown scheme, or a URL without a bucket.
+      ValueError: an empty path, an unknown scheme, or a URL without a bucket.
     """
     if isinstance(location, Location):
         return location
@@ -89,9 +99,10 @@ def parse(location: Any) -> Location:
             f"or a TensorStore kvstore spec (dict), got {location!r}"
         )
     if "://" not in location:
-        return Location(os.path.abspath(location), path=os.path.abspath(location))
+        return Location(os.path.abspath(_nonempty(location)), path=os.path.abspath(location))
     scheme, rest = location.split("://", 1)
     if scheme == "file":
+        _nonempty(rest, location)
         return Location(os.path.abspath(rest), path=os.path.abspath(rest))
     if scheme == "memory":
         return Location(location, spec={"driver": "memory", "path": _dir_path(rest)})

@@ -130,11 +130,11 @@ def restore(
     coll = _multihost.Collective("restore", storage.display, _knobs.get("timeout_s", timeout_s))
     result: dict[str, Any] = {}
 
-    def work() -> None:
-        manifest = _commit.load(storage)
-        state = None
+    def work() -> dict:
+        raw = storage.read_manifest()
+        manifest = _commit.load(storage, raw)
         if pipeline is not None:
-            state = _procstate.saved_state(
+            result["state"] = _procstate.saved_state(
                 manifest.process_state, coll.pid, coll.count, storage.display
             )
         if target is None:
@@ -146,11 +146,15 @@ def restore(
         else:
             migration = _migrate.Migration.build(rename, drop, init)
             result["tree"] = _restore_into(storage, manifest, target, partial, cast, migration)
-        if state is not None:  # only once the arrays are in: no half-restored state
-            _procstate.restore_into(pipeline, state)
+        return {"commit": _commit.identity(manifest, raw), "where": storage.display}
 
     with _runtime.paused_gc():
-        coll.run("restore", work, last=True)
+        opened = coll.run("restore", work, last=True)
+    # Every process read its values from the commit record it found; they
+    # form one global array only if that record is the same everywhere.
+    _commit.check_same_checkpoint(opened, "restore")
+    if result.get("state") is not None:  # only once the arrays are in: no half-restored state
+        _procstate.restore_into(pipeline, result["state"])
     return result["tree"]
 
 

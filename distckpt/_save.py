@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from distckpt import (
 )
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Storage, open_storage
-from distckpt.errors import TreeMismatchError
+from distckpt.errors import InconsistentProcessesError, TreeMismatchError
 
 
 def save(
@@ -143,6 +144,12 @@ class SaveJob:
     ):
         _codec.check(compression, compression_level)
         self.storage = open_storage(directory)
+        path = self.storage.local_path
+        if path is not None and os.path.dirname(path) == path:
+            raise ValueError(
+                f"refusing to save into the filesystem root {path!r}: a checkpoint is a "
+                "directory of its own; pass a path such as /ckpt/run1/step_1000"
+            )
         self.coll = _multihost.Collective(
             "save", self.storage.display, _knobs.get("timeout_s", timeout_s)
         )
@@ -157,7 +164,11 @@ class SaveJob:
         began = time.perf_counter()
         try:
             prepared = self.coll.run("prepare", self._prepare)
+            _check_same_target(prepared)
             _check_same_tree(prepared, self.storage.display)
+            # The manager's record (step, metrics) is the primary's on every
+            # process: the manager ranks and retains by what was committed.
+            self.manager = prepared[0]["manager"]
             self.pipeline_mode = prepared[0]["pipeline"]
             self.attempt = prepared[0]["attempt"]
             self._stage(copy, pool)
@@ -199,7 +210,12 @@ class SaveJob:
                 for s in specs
             ]
         self.items, self.specs = items, specs
-        out = {"fingerprint": _fingerprint(specs), "pipeline": None}
+        out = {
+            "fingerprint": _fingerprint(specs),
+            "pipeline": None,
+            "where": self.storage.display,
+            "manager": self.manager,
+        }
         if self.pipeline is not None:
             # Captured now, while the caller waits: the state of this step.
             raw = _procstate.capture(self.pipeline, self.coll.pid)
@@ -391,6 +407,26 @@ def _write_files(
 def _fingerprint(specs: list[LeafSpec]) -> str:
     doc = [[list(map(list, s.path)), s.kind, s.shape and list(s.shape), s.dtype] for s in specs]
     return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()
+
+
+def _check_same_target(prepared: list[dict]) -> None:
+    """Refuses a save whose processes name different locations or manager steps."""
+    keys = [(d["where"], (d["manager"] or {}).get("step")) for d in prepared]
+    if all(k == keys[0] for k in keys):
+        return
+    groups: dict[tuple, list[int]] = {}
+    for p, k in enumerate(keys):
+        groups.setdefault(k, []).append(p)
+    lines = "".join(
+        f"\n  processes {ps}: {where}" + (f" (step {step})" if step is not None else "")
+        for (where, step), ps in groups.items()
+    )
+    err = InconsistentProcessesError(
+        f"save: the processes named different checkpoints:{lines}\nNothing was committed. save "
+        "is collective: pass the same location (and step) on every process."
+    )
+    err.processes = [p for ps in list(groups.values())[1:] for p in ps]
+    raise err
 
 
 def _check_same_tree(prepared: list[dict], where: str) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from distckpt import _location, _storage
 from distckpt._manifest import MANIFEST_NAME
 from distckpt._storage import ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX
-from distckpt.manager import DELETING_RE, STEP_RE
+from distckpt.manager import DELETING_RE, STEP_RE, metric_value, rank
 
 DEFAULT_MIN_AGE_S = 3600.0
 
@@ -116,7 +116,7 @@ def attempt_locked(step_dir: str, attempt: str) -> bool:
     from a distckpt without locks) or when the filesystem cannot tell.
     """
     try:
-        return _storage.PosixStorage(step_dir).in_flight(attempt)
+        return _storage.PosixStorage(step_dir).attempt_live(attempt)
     except OSError:
         return False  # e.g. a read-only mount: cannot open the lock to test it
 
@@ -163,7 +163,7 @@ def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None 
         if p >= len(per_process):
             per_process.extend([0] * (p + 1 - len(per_process)))
         per_process[p] += int(f.get("bytes", 0))
-    manager = doc.get("manager") or {}
+    manager = doc.get("manager") if isinstance(doc.get("manager"), dict) else {}
     return Step(
         step=step,
         path=path,
@@ -177,7 +177,7 @@ def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None 
         process_count=doc.get("process_count"),
         device_count=doc.get("device_count"),
         created=doc.get("created", ""),
-        metrics=manager.get("metrics"),
+        metrics=manager.get("metrics") if isinstance(manager.get("metrics"), dict) else None,
         save_stats=doc.get("save_stats"),
         bytes_per_process=per_process,
         attempt=doc.get("attempt"),
@@ -389,17 +389,10 @@ def best_step(steps: list[Step], metric: str | None, mode: str) -> tuple[str | N
     if metric is None:
         common = None
         for s in committed:
-            keys = [k for k, v in s.metrics.items() if isinstance(v, (int, float))]
+            keys = [k for k in s.metrics if metric_value(s.metrics, k) is not None]
             common = keys if common is None else [k for k in common if k in keys]
         if not common:
             return None, None
         metric = common[0]
-    scored = [
-        (float(s.metrics[metric]), s.step)
-        for s in committed
-        if isinstance(s.metrics.get(metric), (int, float))
-    ]
-    if not scored:
-        return metric, None
-    scored.sort(key=lambda x: (x[0] if mode == "min" else -x[0], -x[1]))
-    return metric, scored[0][1]
+    ranked = rank({s.step: s.metrics for s in committed}, metric, mode)
+    return metric, ranked[0] if ranked else None

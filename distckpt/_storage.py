@@ -24,19 +24,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+import time
 from typing import Any
 
 import numpy as np
 
-from distckpt import _faults, _location
+from distckpt import _faults, _knobs, _location
 from distckpt._manifest import MANIFEST_NAME
 from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     StorageUnavailableError,
 )
+
+log = logging.getLogger("distckpt")
 
 ATTEMPT_PREFIX = "attempt-"
 # Where a POSIX commit writes the manifest before renaming it: <prefix><attempt>.
@@ -45,6 +49,8 @@ TMP_MANIFEST_PREFIX = f".{MANIFEST_NAME}.tmp-"
 # appears until its commit or discard ends: another job's commit must not
 # delete an attempt that is still being written (see remove_stale_attempts).
 LOCK_NAME = ".lock"
+# Written first into an attempt on a kvstore (no locks there): when it started.
+STARTED_NAME = ".started"
 
 
 def open_storage(directory: Any) -> Storage:
@@ -83,10 +89,41 @@ class Storage:
     def reader(self, attempt: str) -> Any: ...
     def attempts(self) -> list[str]: ...
     def remove_attempt(self, attempt: str) -> None: ...
+    def attempt_live(self, attempt: str) -> bool:
+        """Whether a save (of any job) may still be writing or committing ``attempt``."""
+        return False
+
     def remove_stale_attempts(self, keep: str) -> None:
+        """After a commit of ``keep``: removes the leftovers a commit cleans up."""
+        self.remove_dead_attempts(keep)
+
+    def remove_dead_attempts(self, keep: str) -> None:
+        """Removes leftovers of failed or replaced saves, never one still running.
+
+        Another job may save into the same directory at the same time; its
+        attempt is live (``attempt_live``) until it commits or gives up, so
+        it is skipped. An attempt found finished stays finished, so the
+        manifest read afterwards says for certain whether it is the
+        committed one.
+        """
         for stale in self.attempts():
-            if stale != keep:
-                self.remove_attempt(stale)
+            if stale == keep or self.attempt_live(stale):
+                continue
+            raw = self.read_manifest()
+            if raw is not None and _named_attempt(raw) == stale:
+                continue  # another job committed it after we looked
+            self.remove_attempt(stale)
+
+    def remove_leftover(self, name: str, aside: str) -> bool:
+        """Removes child ``name``, an uncommitted step holding only save attempts, unless a
+        save still holds one of them (or committed meanwhile). Returns whether it went."""
+        child = self.child(name)
+        if child.read_manifest() is not None or any(
+            child.attempt_live(a) for a in child.attempts()
+        ):
+            return False
+        self.remove_entry(name)
+        return True
 
     def release_attempt(self, attempt: str) -> None:
         pass
@@ -284,8 +321,8 @@ class PosixStorage(Storage):
         finally:
             os.close(fd)
 
-    def in_flight(self, attempt: str) -> bool:
-        """Whether another save (of this or another job) still writes ``attempt``."""
+    def attempt_live(self, attempt: str) -> bool:
+        """Whether a save (of this or another job) still holds ``attempt``'s lock."""
         if attempt in self._locks:
             return True
         try:
@@ -301,22 +338,6 @@ class PosixStorage(Storage):
         finally:
             os.close(fd)  # a dead owner's lock is gone with it; ours goes with the fd
         return False
-
-    def remove_stale_attempts(self, keep: str) -> None:
-        """Removes leftovers of failed or replaced saves, never one still running.
-
-        Another job may save into the same directory at the same time. Its
-        attempt is locked while it writes and commits, so it is skipped. An
-        attempt found unlocked is finished for good, so the manifest read
-        afterwards says for certain whether it is the committed one.
-        """
-        for stale in self.attempts():
-            if stale == keep or self.in_flight(stale):
-                continue
-            raw = self.read_manifest()
-            if raw is not None and _named_attempt(raw) == stale:
-                continue  # another job committed it after we did
-            self.remove_attempt(stale)
 
     def check_attempt_visible(self, attempt: str) -> None:
         d = os.path.join(self.path, attempt)
@@ -369,6 +390,21 @@ class PosixStorage(Storage):
 
     def delete_checkpoint(self, name: str, aside: str) -> None:
         remove_aside(self.path, name, aside)
+
+    def remove_leftover(self, name: str, aside: str) -> bool:
+        # Renamed aside first (atomic), so no save can start or commit in it
+        # while we look; put back if one holds it or committed meanwhile.
+        try:
+            os.rename(os.path.join(self.path, name), os.path.join(self.path, aside))
+        except FileNotFoundError:
+            return False
+        held = PosixStorage(os.path.join(self.path, aside))
+        if held.read_manifest() is not None or any(held.attempt_live(a) for a in held.attempts()):
+            os.rename(os.path.join(self.path, aside), os.path.join(self.path, name))
+            return False
+        _fsync_dir(self.path)
+        remove_tree(os.path.join(self.path, aside))
+        return True
 
     def free_bytes(self) -> int | None:
         p = self.path
@@ -598,7 +634,23 @@ class KvStorage(Storage):
         return raw
 
     def prepare_attempt(self, attempt: str) -> None:
-        pass  # key prefixes need no creation
+        # Key prefixes need no creation. An object store has no locks, so the
+        # attempt's first object records when it started: clean-up leaves an
+        # attempt alone until it is older than any save could run.
+        key = f"{attempt}/{STARTED_NAME}"
+        stamp = json.dumps({"started": time.time()}).encode()
+        _kv_result(self.kv.write(key, stamp), "writing", self._where(key))
+
+    def attempt_live(self, attempt: str) -> bool:
+        key = f"{attempt}/{STARTED_NAME}"
+        r = _kv_result(self.kv.read(key), "reading", self._where(key))
+        if r.state == "missing":
+            return False  # written by a save before it wrote anything, so none is running
+        try:
+            started = float(json.loads(bytes(r.value))["started"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        return time.time() - started < _knobs.get("live_attempt_s")
 
     def check_attempt_visible(self, attempt: str) -> None:
         pass
@@ -623,6 +675,7 @@ class KvStorage(Storage):
         where = self._where(MANIFEST_NAME)
         if expected is None:
             _kv_result(self.kv.write(MANIFEST_NAME, raw), "committing", where)
+            self._drop_started(attempt)
             return
         stamp = _kv_result(
             self.kv.write(MANIFEST_NAME, raw, if_equal=expected), "committing", where
@@ -638,6 +691,17 @@ class KvStorage(Storage):
                 "somewhere else, or save again with overwrite=True to replace it."
             )
         _faults.hit("commit.renamed")
+        self._drop_started(attempt)
+
+    def _drop_started(self, attempt: str) -> None:
+        # Committed: the manifest names the attempt now, so its start mark has
+        # done its job. Without it, what a deletion that stopped after the
+        # manifest went leaves behind is a leftover at once, not for an hour.
+        key = f"{attempt}/{STARTED_NAME}"
+        try:
+            _kv_result(self.kv.write(key, None), "deleting", self._where(key))
+        except (OSError, ValueError) as e:  # the commit stands; the mark only delays clean-up
+            log.warning("could not remove %s after the commit: %s", self._where(key), e)
 
     def attempts(self) -> list[str]:
         return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
@@ -653,7 +717,7 @@ class KvStorage(Storage):
 
     def remove_stale_attempts(self, keep: str) -> None:
         if not self.object_store:
-            super().remove_stale_attempts(keep)  # one machine: as on a filesystem
+            self.remove_dead_attempts(keep)  # one machine: as on a filesystem
             return
         # An object store has no locks to tell a crashed save's leftovers from
         # another job's save in progress, so only the data of the checkpoint

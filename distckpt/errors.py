@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointExistsError",
     "CorruptCheckpointError",
     "DistckptError",
+    "InconsistentProcessesError",
     "NotCommittedError",
     "OutOfSpaceError",
     "ProcessFailure",
@@ -30,6 +31,16 @@ class DistckptError(Exception):
     """
 
     processes: list[int] = []  # noqa: RUF012 - read-only default; instances assign their own
+
+
+class InconsistentProcessesError(DistckptError, ValueError):
+    """The processes of one collective call asked for different things.
+
+    Raised on every process when they name different checkpoints (a
+    per-process path, or a step chosen from per-process values), different
+    save locations or different steps. Also a ``ValueError``: the arguments
+    were wrong, not the storage. Nothing was returned or committed.
+    """
 
 
 class NotCommittedError(DistckptError):

@@ -54,8 +54,14 @@ class CheckpointHandler:
     def _manager(self, directory: str | os.PathLike | dict) -> CheckpointManager:
         key = _location.parse(directory).display  # one manager per location, however spelled
         if key not in self._managers:
+            # Queries open a manager too, and a query must never delete: the
+            # leftovers of crashed saves are left to a CheckpointManager's
+            # start-up or ``distckpt gc`` (a commit cleans its own step).
             self._managers[key] = CheckpointManager(
-                directory, async_save=self.async_checkpointing, timeout_s=self.timeout_s
+                directory,
+                async_save=self.async_checkpointing,
+                timeout_s=self.timeout_s,
+                clean_on_start=False,
             )
         return self._managers[key]
 

@@ -7,7 +7,10 @@ process calls it, in the same order, as with ``save`` and ``restore``.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import operator
 import os
 import queue
 import re
@@ -20,7 +23,12 @@ from typing import Any
 from distckpt import _commit, _inspect, _knobs, _location, _multihost, _runtime, _stage, _storage
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
-from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
+from distckpt.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    InconsistentProcessesError,
+    NotCommittedError,
+)
 
 log = logging.getLogger("distckpt")
 
@@ -31,6 +39,97 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes fro
 # first to .step_<8 digits>.deleting-<id>.
 STEP_RE = re.compile(r"^step_(\d+)$")
 DELETING_RE = re.compile(r"^\.step_(\d+)\.deleting-[0-9a-f]+$")
+
+
+def metric_value(metrics: object, name: str) -> float | None:
+    """``metrics[name]`` as a float if it can rank a step: a finite real number, else None.
+
+    NaN, infinities, a missing metric, and whatever else a metrics record on
+    disk may hold never count as best.
+    """
+    if not isinstance(metrics, dict):
+        return None
+    value = metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def rank(metrics: dict[int, object], name: str, mode: str) -> list[int]:
+    """Steps best first by metric ``name`` (``mode`` "min" or "max"); ties go to the newer step.
+
+    Steps whose metric is missing or not a finite number are left out. The
+    one ranking used by the manager's retention and ``best_step``, ``ls`` and
+    ``audit``.
+    """
+    scored = [(v, s) for s, m in metrics.items() if (v := metric_value(m, name)) is not None]
+    scored.sort(key=lambda x: (x[0] if mode == "min" else -x[0], -x[1]))
+    return [s for _, s in scored]
+
+
+def check_step(step: object) -> int:
+    """A step number as an int (numpy and JAX integers accepted); ValueError/TypeError otherwise."""
+    if isinstance(step, bool):
+        raise TypeError(f"step must be an int, got the bool {step!r}")
+    try:
+        number = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        number = None
+        if hasattr(step, "shape") and getattr(step, "shape", None) == ():
+            try:  # a 0-d integer array (jnp.int32(5), np.array(5))
+                number = operator.index(step.item())  # type: ignore[attr-defined]
+            except (TypeError, ValueError):
+                number = None
+        if number is None:
+            raise TypeError(
+                f"step must be an int (or a numpy/JAX integer), got {type(step).__name__} "
+                f"{step!r}"
+            ) from None
+    if number < 0:
+        raise ValueError(f"step must be >= 0, got {number}")
+    return number
+
+
+def check_metrics(metrics: object) -> dict[str, int | float] | None:
+    """Metrics as a JSON-able dict of str -> int/float, converting numpy and JAX scalars.
+
+    Raises TypeError naming the offending metric, before anything is written.
+    """
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
+    out: dict[str, int | float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"metrics must map metric names (str) to numbers, got the key {name!r} "
+                f"(keys: {list(metrics)})"
+            )
+        number = _as_number(value)
+        if number is None:
+            raise TypeError(
+                f"metric {name!r} is {type(value).__name__} {value!r}, not a number: metrics "
+                "must be int or float (numpy and JAX scalars are converted). Leave a metric "
+                "out of the dict rather than passing None."
+            )
+        out[name] = number
+    return out
+
+
+def _as_number(value: object) -> int | float | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy/JAX scalar
+        kind = getattr(getattr(value, "dtype", None), "kind", None)
+        if kind in ("b", "i", "u"):
+            return int(value.item())  # type: ignore[attr-defined]
+        if kind == "f":
+            return float(value.item())  # type: ignore[attr-defined]
+    return None
 
 
 def step_name(step: int) -> str:
@@ -150,9 +249,10 @@ class CheckpointManager:
         scanned = coll.run("scan", scan, last=True)[0]
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
         ranked = self._ranked()
+        # The bar a step must beat to be backed up as the best.
         self._best_seen = (
-            float(self._steps[ranked[0]][self.best_metric]) if ranked else None
-        )  # the bar a step must beat to be backed up as the best
+            metric_value(self._steps[ranked[0]], self.best_metric) if ranked else None
+        )
 
     # ------------------------------------------------------------------ queries
 
@@ -217,6 +317,13 @@ class CheckpointManager:
           ``overwrite``: that replaces it, the old one readable until the new
           one commits).
         """
+        if self._closed:
+            raise ValueError(
+                f"save(step={step!r}) on a closed CheckpointManager of {self.directory}; "
+                "create a new manager to save again"
+            )
+        step = check_step(step)
+        metrics = check_metrics(metrics)  # before anything is written
         if not force and not self.should_save(step):
             return False
         self.wait_until_finished()
@@ -225,9 +332,13 @@ class CheckpointManager:
                 f"step {step} is already committed in {self.directory} (steps: {self.all_steps()}); "
                 "delete it first or save under another step"
             )
-        if metrics is not None and not all(isinstance(k, str) for k in metrics):
-            raise TypeError(
-                f"metrics must map metric names (str) to numbers, got keys {list(metrics)}"
+        latest = self.latest_step()
+        if latest is not None and step < latest and step not in self._steps:
+            raise ValueError(
+                f"save(step={step}) in {self.directory}, whose latest step is {latest}: steps "
+                "must increase (retention keeps the newest step numbers, so an older one would "
+                f"be the first deleted). To go back, delete steps after {step} first "
+                "(manager.delete(step)), or save into another directory."
             )
         record = {"step": step, "metrics": metrics}
         if self.storage_budget_bytes is not None:
@@ -246,16 +357,26 @@ class CheckpointManager:
         background = self.async_save if blocking is None else not blocking
         with _runtime.paused_gc():
             job.start(copy=background, pool=self._pool if background else None)
+        committed = (job.manager or {}).get("metrics")  # the primary's, on every process
+        if json.dumps(committed, sort_keys=True) != json.dumps(metrics, sort_keys=True):
+            log.warning(
+                "step %d: this process's metrics %s differ from the primary's %s; the "
+                "primary's are recorded and rank steps on every process (all-reduce metrics "
+                "before passing them to get the same value everywhere)",
+                step,
+                metrics,
+                committed,
+            )
         if background:
             self._thread = threading.Thread(
                 target=self._finish,
-                args=(job, step, metrics),
+                args=(job, step, committed),
                 name=f"distckpt-save-{step}",
                 daemon=True,
             )
             self._thread.start()
         else:
-            self._finish(job, step, metrics)
+            self._finish(job, step, committed)
             self._raise_pending()
         return True
 
@@ -298,10 +419,12 @@ class CheckpointManager:
 
     def _finish(self, job: SaveJob, step: int, metrics: dict | None) -> None:
         try:
-            stats = job.finish()
+            self._finish_and_retain(job, step, metrics)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             self._error = e
-            return
+
+    def _finish_and_retain(self, job: SaveJob, step: int, metrics: dict | None) -> None:
+        stats = job.finish()
         self.last_save_stats = stats
         self._steps[step] = metrics
         self._sizes[step] = stats.total_bytes
@@ -321,9 +444,9 @@ class CheckpointManager:
 
     def _new_best(self, step: int, metrics: dict | None) -> bool:
         """Whether ``step`` beats every step saved before it (kept or not)."""
-        if self.best_metric is None or not metrics or self.best_metric not in metrics:
+        value = None if self.best_metric is None else metric_value(metrics, self.best_metric)
+        if value is None:
             return False
-        value = float(metrics[self.best_metric])
         best = self._best_seen
         if best is None or (value < best if self.best_mode == "min" else value > best):
             self._best_seen = value
@@ -430,8 +553,20 @@ class CheckpointManager:
     def delete(self, step: int) -> None:
         """Deletes a committed step; collective (the primary deletes, all agree)."""
         self.wait_until_finished()
-        self._check_step(step)
-        coll = _multihost.Collective("delete", self.path(step), self.timeout_s)
+        coll = _multihost.Collective("delete", self.directory, self.timeout_s)
+
+        def agree() -> int:
+            self._check_step(step)  # an unknown step fails on every process alike
+            return int(step)
+
+        # Agree first: the primary deletes, every process forgets the step.
+        named = coll.run("agree", agree)
+        if any(s != named[0] for s in named):
+            raise InconsistentProcessesError(
+                f"delete in {self.directory}: the processes named different steps "
+                f"({dict(enumerate(named))}); nothing was deleted. delete is collective: "
+                "pass the same step on every process."
+            )
         coll.run("delete", lambda: self._remove(step) if coll.is_primary else None, last=True)
         del self._steps[step]
 
@@ -482,13 +617,7 @@ class CheckpointManager:
         """Steps best first by ``best_metric`` (of ``metrics``' steps, default the committed ones)."""
         if self.best_metric is None:
             return []
-        scored = [
-            (float(m[self.best_metric]), s)
-            for s, m in (self._steps if metrics is None else metrics).items()
-            if m is not None and self.best_metric in m
-        ]
-        scored.sort(key=lambda x: (x[0] if self.best_mode == "min" else -x[0], -x[1]))
-        return [s for _, s in scored]
+        return rank(self._steps if metrics is None else metrics, self.best_metric, self.best_mode)
 
     def _keep(self, metrics: dict[int, dict | None] | None = None) -> set[int]:
         """What retention keeps of ``metrics``' steps (default the committed ones)."""
@@ -535,9 +664,14 @@ class CheckpointManager:
         parent = self._storage()
         # The listing only proposes candidates; a step is committed iff its
         # manifest reads back (object-store listings are not the truth).
+        # Clean-up never touches what a live save holds, of this job or another
+        # one sharing the directory: an attempt whose lock is held (POSIX) or
+        # that started recently (object stores) is left alone, with its step.
         for entry in parent.entries():
             if clean and DELETING_RE.match(entry):
-                parent.remove_entry(entry)
+                aside = parent.child(entry)
+                if not any(aside.attempt_live(a) for a in aside.attempts()):
+                    parent.remove_entry(entry)
                 continue
             match = STEP_RE.match(entry)
             if not match:
@@ -550,17 +684,17 @@ class CheckpointManager:
                     e.startswith((_storage.ATTEMPT_PREFIX, _storage.TMP_MANIFEST_PREFIX))
                     for e in inside
                 )
-                if clean and ours:
-                    parent.remove_entry(entry)  # a crashed save of this manager
+                if clean and ours:  # a crashed save, unless one is running in it
+                    parent.remove_leftover(entry, deleting_name(entry))
                 continue
             manifest = _commit.load(storage, raw)
             if clean:
-                # All leftovers, also on object stores, where a commit's own
-                # cleanup (remove_stale_attempts) leaves them to this.
-                for stale in storage.attempts():
-                    if stale != manifest.attempt:
-                        storage.remove_attempt(stale)
-            steps[int(match.group(1))] = (manifest.manager or {}).get("metrics")
+                # Also on object stores, where a commit's own clean-up leaves
+                # other attempts to this.
+                storage.remove_dead_attempts(keep=manifest.attempt)
+            record = manifest.manager if isinstance(manifest.manager, dict) else {}
+            metrics = record.get("metrics")
+            steps[int(match.group(1))] = metrics if isinstance(metrics, dict) else None
         return steps
 
 

@@ -313,3 +313,141 @@ def test_a_failed_backup_is_logged_not_raised(tmp_path, caplog):
             mgr.save(2, {"v": np.ones(4)})  # training goes on
     assert len(mgr.backup_errors) == 2 and "backup of step 1" in mgr.backup_errors[0]
     assert "backup of step 1" in caplog.text
+
+
+# ------------------------------------------------------------------ black-box defects (issue 18)
+
+
+def test_opening_a_directory_never_deletes_a_running_save(tmp_path):
+    from distckpt._save import SaveJob
+
+    _run(tmp_path, steps=1)
+    # Another job is writing step 2: its attempt exists and is locked.
+    job = SaveJob(str(tmp_path / "step_00000002"), _tiny(2), manager={"step": 2, "metrics": None})
+    job.start(copy=True)
+    # ... and an overwrite of step 1 is in flight too.
+    over = SaveJob(str(tmp_path / "step_00000001"), _tiny(1), overwrite=True)
+    over.start(copy=True)
+    attempts_1 = sorted(os.listdir(tmp_path / "step_00000001"))
+
+    assert distckpt.CheckpointHandler().latest_step(tmp_path) == 1
+    assert distckpt.CheckpointManager(tmp_path).all_steps() == [1]
+    assert sorted(os.listdir(tmp_path / "step_00000001")) == attempts_1
+    assert (tmp_path / "step_00000002" / job.attempt).is_dir()
+
+    job.finish()
+    over.finish()
+    mgr = distckpt.CheckpointManager(tmp_path)
+    assert mgr.all_steps() == [1, 2]
+    assert mgr.restore(2)["x"].tolist() == [2] * 4
+    # Once nothing holds them, leftovers of crashed saves do go.
+    (tmp_path / "step_00000007" / "attempt-0123456789abcdef").mkdir(parents=True)
+    distckpt.CheckpointManager(tmp_path)
+    assert not (tmp_path / "step_00000007").exists()
+
+
+def test_an_object_store_s_running_save_is_left_alone_until_it_is_old(tmp_path):
+    from distckpt import _knobs
+    from distckpt._save import SaveJob
+
+    root = f"memory://hygiene-{os.getpid()}"
+    _run(root, steps=1)
+    job = SaveJob(f"{root}/step_00000002", _tiny(2), manager={"step": 2, "metrics": None})
+    job.start(copy=True)
+    assert distckpt.CheckpointManager(root).all_steps() == [1]
+    job.finish()
+    assert distckpt.CheckpointManager(root).all_steps() == [1, 2]
+
+    crashed = SaveJob(f"{root}/step_00000003", _tiny(3), manager={"step": 3, "metrics": None})
+    crashed.start(copy=True)  # never finished: the job died
+    distckpt.CheckpointManager(root)
+    assert "step_00000003" in _storage.open_storage(root).entries()  # young: may be running
+    with _knobs.override(live_attempt_s=0.0):
+        distckpt.CheckpointManager(root)
+    assert "step_00000003" not in _storage.open_storage(root).entries()
+
+
+def test_nan_and_missing_metrics_never_count_as_best(tmp_path):
+    from distckpt import _scan
+
+    losses = {1: float("nan"), 2: 0.3, 3: float("inf"), 4: None, 5: 0.9}
+    mgr = distckpt.CheckpointManager(tmp_path, best_metric="loss", keep_best=1, max_to_keep=1)
+    for step, loss in losses.items():
+        mgr.save(step, _tiny(step), metrics=None if loss is None else {"loss": loss})
+    mgr.wait_until_finished()
+    assert mgr.best_step() == 2
+    assert mgr.all_steps() == [2, 5]
+    assert distckpt.CheckpointManager(tmp_path, best_metric="loss").best_step() == 2
+    assert _scan.best_step(_scan.scan(tmp_path).steps, "loss", "min") == ("loss", 2)
+    assert _scan.best_step(_scan.scan(tmp_path).steps, "loss", "max") == ("loss", 5)
+
+
+@pytest.mark.parametrize("bad", [None, "low", [0.1], {"a": 1}])
+def test_a_metric_that_is_not_a_number_is_refused_before_writing(tmp_path, bad):
+    mgr = distckpt.CheckpointManager(tmp_path, best_metric="loss")
+    with pytest.raises(TypeError, match="metric 'loss' is"):
+        mgr.save(1, _tiny(1), metrics={"loss": bad})
+    assert _on_disk(tmp_path) == []
+    mgr.save(1, _tiny(1), metrics={"loss": 0.5})  # the manager is not poisoned
+    mgr.wait_until_finished()
+    assert mgr.best_step() == 1
+
+
+def test_reopening_tolerates_any_metrics_record_on_disk(tmp_path):
+    from distckpt._save import SaveJob
+
+    for step, metrics in [(1, {"loss": None}), (2, {"loss": "x"}), (3, ["loss"]), (4, {"loss": 2})]:
+        job = SaveJob(str(tmp_path / f"step_{step:08d}"), _tiny(step))
+        job.manager = {"step": step, "metrics": metrics}  # as an older or foreign writer left it
+        job.start(copy=False)
+        job.finish()
+    mgr = distckpt.CheckpointManager(tmp_path, best_metric="loss", keep_best=1)
+    assert mgr.all_steps() == [1, 2, 3, 4] and mgr.best_step() == 4
+    mgr.save(5, _tiny(5), metrics={"loss": 1.0})
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [5] and mgr.best_step() == 5  # retention ran: best + latest
+
+
+def test_numpy_and_jax_scalars_as_steps_and_metrics(tmp_path):
+    mgr = distckpt.CheckpointManager(tmp_path, best_metric="loss", keep_best=1, max_to_keep=1)
+    mgr.save(np.int64(1), _tiny(1), metrics={"loss": jnp.float32(0.25), "n": np.int32(3)})
+    mgr.save(jnp.int32(2), _tiny(2), metrics={"loss": np.float64(0.5), "ok": np.bool_(True)})
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [1, 2] and mgr.best_step() == 1
+    assert mgr.metrics(1) == {"loss": 0.25, "n": 3}
+    assert type(mgr.metrics(1)["n"]) is int and type(mgr.metrics(2)["ok"]) is int
+    assert distckpt.CheckpointManager(tmp_path).metrics(2) == {"loss": 0.5, "ok": 1}
+    with pytest.raises(TypeError, match="step must be an int"):
+        mgr.save(2.5, _tiny(3))
+    with pytest.raises(TypeError, match="not a number"):
+        mgr.save(3, _tiny(3), metrics={"loss": jnp.zeros(2)})
+
+
+def test_steps_must_be_non_negative_increasing_and_the_manager_open(tmp_path):
+    mgr = distckpt.CheckpointManager(tmp_path, max_to_keep=1)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        mgr.save(-1, _tiny(1))
+    mgr.save(5, _tiny(5))
+    mgr.wait_until_finished()
+    with pytest.raises(ValueError, match="steps must increase"):
+        mgr.save(3, _tiny(3))
+    assert mgr.all_steps() == [5]
+    assert mgr.save(5, _tiny(6), overwrite=True, force=True)  # replacing the latest is allowed
+    mgr.close()
+    with pytest.raises(ValueError, match="closed CheckpointManager"):
+        mgr.save(6, _tiny(6))
+    assert _on_disk(tmp_path) == ["step_00000005"]
+    assert distckpt.restore(tmp_path / "step_00000005")["x"].tolist() == [6] * 4
+
+
+def test_save_refuses_an_empty_path_and_the_filesystem_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is empty"):
+        distckpt.save("", _tiny(1))
+    with pytest.raises(ValueError, match="is empty"):
+        distckpt.save("file://", _tiny(1))
+    with pytest.raises(ValueError, match="filesystem root"):
+        distckpt.save("/", _tiny(1))
+    with pytest.raises(ValueError, match="is empty"):
+        distckpt.restore("")
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,178 @@
+"""Collective calls whose processes ask for different things fail on every process.
+
+Real processes: every case here is one where each process, looking only at
+its own arguments, would have gone on and returned data (or committed) that
+mixes what several processes asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.mp import run_processes
+
+pytestmark = pytest.mark.multiprocess
+
+HERE = "tests.test_agreement"
+
+
+def _state(value: float):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("x",))
+    sharding = NamedSharding(mesh, P("x"))
+    w = jax.make_array_from_callback((8,), sharding, lambda i: jnp.full((8,), value)[i])
+    target = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)}
+    return {"w": w}, target
+
+
+def _gathered(array) -> list[float]:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(array, tiled=True).tolist()
+
+
+def _w_restore_per_process_path(tmp: str) -> dict:
+    import os
+
+    import jax
+
+    import distckpt
+    from distckpt.errors import InconsistentProcessesError
+
+    one, target = _state(1.0)
+    two, _ = _state(2.0)
+    distckpt.save(f"{tmp}/a", one)
+    distckpt.save(f"{tmp}/b", two)
+    if jax.process_index() == 0:
+        os.symlink(f"{tmp}/a", f"{tmp}/also_a")
+    distckpt.save(f"{tmp}/sync", {"n": 0})  # a collective: the symlink exists from here on
+
+    # The same commit record through two spellings of its path is fine.
+    same = distckpt.restore(f"{tmp}/a" if jax.process_index() == 0 else f"{tmp}/also_a", target)
+    out = {"same": _gathered(same["w"])}
+    mine = f"{tmp}/a" if jax.process_index() == 0 else f"{tmp}/b"
+    try:
+        distckpt.restore(mine, target)
+    except InconsistentProcessesError as e:
+        out["error"] = str(e)
+        out["is_value_error"] = isinstance(e, ValueError)
+    return out
+
+
+def test_processes_restoring_different_checkpoints_fail_on_every_process(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_restore_per_process_path", args={"tmp": str(tmp_path)}, devices_per_process=2
+    )
+    for r in results:
+        assert r.value["same"] == [1.0] * 8
+        assert r.value["is_value_error"]
+        message = r.value["error"]
+        assert "processes [0]" in message and "processes [1]" in message
+        assert f"{tmp_path}/a" in message and f"{tmp_path}/b" in message
+    assert results[0].value["error"] == results[1].value["error"]
+
+
+def _w_save_per_process_path(tmp: str) -> dict:
+    import jax
+
+    import distckpt
+    from distckpt.errors import InconsistentProcessesError
+
+    state, _ = _state(1.0)
+    try:
+        distckpt.save(f"{tmp}/p{jax.process_index()}", state)
+    except InconsistentProcessesError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def test_processes_saving_to_different_paths_fail_on_every_process(tmp_path):
+    import distckpt
+
+    results = run_processes(
+        f"{HERE}:_w_save_per_process_path", args={"tmp": str(tmp_path)}, devices_per_process=2
+    )
+    for r in results:
+        assert r.value["error"] and "named different checkpoints" in r.value["error"]
+    assert not distckpt.is_committed(tmp_path / "p0")
+    assert not distckpt.is_committed(tmp_path / "p1")
+
+
+def _w_manager_per_process_metrics(tmp: str) -> dict:
+    import jax
+
+    import distckpt
+
+    pid = jax.process_index()
+    _, target = _state(0.0)
+    # Each process "evaluates" its own shard: the loss differs per process,
+    # and the two disagree on which step is best.
+    losses = {1: [0.5, 0.1], 2: [0.2, 0.9], 3: [0.7, 0.8], 4: [0.9, 0.95]}
+    with distckpt.CheckpointManager(
+        tmp, best_metric="loss", keep_best=1, max_to_keep=1, timeout_s=30
+    ) as mgr:
+        for step in range(1, 5):
+            state, _ = _state(float(step))
+            mgr.save(step, state, metrics={"loss": losses[step][pid]})
+        mgr.wait_until_finished()
+        best = mgr.best_step()
+        restored = mgr.restore(best, target)
+        seen = {
+            "steps": mgr.all_steps(),
+            "best": best,
+            "metrics": mgr.metrics(best),
+            "values": _gathered(restored["w"]),
+        }
+    reopened = distckpt.CheckpointManager(tmp, best_metric="loss", timeout_s=30)
+    seen["reopened_best"] = reopened.best_step()
+    reopened.close()
+    return seen
+
+
+def test_a_manager_ranks_by_the_primary_s_metrics_on_every_process(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_manager_per_process_metrics",
+        args={"tmp": str(tmp_path)},
+        devices_per_process=2,
+    )
+    # Process 0's losses: 0.5, 0.2, 0.7, 0.9 -> step 2 is best; kept: best + latest.
+    for r in results:
+        assert r.value["steps"] == [2, 4]
+        assert r.value["best"] == 2
+        assert r.value["reopened_best"] == 2
+        assert r.value["metrics"] == {"loss": 0.2}
+        assert r.value["values"] == [2.0] * 8
+
+
+def _w_delete_per_process_step(tmp: str) -> dict:
+    import jax
+
+    import distckpt
+    from distckpt.errors import InconsistentProcessesError
+
+    with distckpt.CheckpointManager(tmp, timeout_s=30) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, _state(float(step))[0])
+        mgr.wait_until_finished()
+        try:
+            mgr.delete(1 + jax.process_index())
+        except InconsistentProcessesError as e:
+            error = str(e)
+        mgr.delete(2)
+        return {"error": error, "steps": mgr.all_steps()}
+
+
+def test_deleting_different_steps_deletes_nothing(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_delete_per_process_step", args={"tmp": str(tmp_path)}, devices_per_process=2
+    )
+    for r in results:
+        assert "named different steps" in r.value["error"]
+        assert r.value["steps"] == [1, 3]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000003"]
