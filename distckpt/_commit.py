@@ -162,6 +162,11 @@ def _check_manifest(m: Manifest, where: str) -> None:
 
 def not_committed(storage: Storage) -> NotCommittedError:
     where = storage.display
+    if storage.is_file():
+        return NotCommittedError(
+            f"no checkpoint at {where}: it is a file, not a checkpoint directory. Pass the "
+            "directory the checkpoint was saved to (it holds manifest.json)."
+        )
     if not storage.exists():
         return NotCommittedError(
             f"no checkpoint at {where}: the path does not exist. Check the path."

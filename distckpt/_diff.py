@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -99,6 +100,13 @@ def _as_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float64)
 
 
+def same_python_value(a: Any, b: Any) -> bool:
+    """Python leaves are equal when of one type and ``==``; a NaN float equals a NaN."""
+    if type(a) is not type(b):
+        return False
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
 def values(
     a: Source,
     b: Source,
@@ -112,7 +120,11 @@ def values(
 
     ``max_rel`` is ``max |a - b| / |b|`` (``inf`` where ``b`` is 0 and ``a`` is
     not); an element is mismatched when ``|a - b| > atol + rtol * |b|``, as in
-    ``numpy.isclose`` with B as the reference. NaN equals NaN.
+    ``numpy.isclose`` with B as the reference. NaN equals NaN at the same
+    position (in Python values too), an infinity equals only the same
+    infinity; NaN against a number, finite against infinite and +inf against
+    -inf are always mismatched, whatever the tolerances (max abs and max rel
+    ``inf``).
     """
     both, _, _ = pairs(a, b, migration)
     for i, j in both:
@@ -122,7 +134,7 @@ def values(
         if sa.kind == _tree.NONE:
             continue
         if sa.kind == _tree.PYTHON:
-            same = sa.value == sb.value and type(sa.value) is type(sb.value)
+            same = same_python_value(sa.value, sb.value)
             yield ValueDiff(
                 sa.display,
                 "equal" if same else "different",
@@ -150,22 +162,21 @@ def _compare_leaf(
         if xa.dtype.kind in "biu" and xb.dtype.kind in "biu":
             exact = exact and bool(np.array_equal(xa, xb))
         fa, fb = _as_float(xa), _as_float(xb)
-        both_nan = np.isnan(fa) & np.isnan(fb) if fa.dtype.kind in "fc" else None
-        diff = np.abs(fa - fb)
+        same = (fa == fb) | (np.isnan(fa) & np.isnan(fb))  # an infinity equals only itself
+        finite = np.isfinite(fa) & np.isfinite(fb)
         ref = np.abs(fb)
-        if both_nan is not None:
-            diff = np.where(both_nan, 0.0, diff)
-            diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only
-            ref = np.where(np.isnan(ref), 0.0, ref)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(diff == 0, 0.0, diff / ref)
-        bad = diff > atol + rtol * ref
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            # NaN on one side, finite against infinite, +inf against -inf: always
+            # different, whatever the tolerances (rtol * inf would call them close).
+            diff = np.where(same, 0.0, np.where(finite, np.abs(fa - fb), np.inf))
+            rel = np.where(same, 0.0, np.where(finite, diff / ref, np.inf))
+            bad = ~same & (~finite | (diff > atol + rtol * np.where(finite, ref, 0.0)))
         mismatched += int(np.count_nonzero(bad))
         if diff.size:
             max_abs = max(max_abs, float(diff.max()))
-            max_rel = max(max_rel, float(np.nanmax(rel)))
+            max_rel = max(max_rel, float(rel.max()))
         if xa.dtype.kind not in "biu" or xb.dtype.kind not in "biu":
-            exact = exact and not bool(np.any(diff))
+            exact = exact and bool(same.all())
     if exact and not mismatched:
         status = "equal"
     elif not mismatched:

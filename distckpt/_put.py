@@ -71,12 +71,12 @@ def arrays(
         arr = jax.make_array_from_single_device_arrays(
             shape, sharding, jax.device_put(blocks, devices, may_alias=True)
         )
-        if _batched_device_put is not None and dtype is not None and _canonical(dtype):
+        if _batched_device_put is not None and dtype is not None and jax_holds(dtype):
             avals[key] = arr.aval
         out.append(arr)
     return out
 
 
-def _canonical(dtype: np.dtype) -> bool:
+def jax_holds(dtype: np.dtype) -> bool:
     """False for dtypes JAX would convert (64-bit ones without ``jax_enable_x64``)."""
     return jax.dtypes.canonicalize_dtype(dtype) == dtype

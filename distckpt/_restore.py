@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import crc32c
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -42,6 +44,8 @@ from distckpt.errors import CorruptCheckpointError, TreeMismatchError
 
 _HOST, _ARRAY, _KEY, _VALUE = "host", "array", "key", "value"
 _MAX_RANGE = 16 << 20  # largest single read; also the size of each thread's scratch buffer
+_X64_OFF = "jax_enable_x64 is off"
+_X64_ON = 'jax.config.update("jax_enable_x64", True)'
 
 
 @dataclass
@@ -347,12 +351,25 @@ def _match_leaf(
     if tuple(shape) != tuple(spec.shape):
         return None, f"{disp}: target shape {tuple(shape)}, {found()}"
     saved_dtype = _plan.np_dtype(spec.dtype)
+    host = isinstance(t, (np.ndarray, np.generic))
     if np.dtype(dtype) != saved_dtype and not cast:
-        return (
-            None,
-            f"{disp}: target dtype {np.dtype(dtype)}, {found()} (pass cast=True to convert)",
+        hint = "pass cast=True to convert"
+        if not host and not _put.jax_holds(saved_dtype):
+            hint = (
+                f"{_X64_OFF}: to get {saved_dtype}, call {_X64_ON} first; or pass cast=True to "
+                "convert (refused if a value would not fit)"
+            )
+        return None, f"{disp}: target dtype {np.dtype(dtype)}, {found()} ({hint})"
+    if not host and not _put.jax_holds(np.dtype(dtype)):
+        held = jax.dtypes.canonicalize_dtype(dtype)
+        return None, (
+            f"{disp}: target dtype {np.dtype(dtype)} for a jax.Array, {found()}, but {_X64_OFF} "
+            f"and JAX would hold it as {held}, changing values silently. Call {_X64_ON} before "
+            f"restoring, or ask for {held} in the target"
+            + (" with cast=True (refused if a value would not fit)" if held != saved_dtype else "")
+            + ", or restore into a numpy array"
         )
-    if isinstance(t, (np.ndarray, np.generic)):
+    if host:
         return want_host(index, leaf, spec, np.dtype(dtype)), None
     if sharding is None:
         sharding = SingleDeviceSharding(jax.local_devices()[0])
@@ -628,18 +645,15 @@ def place(
         saved = _plan.np_dtype(spec.dtype)
         hosts = {}
         for box in w.boxes:
-            arr = outputs[(w.leaf, box)]
-            if w.mode == _ARRAY and w.dtype != saved:
-                cast = aligned_empty(arr.shape, w.dtype)
-                cast[...] = arr
-                arr = cast
-            hosts[box] = arr
+            hosts[box] = outputs[(w.leaf, box)]
+        if w.mode != _KEY and w.dtype != saved:
+            hosts = _cast(hosts, w.dtype, spec)
         if not w.device_boxes:  # host value (or a key array from target=None)
             arr = hosts[_reshard.full_box(spec.shape)]
             if w.mode == _KEY:
                 values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
             else:
-                values[w.index] = arr.astype(w.dtype) if w.dtype != saved else arr
+                values[w.index] = arr
             continue
         jobs.append((tuple(spec.shape), w.sharding, w.device_boxes, hosts))
         owners.append(w)
@@ -647,3 +661,73 @@ def place(
         if w.mode == _KEY:
             arr = jax.random.wrap_key_data(arr, impl=leaves[w.leaf].impl)
         values[w.index] = arr
+
+
+def _cast(hosts: dict[Box, np.ndarray], dtype: np.dtype, spec: LeafSpec) -> dict[Box, np.ndarray]:
+    """The blocks of a leaf converted to ``dtype`` (``cast=True``).
+
+    Rounding is what a cast means; a value the conversion would change
+    otherwise (an integer out of range, a finite float that overflows, a
+    dropped imaginary part) is refused rather than wrapped silently.
+    """
+    changed, example = 0, ""
+    for arr in hosts.values():
+        n, what = _cast_loss(arr, dtype)
+        changed, example = changed + n, example or what
+    if changed:
+        problem = (
+            f"{spec.display}: cast=True to {dtype} would change {changed} of the saved "
+            f"{spec.dtype} values (e.g. {example})"
+        )
+        raise TreeMismatchError(
+            f"{problem}. Restore into {spec.dtype} instead (a jax.Array target needs "
+            f"{_X64_ON} for 64-bit dtypes) or into a numpy array target.",
+            [problem],
+        )
+    out = {}
+    for box, arr in hosts.items():
+        out[box] = aligned_empty(arr.shape, dtype)
+        with warnings.catch_warnings():  # imaginary parts are all 0 (checked above)
+            warnings.simplefilter("ignore", np.exceptions.ComplexWarning)
+            out[box][...] = arr
+    return out
+
+
+def _number_kind(dtype: np.dtype) -> str | None:
+    """b, i, f or c for bool, integer, float and complex dtypes (ml_dtypes' too), else None."""
+    for kind, group in (
+        ("b", np.bool_),
+        ("i", np.integer),
+        ("f", np.floating),
+        ("c", np.complexfloating),
+    ):
+        if jax.dtypes.issubdtype(dtype, group):
+            return kind
+    return None
+
+
+def _cast_loss(src: np.ndarray, dtype: np.dtype) -> tuple[int, str]:
+    """How many values of ``src`` converting to ``dtype`` changes beyond rounding, and one."""
+    have, want = _number_kind(src.dtype), _number_kind(dtype)
+    if src.size == 0 or have is None or want is None or want == "b":
+        return 0, ""
+    if src.dtype.kind == "V":  # bfloat16, int4, float8_*: compare as plain numpy numbers
+        src = src.astype(np.int64 if have == "i" else np.float32)
+    if have == "c" and want != "c":
+        bad = src.imag != 0
+        if bad.any():
+            return int(np.count_nonzero(bad)), f"{src[bad].flat[0]} would lose its imaginary part"
+        src, have = src.real, "f"
+    with np.errstate(over="ignore", invalid="ignore"):
+        if want == "i":
+            info = ml_dtypes.iinfo(dtype)
+            if have == "f":
+                bad = ~np.isfinite(src) | (src <= info.min - 1) | (src >= info.max + 1)
+            else:
+                bad = (src < info.min) | (src > info.max)
+            what = "does not fit"
+        else:
+            bad = np.isfinite(src) & ~np.isfinite(src.astype(dtype))
+            what = "would become infinite or NaN in"
+    count = int(np.count_nonzero(bad))
+    return count, (f"{src[bad].flat[0]} {what} {dtype}" if count else "")

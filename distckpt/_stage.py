@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from distckpt import _reshard, _tree
+from distckpt import _plan, _reshard, _tree
 from distckpt._plan import LeafSpec
 from distckpt._reshard import Box
 
@@ -31,6 +31,28 @@ def describe_sharding(sharding: Any) -> dict:
 @functools.cache
 def dtype_name(dtype: Any) -> str:
     return str(np.dtype(dtype))  # slow enough to matter for thousands of leaves
+
+
+@functools.cache
+def _dtype_problem(dtype: np.dtype) -> str | None:
+    """Why a numpy array of ``dtype`` cannot be stored as its bytes, or None if it can."""
+    if dtype.fields is not None:
+        return (
+            "structured dtypes are not supported; save the fields as separate arrays "
+            "({name: arr[name] for name in arr.dtype.names})"
+        )
+    if dtype.hasobject:
+        return (
+            "object arrays hold pointers to Python objects, not values; convert it to a "
+            "numeric or string dtype, or save its items as separate leaves"
+        )
+    try:
+        stored = _plan.np_dtype(dtype_name(dtype))
+    except (TypeError, ValueError):
+        stored = None
+    if stored != dtype:
+        return "its dtype name does not read back as the same dtype"
+    return None
 
 
 def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
@@ -68,6 +90,9 @@ def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
             describe_sharding(leaf.sharding),
         ), None
     arr = np.asarray(leaf)
+    problem = _dtype_problem(arr.dtype)
+    if problem:
+        return None, f"{disp}: cannot save a numpy array of dtype {arr.dtype}: {problem}"
     return LeafSpec(
         path, disp, kind, tuple(arr.shape), dtype_name(arr.dtype), {"type": "host"}
     ), None

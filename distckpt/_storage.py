@@ -129,6 +129,10 @@ class Storage:
         pass
 
     def exists(self) -> bool: ...
+    def is_file(self) -> bool:
+        """True when the location is a regular file on a local disk (not a directory)."""
+        return self.local_path is not None and os.path.isfile(self.local_path)
+
     def entries(self) -> list[str]: ...
     def free_bytes(self) -> int | None:
         return None

@@ -13,6 +13,7 @@ run (a path that is not a checkpoint, a refused conversion, an I/O error).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -63,7 +64,26 @@ def cli() -> None:
 
 
 def _emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
+    """Prints ``doc`` as strict JSON, the one way every ``--json`` output is written.
+
+    JSON has no NaN or infinities: a non-finite float (a NaN learning rate, a
+    max rel of ``inf``) becomes the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``, so every JSON parser reads the output (docs/cli.md).
+    """
+    click.echo(json.dumps(strict_json(doc), indent=2, default=str, allow_nan=False))
+
+
+def strict_json(x: Any) -> Any:
+    """``x`` with every non-finite float (numpy ones too) replaced by its name as a string."""
+    if isinstance(x, dict):
+        return {strict_json(k): strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if type(x).__module__ == "numpy" and getattr(x, "ndim", None) == 0:
+        x = x.item()  # a numpy scalar: its Python value
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return x
 
 
 def _error(e: BaseException) -> Trouble:
@@ -342,8 +362,8 @@ def verify_command(path: str, all_steps: bool) -> int:
 
     Exit code 0 when clean, 1 when corrupt or not committed, naming the files
     and leaf paths at fault. With --all, a progress bar on a terminal (plain
-    lines otherwise) and exit code 1 if any committed step is corrupt;
-    uncommitted steps are listed but do not fail the run.
+    lines otherwise) and exit code 1 if any committed step is corrupt or
+    none is committed; uncommitted steps are listed but do not fail the run.
     """
     import distckpt
     from distckpt.errors import DistckptError
@@ -405,7 +425,40 @@ def verify_command(path: str, all_steps: bool) -> int:
         + (f" ({', '.join(map(str, bad))})" if bad else "")
         + f", {sum(1 for _, st, _ in results if st == 'not committed')} not committed"
     )
+    if not ok and not bad:
+        click.echo(
+            f"FAILED: nothing committed found at {scan.directory}: it holds "
+            f"{_holdings(scan)}. Pass a CheckpointManager directory (step_XXXXXXXX "
+            "subdirectories with manifest.json) or a checkpoint directory.",
+            err=True,
+        )
+        return EXIT_NEGATIVE
     return EXIT_NEGATIVE if bad else EXIT_OK
+
+
+def _holdings(scan: Any) -> str:
+    """What a directory without a committed step holds, for the error that says so."""
+    from distckpt import _scan
+
+    parts = []
+    uncommitted = [s.step for s in scan.steps if s.state == "uncommitted"]
+    if uncommitted:
+        parts.append(
+            f"{len(uncommitted)} uncommitted step(s) ({', '.join(map(str, uncommitted[:5]))}"
+            + (", ..." if len(uncommitted) > 5 else "")
+            + ")"
+        )
+    if scan.foreign:
+        parts.append(
+            f"{len(scan.foreign)} other entr{'y' if len(scan.foreign) == 1 else 'ies'} "
+            f"({', '.join(scan.foreign[:5])}{', ...' if len(scan.foreign) > 5 else ''})"
+        )
+    others = [lo for lo in scan.leftovers if lo.kind != _scan.INTERRUPTED_SAVE]
+    if others:
+        parts.append(
+            f"{len(others)} other leftover(s) ({', '.join(sorted({lo.kind for lo in others}))})"
+        )
+    return ", ".join(parts) or "nothing"
 
 
 def _verify_one(path: str) -> Any:

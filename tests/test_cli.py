@@ -427,3 +427,120 @@ def test_audit_shows_usage_and_the_budget_projection(tmp_path, capsys):
     assert usage["budget"]["budget_bytes"] == 5000 and usage["budget"]["over_budget"] is True
     assert main(["audit", str(tmp_path / "run")]) == 0
     assert "(OVER BUDGET)" in capsys.readouterr().out
+
+
+def _strict(text: str):
+    """``json.loads`` that refuses NaN, Infinity and -Infinity, as strict JSON parsers do."""
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _value_rows(capsys, *argv) -> tuple[int, dict]:
+    code, out, _ = _run(capsys, "diff", *argv, "--values", "--json")
+    return code, {row["path"]: row for row in _strict(out)["values"]}
+
+
+def test_diff_values_finite_against_infinite_is_always_different(tmp_path, capsys):
+    inf = np.inf
+    a = {
+        "finite_vs_inf": np.array([1.0, 2.0], np.float32),
+        "inf_vs_minus_inf": np.array([inf, 2.0], np.float64),
+        "same_infinities": np.array([inf, -inf, 3.0], np.float32),
+        "inf_vs_nan": np.array([inf], np.float32),
+    }
+    b = {
+        "finite_vs_inf": np.array([inf, 2.0], np.float32),
+        "inf_vs_minus_inf": np.array([-inf, 2.0], np.float64),
+        "same_infinities": np.array([inf, -inf, 3.0], np.float32),
+        "inf_vs_nan": np.array([np.nan], np.float32),
+    }
+    distckpt.save(tmp_path / "a", a)
+    distckpt.save(tmp_path / "b", b)
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values")
+    assert code == 1
+    assert "['finite_vs_inf']: different: 1/2 elements outside tolerance, max abs inf" in out
+    assert "['inf_vs_minus_inf']: different: 1/2 elements outside tolerance" in out
+    assert "['same_infinities']: equal (3 elements)" in out
+    assert "values: 4 leaves compared: 1 equal, 0 close, 3 different" in out
+    for tolerances in ([], ["--rtol", "1e-6"], ["--atol", "1e-3", "--rtol", "0.5"]):
+        code, rows = _value_rows(capsys, tmp_path / "a", tmp_path / "b", *tolerances)
+        assert code == 1, tolerances
+        for name in ("finite_vs_inf", "inf_vs_minus_inf", "inf_vs_nan"):
+            row = rows[f"['{name}']"]
+            assert row["status"] == "different" and row["mismatched"] == 1, (tolerances, row)
+            assert row["max_abs"] == "Infinity" and row["max_rel"] == "Infinity"
+        assert rows["['same_infinities']"]["status"] == "equal"
+        assert rows["['same_infinities']"]["max_abs"] == 0.0
+
+
+def test_diff_nan_at_the_same_place_is_equal(tmp_path, capsys):
+    tree = {"lr": float("nan"), "w": np.array([np.nan, 1.0, np.inf], np.float32), "n": 3}
+    distckpt.save(tmp_path / "a", tree)
+    distckpt.save(tmp_path / "b", tree)
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "a")
+    assert code == 0, out
+    code, out, _ = _run(capsys, "diff", tmp_path / "a", tmp_path / "b", "--values")
+    assert code == 0, out
+    assert "['lr']: equal" in out and "['w']: equal (3 elements)" in out
+    assert "values: 3 leaves compared: 3 equal, 0 close, 0 different" in out
+
+    # NaN against a number (or at another position) still differs.
+    distckpt.save(
+        tmp_path / "c", {**tree, "lr": 0.1, "w": np.array([1.0, np.nan, np.inf], np.float32)}
+    )
+    code, rows = _value_rows(capsys, tmp_path / "a", tmp_path / "c")
+    assert code == 1
+    assert (
+        rows["['lr']"]["status"] == "different" and rows["['lr']"]["detail"] == "nan in A, 0.1 in B"
+    )
+    assert rows["['w']"]["status"] == "different" and rows["['w']"]["mismatched"] == 2
+
+
+def test_json_output_of_every_command_is_strict_json(tmp_path, capsys):
+    d = tmp_path / "run"
+    with distckpt.CheckpointManager(d, async_save=False) as mgr:
+        for step, loss in ((1, float("nan")), (2, float("inf"))):
+            tree = {"lr": float("nan"), "big": float("-inf"), "w": np.array([1.0, np.inf])}
+            mgr.save(step, tree, metrics={"loss": loss})
+    step1, step2 = d / "step_00000001", d / "step_00000002"
+    distckpt.save(tmp_path / "ones", {"w": np.ones(2)})
+    docs = {}
+    for argv in (
+        ["ls", d],
+        ["inspect", step1],
+        ["diff", step1, step2, "--values"],
+        ["diff", tmp_path / "ones", step2, "--values"],
+        ["audit", d],
+        ["gc", d, "--dry-run"],
+    ):
+        code, out, _ = _run(capsys, *argv, "--json")
+        assert code in (0, 1), (argv, out)
+        docs[argv[0] if argv[0] != "diff" else f"diff{len(docs)}"] = _strict(out)
+    assert [s["metrics"] for s in docs["ls"]["steps"]] == [{"loss": "NaN"}, {"loss": "Infinity"}]
+    values = {leaf["path"]: leaf.get("value") for leaf in docs["inspect"]["leaves"]}
+    assert values["['lr']"] == "NaN" and values["['big']"] == "-Infinity"
+    rows = {r["path"]: r for r in docs["diff3"]["values"]}
+    assert rows["['w']"]["max_abs"] == "Infinity" and rows["['w']"]["status"] == "different"
+
+
+def test_verify_all_fails_where_nothing_is_committed(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = _run(capsys, "verify", "--all", empty)
+    assert code == 1
+    assert f"nothing committed found at {empty}: it holds nothing" in err
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("x")
+    (junk / "step_00000007" / "attempt-0000000011112222").mkdir(parents=True)
+    code, out, err = _run(capsys, "verify", "--all", junk)
+    assert code == 1
+    assert "step 7: not committed" in out and "0 step(s) clean, 0 corrupt, 1 not committed" in out
+    assert (
+        f"nothing committed found at {junk}: it holds 1 uncommitted step(s) (7), "
+        "1 other entry (notes.txt)" in err
+    )
