@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import uuid
 
 import crc32c
 
-from distckpt import _codec, _plan, _tree
+from distckpt import _codec, _layout, _plan, _tree
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt._storage import Storage
@@ -25,12 +23,7 @@ from distckpt.errors import (
     OutOfSpaceError,
 )
 
-_ATTEMPT = re.compile(r"attempt-[0-9A-Za-z_-]+")
 _KINDS = (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY, _tree.PYTHON, _tree.NONE)
-
-
-def new_attempt() -> str:
-    return f"attempt-{uuid.uuid4().hex[:16]}"
 
 
 def load(storage: Storage, raw: bytes | None = None) -> Manifest:
@@ -110,7 +103,7 @@ def _check_manifest(m: Manifest, where: str) -> None:
         problems.append(
             f"format_version {m.format_version!r} was never written (versions start at 1)"
         )
-    if not isinstance(m.attempt, str) or not _ATTEMPT.fullmatch(m.attempt):
+    if not isinstance(m.attempt, str) or not _layout.ATTEMPT_RE.fullmatch(m.attempt):
         problems.append(f"attempt {m.attempt!r} is not an attempt directory name (attempt-<id>)")
     for name, info in m.files.items():
         if not _plain_name(name):
@@ -172,7 +165,7 @@ def not_committed(storage: Storage) -> NotCommittedError:
             f"no checkpoint at {where}: the path does not exist. Check the path."
         )
     entries = storage.entries()
-    attempts = [e for e in entries if e.startswith("attempt-")]
+    attempts = [e for e in entries if e.startswith(_layout.ATTEMPT_PREFIX)]
     if attempts:
         return NotCommittedError(
             f"{where} holds data of {len(attempts)} save attempt(s) ({', '.join(attempts[:3])}) "

@@ -9,7 +9,7 @@ from typing import Any
 
 import crc32c
 
-from distckpt import _codec, _commit, _faults, _plan, _reshard
+from distckpt import _codec, _commit, _faults, _layout, _plan, _reshard
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
 
@@ -71,7 +71,7 @@ def copy(
     total = sum(info["bytes"] for info in manifest.files.values())
     target = open_storage(dst)
     _commit.preflight(target, overwrite=overwrite, estimated_bytes=total)
-    attempt = _commit.new_attempt()
+    attempt = _layout.new_attempt()
     target.prepare_attempt(attempt)
     try:
         target.check_attempt_visible(attempt)

@@ -38,6 +38,16 @@ POINTS = (
     "restore.restore",
     "restore.restore.barrier",
     "restore.final",
+    "manager.open",
+    "manager.open.barrier",
+    "manager.scan",
+    "manager.scan.barrier",
+    "manager.final",
+    "delete.agree",
+    "delete.agree.barrier",
+    "delete.delete",
+    "delete.delete.barrier",
+    "delete.final",
     # Storage, inside a phase.
     "write.chunk",  # after the first chunk of a data file is written
     "write.fsync",  # before a data file's fsync
@@ -61,6 +71,11 @@ def hit(point: str) -> None:
         return
     for entry in spec.split(","):
         name, _, rest = entry.strip().partition(":")
+        if name not in POINTS:  # a misspelt point would silently never fire
+            raise ValueError(
+                f"{ENV} names the fault point {name!r}, which does not exist; the points are: "
+                + ", ".join(POINTS)
+            )
         if name != point:
             continue
         action, times, process = _parse(rest)
@@ -90,9 +105,9 @@ def _parse(rest: str) -> tuple[str, int | None, int | None]:
 
 
 def _process_index() -> int:
-    from distckpt import _multihost  # it imports this module
+    import jax
 
-    return _multihost.process_index()
+    return jax.process_index()
 
 
 def _act(point: str, action: str) -> None:

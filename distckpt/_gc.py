@@ -20,8 +20,7 @@ import shutil
 from dataclasses import dataclass
 
 from distckpt import _scan
-from distckpt._manifest import MANIFEST_NAME
-from distckpt.manager import deleting_name
+from distckpt._layout import ATTEMPT_PREFIX, MANIFEST_NAME, TMP_MANIFEST_PREFIX, deleting_name
 
 
 @dataclass
@@ -85,7 +84,7 @@ def _remove(o: Outcome) -> tuple[str, str]:
     if o.kind == _scan.INTERRUPTED_SAVE:
         aside = os.path.join(parent, deleting_name(name))
         os.rename(o.path, aside)  # atomic: a save can no longer commit into it
-        attempts = [e for e in os.listdir(aside) if e.startswith(_scan.ATTEMPT_PREFIX)]
+        attempts = [e for e in os.listdir(aside) if e.startswith(ATTEMPT_PREFIX)]
         if os.path.exists(os.path.join(aside, MANIFEST_NAME)) or any(
             _scan.attempt_locked(aside, a) for a in attempts
         ):
@@ -94,7 +93,7 @@ def _remove(o: Outcome) -> tuple[str, str]:
         shutil.rmtree(aside, ignore_errors=True)
         return "removed", ""
     # An attempt or temporary manifest inside a committed step (or checkpoint).
-    if name.startswith(_scan.ATTEMPT_PREFIX) and _scan.attempt_locked(parent, name):
+    if name.startswith(ATTEMPT_PREFIX) and _scan.attempt_locked(parent, name):
         return "kept", "a running save holds its lock"
     try:
         doc = _scan.read_manifest_doc(parent)
@@ -103,7 +102,7 @@ def _remove(o: Outcome) -> tuple[str, str]:
     attempt = doc.get("attempt") if doc else None
     if attempt is None:
         return "kept", f"the step has no readable {MANIFEST_NAME} now"
-    if name == attempt or name == f"{_scan.TMP_MANIFEST_PREFIX}{attempt}":
+    if name == attempt or name == f"{TMP_MANIFEST_PREFIX}{attempt}":
         return "kept", "the step's manifest names it now (a save committed it)"
     if os.path.isdir(o.path):
         shutil.rmtree(o.path, ignore_errors=True)

@@ -16,7 +16,7 @@ FORMAT_NAME = "distckpt"
 FORMAT_VERSION = 2  # the newest version this code reads; bump on any change a reader
 # of the previous version cannot read. Version 2 added per-leaf compression; a
 # checkpoint without it is still written as version 1, readable by 1's readers.
-MANIFEST_NAME = "manifest.json"
+from distckpt._layout import MANIFEST_NAME as MANIFEST_NAME  # noqa: E402 - re-exported
 
 
 @dataclass

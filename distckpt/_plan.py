@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from distckpt import _reshard, _tree
+from distckpt import _layout, _reshard, _tree
 from distckpt._reshard import Box
 from distckpt._tree import Path
 
@@ -139,7 +139,7 @@ def plan_writes(
     def flush() -> None:
         nonlocal current, size
         if current:
-            files.append(FileWrite(f"p{process:05d}.s{len(files):03d}.bin", tuple(current)))
+            files.append(FileWrite(_layout.data_file(process, len(files)), tuple(current)))
         current, size = [], 0
 
     for leaf, shard, itemsize in shards:

@@ -23,6 +23,7 @@ from distckpt import (
     _commit,
     _faults,
     _knobs,
+    _layout,
     _multihost,
     _plan,
     _procstate,
@@ -225,7 +226,7 @@ class SaveJob:
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
             _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
-            self.attempt = out["attempt"] = _commit.new_attempt()
+            self.attempt = out["attempt"] = _layout.new_attempt()
             self.storage.prepare_attempt(self.attempt)
         return out
 

@@ -24,9 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from distckpt import _location, _storage
-from distckpt._manifest import MANIFEST_NAME
-from distckpt._storage import ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX
-from distckpt.manager import DELETING_RE, STEP_RE, metric_value, rank
+from distckpt._layout import (
+    ATTEMPT_PREFIX,
+    DELETING_RE,
+    MANIFEST_NAME,
+    STEP_RE,
+    TMP_MANIFEST_PREFIX,
+)
+from distckpt._retention import metric_value, rank
 
 DEFAULT_MIN_AGE_S = 3600.0
 

@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from distckpt import _faults, _knobs, _location
-from distckpt._manifest import MANIFEST_NAME
+from distckpt._layout import (
+    ATTEMPT_PREFIX,
+    CREATING_SUFFIX,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    STARTED_NAME,
+    tmp_manifest,
+)
 from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -41,16 +48,6 @@ from distckpt.errors import (
 )
 
 log = logging.getLogger("distckpt")
-
-ATTEMPT_PREFIX = "attempt-"
-# Where a POSIX commit writes the manifest before renaming it: <prefix><attempt>.
-TMP_MANIFEST_PREFIX = f".{MANIFEST_NAME}.tmp-"
-# Held (flock) by the primary of a save from before its attempt directory
-# appears until its commit or discard ends: another job's commit must not
-# delete an attempt that is still being written (see remove_stale_attempts).
-LOCK_NAME = ".lock"
-# Written first into an attempt on a kvstore (no locks there): when it started.
-STARTED_NAME = ".started"
 
 
 def open_storage(directory: Any) -> Storage:
@@ -303,7 +300,7 @@ class PosixStorage(Storage):
         # The attempt appears under its name already locked. Should another
         # job's cleanup remove it while unlocked, before the rename, this save
         # fails here; a crash here leaves a leftover like any other attempt.
-        building = os.path.join(self.path, f"{attempt}.creating")
+        building = os.path.join(self.path, attempt + CREATING_SUFFIX)
         os.mkdir(building)
         fd = os.open(os.path.join(building, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -361,7 +358,7 @@ class PosixStorage(Storage):
         return _PosixReader(os.path.join(self.path, attempt), f"{self.path}/{attempt}")
 
     def commit_manifest(self, raw: bytes, attempt: str) -> None:
-        tmp = os.path.join(self.path, TMP_MANIFEST_PREFIX + attempt)
+        tmp = os.path.join(self.path, tmp_manifest(attempt))
         with open(tmp, "wb") as f:
             f.write(raw)
             f.flush()
@@ -380,7 +377,7 @@ class PosixStorage(Storage):
 
     def remove_attempt(self, attempt: str) -> None:
         shutil.rmtree(os.path.join(self.path, attempt), ignore_errors=True)
-        tmp = os.path.join(self.path, TMP_MANIFEST_PREFIX + attempt)
+        tmp = os.path.join(self.path, tmp_manifest(attempt))
         try:
             os.unlink(tmp)
         except FileNotFoundError:

@@ -14,6 +14,7 @@ byte they read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -96,7 +97,8 @@ class CheckpointHandler:
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep must be a positive int or None, got {keep!r}")
         mgr = self._manager(directory)
-        mgr.max_to_keep = keep
+        # Retention is a frozen, validated value: this save applies its own.
+        mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
         mgr.save(step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite)
 
     save_to_directory = save

@@ -1,26 +1,39 @@
-"""CheckpointManager: steps, retention, async saves, preemption.
+"""CheckpointManager: steps, async saves, and the parts it is composed of.
 
 One subdirectory per committed step (``step_00001000``), each an ordinary
 distckpt checkpoint. Every method that touches storage is collective: every
 process calls it, in the same order, as with ``save`` and ``restore``.
+Which steps stay is ``_retention``'s decision, copies elsewhere are
+``_backups``', the agreed stop ``_preemption``'s; this module runs saves,
+keeps the step list and applies those decisions.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import operator
 import os
-import queue
-import re
-import signal
 import threading
-import uuid
-import warnings
-from typing import Any
+from typing import Any, Literal
 
-from distckpt import _commit, _inspect, _knobs, _location, _multihost, _runtime, _stage, _storage
+from distckpt import (
+    _backups,
+    _codec,
+    _commit,
+    _inspect,
+    _knobs,
+    _layout,
+    _location,
+    _multihost,
+    _preemption,
+    _retention,
+    _runtime,
+    _stage,
+    _storage,
+)
+from distckpt._layout import DELETING_RE, STEP_RE, deleting_name, step_name
+from distckpt._preemption import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
+from distckpt._preemption import forward_signal as forward_signal
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import (
@@ -32,113 +45,7 @@ from distckpt.errors import (
 
 log = logging.getLogger("distckpt")
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; a requeued job resumes from latest_step()
-
-# The layout of a manager's directory (the CLI's ls/gc/audit read it too):
-# step_<8 digits>/ per committed step, and a step being deleted renamed aside
-# first to .step_<8 digits>.deleting-<id>.
-STEP_RE = re.compile(r"^step_(\d+)$")
-DELETING_RE = re.compile(r"^\.step_(\d+)\.deleting-[0-9a-f]+$")
-
-
-def metric_value(metrics: object, name: str) -> float | None:
-    """``metrics[name]`` as a float if it can rank a step: a finite real number, else None.
-
-    NaN, infinities, a missing metric, and whatever else a metrics record on
-    disk may hold never count as best.
-    """
-    if not isinstance(metrics, dict):
-        return None
-    value = metrics.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def rank(metrics: dict[int, object], name: str, mode: str) -> list[int]:
-    """Steps best first by metric ``name`` (``mode`` "min" or "max"); ties go to the newer step.
-
-    Steps whose metric is missing or not a finite number are left out. The
-    one ranking used by the manager's retention and ``best_step``, ``ls`` and
-    ``audit``.
-    """
-    scored = [(v, s) for s, m in metrics.items() if (v := metric_value(m, name)) is not None]
-    scored.sort(key=lambda x: (x[0] if mode == "min" else -x[0], -x[1]))
-    return [s for _, s in scored]
-
-
-def check_step(step: object) -> int:
-    """A step number as an int (numpy and JAX integers accepted); ValueError/TypeError otherwise."""
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got the bool {step!r}")
-    try:
-        number = operator.index(step)  # type: ignore[arg-type]
-    except TypeError:
-        number = None
-        if hasattr(step, "shape") and getattr(step, "shape", None) == ():
-            try:  # a 0-d integer array (jnp.int32(5), np.array(5))
-                number = operator.index(step.item())  # type: ignore[attr-defined]
-            except (TypeError, ValueError):
-                number = None
-        if number is None:
-            raise TypeError(
-                f"step must be an int (or a numpy/JAX integer), got {type(step).__name__} "
-                f"{step!r}"
-            ) from None
-    if number < 0:
-        raise ValueError(f"step must be >= 0, got {number}")
-    return number
-
-
-def check_metrics(metrics: object) -> dict[str, int | float] | None:
-    """Metrics as a JSON-able dict of str -> int/float, converting numpy and JAX scalars.
-
-    Raises TypeError naming the offending metric, before anything is written.
-    """
-    if metrics is None:
-        return None
-    if not isinstance(metrics, dict):
-        raise TypeError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")
-    out: dict[str, int | float] = {}
-    for name, value in metrics.items():
-        if not isinstance(name, str):
-            raise TypeError(
-                f"metrics must map metric names (str) to numbers, got the key {name!r} "
-                f"(keys: {list(metrics)})"
-            )
-        number = _as_number(value)
-        if number is None:
-            raise TypeError(
-                f"metric {name!r} is {type(value).__name__} {value!r}, not a number: metrics "
-                "must be int or float (numpy and JAX scalars are converted). Leave a metric "
-                "out of the dict rather than passing None."
-            )
-        out[name] = number
-    return out
-
-
-def _as_number(value: object) -> int | float | None:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)):
-        return value
-    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy/JAX scalar
-        kind = getattr(getattr(value, "dtype", None), "kind", None)
-        if kind in ("b", "i", "u"):
-            return int(value.item())  # type: ignore[attr-defined]
-        if kind == "f":
-            return float(value.item())  # type: ignore[attr-defined]
-    return None
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def deleting_name(name: str) -> str:
-    """A fresh name to rename the step directory ``name`` to before removing it."""
-    return f".{name}.deleting-{uuid.uuid4().hex[:8]}"
+__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointManager", "forward_signal"]
 
 
 class CheckpointManager:
@@ -190,7 +97,7 @@ class CheckpointManager:
         max_to_keep: int | None = None,
         keep_every_n_steps: int | None = None,
         best_metric: str | None = None,
-        best_mode: str = "min",
+        best_mode: Literal["min", "max"] = "min",
         keep_best: int | None = None,
         save_interval_steps: int = 1,
         async_save: bool = True,
@@ -203,27 +110,21 @@ class CheckpointManager:
         compression: str | None = None,
         compression_level: int = 3,
     ):
+        self.retention = _retention.Retention(
+            max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
+        )
         for name, value in [
-            ("max_to_keep", max_to_keep),
-            ("keep_every_n_steps", keep_every_n_steps),
-            ("keep_best", keep_best),
             ("save_interval_steps", save_interval_steps),
             ("storage_budget_bytes", storage_budget_bytes),
-            ("backup_every_n_steps", backup_every_n_steps),
         ]:
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-        if keep_best is not None and best_metric is None:
-            raise ValueError(
-                f"keep_best={keep_best} needs best_metric= (the metric to rank steps by)"
-            )
+        _codec.check(compression, compression_level)
         self._location = _location.parse(directory)
         self._spec_given = isinstance(directory, dict)
         self.directory = self._location.display
-        self.max_to_keep, self.keep_every_n_steps = max_to_keep, keep_every_n_steps
-        self.best_metric, self.best_mode, self.keep_best = best_metric, best_mode, keep_best
         self.save_interval_steps, self.async_save = save_interval_steps, async_save
         self.timeout_s = _knobs.get("timeout_s", timeout_s)
         self.last_save_stats: SaveStats | None = None
@@ -231,15 +132,14 @@ class CheckpointManager:
         self.storage_budget_bytes = storage_budget_bytes
         self.compression, self.compression_level = compression, compression_level
         self._sizes: dict[int, int] = {}  # bytes of each committed step, as learnt
-        self._backup = _Backups(backup_to, backup_every_n_steps, backup_best, self.directory)
+        self._backup = _backups.Backups(
+            _backups.BackupPolicy(backup_to, backup_every_n_steps, backup_best), self.directory
+        )
+        self._preemption = _preemption.Preemption()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._preemption_step: int | None = None
-        self._sigterm_seen = threading.Event()
         self._closed = False
-        self._notice_installed = False
         self._pool = _stage.HostPool()  # host buffers reused by consecutive async saves
-        _warn_if_sigterm_shadowed()
 
         coll = _multihost.Collective("manager", self.directory, self.timeout_s)
         # The barrier of this first phase guarantees that no process is still
@@ -248,11 +148,9 @@ class CheckpointManager:
         scan = (lambda: self._scan(clean_on_start)) if coll.is_primary else (lambda: None)
         scanned = coll.run("scan", scan, last=True)[0]
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
-        ranked = self._ranked()
+        best = self.best_step()
         # The bar a step must beat to be backed up as the best.
-        self._best_seen = (
-            metric_value(self._steps[ranked[0]], self.best_metric) if ranked else None
-        )
+        self._best_seen = None if best is None else self._metric(self._steps[best])
 
     # ------------------------------------------------------------------ queries
 
@@ -265,7 +163,7 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The best step by ``best_metric`` among steps that recorded it."""
-        ranked = self._ranked()
+        ranked = self.retention.ranked(self._steps)
         return ranked[0] if ranked else None
 
     def metrics(self, step: int) -> dict | None:
@@ -282,7 +180,7 @@ class CheckpointManager:
         """True at every ``save_interval_steps``-th step and at the preemption step."""
         if step in self._steps:
             return False
-        return step % self.save_interval_steps == 0 or step == self._preemption_step
+        return step % self.save_interval_steps == 0 or step == self._preemption.step
 
     # ------------------------------------------------------------------ saving
 
@@ -322,8 +220,8 @@ class CheckpointManager:
                 f"save(step={step!r}) on a closed CheckpointManager of {self.directory}; "
                 "create a new manager to save again"
             )
-        step = check_step(step)
-        metrics = check_metrics(metrics)  # before anything is written
+        step = _retention.check_step(step)
+        metrics = _retention.check_metrics(metrics)  # before anything is written
         if not force and not self.should_save(step):
             return False
         self.wait_until_finished()
@@ -439,16 +337,16 @@ class CheckpointManager:
         )
         primary = _multihost.process_index() == 0
         self._apply_retention(primary)
-        if primary and self._backup.wants(step, self._new_best(step, metrics)):
+        if primary and self._backup.policy.wants(step, self._new_best(step, metrics)):
             self._backup.submit(step, self.path(step))
 
     def _new_best(self, step: int, metrics: dict | None) -> bool:
         """Whether ``step`` beats every step saved before it (kept or not)."""
-        value = None if self.best_metric is None else metric_value(metrics, self.best_metric)
+        value = self._metric(metrics)
         if value is None:
             return False
         best = self._best_seen
-        if best is None or (value < best if self.best_mode == "min" else value > best):
+        if best is None or (value < best if self.retention.best_mode == "min" else value > best):
             self._best_seen = value
             return True
         return False
@@ -464,7 +362,7 @@ class CheckpointManager:
 
     def _project_storage(self, step: int, metrics: dict | None) -> dict:
         """Bytes retention would keep once ``step`` is saved, against the budget; warns."""
-        kept = sorted(self._keep({**self._steps, step: metrics}))
+        kept = sorted(self.retention.keep({**self._steps, step: metrics}))
         sizes = [self._size(s) for s in kept if s != step]
         # The new step will be about as large as the newest one whose size is known.
         estimate = self._sizes[max(self._sizes)] if self._sizes else 0
@@ -580,18 +478,7 @@ class CheckpointManager:
         with ``distckpt.forward_signal``); in a single process without it, a
         SIGTERM this manager caught.
         """
-        if _multihost.process_count() > 1 or _multihost.client() is not None:
-            from jax.experimental import multihost_utils
-
-            reached = multihost_utils.reached_preemption_sync_point(step)
-        else:
-            if not self._notice_installed:
-                self._notice_installed = _catch_sigterm(self._sigterm_seen)
-            reached = self._sigterm_seen.is_set()
-        if reached and self._preemption_step is None:
-            self._preemption_step = step
-            log.warning("preemption: every process agreed to stop at step %d", step)
-        return reached
+        return self._preemption.reached(step)
 
     # ------------------------------------------------------------------ internals
 
@@ -613,31 +500,14 @@ class CheckpointManager:
                 f"{self.all_steps() or 'none'}"
             )
 
-    def _ranked(self, metrics: dict[int, dict | None] | None = None) -> list[int]:
-        """Steps best first by ``best_metric`` (of ``metrics``' steps, default the committed ones)."""
-        if self.best_metric is None:
-            return []
-        return rank(self._steps if metrics is None else metrics, self.best_metric, self.best_mode)
-
-    def _keep(self, metrics: dict[int, dict | None] | None = None) -> set[int]:
-        """What retention keeps of ``metrics``' steps (default the committed ones)."""
-        metrics = self._steps if metrics is None else metrics
-        steps = sorted(metrics)
-        if not steps or (self.max_to_keep is None and self.keep_best is None):
-            return set(steps)
-        keep = {steps[-1]}  # the latest step is always kept: a job must be able to resume
-        if self.max_to_keep is not None:
-            keep.update(steps[-self.max_to_keep :])
-        if self.keep_every_n_steps is not None:
-            keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
-        if self.keep_best is not None:
-            keep.update(self._ranked(metrics)[: self.keep_best])
-        return keep
+    def _metric(self, metrics: object) -> float | None:
+        name = self.retention.best_metric
+        return None if name is None else _retention.metric_value(metrics, name)
 
     def _apply_retention(self, is_primary: bool) -> None:
         # Every process computes the same decision from the same step list;
         # only the primary touches storage, after the new step committed.
-        drop = sorted(set(self._steps) - self._keep())
+        drop = sorted(set(self._steps) - self.retention.keep(self._steps))
         if is_primary and drop and not self._backup.wait_for(set(drop), self.timeout_s):
             log.warning(
                 "steps %s are still waiting for their backup after %.0f s; deleting them "
@@ -680,10 +550,7 @@ class CheckpointManager:
             raw = storage.read_manifest()
             if raw is None:
                 inside = storage.entries()
-                ours = all(
-                    e.startswith((_storage.ATTEMPT_PREFIX, _storage.TMP_MANIFEST_PREFIX))
-                    for e in inside
-                )
+                ours = all(_layout.is_ours(e) for e in inside)
                 if clean and ours:  # a crashed save, unless one is running in it
                     parent.remove_leftover(entry, deleting_name(entry))
                 continue
@@ -696,115 +563,3 @@ class CheckpointManager:
             metrics = record.get("metrics")
             steps[int(match.group(1))] = metrics if isinstance(metrics, dict) else None
         return steps
-
-
-def forward_signal(sig: int = signal.SIGUSR1) -> None:
-    """Turns signal ``sig`` into a preemption notice (SLURM's ``--signal=USR1@120``).
-
-    JAX's notifier listens for SIGTERM; this re-sends ``sig`` to this process
-    as SIGTERM so that ``reached_preemption`` sees it.
-    """
-
-    def forward(signum: int, frame: object) -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(sig, forward)
-
-
-def _warn_if_sigterm_shadowed() -> None:
-    # JAX's notifier is a C handler (getsignal returns None); a Python handler
-    # installed after jax.distributed.initialize silently replaces it.
-    if _multihost.client() is not None and callable(signal.getsignal(signal.SIGTERM)):
-        warnings.warn(
-            "a Python SIGTERM handler is installed; it replaces JAX's preemption notifier, so "
-            "reached_preemption() will not see SIGTERM. Remove it, or use "
-            "distckpt.forward_signal() for other signals.",
-            stacklevel=3,
-        )
-
-
-def _catch_sigterm(seen: threading.Event) -> bool:
-    """Single process without jax.distributed: SIGTERM sets ``seen`` instead of killing.
-
-    Installed by the first ``reached_preemption`` call, so a program that
-    never asks keeps the default SIGTERM behaviour.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        return True  # someone else's handler: leave it alone
-
-    def notice(signum: int, frame: object) -> None:
-        seen.set()
-
-    signal.signal(signal.SIGTERM, notice)
-    return True
-
-
-class _Backups:
-    """Copies selected committed steps to a second location, one at a time, in the background.
-
-    Runs on the primary process only (``distckpt.copy`` is a one-process
-    operation); a failed backup is logged and kept in ``errors``, never raised
-    into the training loop.
-    """
-
-    def __init__(self, to: Any, every_n: int | None, best: bool, directory: str):
-        self.to, self.every_n, self.best, self.directory = to, every_n, best, directory
-        self.errors: list[str] = []
-        self._queue: queue.Queue[tuple[int, str]] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._pending: set[int] = set()  # steps submitted and not yet copied
-        self._copied = threading.Condition()
-
-    def wants(self, step: int, is_best: bool) -> bool:
-        if self.to is None:
-            return False
-        if self.every_n is None and not self.best:
-            return True
-        return (self.every_n is not None and step % self.every_n == 0) or (self.best and is_best)
-
-    def submit(self, step: int, path: str) -> None:
-        if self._worker is None:  # one thread: one copy at a time, in step order
-            self._worker = threading.Thread(target=self._run, name="distckpt-backup", daemon=True)
-            self._worker.start()
-        with self._copied:
-            self._pending.add(step)
-        self._queue.put((step, path))
-
-    def _run(self) -> None:
-        while True:
-            step, path = self._queue.get()
-            try:
-                self._copy(step, path)
-            finally:
-                with self._copied:
-                    self._pending.discard(step)
-                    self._copied.notify_all()
-                self._queue.task_done()
-
-    def _copy(self, step: int, path: str) -> None:
-        from distckpt._copy import copy
-
-        where = f"{self.to}/{step_name(step)}"
-        try:
-            loc = _location.parse(self.to).child(step_name(step))
-            where = loc.display
-            report = copy(path, loc, overwrite=True)
-            log.info("backed up step %d to %s in %.2f s", step, report.destination, report.seconds)
-        except Exception as e:  # noqa: BLE001 - a backup must never stop training
-            message = f"backup of step {step} from {self.directory} to {where} failed: {e}"
-            log.warning(message)
-            self.errors.append(message)  # list.append is atomic
-
-    def wait(self) -> None:
-        self._queue.join()
-
-    def wait_for(self, steps: set[int], timeout_s: float) -> bool:
-        """Waits until none of ``steps`` is still to be copied (retention is about to
-        delete them); False if some still are after ``timeout_s``."""
-        with self._copied:
-            return self._copied.wait_for(lambda: not self._pending & steps, timeout_s)
-
-    def close(self) -> None:
-        self.wait()

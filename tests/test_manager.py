@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _storage
+from distckpt import _layout, _storage
 from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
 from tests.faults import fail_once
 
@@ -75,7 +75,7 @@ def _on_disk(directory) -> list[str]:
 def test_retention_over_30_saves(tmp_path, options, metrics, expected):
     mgr = _run(tmp_path, metrics=metrics or (lambda s: None), **options)
     assert mgr.all_steps() == expected
-    assert _on_disk(tmp_path) == [distckpt.manager.step_name(s) for s in expected]
+    assert _on_disk(tmp_path) == [_layout.step_name(s) for s in expected]
     # A new manager (a restarted job) sees the same steps and metrics.
     again = distckpt.CheckpointManager(tmp_path, **options)
     assert again.all_steps() == expected
