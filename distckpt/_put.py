@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from distckpt._reshard import Box
 
@@ -48,30 +49,41 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the JAX v
 
 def arrays(
     jobs: Sequence[
-        tuple[tuple[int, ...], Any, Sequence[tuple[Any, Box]], Mapping[Box, np.ndarray]]
+        tuple[tuple[int, ...], np.dtype, Any, Sequence[tuple[Any, Box]], Mapping[Box, np.ndarray]]
     ],
 ) -> list[jax.Array]:
-    """Builds one array per ``(shape, sharding, device_boxes, hosts)``.
+    """Builds one array per ``(shape, dtype, sharding, device_boxes, hosts)``.
 
     ``device_boxes`` pairs each of the sharding's addressable devices (in the
     order of ``sharding.addressable_devices_indices_map``) with the box it
-    holds; ``hosts`` maps each of those boxes to its host buffer.
+    holds; ``hosts`` maps each of those boxes to its host buffer. A process
+    with none of the sharding's devices gets the global array with no local
+    shards. The buffers go to the sharding's memory kind (``pinned_host``
+    for offloaded state).
     """
     avals: dict[tuple, Any] = {}
     out = []
-    for shape, sharding, device_boxes, hosts in jobs:
+    for shape, dtype, sharding, device_boxes, hosts in jobs:
         devices = [d for d, _ in device_boxes]
         blocks = [hosts[box] for _, box in device_boxes]
-        dtype = blocks[0].dtype if blocks else None
+        if not blocks:  # the array lives on other processes' devices only
+            dtype = jax.dtypes.canonicalize_dtype(dtype)  # what device_put gives the others
+            out.append(jax.make_array_from_single_device_arrays(shape, sharding, [], dtype=dtype))
+            continue
         key = (shape, dtype, sharding)
         aval = avals.get(key)
-        if aval is not None:
+        if aval is not None:  # the runtime call honours the sharding's memory kind
             out.append(_batched_device_put(aval, sharding, blocks, devices, True))
             continue
+        kind = getattr(sharding, "memory_kind", None)
+        if kind is not None and kind != devices[0].default_memory().kind:
+            # device_put onto bare devices would land in device memory, which
+            # make_array_from_single_device_arrays refuses for a host sharding.
+            devices = [SingleDeviceSharding(d, memory_kind=kind) for d in devices]
         arr = jax.make_array_from_single_device_arrays(
             shape, sharding, jax.device_put(blocks, devices, may_alias=True)
         )
-        if _batched_device_put is not None and dtype is not None and jax_holds(dtype):
+        if _batched_device_put is not None and jax_holds(dtype):
             avals[key] = arr.aval
         out.append(arr)
     return out

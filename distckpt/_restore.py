@@ -34,6 +34,7 @@ from distckpt import (
     _put,
     _reshard,
     _runtime,
+    _target,
     _tree,
 )
 from distckpt._manifest import Manifest
@@ -324,6 +325,10 @@ def _match_leaf(
         shape, dtype, sharding = t.shape, np.dtype(t.dtype), None
     elif isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
         shape, dtype, sharding = tuple(t.shape), t.dtype, getattr(t, "sharding", None)
+        try:
+            sharding = _target.concrete(sharding, disp, "restore")
+        except TreeMismatchError as e:
+            return None, str(e)
     else:
         return None, (
             f"{disp}: unsupported target leaf of type {type(t).__qualname__}; use a "
@@ -648,14 +653,14 @@ def place(
             hosts[box] = outputs[(w.leaf, box)]
         if w.mode != _KEY and w.dtype != saved:
             hosts = _cast(hosts, w.dtype, spec)
-        if not w.device_boxes:  # host value (or a key array from target=None)
+        if w.sharding is None:  # host value (or a key array from target=None)
             arr = hosts[_reshard.full_box(spec.shape)]
             if w.mode == _KEY:
                 values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
             else:
                 values[w.index] = arr
             continue
-        jobs.append((tuple(spec.shape), w.sharding, w.device_boxes, hosts))
+        jobs.append((tuple(spec.shape), w.dtype, w.sharding, w.device_boxes, hosts))
         owners.append(w)
     for w, arr in zip(owners, _put.arrays(jobs), strict=True):
         if w.mode == _KEY:

@@ -172,7 +172,7 @@ class SaveJob:
             self.manager = prepared[0]["manager"]
             self.pipeline_mode = prepared[0]["pipeline"]
             self.attempt = prepared[0]["attempt"]
-            self._stage(copy, pool)
+            self._stage(copy, pool, frozenset(prepared[0].get("per_process", ())))
         except BaseException:
             self._discard()
             raise
@@ -223,6 +223,10 @@ class SaveJob:
             self.coll.put_blob(f"pipeline/{self.coll.pid}", raw)
             out.update(_procstate.summary(self.pipeline, raw))
         self.pipeline = None
+        if self.coll.is_primary and self.coll.count > 1:
+            # Who writes an array that lives on one process's devices depends
+            # on whether that process is the primary; the others learn it here.
+            out["per_process"] = _stage.per_process_leaves([leaf for _, leaf in items], specs)
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
             _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
@@ -230,14 +234,14 @@ class SaveJob:
             self.storage.prepare_attempt(self.attempt)
         return out
 
-    def _stage(self, copy: bool, pool: _stage.HostPool | None) -> None:
+    def _stage(self, copy: bool, pool: _stage.HostPool | None, per_process: frozenset[int]) -> None:
         """Decides what this process writes and takes it off the devices."""
         self.pool = pool
         self.shards, self.staged = _stage.stage(
             [leaf for _, leaf in self.items],
             self.specs,
             is_primary=self.coll.is_primary,
-            multiprocess=self.coll.count > 1,
+            per_process=per_process,
             copy=copy,
             pool=pool,
         )

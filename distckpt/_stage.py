@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Container
 from typing import Any
 
 import jax
@@ -15,17 +16,35 @@ from distckpt._reshard import Box
 
 
 def describe_sharding(sharding: Any) -> dict:
-    """A JSON description of a sharding, for people and for ``metadata()``."""
+    """A JSON description of a sharding, for people and for ``metadata()``.
+
+    ``memory_kind`` is recorded only when it is not the devices' default
+    memory (host-offloaded state: ``"pinned_host"``, ``"unpinned_host"``).
+    """
     if isinstance(sharding, NamedSharding):
         spec = [list(p) if isinstance(p, tuple) else p for p in sharding.spec]
-        return {
+        out = {
             "type": "NamedSharding",
             "mesh": {str(k): int(v) for k, v in sharding.mesh.shape.items()},
             "spec": spec,
         }
-    if isinstance(sharding, SingleDeviceSharding):
-        return {"type": "SingleDeviceSharding"}
-    return {"type": type(sharding).__name__}
+    elif isinstance(sharding, SingleDeviceSharding):
+        out = {"type": "SingleDeviceSharding"}
+    else:
+        out = {"type": type(sharding).__name__}
+    kind = getattr(sharding, "memory_kind", None)
+    if kind is not None and kind != default_memory_kind():
+        out["memory_kind"] = kind
+    return out
+
+
+@functools.cache
+def default_memory_kind() -> str | None:
+    """The memory kind arrays get when their sharding names none ("device")."""
+    try:
+        return jax.local_devices()[0].default_memory().kind
+    except (RuntimeError, NotImplementedError):  # no memories API: one memory per device
+        return None
 
 
 @functools.cache
@@ -99,14 +118,16 @@ def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
 
 
 def owned_shards(
-    leaf: Any, kind: str, *, is_primary: bool, multiprocess: bool
+    leaf: Any, kind: str, *, is_primary: bool, per_process: bool
 ) -> list[tuple[Box, Any]]:
     """The shards this process writes, as (box, host-copy thunk).
 
     A shard is written by the process holding its ``replica_id == 0`` copy, so
-    replicated data is stored once. Host values (numpy, and jax arrays that
-    live on one process only, which in a multi-process job are per-process
-    values like numpy) are written by the primary.
+    replicated data is stored once; a process with no addressable shard of
+    the leaf (an array on another process's sub-mesh) writes nothing for it.
+    Host values are written by the primary: numpy leaves, and ``per_process``
+    arrays (in a multi-process job, arrays the primary holds entirely on its
+    own devices; every process may hold its own such value, like numpy).
     """
     if kind == _tree.NUMPY:
         if not is_primary:
@@ -117,7 +138,7 @@ def owned_shards(
         return [(_reshard.full_box(arr.shape), lambda: arr)]
     if kind == _tree.PRNG_KEY:
         leaf = jax.random.key_data(leaf)
-    if multiprocess and leaf.is_fully_addressable and not is_primary:
+    if per_process and not is_primary:
         return []
     out = []
     for shard in leaf.addressable_shards:
@@ -133,7 +154,7 @@ def stage(
     specs: list[LeafSpec],
     *,
     is_primary: bool,
-    multiprocess: bool,
+    per_process: Container[int] = (),
     copy: bool,
     pool: HostPool | None = None,
 ) -> tuple[list[tuple[int, Box, int]], dict[tuple[int, Box], Any]]:
@@ -145,6 +166,8 @@ def stage(
     copies now, so the caller may reuse its buffers at once; a synchronous
     one fetches each shard only when a writer thread reaches it, so host
     memory holds at most a shard per thread (on CPU a fetch is a view).
+    ``per_process``: indices of the arrays the primary alone writes (see
+    ``owned_shards``), as the primary decided them (``per_process_leaves``).
     """
     take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
     shards, staged = [], {}
@@ -152,11 +175,25 @@ def stage(
         if not spec.stored:
             continue
         for box, to_host in owned_shards(
-            leaf, spec.kind, is_primary=is_primary, multiprocess=multiprocess
+            leaf, spec.kind, is_primary=is_primary, per_process=index in per_process
         ):
             shards.append((index, box, spec.itemsize))
             staged[(index, box)] = take(to_host()) if copy else to_host
     return shards, staged
+
+
+def per_process_leaves(leaves: list[Any], specs: list[LeafSpec]) -> list[int]:
+    """Indices of the arrays this process holds entirely on its own devices.
+
+    Only the primary's answer counts (it travels in its ``prepare`` payload):
+    an array on a sub-mesh of another process is fully addressable there but
+    not on the primary, and must be written by the process that holds it.
+    """
+    return [
+        i
+        for i, (leaf, spec) in enumerate(zip(leaves, specs, strict=True))
+        if spec.kind in (_tree.ARRAY, _tree.PRNG_KEY) and leaf.is_fully_addressable
+    ]
 
 
 class HostPool:

@@ -6,9 +6,17 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import (
+    AbstractMesh,
+    Mesh,
+    NamedSharding,
+    PartitionSpec,
+    Sharding,
+    SingleDeviceSharding,
+)
 
 from distckpt import _tree
+from distckpt.errors import TreeMismatchError
 
 
 def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None) -> Any:
@@ -31,7 +39,9 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
         optimizer moments (``mu``, ``nu``, momentum traces) get their
         parameter's sharding.
       mesh: the mesh of the state. Found from the shardings when they use one
-        mesh; needed when they use several.
+        mesh (else the mesh set by ``jax.set_mesh``); needed when they use
+        several. Shardings on an abstract mesh (``jax.eval_shape`` under
+        ``jax.set_mesh``) are placed on the mesh set by ``jax.set_mesh``.
 
     Leaves with no sharding, or on a single device (optax's step ``count``
     and other scalars are created uncommitted on one device), become
@@ -55,14 +65,60 @@ def abstract_like(tree: Any, shardings: Any = None, *, mesh: Mesh | None = None)
         per_leaf = jax.tree.map(lambda _: shardings, tree, is_leaf=_tree.is_none)
     else:
         per_leaf = _spread(tree, shardings)
-    mesh = mesh or _the_mesh(tree, per_leaf)
     items, treedef = _tree.flatten(tree)
     found, _ = _tree.flatten(per_leaf)  # mirrors tree: zip(strict=True) checks it
+    resolved, problems = [], []
+    for path, sharding in found:
+        try:
+            resolved.append((path, concrete(sharding, _tree.display(path), "abstract_like")))
+        except TreeMismatchError as e:
+            problems.append(str(e))
+    if problems:
+        raise TreeMismatchError(
+            f"abstract_like: cannot place {len(problems)} leaf(s) on devices:\n  "
+            + "\n  ".join(problems),
+            problems,
+        )
+    mesh = mesh or _the_mesh(tree, [s for _, s in resolved]) or _set_mesh()
     out = [
         _abstract(path, leaf, sharding, mesh)
-        for (path, leaf), (_, sharding) in zip(items, found, strict=True)
+        for (path, leaf), (_, sharding) in zip(items, resolved, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def concrete(sharding: Any, where: str, call: str) -> Any:
+    """``sharding`` on a concrete mesh: an abstract mesh is resolved against the one set.
+
+    ``jax.eval_shape`` under ``jax.set_mesh`` (explicit sharding) gives
+    shardings over an ``AbstractMesh``, which names axes but no devices; the
+    devices come from the mesh set by ``jax.set_mesh``. Raises
+    ``TreeMismatchError`` naming ``where`` when no mesh is set, or when the
+    set one has other axes.
+    """
+    if not isinstance(sharding, NamedSharding) or not isinstance(sharding.mesh, AbstractMesh):
+        return sharding
+    want = dict(sharding.mesh.shape)
+    mesh = _set_mesh()
+    if mesh is None:
+        raise TreeMismatchError(
+            f"{where}: the target's sharding is on an abstract mesh {want} (what jax.eval_shape "
+            f"gives under jax.set_mesh) and no mesh is set now; call {call} inside "
+            "`with jax.set_mesh(mesh):` or give a concrete NamedSharding"
+        )
+    if tuple(mesh.shape.items()) != tuple(sharding.mesh.shape.items()):
+        raise TreeMismatchError(
+            f"{where}: the target's sharding is on an abstract mesh {want}, but the mesh set "
+            f"by jax.set_mesh is {dict(mesh.shape)}; call {call} under the mesh the target "
+            "was built with, or give a concrete NamedSharding"
+        )
+    return NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def _set_mesh() -> Mesh | None:
+    """The mesh set by ``jax.set_mesh``, if any."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh.empty else mesh
 
 
 def _is_array_like(leaf: Any) -> bool:
@@ -118,10 +174,10 @@ def _fits(ref: Any, shape: tuple[int, ...]) -> bool:
     return True
 
 
-def _the_mesh(tree: Any, per_leaf: Any) -> Mesh | None:
+def _the_mesh(tree: Any, per_leaf: list[Any]) -> Mesh | None:
     meshes = {}
     for s in jax.tree.leaves([per_leaf, jax.tree.map(_own_sharding, tree)]):
-        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+        if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh) and s.mesh.size > 1:
             meshes[id(s.mesh)] = s.mesh
     unique = {(m.axis_names, tuple(m.devices.flat)): m for m in meshes.values()}
     if len(unique) > 1:
@@ -146,7 +202,10 @@ def _abstract(path: _tree.Path, leaf: Any, sharding: Any, mesh: Mesh | None) -> 
     if sharding is None or (
         isinstance(sharding, SingleDeviceSharding) and mesh is not None and mesh.size > 1
     ):
+        kind = getattr(sharding, "memory_kind", None)  # an offloaded scalar stays offloaded
         sharding = _fallback(mesh)
+        if kind is not None and kind != sharding.memory_kind:
+            sharding = sharding.with_memory_kind(kind)
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 

@@ -133,6 +133,13 @@ def _fmt_metrics(metrics: dict | None) -> str:
 def _fmt_sharding(sharding: dict | None) -> str:
     if not sharding:
         return "-"
+    text = _fmt_layout(sharding)
+    if sharding.get("memory_kind"):
+        text += f" in {sharding['memory_kind']}"
+    return text
+
+
+def _fmt_layout(sharding: dict) -> str:
     kind = sharding.get("type")
     if kind == "NamedSharding":
         mesh = ", ".join(f"{k}={v}" for k, v in sharding.get("mesh", {}).items())
