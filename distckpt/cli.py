@@ -91,7 +91,7 @@ def _error(e: BaseException) -> Trouble:
 
 
 def _min_age_option(f: Any) -> Any:
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
 
     return click.option(
         "--min-age",
@@ -105,7 +105,7 @@ def _min_age_option(f: Any) -> Any:
 
 
 def _slab_mb_option(f: Any) -> Any:
-    from distckpt import _diff
+    from distckpt._tools import diff as _diff
 
     return click.option(
         "--slab-mb",
@@ -188,7 +188,7 @@ def ls_command(
     half-deleted steps, unreferenced attempts) are listed separately.
     Reads manifests only.
     """
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
 
     try:
         scan = _scan.scan(directory, min_age_s=min_age)
@@ -305,7 +305,7 @@ def _describe_source(src: Any) -> dict:
 
 
 def _print_description(doc: dict) -> None:
-    from distckpt._scan import format_bytes
+    from distckpt._tools.scan import format_bytes
 
     if doc["format"] == "distckpt":
         click.echo(
@@ -389,7 +389,7 @@ def verify_command(path: str, all_steps: bool) -> int:
         click.echo(_ok_line(report))
         return EXIT_OK
 
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
 
     try:
         scan = _scan.scan(path)
@@ -445,7 +445,7 @@ def verify_command(path: str, all_steps: bool) -> int:
 
 def _holdings(scan: Any) -> str:
     """What a directory without a committed step holds, for the error that says so."""
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
 
     parts = []
     uncommitted = [s.step for s in scan.steps if s.state == "uncommitted"]
@@ -555,7 +555,8 @@ def diff_command(
 
     Exit code 0 when there is no difference, 1 when there is.
     """
-    from distckpt import _diff, _migrate, _source
+    from distckpt import _migrate, _source
+    from distckpt._tools import diff as _diff
     from distckpt.errors import DistckptError
 
     bad = [r for r in renames if "=" not in r]
@@ -672,7 +673,8 @@ def audit_command(
 
     Exit code 1 when a committed step is corrupt or its manifest damaged.
     """
-    from distckpt import _audit, _scan
+    from distckpt._tools import audit as _audit
+    from distckpt._tools import scan as _scan
 
     try:
         scan = _scan.scan(directory, min_age_s=min_age)
@@ -703,7 +705,7 @@ def audit_command(
 
 
 def _print_audit(doc: dict) -> None:
-    from distckpt._scan import format_bytes
+    from distckpt._tools.scan import format_bytes
 
     click.echo(f"audit of {doc['directory']}")
     rows = []
@@ -815,7 +817,7 @@ def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
     distckpt and Orbax targets hold the whole tree in host memory. Writes
     only DST.
     """
-    from distckpt import _convert
+    from distckpt._tools import convert as _convert
     from distckpt.errors import DistckptError
 
     began = time.perf_counter()
@@ -823,7 +825,7 @@ def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
         summary = _convert.convert(src, dst, to=to, overwrite=overwrite)
     except (DistckptError, OSError, ValueError, ImportError) as e:
         raise _error(e) from e
-    from distckpt._scan import format_bytes
+    from distckpt._tools.scan import format_bytes
 
     click.echo(
         f"converted {summary['leaves']} leaves ({format_bytes(summary['bytes'])}) from "
@@ -853,7 +855,8 @@ def gc_command(directory: str, dry_run: bool, as_json: bool, min_age: float) -> 
     directory is renamed aside first and checked again, so a save that
     commits meanwhile is put back, not deleted.
     """
-    from distckpt import _gc, _scan
+    from distckpt._tools import gc as _gc
+    from distckpt._tools import scan as _scan
 
     try:
         scan = _scan.scan(directory, min_age_s=min_age)
@@ -908,7 +911,7 @@ def copy_command(
     not committed or DST already holds a checkpoint, 2 on other errors.
     """
     import distckpt
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
     from distckpt.errors import DistckptError
 
     try:

@@ -17,7 +17,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _diff, _gc, _scan, _source
+from distckpt import _source
+from distckpt._tools import diff as _diff
+from distckpt._tools import gc as _gc
+from distckpt._tools import scan as _scan
 from distckpt.cli import main
 
 COMMANDS = ["ls", "inspect", "verify", "diff", "audit", "convert", "gc"]

@@ -368,7 +368,7 @@ def test_an_object_store_s_running_save_is_left_alone_until_it_is_old(tmp_path):
 
 
 def test_nan_and_missing_metrics_never_count_as_best(tmp_path):
-    from distckpt import _scan
+    from distckpt._tools import scan as _scan
 
     losses = {1: float("nan"), 2: 0.3, 3: float("inf"), 4: None, 5: 0.9}
     mgr = distckpt.CheckpointManager(tmp_path, best_metric="loss", keep_best=1, max_to_keep=1)

@@ -19,8 +19,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from distckpt import _scan
 from distckpt._layout import ATTEMPT_PREFIX, MANIFEST_NAME, TMP_MANIFEST_PREFIX, deleting_name
+from distckpt._tools import scan as _scan
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from distckpt import _export, _orbax, _source, _storage, _tree
+from distckpt import _orbax, _source, _storage, _tree
+from distckpt._tools import export as _export
 from distckpt.errors import CheckpointExistsError
 
 FORMATS = ("distckpt", "orbax", "npz", "safetensors")

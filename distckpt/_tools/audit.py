@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from distckpt import _inspect, _scan
+from distckpt import _inspect
+from distckpt._tools import scan as _scan
 from distckpt.errors import DistckptError
 
 

@@ -1,0 +1,6 @@
+"""One-process tools behind the ``distckpt`` command: ls, gc, audit, diff, export, convert.
+
+They read checkpoints through the engine (sources, the checked manifest
+reader, the storage layer) and never take part in a collective operation.
+The engine never imports them.
+"""
