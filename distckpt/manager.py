@@ -19,7 +19,6 @@ from typing import Any, Literal
 from distckpt import (
     _backups,
     _codec,
-    _commit,
     _inspect,
     _knobs,
     _layout,
@@ -29,9 +28,10 @@ from distckpt import (
     _retention,
     _runtime,
     _stage,
+    _steps,
     _storage,
 )
-from distckpt._layout import DELETING_RE, STEP_RE, deleting_name, step_name
+from distckpt._layout import deleting_name, step_name
 from distckpt._preemption import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
 from distckpt._preemption import forward_signal as forward_signal
 from distckpt._restore import restore as _restore
@@ -530,36 +530,29 @@ class CheckpointManager:
 
     def _scan(self, clean: bool) -> dict[int, dict | None]:
         """Primary: committed steps and their metrics; removes our own leftovers."""
-        steps: dict[int, dict | None] = {}
         parent = self._storage()
-        # The listing only proposes candidates; a step is committed iff its
-        # manifest reads back (object-store listings are not the truth).
-        # Clean-up never touches what a live save holds, of this job or another
-        # one sharing the directory: an attempt whose lock is held (POSIX) or
-        # that started recently (object stores) is left alone, with its step.
-        for entry in parent.entries():
-            if clean and DELETING_RE.match(entry):
-                aside = parent.child(entry)
+        found = _steps.walk(parent)
+        damaged = [s for s in found.steps if s.state == _steps.DAMAGED]
+        if damaged:  # restore would refuse it: say so now, not at the first restore
+            s = damaged[0]
+            raise CorruptCheckpointError(
+                f"step {s.step} of {self.directory} has a damaged manifest ({s.why}); "
+                "restore it from a backup, or move it out of the directory",
+                [f"{s.storage.display}: {s.why}" for s in damaged],
+            )
+        if clean:
+            # Clean-up never touches what a live save holds, of this job or
+            # another one sharing the directory: an attempt whose lock is held
+            # (POSIX) or that started recently (object stores) is left alone,
+            # with its step.
+            for name, _ in found.deleting:
+                aside = parent.child(name)
                 if not any(aside.attempt_live(a) for a in aside.attempts()):
-                    parent.remove_entry(entry)
-                continue
-            match = STEP_RE.match(entry)
-            if not match:
-                continue  # foreign: never listed, never deleted
-            storage = parent.child(entry)
-            raw = storage.read_manifest()
-            if raw is None:
-                inside = storage.entries()
-                ours = all(_layout.is_ours(e) for e in inside)
-                if clean and ours:  # a crashed save, unless one is running in it
-                    parent.remove_leftover(entry, deleting_name(entry))
-                continue
-            manifest = _commit.load(storage, raw)
-            if clean:
-                # Also on object stores, where a commit's own clean-up leaves
-                # other attempts to this.
-                storage.remove_dead_attempts(keep=manifest.attempt)
-            record = manifest.manager if isinstance(manifest.manager, dict) else {}
-            metrics = record.get("metrics")
-            steps[int(match.group(1))] = metrics if isinstance(metrics, dict) else None
-        return steps
+                    parent.remove_entry(name)
+            for s in found.steps:
+                if s.state == _steps.UNCOMMITTED:
+                    if all(_layout.is_ours(e) for e in s.inside):  # a crashed save, unless live
+                        parent.remove_leftover(s.name, deleting_name(s.name))
+                else:  # also on object stores, where a commit leaves others to this
+                    s.storage.remove_dead_attempts(keep=s.manifest.attempt)
+        return {s.step: s.metrics for s in found.steps if s.state == _steps.COMMITTED}

@@ -547,3 +547,20 @@ def test_verify_all_fails_where_nothing_is_committed(tmp_path, capsys):
         f"nothing committed found at {junk}: it holds 1 uncommitted step(s) (7), "
         "1 other entry (notes.txt)" in err
     )
+
+
+def test_a_step_with_a_damaged_manifest_is_listed_as_damaged_not_committed(run_dir, capsys):
+    manifest = run_dir / "step_00000002" / "manifest.json"
+    raw = manifest.read_bytes()
+    # Still valid JSON, but the checksum no longer matches: restore refuses it.
+    manifest.write_bytes(raw.replace(b'"loss":0.2', b'"loss":0.1'))
+    with pytest.raises(distckpt.errors.CorruptCheckpointError):
+        distckpt.restore(run_dir / "step_00000002")
+    code, out, _ = _run(capsys, "ls", run_dir, "--json")
+    steps = {s["step"]: s for s in json.loads(out)["steps"]}
+    assert steps[2]["state"] == "damaged" and "checksum" in steps[2]["why"]
+    assert json.loads(out)["best"]["step"] == 3  # a damaged step is never best
+    _run(capsys, "gc", run_dir, "--min-age", "0")
+    assert manifest.read_bytes() != raw and manifest.exists()  # gc never touches it
+    with pytest.raises(distckpt.errors.CorruptCheckpointError, match="step 2 .* damaged"):
+        distckpt.CheckpointManager(run_dir)

@@ -95,13 +95,9 @@ def _remove(o: Outcome) -> tuple[str, str]:
     # An attempt or temporary manifest inside a committed step (or checkpoint).
     if name.startswith(ATTEMPT_PREFIX) and _scan.attempt_locked(parent, name):
         return "kept", "a running save holds its lock"
-    try:
-        doc = _scan.read_manifest_doc(parent)
-    except (ValueError, OSError) as e:
-        return "kept", f"the step's {MANIFEST_NAME} is unreadable now ({e})"
-    attempt = doc.get("attempt") if doc else None
+    attempt, why = _scan.read_attempt(parent)
     if attempt is None:
-        return "kept", f"the step has no readable {MANIFEST_NAME} now"
+        return "kept", f"the step has no intact {MANIFEST_NAME} now ({why})"
     if name == attempt or name == f"{TMP_MANIFEST_PREFIX}{attempt}":
         return "kept", "the step's manifest names it now (a save committed it)"
     if os.path.isdir(o.path):

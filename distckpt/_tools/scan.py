@@ -18,17 +18,14 @@ untouched for longer than that belongs to no live save; the default
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from distckpt import _location, _storage
+from distckpt import _location, _steps, _storage
 from distckpt._layout import (
     ATTEMPT_PREFIX,
-    DELETING_RE,
     MANIFEST_NAME,
-    STEP_RE,
     TMP_MANIFEST_PREFIX,
 )
 from distckpt._retention import metric_value, rank
@@ -150,44 +147,44 @@ def _leftover(
     return Leftover(path, kind, size, age, age >= min_age_s and not locked, locked=locked, **kw)
 
 
-def read_manifest_doc(step_dir: str) -> dict | None:
-    """The parsed manifest of a step; None if absent. Raises ValueError if unreadable."""
-    try:
-        with open(os.path.join(step_dir, MANIFEST_NAME), "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    return _doc(raw)
+def read_attempt(step_dir: str) -> tuple[str | None, str]:
+    """(attempt the step's checked manifest names, "") or (None, why not)."""
+    manifest, _, why = _steps.read_checked(_storage.PosixStorage(step_dir))
+    if manifest is not None:
+        return manifest.attempt, ""
+    return None, why or f"no {MANIFEST_NAME}"
 
 
-def _committed_step(step: int, path: str, doc: dict, manifest_bytes: int | None = None) -> Step:
-    files = doc.get("files", [])
-    per_process = [0] * max(1, int(doc.get("process_count") or 1))
-    for f in files:
-        p = int(f.get("process", 0))
+def _committed_step(entry: _steps.StepEntry, path: str) -> Step:
+    m = entry.manifest
+    assert m is not None
+    per_process = [0] * max(1, m.process_count)
+    for info in m.files.values():
+        p = int(info["process"])
         if p >= len(per_process):
             per_process.extend([0] * (p + 1 - len(per_process)))
-        per_process[p] += int(f.get("bytes", 0))
-    manager = doc.get("manager") if isinstance(doc.get("manager"), dict) else {}
+        per_process[p] += int(info["bytes"])
+    record = m.manager if isinstance(m.manager, dict) else {}
     return Step(
-        step=step,
+        step=entry.step,
         path=path,
         state="committed",
-        bytes=sum(int(f.get("bytes", 0)) for f in files),
-        manifest_bytes=(
-            os.path.getsize(os.path.join(path, MANIFEST_NAME))
-            if manifest_bytes is None
-            else manifest_bytes
-        ),
-        process_count=doc.get("process_count"),
-        device_count=doc.get("device_count"),
-        created=doc.get("created", ""),
-        metrics=manager.get("metrics") if isinstance(manager.get("metrics"), dict) else None,
-        save_stats=doc.get("save_stats"),
+        bytes=sum(per_process),
+        manifest_bytes=entry.manifest_bytes,
+        process_count=m.process_count,
+        device_count=m.device_count,
+        created=m.created,
+        metrics=entry.metrics,
+        save_stats=m.save_stats,
         bytes_per_process=per_process,
-        attempt=doc.get("attempt"),
-        storage=manager.get("storage"),
+        attempt=m.attempt,
+        storage=record.get("storage") if isinstance(record.get("storage"), dict) else None,
     )
+
+
+def _damaged(entry: _steps.StepEntry, path: str, size: int = 0) -> Step:
+    why = f"{MANIFEST_NAME} is damaged ({entry.why})"
+    return Step(entry.step, path, "damaged", why=why, bytes=size)
 
 
 def _inside_step(
@@ -212,6 +209,11 @@ def scan(
 ) -> Scan:
     """Looks at a manager directory (or a single checkpoint directory); writes nothing.
 
+    Steps and manifests are read through the engine's one walker
+    (``_steps.walk``), so a step is listed as committed exactly when a
+    restore would accept its manifest. On a filesystem, sizes, ages and
+    locks come from the files themselves.
+
     Raises:
       FileNotFoundError / NotADirectoryError: ``directory`` is not a directory.
     """
@@ -220,51 +222,47 @@ def scan(
     if loc.spec is not None:
         return _scan_kv(loc, min_age_s)  # s3://, gs://, memory://, a kvstore spec
     directory = loc.path
+    assert directory is not None
     if not os.path.isdir(directory):
         what = "does not exist" if not os.path.exists(directory) else "is not a directory"
         raise FileNotFoundError(
             f"{directory} {what}; pass a CheckpointManager directory (it holds step_XXXXXXXX "
             "subdirectories) or a checkpoint directory"
         )
+    root = _storage.PosixStorage(directory)
     if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
-        return _scan_checkpoint(directory, min_age_s, now)
-    steps, leftovers, foreign = [], [], []
-    for entry in sorted(os.listdir(directory)):
-        path = os.path.join(directory, entry)
-        m = DELETING_RE.match(entry)
-        if m and os.path.isdir(path):
-            leftovers.append(
-                _leftover(
-                    path,
-                    HALF_DELETED,
-                    min_age_s,
-                    now,
-                    step=int(m[1]),
-                    note="a deletion by retention or delete() that did not finish",
-                )
+        return _scan_checkpoint(root, min_age_s, now)
+    found = _steps.walk(root)
+    steps, leftovers, foreign = [], [], list(found.foreign)
+    for name, number in found.deleting:
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            foreign.append(name)
+            continue
+        leftovers.append(
+            _leftover(
+                path,
+                HALF_DELETED,
+                min_age_s,
+                now,
+                step=number,
+                note="a deletion by retention or delete() that did not finish",
             )
-            continue
-        m = STEP_RE.match(entry)
-        if not m or not os.path.isdir(path):
-            foreign.append(entry)
-            continue
-        step = int(m[1])
-        try:
-            doc = read_manifest_doc(path)
-        except (ValueError, OSError) as e:
+        )
+    for entry in found.steps:
+        path = os.path.join(directory, entry.name)
+        if entry.state == _steps.DAMAGED:
             size, _ = tree_size_and_mtime(path)
-            steps.append(
-                Step(step, path, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})", bytes=size)
-            )
+            steps.append(_damaged(entry, path, size))
             continue
-        if doc is not None:
-            s = _committed_step(step, path, doc)
+        if entry.state == _steps.COMMITTED:
+            s = _committed_step(entry, path)
             steps.append(s)
-            leftovers += _inside_step(path, s.attempt, min_age_s, now, step)
+            leftovers += _inside_step(path, s.attempt, min_age_s, now, entry.step)
             continue
-        inside = sorted(os.listdir(path))
+        inside = entry.inside
         ours = [e for e in inside if e.startswith((ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX))]
-        left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, listing=inside, step=step)
+        left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, listing=inside, step=entry.step)
         others = sorted(set(inside) - set(ours))
         if others:
             left.removable = False
@@ -281,23 +279,29 @@ def scan(
                 state = "a save may be in progress"
             why = f"no {MANIFEST_NAME}: {len(ours)} save attempt(s), {when}; {state}"
         left.note = left.note or why
-        steps.append(Step(step, path, "uncommitted", why=why, bytes=left.bytes))
+        steps.append(Step(entry.step, path, "uncommitted", why=why, bytes=left.bytes))
         leftovers.append(left)
-    steps.sort(key=lambda s: s.step)
+    foreign.sort()
     return Scan(directory, steps, leftovers, foreign, min_age_s)
 
 
-def _scan_checkpoint(directory: str, min_age_s: float, now: float) -> Scan:
-    try:
-        doc = read_manifest_doc(directory)
-        step = _committed_step((doc.get("manager") or {}).get("step") or 0, directory, doc)
-        attempt = step.attempt
-        steps = [step]
-    except (ValueError, OSError) as e:
-        steps = [Step(0, directory, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})")]
-        attempt = None
-    leftovers = [] if attempt is None else _inside_step(directory, attempt, min_age_s, now, None)
-    return Scan(directory, steps, leftovers, [], min_age_s, is_checkpoint=True)
+def _single(root: _storage.Storage, where: str) -> _steps.StepEntry:
+    """The checkpoint at ``root`` as a step entry (its manager record's step, or 0)."""
+    entry = _steps.entry(root, "", 0)
+    if entry.manifest is not None and isinstance(entry.manifest.manager, dict):
+        number = entry.manifest.manager.get("step")
+        entry.step = number if isinstance(number, int) else 0
+    return entry
+
+
+def _scan_checkpoint(root: _storage.PosixStorage, min_age_s: float, now: float) -> Scan:
+    directory = root.path
+    entry = _single(root, directory)
+    if entry.state != _steps.COMMITTED:
+        return Scan(directory, [_damaged(entry, directory)], [], [], min_age_s, is_checkpoint=True)
+    step = _committed_step(entry, directory)
+    leftovers = _inside_step(directory, step.attempt, min_age_s, now, None)
+    return Scan(directory, [step], leftovers, [], min_age_s, is_checkpoint=True)
 
 
 _KV_NOTE = (
@@ -306,18 +310,9 @@ _KV_NOTE = (
 )
 
 
-def _doc(raw: bytes) -> dict:
-    """A manifest's JSON object; ValueError if it is not a distckpt manifest."""
-    doc = json.loads(raw)
-    if not isinstance(doc, dict) or doc.get("format") != "distckpt":
-        raise ValueError(f"format is {doc.get('format') if isinstance(doc, dict) else doc!r}")
-    return doc
-
-
 def _scan_kv(location: _location.Location, min_age_s: float) -> Scan:
     """``scan`` of an object store or kvstore location, through the storage layer.
 
-    Committed means a manifest reads back; the listing only proposes names.
     Leftovers are reported but never marked removable: without locks or
     reliable ages, gc cannot tell them from a save in progress.
     """
@@ -331,40 +326,36 @@ def _scan_kv(location: _location.Location, min_age_s: float) -> Scan:
             if a != attempt
         ]
 
-    raw = root.read_manifest()
-    if raw is not None:
-        try:
-            doc = _doc(raw)
-        except ValueError as e:
-            bad = Step(0, where, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})")
-            return Scan(where, [bad], [], [], min_age_s, is_checkpoint=True)
-        step = _committed_step((doc.get("manager") or {}).get("step") or 0, where, doc, len(raw))
-        leftovers = inside(root, where, step.attempt, None)
-        return Scan(where, [step], leftovers, [], min_age_s, is_checkpoint=True)
-    steps, leftovers, foreign = [], [], []
-    for entry in root.entries():
-        m = STEP_RE.match(entry)
-        if not m:
-            foreign.append(entry)
-            continue
-        number, path, child = int(m[1]), f"{where}/{entry}", root.child(entry)
-        raw = child.read_manifest()
-        if raw is None:
+    if root.read_manifest() is not None:
+        entry = _single(root, where)
+        if entry.state != _steps.COMMITTED:
+            return Scan(where, [_damaged(entry, where)], [], [], min_age_s, is_checkpoint=True)
+        step = _committed_step(entry, where)
+        return Scan(
+            where,
+            [step],
+            inside(root, where, step.attempt, None),
+            [],
+            min_age_s,
+            is_checkpoint=True,
+        )
+    found = _steps.walk(root)
+    steps, leftovers = [], []
+    for entry in found.steps:
+        path = f"{where}/{entry.name}"
+        if entry.state == _steps.UNCOMMITTED:
             why = f"no {MANIFEST_NAME}: an interrupted save, or a save in progress"
-            steps.append(Step(number, path, "uncommitted", why=why))
+            steps.append(Step(entry.step, path, "uncommitted", why=why))
             leftovers.append(
-                Leftover(path, INTERRUPTED_SAVE, 0, 0.0, False, number, False, _KV_NOTE)
+                Leftover(path, INTERRUPTED_SAVE, 0, 0.0, False, entry.step, False, _KV_NOTE)
             )
-            continue
-        try:
-            s = _committed_step(number, path, _doc(raw), len(raw))
-        except ValueError as e:
-            steps.append(Step(number, path, "damaged", why=f"{MANIFEST_NAME} is unreadable ({e})"))
-            continue
-        steps.append(s)
-        leftovers += inside(child, path, s.attempt, number)
-    steps.sort(key=lambda s: s.step)
-    return Scan(where, steps, leftovers, foreign, min_age_s)
+        elif entry.state == _steps.DAMAGED:
+            steps.append(_damaged(entry, path))
+        else:
+            s = _committed_step(entry, path)
+            steps.append(s)
+            leftovers += inside(entry.storage, path, s.attempt, entry.step)
+    return Scan(where, steps, leftovers, sorted(found.foreign), min_age_s)
 
 
 def format_age(seconds: float) -> str:
