@@ -13,7 +13,7 @@ import crc32c
 from distckpt import _codec, _layout, _plan, _tree
 from distckpt._manifest import MANIFEST_NAME, Manifest
 from distckpt._plan import ChunkRecord, LeafSpec
-from distckpt._storage import Storage
+from distckpt._storage import Preflight, Storage, named_attempt
 from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -179,13 +179,15 @@ def not_committed(storage: Storage) -> NotCommittedError:
     )
 
 
-def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> None:
-    """Primary, before any data is written: overwrite policy and free space."""
-    storage.overwrite = overwrite  # the commit enforces it again, atomically
-    # On an object store this read also fixes the manifest generation the
-    # commit is conditional on (see KvStorage.commit_manifest).
-    existing = storage.preflight_manifest()
-    if not overwrite and existing is not None:
+def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> Preflight:
+    """Primary, before any data is written: overwrite policy and free space.
+
+    Returns what was found, which the commit takes: it enforces the policy
+    again, atomically (on an object store, conditional on the manifest
+    generation read here).
+    """
+    found = storage.preflight(overwrite=overwrite)
+    if not overwrite and found.manifest is not None:
         raise CheckpointExistsError(
             f"a committed checkpoint already exists at {storage.display}; pass overwrite=True to "
             "replace it (the old one stays readable until the new one commits) or choose another path."
@@ -197,6 +199,7 @@ def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> Non
             f"{estimated_bytes} bytes and {free} are free. Nothing was written; free space "
             "(fewer kept steps) or save elsewhere."
         )
+    return found
 
 
 def report_json(
@@ -267,7 +270,7 @@ def discard_unless_committed(storage: Storage, attempt: str) -> None:
     manifest already names it (the failure came after the commit point)."""
     try:
         raw = storage.read_manifest()
-        if raw is not None and json.loads(raw).get("attempt") == attempt:
+        if raw is not None and named_attempt(raw) == attempt:
             return
         storage.remove_attempt(attempt)
     except (OSError, ValueError):
@@ -276,14 +279,14 @@ def discard_unless_committed(storage: Storage, attempt: str) -> None:
         storage.release_attempt(attempt)
 
 
-def commit(storage: Storage, manifest: Manifest) -> None:
+def commit(storage: Storage, manifest: Manifest, preflight: Preflight) -> None:
     """Primary: makes the attempt the checkpoint, then removes older attempts."""
     # IMPORTANT: called only after every process reported that its files are
     # written and fsync'd (the barrier of the write phase).
     try:
-        storage.commit_manifest(manifest.to_json(), manifest.attempt)
+        storage.commit_manifest(manifest.to_json(), manifest.attempt, preflight)
         # Leftovers of failed saves go; an attempt another job is still
-        # writing into this directory does not (it is locked).
-        storage.remove_stale_attempts(keep=manifest.attempt)
+        # writing into this directory does not (it is live).
+        storage.remove_stale_attempts(manifest.attempt, preflight)
     finally:
         storage.release_attempt(manifest.attempt)

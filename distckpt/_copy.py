@@ -70,7 +70,7 @@ def copy(
         leaves, recode = manifest.leaves, None
     total = sum(info["bytes"] for info in manifest.files.values())
     target = open_storage(dst)
-    _commit.preflight(target, overwrite=overwrite, estimated_bytes=total)
+    found = _commit.preflight(target, overwrite=overwrite, estimated_bytes=total)
     attempt = _layout.new_attempt()
     target.prepare_attempt(attempt)
     try:
@@ -89,7 +89,7 @@ def copy(
             copied = dataclasses.replace(
                 copied, leaves=leaves, chunks=recode.chunks(), files=recode.files
             )
-        _commit.commit(target, copied)
+        _commit.commit(target, copied, found)
     except BaseException:
         _commit.discard_unless_committed(target, attempt)
         raise

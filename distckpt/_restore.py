@@ -601,7 +601,7 @@ def _check_files_hold(
     would first try to allocate it all. Missing files are left to the read,
     which names them per leaf.
     """
-    if not getattr(reader, "cheap_size", False):
+    if not reader.sizes_are_cheap():
         return
     problems = []
     for r in ranges:

@@ -229,7 +229,9 @@ class SaveJob:
             out["per_process"] = _stage.per_process_leaves([leaf for _, leaf in items], specs)
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
-            _commit.preflight(self.storage, overwrite=self.overwrite, estimated_bytes=estimate)
+            self.preflight = _commit.preflight(
+                self.storage, overwrite=self.overwrite, estimated_bytes=estimate
+            )
             self.attempt = out["attempt"] = _layout.new_attempt()
             self.storage.prepare_attempt(self.attempt)
         return out
@@ -301,7 +303,7 @@ class SaveJob:
         manifest.save_stats = stats
         manifest.manager = self.manager
         manifest.process_state = self._gather_pipeline_states()
-        _commit.commit(self.storage, manifest)
+        _commit.commit(self.storage, manifest, self.preflight)
         return stats
 
     def _gather_pipeline_states(self) -> dict | None:
@@ -366,7 +368,7 @@ def _write_files(
         # per chunk would fault in new pages for every byte written.
         scratch = np.empty(max((c.nbytes for c in fw.chunks), default=0), np.uint8)
         # A local file's descriptor, if the storage has one (object stores do not).
-        fd = getattr(writer, "fd", None) if _start_writeback is not None else None
+        fd = writer.fd() if _start_writeback is not None else None
         kicked = 0  # bytes of this file handed to the disk so far
         try:
             fetched: dict = {}

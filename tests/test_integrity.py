@@ -160,8 +160,8 @@ def test_failure_after_the_commit_point_keeps_the_new_checkpoint(tmp_path, monke
     distckpt.save(tmp_path / "c", {"v": np.zeros(3)})
     original = _storage.PosixStorage.commit_manifest
 
-    def rename_then_fail(self, raw, attempt):
-        original(self, raw, attempt)
+    def rename_then_fail(self, raw, attempt, preflight):
+        original(self, raw, attempt, preflight)
         raise OSError(5, "injected EIO after the rename")
 
     monkeypatch.setattr(_storage.PosixStorage, "commit_manifest", rename_then_fail)

@@ -58,21 +58,19 @@ def test_memory_commit_is_create_only():
     """A commit that finds a manifest preflight did not see loses, cleanly."""
     url = f"memory://{uuid.uuid4().hex}"
     a, b = _storage.open_storage(url), _storage.open_storage(url)
-    for s in (a, b):
-        s.overwrite = False
-        assert s.preflight_manifest() is None
-    b.commit_manifest(b'{"attempt": "attempt-b"}', "attempt-b")
+    pa, pb = (s.preflight(overwrite=False) for s in (a, b))
+    assert pa.manifest is None and pb.manifest is None
+    b.commit_manifest(b'{"attempt": "attempt-b"}', "attempt-b", pb)
     with pytest.raises(CheckpointExistsError, match="appeared while this save was writing"):
-        a.commit_manifest(b'{"attempt": "attempt-a"}', "attempt-a")
+        a.commit_manifest(b'{"attempt": "attempt-a"}', "attempt-a", pa)
     assert a.read_manifest() == b'{"attempt": "attempt-b"}'
     # overwrite=True: conditional on the generation preflight read.
     c, d = _storage.open_storage(url), _storage.open_storage(url)
-    for s in (c, d):
-        s.overwrite = True
-        assert s.preflight_manifest() is not None
-    d.commit_manifest(b'{"attempt": "attempt-d"}', "attempt-d")
+    pc, pd = (s.preflight(overwrite=True) for s in (c, d))
+    assert pc.manifest is not None and pd.manifest is not None
+    d.commit_manifest(b'{"attempt": "attempt-d"}', "attempt-d", pd)
     with pytest.raises(CheckpointExistsError, match="was replaced by another save"):
-        c.commit_manifest(b'{"attempt": "attempt-c"}', "attempt-c")
+        c.commit_manifest(b'{"attempt": "attempt-c"}', "attempt-c", pc)
     assert c.read_manifest() == b'{"attempt": "attempt-d"}'
 
 

@@ -1,0 +1,41 @@
+"""Where checkpoint bytes live: the interface and its two backends.
+
+``interface`` says what the pipelines ask of a location and in what order;
+``posix`` implements it for filesystems, ``kvstore`` for object stores and
+everything TensorStore's kvstore reaches. :func:`open_storage` picks one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from distckpt import _location
+from distckpt._storage.interface import ALIGN as ALIGN
+from distckpt._storage.interface import Preflight as Preflight
+from distckpt._storage.interface import Reader as Reader
+from distckpt._storage.interface import Storage as Storage
+from distckpt._storage.interface import Writer as Writer
+from distckpt._storage.interface import aligned_empty as aligned_empty
+from distckpt._storage.interface import named_attempt as named_attempt
+from distckpt._storage.kvstore import KvStorage as KvStorage
+from distckpt._storage.posix import PosixStorage as PosixStorage
+from distckpt._storage.posix import list_dir as list_dir
+from distckpt._storage.posix import remove_aside as remove_aside
+from distckpt._storage.posix import remove_tree as remove_tree
+
+
+def open_storage(directory: Any) -> Storage:
+    """The storage for a checkpoint location (see ``_location``): a path, an
+    ``s3://``/``gs://``/``memory://`` URL or a kvstore spec."""
+    loc = _location.parse(directory)
+    if loc.spec is not None:
+        return KvStorage(loc.spec, display=loc.display)
+    path = loc.path
+    assert path is not None
+    backend = os.environ.get("DISTCKPT_IO_BACKEND", "posix")
+    if backend not in ("posix", "tensorstore"):
+        raise ValueError(f"DISTCKPT_IO_BACKEND must be 'posix' or 'tensorstore', got {backend!r}")
+    if backend == "tensorstore":
+        return KvStorage({"driver": "file", "path": path + "/"}, display=path, local_path=path)
+    return PosixStorage(path)
