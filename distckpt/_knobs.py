@@ -11,15 +11,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class _Knob:
     env: str
-    default: float
-    kind: type
+    default: float | str | bool | None  # None: unset unless given (the library's default)
+    kind: type  # float, int, bool or str
     minimum: float
     help: str
+    choices: tuple[str, ...] = ()  # for str knobs
 
 
 _KNOBS: dict[str, _Knob] = {
@@ -68,28 +70,73 @@ _KNOBS: dict[str, _Knob] = {
         "age below which an unfinished save attempt on an object store (which "
         "has no locks) counts as a save in progress that clean-up must not touch",
     ),
+    "io_backend": _Knob(
+        "DISTCKPT_IO_BACKEND",
+        "posix",
+        str,
+        0,
+        "backend for filesystem paths: posix (direct I/O, the default) or tensorstore "
+        "(through TensorStore's file kvstore)",
+        choices=("posix", "tensorstore"),
+    ),
+    "s3_conditional_write": _Knob(
+        "DISTCKPT_S3_CONDITIONAL_WRITE",
+        True,
+        bool,
+        0,
+        "whether commits to S3 use conditional writes (If-None-Match / If-Match); turn "
+        "off only for a store that rejects them, losing the protection against two "
+        "concurrent commits",
+    ),
+    "storage_retries": _Knob(
+        "DISTCKPT_STORAGE_RETRIES",
+        None,
+        int,
+        1,
+        "times TensorStore retries a failed object-store request before the operation "
+        "fails with StorageUnavailableError (unset: TensorStore's default)",
+    ),
+    "storage_retry_delay_s": _Knob(
+        "DISTCKPT_STORAGE_RETRY_DELAY_S",
+        None,
+        float,
+        1e-6,
+        "first delay between object-store retries, in seconds (unset: TensorStore's default)",
+    ),
 }
 
-_overrides: dict[str, float] = {}
+_overrides: dict[str, Any] = {}
 
 
-def get(name: str, value: float | None = None) -> float:
-    """Returns the knob's value: ``value`` if given, else override, env, default."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def get(name: str, value: Any = None) -> Any:
+    """Returns the knob's value: ``value`` if given, else override, env, default.
+
+    The value has the knob's type; a knob whose default is None returns None
+    when nothing sets it.
+    """
     knob = _KNOBS[name]
     source = "argument"
     if value is None:
         if name in _overrides:
             value, source = _overrides[name], "knobs.override"
         elif knob.env in os.environ:
-            raw, source = os.environ[knob.env], f"environment variable {knob.env}"
-            try:
-                value = knob.kind(float(raw))
-            except ValueError:
-                raise ValueError(
-                    f"{knob.env}={raw!r} is not a number; it sets the {knob.help}."
-                ) from None
+            value, source = _parse(knob, os.environ[knob.env]), f"environment variable {knob.env}"
         else:
             value, source = knob.default, "default"
+    if value is None:
+        return None
+    if knob.kind is str:
+        if value not in knob.choices:
+            raise ValueError(
+                f"{name} must be one of {', '.join(knob.choices)}, got {value!r} (from "
+                f"{source}); it sets the {knob.help}."
+            )
+        return value
+    if knob.kind is bool:
+        return bool(value)
     if value < knob.minimum:
         raise ValueError(
             f"{name} must be >= {knob.minimum}, got {value} (from {source}); "
@@ -98,8 +145,22 @@ def get(name: str, value: float | None = None) -> float:
     return knob.kind(value)
 
 
+def _parse(knob: _Knob, raw: str) -> Any:
+    if knob.kind is str:
+        return raw.strip()
+    if knob.kind is bool:
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(f"{knob.env}={raw!r} is not 0 or 1; it sets the {knob.help}.")
+        return word in _TRUE
+    try:
+        return knob.kind(float(raw))
+    except ValueError:
+        raise ValueError(f"{knob.env}={raw!r} is not a number; it sets the {knob.help}.") from None
+
+
 @contextlib.contextmanager
-def override(**values: float) -> Iterator[None]:
+def override(**values: Any) -> Iterator[None]:
     """Temporarily sets knobs (for tests): ``with override(chunk_bytes=4096): ...``."""
     unknown = set(values) - set(_KNOBS)
     if unknown:

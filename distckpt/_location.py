@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from distckpt import _knobs
+
 OBJECT_DRIVERS = ("s3", "gcs")
 
 
@@ -134,10 +136,7 @@ def _bucket_spec(scheme: str, bucket: str, prefix: str) -> dict:
 
 
 def _s3_conditional_write() -> bool:
-    value = os.environ.get("DISTCKPT_S3_CONDITIONAL_WRITE", "1").strip().lower()
-    if value not in ("0", "1", "true", "false", "yes", "no"):
-        raise ValueError(f"DISTCKPT_S3_CONDITIONAL_WRITE must be 0 or 1, got {value!r}")
-    return value in ("1", "true", "yes")
+    return bool(_knobs.get("s3_conditional_write"))
 
 
 def _dir_path(path: str) -> str:
@@ -160,20 +159,14 @@ def _display(spec: dict) -> str:
 def context_spec() -> dict:
     """TensorStore context resources for every kvstore this process opens."""
     out: dict = {}
-    retries = os.environ.get("DISTCKPT_STORAGE_RETRIES")
-    delay = os.environ.get("DISTCKPT_STORAGE_RETRY_DELAY_S")
+    retries = _knobs.get("storage_retries")
+    delay = _knobs.get("storage_retry_delay_s")
     if retries is None and delay is None:
         return out
     policy: dict = {}
     if retries is not None:
-        n = int(retries)
-        if n < 1:
-            raise ValueError(f"DISTCKPT_STORAGE_RETRIES must be >= 1, got {retries!r}")
-        policy["max_retries"] = n
+        policy["max_retries"] = retries
     if delay is not None:
-        d = float(delay)
-        if d <= 0:
-            raise ValueError(f"DISTCKPT_STORAGE_RETRY_DELAY_S must be > 0, got {delay!r}")
-        policy["initial_delay"] = f"{d * 1000:.0f}ms"
-        policy["max_delay"] = f"{d * 8 * 1000:.0f}ms"
+        policy["initial_delay"] = f"{delay * 1000:.0f}ms"
+        policy["max_delay"] = f"{delay * 8 * 1000:.0f}ms"
     return {"s3_request_retries": policy, "gcs_request_retries": policy}

@@ -7,10 +7,9 @@ everything TensorStore's kvstore reaches. :func:`open_storage` picks one.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from distckpt import _location
+from distckpt import _knobs, _location
 from distckpt._storage.interface import ALIGN as ALIGN
 from distckpt._storage.interface import Preflight as Preflight
 from distckpt._storage.interface import Reader as Reader
@@ -33,9 +32,6 @@ def open_storage(directory: Any) -> Storage:
         return KvStorage(loc.spec, display=loc.display)
     path = loc.path
     assert path is not None
-    backend = os.environ.get("DISTCKPT_IO_BACKEND", "posix")
-    if backend not in ("posix", "tensorstore"):
-        raise ValueError(f"DISTCKPT_IO_BACKEND must be 'posix' or 'tensorstore', got {backend!r}")
-    if backend == "tensorstore":
+    if _knobs.get("io_backend") == "tensorstore":
         return KvStorage({"driver": "file", "path": path + "/"}, display=path, local_path=path)
     return PosixStorage(path)
