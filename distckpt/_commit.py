@@ -227,6 +227,7 @@ def build_manifest(
     user_metadata: object,
     created: str,
     versions: dict[str, str],
+    structure: list | None = None,
 ) -> Manifest:
     """Primary: merges the per-process reports and checks that every element
     of every stored leaf was written exactly once."""
@@ -262,6 +263,7 @@ def build_manifest(
         user_metadata=user_metadata,
         created=created,
         versions=versions,
+        structure=structure,
     )
 
 

@@ -35,6 +35,9 @@ class Manifest:
     manager: dict | None = None  # CheckpointManager's record: step, metrics
     # Data-pipeline states: {"mode": "per-process" | "global", "states": [json, ...]}
     process_state: dict | None = None
+    # The saved tree's containers (_tree.walk, docs/format.md); None in a checkpoint
+    # written before the record existed. Ignored by older readers: no version bump.
+    structure: list | None = None
 
     @property
     def written_version(self) -> int:
@@ -77,6 +80,8 @@ class Manifest:
             "files": [{"name": n, **self.files[n]} for n in file_names],
             "leaves": leaves,
         }
+        if self.structure is not None:
+            doc["structure"] = self.structure
         return seal(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -129,6 +134,7 @@ class Manifest:
                 save_stats=doc.get("save_stats"),
                 manager=doc.get("manager"),
                 process_state=doc.get("process_state"),
+                structure=_structure(doc.get("structure")),
             )
         except _NewerFormat as e:
             raise CorruptCheckpointError(
@@ -141,6 +147,12 @@ class Manifest:
                 "The checkpoint's metadata is damaged; restore an older step or a backup.",
                 [f"{where}: {e}"],
             ) from e
+
+
+def _structure(record: Any) -> list | None:
+    if record is not None and not isinstance(record, list):
+        raise ValueError(f"structure is a {type(record).__name__}, expected an array")
+    return record
 
 
 class _NewerFormat(Exception):

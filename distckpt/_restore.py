@@ -85,7 +85,11 @@ def restore(
         was saved from; a numpy array: the full value on the host; a Python
         int/float/bool/str: the saved Python value; ``None``: nothing (the
         subtree under it is skipped). ``target=None`` returns every leaf as a
-        host numpy array (Python values as saved), in plain dicts and lists.
+        host numpy array (Python values as saved) in the saved containers:
+        dicts in their order, lists, tuples, empty ones, namedtuples (their
+        class if already imported), other nodes as dicts of their fields
+        (docs/training_state.md). Checkpoints written before distckpt
+        recorded containers, and Orbax ones, give plain dicts and lists.
       partial: allow ``target`` to be a subtree of what was saved.
       cast: allow dtypes (and Python number types) to differ; values are
         converted. Without it a dtype difference is an error.
@@ -105,7 +109,7 @@ def restore(
         ``DISTCKPT_TIMEOUT_S``).
 
     Returns:
-      A tree of ``target``'s structure (or plain containers for ``target=None``).
+      A tree of ``target``'s structure (or the saved one for ``target=None``).
 
     Raises:
       NotCommittedError: nothing committed at ``directory``.
@@ -145,9 +149,7 @@ def restore(
         if target is None:
             wants = [want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
             values = _execute(storage, manifest, wants, len(wants))
-            result["tree"] = _tree.unflatten_plain(
-                [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
-            )
+            result["tree"] = rebuild(manifest, values, storage.display)
         else:
             migration = _migrate.Migration.build(rename, drop, init)
             result["tree"] = _restore_into(storage, manifest, target, partial, cast, migration)
@@ -184,6 +186,26 @@ def _restore_into(
         )
     values = _execute(storage, manifest, wants, len(items))
     return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
+    """The saved tree around ``values`` (one per saved leaf): what ``restore(dir)`` returns.
+
+    With the manifest's ``structure`` record, containers come back as saved;
+    a checkpoint written before the record existed gives plain dicts and lists.
+    """
+    items = [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
+    if manifest.structure is None:
+        return _tree.unflatten_plain(items)
+    try:
+        return _tree.rebuild(manifest.structure, items)
+    except _tree.StructureError as e:
+        raise CorruptCheckpointError(
+            f"the manifest of {where} is damaged: its record of the saved containers does not "
+            f"fit its leaves ({e}). Restore with a target (distckpt.abstract_like of your "
+            "state), which does not use that record, or restore an older step.",
+            [f"{where}: structure: {e}"],
+        ) from None
 
 
 # --------------------------------------------------------------------------- matching

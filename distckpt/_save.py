@@ -159,6 +159,7 @@ class SaveJob:
         self.compression, self.compression_level = compression, compression_level
         self.attempt: str | None = None
         self.pool: _stage.HostPool | None = None
+        self.structure: list | None = None  # the tree's containers, for the manifest
 
     def start(self, *, copy: bool, pool: _stage.HostPool | None = None) -> None:
         """Collective: prepare phase and host staging. Raises on every process alike."""
@@ -194,7 +195,7 @@ class SaveJob:
         return SaveStats(**{**stats, "bytes_per_process": tuple(stats["bytes_per_process"])})
 
     def _prepare(self) -> dict:
-        items, _ = _tree.flatten(self.tree)
+        items, self.structure = _tree.walk(self.tree)  # any depth; records the containers
         specs, problems = [], []
         for path, leaf in items:
             spec, problem = _stage.describe(path, leaf)
@@ -288,6 +289,7 @@ class SaveJob:
             user_metadata=self.user_metadata,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             versions=_versions(),
+            structure=self.structure,
         )
         timings = [json.loads(r)["timing"] for r in reports]
         per_process = [0] * self.coll.count

@@ -110,7 +110,7 @@ class CheckpointHandler:
 
         With a pytree ``target`` the result has its structure, types,
         shapes and shardings; without one, host numpy arrays and Python
-        values in plain dicts and lists. A ``Checkpointable`` target gets
+        values in the containers they were saved in (see ``distckpt.restore``). A ``Checkpointable`` target gets
         ``set_state`` and is returned. A missing step is an error that
         lists the steps there are; no other step is restored instead.
         """

@@ -178,6 +178,10 @@ def test_key_paths_never_name_files(original, tmp_path):
 
     def rename(doc, _):
         _leaf(doc, "w")["path"] = [["key", "../../escape"], ["key", "/etc/passwd"]]
+        root = doc["structure"][0]  # the record of containers says the same
+        slot = root[3].index(["key", "w"])
+        root[3][slot] = ["key", "../../escape"]
+        doc["structure"].append([0, slot, "dict", [["key", "/etc/passwd"]]])
 
     _edit(work, rename)
     before = _snapshot(tmp_path)

@@ -144,11 +144,14 @@ def test_structures_and_python_leaves(tmp_path):
     }
     distckpt.save(tmp_path / "c", tree, metadata={"note": "hello", "epoch": 2})
     plain = distckpt.restore(tmp_path / "c")
-    # Plain containers, with integer dict keys kept as ints and "1" kept a str.
-    assert set(plain["by_layer"]) == {0, 1}
+    # The saved containers, with integer dict keys kept as ints and "1" kept a str;
+    # the namedtuple as its (imported) class, the dataclass node as a dict of its fields.
+    assert list(plain["by_layer"]) == [0, 1]
     assert list(plain["str_digit_key"]) == ["1"]
     assert plain["py"] == {"i": 3, "f": 0.5, "b": False, "s": "text", "n": None, "big": 2**70}
-    assert isinstance(plain["opt"]["nu"], list)
+    assert type(plain["opt"]) is Pair and type(plain["opt"].nu) is tuple
+    assert type(plain["opt"].nu[1]) is list
+    assert list(plain["state"]) == ["params", "step"] and plain["state"]["step"] == 5
     # Into the real structure.
     target = jax.tree_util.tree_map(lambda a: a, tree)
     out = distckpt.restore(tmp_path / "c", target)
