@@ -9,11 +9,9 @@ from typing import Any
 
 import crc32c
 
-from distckpt import _codec, _commit, _faults, _layout, _plan, _reshard
+from distckpt import _codec, _commit, _faults, _layout, _plan, _read, _reshard
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
-
-_RANGE_BYTES = 16 << 20  # the most held in memory at once
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def _copy_file(
     writer = target.writer(attempt, name)
     try:
         at = 0
-        for r in _plan.plan_reads(chunks, max_range_bytes=_RANGE_BYTES):
+        for r in _plan.plan_reads(chunks, max_range_bytes=_read.RANGE_BYTES):
             if r.offset != at:
                 raise CorruptCheckpointError(
                     f"{reader.display}/{name}: bytes {at}..{r.offset} belong to no chunk; "
@@ -127,14 +125,13 @@ def _copy_file(
             if verify:
                 for c in r.chunks:
                     part = memoryview(data)[c.offset - r.offset : c.offset - r.offset + c.nbytes]
-                    if crc32c.crc32c(part) != c.crc32c:
-                        leaf = manifest.leaves[c.leaf].display
+                    bad = _read.chunk_problem(manifest.leaves[c.leaf], c, part, reader.display)
+                    if bad is not None:
                         raise CorruptCheckpointError(
-                            f"copy of {reader.display}: {leaf}: chunk at bytes "
-                            f"{c.offset}..{c.offset + c.nbytes} of {name} fails its crc32c; "
-                            "the source is damaged and nothing was committed at the "
-                            "destination. Copy an older step or a backup.",
-                            [f"{reader.display}/{name}: {leaf} at {c.offset}"],
+                            f"copy of {reader.display}: {bad}; the source is damaged and "
+                            "nothing was committed at the destination. Copy an older step "
+                            "or a backup.",
+                            [bad],
                         )
             if recode is None:
                 writer.write(memoryview(data))

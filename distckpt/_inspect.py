@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from distckpt import _commit, _knobs, _plan, _restore, _tree
+from distckpt import _commit, _knobs, _plan, _read, _tree
 from distckpt._storage import open_storage
-from distckpt.errors import CorruptCheckpointError
 
 
 @dataclass(frozen=True)
@@ -144,22 +143,18 @@ def verify(directory: Any, *, progress: Callable[[int, int], None] | None = None
             if size is None or size < info["bytes"]:
                 wrong_size.add(name)  # not read: its chunks could be anything, even absurd
         ranges = _plan.plan_reads(
-            (c for c in all_chunks if c.file not in wrong_size), max_range_bytes=16 << 20
+            (c for c in all_chunks if c.file not in wrong_size), max_range_bytes=_read.RANGE_BYTES
         )
         total, done, bad = sum(r.nbytes for r in ranges), 0, []
         with ThreadPoolExecutor(_knobs.get("io_threads")) as pool:
             for group in _groups(ranges, _PROGRESS_BYTES if progress else None):
-                bad.extend(_restore.read_ranges(reader, group, m, pool))
+                bad.extend(_read.read_ranges(reader, group, m, pool))
                 done += sum(r.nbytes for r in group)
                 if progress is not None:
                     progress(done, total)
     problems.extend(p for p in bad if p not in problems)
     if problems:
-        raise CorruptCheckpointError(
-            f"checkpoint at {storage.display} is corrupt ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems[:50]),
-            problems,
-        )
+        raise _read.corrupt(storage.display, problems, "every problem found is listed")
     return VerifyReport(
         directory=storage.display,
         leaves=len(m.leaves),

@@ -266,11 +266,11 @@ def inspect_command(path: str, as_json: bool) -> int:
     save timings and, for a manager's step, its step and metrics. An Orbax
     checkpoint is described too.
     """
-    from distckpt import _source
+    from distckpt import _sources
     from distckpt.errors import DistckptError
 
     try:
-        with _source.open_source(path) as src:
+        with _sources.open_source(path) as src:
             doc = _describe_source(src)
     except (DistckptError, OSError, ValueError) as e:
         raise _error(e) from e
@@ -555,7 +555,7 @@ def diff_command(
 
     Exit code 0 when there is no difference, 1 when there is.
     """
-    from distckpt import _migrate, _source
+    from distckpt import _migrate, _sources
     from distckpt._tools import diff as _diff
     from distckpt.errors import DistckptError
 
@@ -566,7 +566,7 @@ def diff_command(
         dict(r.split("=", 1) for r in renames) or None, list(drop) or None, None
     )
     try:
-        with _source.open_source(a) as src_a:
+        with _sources.open_source(a) as src_a:
             if migration is not None and not as_json:
                 mapped = _diff.renames(src_a, migration)
                 click.echo(f"mapping: {len(mapped)} of A's leaves renamed or dropped:")
@@ -582,7 +582,7 @@ def diff_command(
                 else:
                     _print_structure(problems, f"{src_a.display} against target {b}")
                 return EXIT_NEGATIVE if problems else EXIT_OK
-            with _source.open_source(b) as src_b:
+            with _sources.open_source(b) as src_b:
                 structure = _diff.structure(src_a, src_b, migration)
                 if not as_json:
                     _print_structure(structure, f"{src_a.display} (A) and {src_b.display} (B)")

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _source
+from distckpt import _sources
 from distckpt._tools import diff as _diff
 from distckpt._tools import gc as _gc
 from distckpt._tools import scan as _scan
@@ -244,7 +244,7 @@ def test_value_diff_streams_slabs_and_matches_numpy(tmp_path):
     x[5, 5] = y[5, 5] = np.nan  # NaN on both sides counts as equal
     distckpt.save(tmp_path / "x", {"v": x})
     distckpt.save(tmp_path / "y", {"v": y})
-    with _source.open_source(tmp_path / "x") as a, _source.open_source(tmp_path / "y") as b:
+    with _sources.open_source(tmp_path / "x") as a, _sources.open_source(tmp_path / "y") as b:
         assert len(a.slabs(0, 64)) > 50  # forced into many slabs
         (d,) = list(_diff.values(a, b, atol=1e-6, slab_bytes=64))
     assert d.status == "different" and d.mismatched == 2 and d.max_abs == np.inf
@@ -253,13 +253,13 @@ def test_value_diff_streams_slabs_and_matches_numpy(tmp_path):
 
 
 def test_row_slabs_cut_on_chunk_edges():
-    assert _source.row_slabs((), 4, 10) == [None]
-    assert _source.row_slabs((0, 3), 4, 10) == [(0, 0)]
-    slabs = _source.row_slabs((10, 1), 1, 4, edges=[5])
+    assert _sources.row_slabs((), 4, 10) == [None]
+    assert _sources.row_slabs((0, 3), 4, 10) == [(0, 0)]
+    slabs = _sources.row_slabs((10, 1), 1, 4, edges=[5])
     assert slabs[0][0] == 0 and slabs[-1][1] == 10
     assert all(b - a <= 4 for a, b in slabs)
     assert all(b == c for (_, b), (c, _) in zip(slabs, slabs[1:], strict=False))
-    assert _source.row_slabs((8, 2), 4, 32, edges=[4]) == [(0, 4), (4, 8)]
+    assert _sources.row_slabs((8, 2), 4, 32, edges=[4]) == [(0, 4), (4, 8)]
 
 
 def test_diff_against_a_python_target_spec(tmp_path, capsys):

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _source
+from distckpt import _sources
 from distckpt._tools import convert as _convert
 from distckpt._tools import export as _export
 from distckpt.cli import main
@@ -279,7 +279,7 @@ def test_safetensors_export(tmp_path, capsys):
 
 def test_flat_name_collision_is_refused(tmp_path):
     distckpt.save(tmp_path / "d", {"__distckpt__": np.ones(2)})
-    with _source.open_source(tmp_path / "d") as src, pytest.raises(ValueError, match="flat name"):
+    with _sources.open_source(tmp_path / "d") as src, pytest.raises(ValueError, match="flat name"):
         _export.to_npz(src, str(tmp_path / "x.npz"))
     assert not os.path.exists(tmp_path / "x.npz")
     assert _export.flat_name((("key", "a/b~c"), ("idx", 0))) == "a~1b~0c/0"
@@ -292,7 +292,7 @@ def test_export_streams_with_bounded_memory(tmp_path):
     distckpt.save(tmp_path / "d", {"big": big})
     del big
     for fmt, write in (("npz", _export.to_npz), ("safetensors", _export.to_safetensors)):
-        with _source.open_source(tmp_path / "d") as src:
+        with _sources.open_source(tmp_path / "d") as src:
             tracemalloc.start()
             write(src, str(tmp_path / f"x.{fmt}"), slab_bytes=1 << 20)
             _, peak = tracemalloc.get_traced_memory()

@@ -15,14 +15,15 @@ from typing import Any
 
 import jax
 
-from distckpt import _orbax, _source, _storage, _tree
+from distckpt import _sources, _storage, _tree
+from distckpt._sources import orbax as _orbax
 from distckpt._tools import export as _export
 from distckpt.errors import CheckpointExistsError
 
 FORMATS = ("distckpt", "orbax", "npz", "safetensors")
 
 
-def load_tree(source: _source.Source) -> Any:
+def load_tree(source: _sources.Source) -> Any:
     """The whole checkpoint as plain dicts and lists, read one leaf at a time.
 
     ``array`` leaves become ``jax.Array`` on the first CPU device (Orbax then
@@ -59,7 +60,7 @@ def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
         raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"SRC and DST are the same path ({src}); write to another path")
-    with _source.open_source(src) as source:
+    with _sources.open_source(src) as source:
         summary = {
             "from": source.format,
             "src": source.display,
@@ -94,7 +95,7 @@ def _refuse_committed(dst: str) -> None:
         )
 
 
-def _write_orbax(source: _source.Source, dst: str, *, overwrite: bool) -> None:
+def _write_orbax(source: _sources.Source, dst: str, *, overwrite: bool) -> None:
     ocp = _orbax.import_orbax()
     strings = [
         s.display for s in source.leaves if s.kind == _tree.PYTHON and isinstance(s.value, str)

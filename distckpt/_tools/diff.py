@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from distckpt import _tree
-from distckpt._source import Source
+from distckpt._sources import Source
 
 DEFAULT_SLAB_BYTES = 16 << 20  # also the default of `distckpt diff --slab-mb`
 
@@ -247,11 +247,11 @@ def target_problems(
     source: Source, target: Any, *, partial: bool = False, migration: Any = None
 ) -> list[str]:
     """What ``restore(source, target)`` would refuse, every problem at once (no data read)."""
-    from distckpt import _restore
+    from distckpt import _match
 
     items, _ = _tree.flatten(target)
     hints: list[str] = []
-    _, problems = _restore.match(
+    _, problems = _match.match(
         source.leaves, items, partial=partial, cast=False, migration=migration, hints=hints
     )
     return problems + hints

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from distckpt import _plan, _tree
-from distckpt._source import DEFAULT_SLAB_BYTES, Source
+from distckpt._sources import DEFAULT_SLAB_BYTES, Source
 
 RECORD_NAME = "__distckpt__"
 ROOT_NAME = "__root__"

@@ -1,15 +1,15 @@
-"""Orbax checkpoints: detect, read leaf by leaf through TensorStore, restore, and write.
+"""Orbax checkpoints as a source: detected, and read leaf by leaf through TensorStore.
 
 Reads the layout that orbax-checkpoint's ``StandardCheckpointer`` and
 ``PyTreeCheckpointer`` write (``_METADATA`` with ``tree_metadata``, one
 zarr array per leaf, in an OCDBT kvstore or one directory per leaf). Reading
-needs only TensorStore; writing (``_convert``) needs orbax-checkpoint
-(``pip install 'distckpt[orbax]'``), imported only then.
+needs only TensorStore; writing (``distckpt convert --to orbax``) needs
+orbax-checkpoint (``pip install 'distckpt[orbax]'``), imported only then.
 
-Limits: single process only (``distckpt.restore`` of an Orbax checkpoint
-refuses a multi-process job); leaves are read with TensorStore's zarr
-driver, so an Orbax layout that is not zarr (older msgpack-only
-checkpoints) is refused with a message saying so.
+Limits: ``distckpt.restore`` of an Orbax checkpoint runs in a single
+process; leaves are read with TensorStore's zarr driver, so an Orbax layout
+that is not zarr (older msgpack-only checkpoints) is refused with a message
+saying so.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ import json
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from distckpt import _reshard, _tree
-from distckpt._manifest import MANIFEST_NAME
+from distckpt._layout import MANIFEST_NAME
 from distckpt._plan import LeafSpec
-from distckpt._source import Rows, Source, rows_box
-from distckpt.errors import DistckptError, NotCommittedError, TreeMismatchError
+from distckpt._sources.base import Rows, Source, rows_box
+from distckpt.errors import DistckptError, NotCommittedError
 
 METADATA_NAME = "_METADATA"
 _SEQUENCE_KEY, _DICT_KEY = 1, 2  # orbax's KeyType values in tree_metadata
@@ -54,13 +53,6 @@ def find_root(path: str) -> str | None:
         if len(items) == 1:
             return os.path.abspath(os.path.join(path, items[0]))
     return None
-
-
-def looks_like_orbax(directory: Any) -> bool:
-    """Cheap test used by ``distckpt.restore``: a local Orbax checkpoint, not a distckpt one."""
-    if isinstance(directory, os.PathLike):
-        directory = os.fspath(directory)
-    return isinstance(directory, str) and find_root(directory) is not None
 
 
 def import_orbax() -> Any:
@@ -219,46 +211,3 @@ class OrbaxSource(Source):
             return np.asarray(store.read().result())
         sl = tuple(slice(a, b) for a, b in box)
         return np.asarray(store[sl].read().result())
-
-
-# --------------------------------------------------------------------------- restore
-
-
-def restore(
-    directory: Any, target: Any = None, *, partial: bool = False, cast: bool = False
-) -> Any:
-    """``distckpt.restore`` of an Orbax checkpoint, in a single process.
-
-    Same target rules as ``distckpt.restore``; each device reads only the box
-    of each leaf it needs.
-    """
-    if jax.process_count() > 1:
-        raise DistckptError(
-            f"{directory} is an Orbax checkpoint; distckpt restores those in a single process "
-            "only. Use orbax-checkpoint in a multi-process job, or convert it first with "
-            "`distckpt convert SRC DST --to distckpt`."
-        )
-    from distckpt import _restore
-
-    source = OrbaxSource(find_root(os.fspath(directory)))
-    if target is None:
-        wants = [_restore.want_host(i, i, spec) for i, spec in enumerate(source.leaves)]
-        count = len(wants)
-    else:
-        items, treedef = _tree.flatten(target)
-        wants, problems = _restore.match(source.leaves, items, partial=partial, cast=cast)
-        if problems:
-            raise TreeMismatchError(
-                f"the restore target does not match the Orbax checkpoint at {source.display} "
-                f"({len(problems)} difference(s)):\n  " + "\n  ".join(problems),
-                problems,
-            )
-        count = len(items)
-    blocks = {(w.leaf, box): source.read_box(w.leaf, box) for w in wants for box in w.boxes}
-    values: list[Any] = [None] * count
-    _restore.place(wants, source.leaves, blocks, values)
-    if target is None:
-        return _tree.unflatten_plain(
-            [(spec.path, v) for spec, v in zip(source.leaves, values, strict=True)]
-        )
-    return jax.tree_util.tree_unflatten(treedef, values)
