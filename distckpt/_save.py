@@ -33,7 +33,7 @@ from distckpt import (
     _tree,
 )
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
-from distckpt._storage import Storage, open_storage
+from distckpt._storage import Preflight, Storage, open_storage
 from distckpt.errors import InconsistentProcessesError, TreeMismatchError
 
 
@@ -154,48 +154,77 @@ class SaveJob:
         self.coll = _multihost.Collective(
             "save", self.storage.display, _knobs.get("timeout_s", timeout_s)
         )
-        self.tree, self.overwrite, self.metadata, self.manager = tree, overwrite, metadata, manager
+        self._tree = tree  # held until start() has taken what it writes
+        self.overwrite, self.metadata, self.manager = overwrite, metadata, manager
         self.pipeline = pipeline
         self.compression, self.compression_level = compression, compression_level
-        self.attempt: str | None = None
-        self.pool: _stage.HostPool | None = None
-        self.structure: list | None = None  # the tree's containers, for the manifest
+        self.attempt: str | None = None  # known to the primary from prepare on
+        self.prepared: _Prepared | None = None  # set by start()
+        self.staged: _Staged | None = None  # set by start(), released by finish()
+
+    @property
+    def record(self) -> dict | None:
+        """The manager's record committed with this save: the primary's (after ``start``)."""
+        return self.prepared.manager if self.prepared is not None else self.manager
 
     def start(self, *, copy: bool, pool: _stage.HostPool | None = None) -> None:
         """Collective: prepare phase and host staging. Raises on every process alike."""
         began = time.perf_counter()
+        local: dict[str, Any] = {}  # what the prepare phase found on this process only
         try:
-            prepared = self.coll.run("prepare", self._prepare)
-            _check_same_target(prepared)
-            _check_same_tree(prepared, self.storage.display)
-            # The manager's record (step, metrics) is the primary's on every
-            # process: the manager ranks and retains by what was committed.
-            self.manager = prepared[0]["manager"]
-            self.pipeline_mode = prepared[0]["pipeline"]
-            self.attempt = prepared[0]["attempt"]
-            self._stage(copy, pool, frozenset(prepared[0].get("per_process", ())))
-        except BaseException:
-            self._discard()
-            raise
-        self.blocking_s = time.perf_counter() - began
-        del self.tree  # the caller owns its arrays again
-
-    def finish(self) -> SaveStats:
-        """Collective: write and commit phases. Returns the same stats on every process."""
-        try:
-            self.coll.run("write", self._write)
-            stats = self.coll.run("commit", self._commit, last=True)[0]
+            shared = self.coll.run("prepare", lambda: self._prepare(local))
+            _check_same_target(shared)
+            _check_same_tree(shared, self.storage.display)
+            primary = shared[0]
+            self.attempt = primary["attempt"]
+            self.prepared = _Prepared(
+                attempt=primary["attempt"],
+                specs=local["specs"],
+                structure=local["structure"],
+                user_metadata=local["user_metadata"],
+                # The primary's record (step, metrics) on every process: the
+                # manager ranks and retains by what was committed.
+                manager=primary["manager"],
+                pipeline_mode=primary["pipeline"],
+                preflight=local.get("preflight"),
+            )
+            shards, buffers = _stage.stage(
+                [leaf for _, leaf in local["items"]],
+                self.prepared.specs,
+                is_primary=self.coll.is_primary,
+                per_process=frozenset(primary.get("per_process", ())),
+                copy=copy,
+                pool=pool,
+            )
         except BaseException:
             self._discard()
             raise
         finally:
-            if self.pool is not None:
-                self.pool.refill([a for a in self.staged.values() if isinstance(a, np.ndarray)])
-            self.staged = {}
+            self._tree = None  # the caller owns its arrays again
+        self.staged = _Staged(shards, buffers, pool, time.perf_counter() - began)
+
+    def finish(self) -> SaveStats:
+        """Collective: write and commit phases. Returns the same stats on every process."""
+        assert self.prepared is not None and self.staged is not None, "start() first"
+        prepared, staged = self.prepared, self.staged
+        try:
+            self.coll.run("write", lambda: self._write(prepared, staged))
+            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True)[0]
+        except BaseException:
+            self._discard()
+            raise
+        finally:
+            if staged.pool is not None:
+                staged.pool.refill(
+                    [a for a in staged.buffers.values() if isinstance(a, np.ndarray)]
+                )
+            self.staged = None
         return SaveStats(**{**stats, "bytes_per_process": tuple(stats["bytes_per_process"])})
 
-    def _prepare(self) -> dict:
-        items, self.structure = _tree.walk(self.tree)  # any depth; records the containers
+    def _prepare(self, local: dict[str, Any]) -> dict:
+        """Every process: describes the tree; the primary also checks the location and
+        creates the attempt. Returns what the others must know (JSON)."""
+        items, structure = _tree.walk(self._tree)  # any depth; records the containers
         specs, problems = [], []
         for path, leaf in items:
             spec, problem = _stage.describe(path, leaf)
@@ -205,13 +234,17 @@ class SaveJob:
         if problems:
             raise TypeError("the tree has leaves distckpt cannot save:\n  " + "\n  ".join(problems))
         _check_unique_paths(specs)
-        self.user_metadata = _json_roundtrip(self.metadata)
         if self.compression is not None:
             specs = [
                 dataclasses.replace(s, compression=self.compression) if s.stored else s
                 for s in specs
             ]
-        self.items, self.specs = items, specs
+        local.update(
+            items=items,
+            specs=specs,
+            structure=structure,
+            user_metadata=_json_roundtrip(self.metadata),
+        )
         out = {
             "fingerprint": _fingerprint(specs),
             "pipeline": None,
@@ -230,66 +263,54 @@ class SaveJob:
             out["per_process"] = _stage.per_process_leaves([leaf for _, leaf in items], specs)
         if self.coll.is_primary:
             estimate = sum(s.nbytes for s in specs)
-            self.preflight = _commit.preflight(
+            local["preflight"] = _commit.preflight(
                 self.storage, overwrite=self.overwrite, estimated_bytes=estimate
             )
             self.attempt = out["attempt"] = _layout.new_attempt()
             self.storage.prepare_attempt(self.attempt)
         return out
 
-    def _stage(self, copy: bool, pool: _stage.HostPool | None, per_process: frozenset[int]) -> None:
-        """Decides what this process writes and takes it off the devices."""
-        self.pool = pool
-        self.shards, self.staged = _stage.stage(
-            [leaf for _, leaf in self.items],
-            self.specs,
-            is_primary=self.coll.is_primary,
-            per_process=per_process,
-            copy=copy,
-            pool=pool,
-        )
-        self.items = None
-
-    def _write(self) -> dict:
+    def _write(self, prepared: _Prepared, staged: _Staged) -> dict:
         began = time.perf_counter()
-        self.storage.check_attempt_visible(self.attempt)
+        self.storage.check_attempt_visible(prepared.attempt)
         files = _plan.plan_writes(
-            self.shards,
+            staged.shards,
             process=self.coll.pid,
             chunk_bytes=_knobs.get("chunk_bytes"),
             segment_bytes=_knobs.get("segment_bytes"),
         )
         codecs = {
             i: (s.compression, self.compression_level)
-            for i, s in enumerate(self.specs)
+            for i, s in enumerate(prepared.specs)
             if s.compression is not None
         }
-        records = _write_files(self.storage, self.attempt, files, self.staged, codecs)
-        self.storage.finish_attempt_writes(self.attempt)
+        records = _write_files(self.storage, prepared.attempt, files, staged.buffers, codecs)
+        self.storage.finish_attempt_writes(prepared.attempt)
         sizes = {fw.name: 0 for fw in files}
         for r in records:  # what was written: less than planned where compressed
             sizes[r.file] = max(sizes[r.file], r.offset + r.nbytes)
-        timing = {"stage_s": self.blocking_s, "write_s": time.perf_counter() - began}
+        timing = {"stage_s": staged.blocking_s, "write_s": time.perf_counter() - began}
         self.coll.put_blob(
             f"report/{self.coll.pid}", _commit.report_json(records, sizes, self.coll.pid, timing)
         )
         return {}
 
-    def _commit(self) -> dict | None:
+    def _commit(self, prepared: _Prepared) -> dict | None:
         if not self.coll.is_primary:
             return None
+        assert prepared.preflight is not None  # the primary's own
         began = time.perf_counter()
         reports = [self.coll.get_blob(f"report/{p}") for p in range(self.coll.count)]
         manifest = _commit.build_manifest(
-            attempt=self.attempt,
-            specs=self.specs,
+            attempt=prepared.attempt,
+            specs=prepared.specs,
             reports=reports,
             process_count=self.coll.count,
             device_count=jax.device_count(),
-            user_metadata=self.user_metadata,
+            user_metadata=prepared.user_metadata,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             versions=_versions(),
-            structure=self.structure,
+            structure=prepared.structure,
         )
         timings = [json.loads(r)["timing"] for r in reports]
         per_process = [0] * self.coll.count
@@ -303,21 +324,44 @@ class SaveJob:
             files=len(manifest.files),
         ).to_json()
         manifest.save_stats = stats
-        manifest.manager = self.manager
-        manifest.process_state = self._gather_pipeline_states()
-        _commit.commit(self.storage, manifest, self.preflight)
+        manifest.manager = prepared.manager
+        manifest.process_state = self._gather_pipeline_states(prepared.pipeline_mode)
+        _commit.commit(self.storage, manifest, prepared.preflight)
         return stats
 
-    def _gather_pipeline_states(self) -> dict | None:
+    def _gather_pipeline_states(self, mode: str | None) -> dict | None:
         """The manifest entry for the processes' pipeline states (primary only)."""
-        if self.pipeline_mode is None:
+        if mode is None:
             return None
         states = [self.coll.get_blob(f"pipeline/{p}").decode() for p in range(self.coll.count)]
-        return _procstate.manifest_entry(self.pipeline_mode, states)
+        return _procstate.manifest_entry(mode, states)
 
     def _discard(self) -> None:
         if self.coll.is_primary and self.attempt is not None:
             _commit.discard_unless_committed(self.storage, self.attempt)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What the prepare phase decided: shared by all processes, but for ``preflight``."""
+
+    attempt: str
+    specs: list[LeafSpec]
+    structure: list | None  # the tree's containers, for the manifest
+    user_metadata: Any
+    manager: dict | None  # the primary's record
+    pipeline_mode: str | None
+    preflight: Preflight | None  # the primary's findings at the location; None elsewhere
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """What this process writes, off the devices."""
+
+    shards: list
+    buffers: dict  # (leaf, shard box) -> host array, or a thunk fetching it
+    pool: _stage.HostPool | None  # where the buffers go back after the save
+    blocking_s: float
 
 
 # Without a hint, the kernel starts writing dirty pages to disk only past

@@ -255,7 +255,7 @@ class CheckpointManager:
         background = self.async_save if blocking is None else not blocking
         with _runtime.paused_gc():
             job.start(copy=background, pool=self._pool if background else None)
-        committed = (job.manager or {}).get("metrics")  # the primary's, on every process
+        committed = (job.record or {}).get("metrics")  # the primary's, on every process
         if json.dumps(committed, sort_keys=True) != json.dumps(metrics, sort_keys=True):
             log.warning(
                 "step %d: this process's metrics %s differ from the primary's %s; the "
