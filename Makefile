@@ -30,6 +30,7 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check distckpt tests scripts examples
 	$(VENV)/bin/ruff format --check distckpt tests scripts examples
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 
 from distckpt import _location
 from distckpt._layout import step_name
+from distckpt._location import Location
 
 log = logging.getLogger("distckpt")
 
@@ -22,7 +22,7 @@ class BackupPolicy:
     both if both are given, every step if neither is; nothing without ``to``.
     """
 
-    to: str | os.PathLike | dict | None = None
+    to: Location | None = None
     every_n_steps: int | None = None
     best: bool = False
 
@@ -56,12 +56,12 @@ class Backups:
     def __init__(self, policy: BackupPolicy, directory: str):
         self.policy, self.directory = policy, directory
         self.errors: list[str] = []
-        self._queue: queue.Queue[tuple[int, str]] = queue.Queue()
+        self._queue: queue.Queue[tuple[int, Location]] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._pending: set[int] = set()  # steps submitted and not yet copied
         self._copied = threading.Condition()
 
-    def submit(self, step: int, path: str) -> None:
+    def submit(self, step: int, path: Location) -> None:
         if self._worker is None:  # one thread: one copy at a time, in step order
             self._worker = threading.Thread(target=self._run, name="distckpt-backup", daemon=True)
             self._worker.start()
@@ -80,15 +80,16 @@ class Backups:
                     self._copied.notify_all()
                 self._queue.task_done()
 
-    def _copy(self, step: int, path: str) -> None:
-        from distckpt._copy import copy
+    def _copy(self, step: int, path: Location) -> None:
+        from distckpt._copy import copy_parsed
 
         to = self.policy.to
+        assert to is not None  # only steps the policy wants are submitted: it has a ``to``
         where = f"{to}/{step_name(step)}"
         try:
             loc = _location.parse(to).child(step_name(step))
             where = loc.display
-            report = copy(path, loc, overwrite=True)
+            report = copy_parsed(path, loc, overwrite=True)
             log.info("backed up step %d to %s in %.2f s", step, report.destination, report.seconds)
         except Exception as e:  # noqa: BLE001 - a backup must never stop training
             message = f"backup of step {step} from {self.directory} to {where} failed: {e}"

@@ -58,8 +58,10 @@ def initialize(*, fail_fast: bool = True, **overrides: Any) -> str:
         "num_processes": _int(_env(ENV_NUM_PROCESSES, "JAX_NUM_PROCESSES")),
         "process_id": _int(_env(ENV_PROCESS_ID, "JAX_PROCESS_ID")),
     }
-    kwargs = {k: v for k, v in explicit.items() if v is not None}
+    # Keyword arguments of jax.distributed.initialize, of its several types.
+    kwargs: dict[str, Any] = {k: v for k, v in explicit.items() if v is not None}
     kwargs.update(overrides)
+    found: str | None
     if "coordinator_address" in kwargs:
         found = "explicit"
     else:

@@ -37,7 +37,9 @@ def decompress(name: str, data: np.ndarray, nbytes: int) -> np.ndarray:
         raise ValueError(f"unknown compression {name!r}")
     zstd = _zstd()
     try:
-        raw = zstd.ZstdDecompressor().decompress(memoryview(data), max_output_size=nbytes)
+        # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
+        view = memoryview(data)  # type: ignore[arg-type]
+        raw = zstd.ZstdDecompressor().decompress(view, max_output_size=nbytes)
     except zstd.ZstdError as e:
         raise ValueError(f"zstd could not decompress it: {e}") from e
     if len(raw) != nbytes:

@@ -123,6 +123,8 @@ def _check_manifest(m: Manifest, where: str) -> None:
             problems.append(f"{spec.display}: shape {shape!r} is not a list of sizes")
             continue
         try:
+            if not isinstance(spec.dtype, str):  # np_dtype(None) is the default float
+                raise TypeError(spec.dtype)
             itemsize = spec.itemsize
             if _plan.np_dtype(spec.dtype).hasobject:  # bytes would become pointers
                 raise TypeError(spec.dtype)

@@ -10,6 +10,7 @@ from typing import Any
 import crc32c
 
 from distckpt import _codec, _commit, _faults, _layout, _plan, _read, _reshard
+from distckpt._location import Location, ParsedLocation
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
 
@@ -26,8 +27,8 @@ class CopyReport:
 
 
 def copy(
-    src: Any,
-    dst: Any,
+    src: Location,
+    dst: Location,
     *,
     verify: bool = True,
     overwrite: bool = False,
@@ -53,6 +54,26 @@ def copy(
       CorruptCheckpointError: a chunk of ``src`` fails its checksum (named);
         nothing is committed at ``dst``.
     """
+    return copy_parsed(
+        src,
+        dst,
+        verify=verify,
+        overwrite=overwrite,
+        compression=compression,
+        compression_level=compression_level,
+    )
+
+
+def copy_parsed(
+    src: Location | ParsedLocation,
+    dst: Location | ParsedLocation,
+    *,
+    verify: bool = True,
+    overwrite: bool = False,
+    compression: str | None = "keep",
+    compression_level: int = 3,
+) -> CopyReport:
+    """``copy``, also between locations already parsed (a backup's step location)."""
     began = time.perf_counter()
     if compression != "keep":
         _codec.check(compression, compression_level)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distckpt import _commit, _knobs, _plan, _read, _tree
+from distckpt._location import Location
 from distckpt._storage import open_storage
 
 
@@ -60,12 +61,12 @@ class VerifyReport:
     seconds: float
 
 
-def is_committed(directory: Any) -> bool:
+def is_committed(directory: Location) -> bool:
     """True if a committed checkpoint is at ``directory`` (reads one small file)."""
     return open_storage(directory).read_manifest() is not None
 
 
-def metadata(directory: Any) -> CheckpointInfo:
+def metadata(directory: Location) -> CheckpointInfo:
     """Describes a checkpoint without reading array data.
 
     Example::
@@ -107,7 +108,9 @@ def metadata(directory: Any) -> CheckpointInfo:
     return info
 
 
-def verify(directory: Any, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+def verify(
+    directory: Location, *, progress: Callable[[int, int], None] | None = None
+) -> VerifyReport:
     """Re-reads every stored byte; checks checksums, file sizes, chunk sizes and coverage.
 
     ``progress(bytes_checked, bytes_total)`` is called as the reading goes

@@ -32,20 +32,25 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from distckpt import _knobs
 
 OBJECT_DRIVERS = ("s3", "gcs")
 
+Location: TypeAlias = str | os.PathLike[str] | dict[str, Any]
+"""What a public ``directory`` (``src``, ``dst``, ``backup_to``) argument may be:
+a filesystem path, an ``s3://``, ``gs://`` or ``memory://`` URL, or a
+TensorStore kvstore spec."""
+
 
 @dataclass(frozen=True)
-class Location:
+class ParsedLocation:
     """A parsed location: a local path, or a kvstore spec with a display name."""
 
     display: str
     path: str | None = None  # a local filesystem path (POSIX storage)
-    spec: dict | None = None  # a TensorStore kvstore spec
+    spec: dict[str, Any] | None = None  # a TensorStore kvstore spec
 
     @property
     def driver(self) -> str:
@@ -55,13 +60,14 @@ class Location:
     def is_object_store(self) -> bool:
         return self.driver in OBJECT_DRIVERS
 
-    def child(self, name: str) -> Location:
+    def child(self, name: str) -> ParsedLocation:
         """The location of ``name`` inside this one (a manager's step)."""
         if self.spec is None:
-            return Location(os.path.join(self.path, name), path=os.path.join(self.path, name))
+            assert self.path is not None  # parse() sets one of path and spec
+            return ParsedLocation(os.path.join(self.path, name), path=os.path.join(self.path, name))
         spec = copy.deepcopy(self.spec)
         spec["path"] = _dir_path(spec.get("path", "")) + name + "/"
-        return Location(f"{self.display.rstrip('/')}/{name}", spec=spec)
+        return ParsedLocation(f"{self.display.rstrip('/')}/{name}", spec=spec)
 
 
 def _nonempty(path: str, given: str | None = None) -> str:
@@ -74,14 +80,14 @@ def _nonempty(path: str, given: str | None = None) -> str:
     return path
 
 
-def parse(location: Any) -> Location:
-    """Turns a ``directory`` argument into a :class:`Location`.
+def parse(location: Location | ParsedLocation) -> ParsedLocation:
+    """Turns a ``directory`` argument (a :data:`Location`) into a :class:`ParsedLocation`.
 
     Raises:
       TypeError: not a path, URL or dict.
       ValueError: an empty path, an unknown scheme, or a URL without a bucket.
     """
-    if isinstance(location, Location):
+    if isinstance(location, ParsedLocation):
         return location
     if isinstance(location, dict):
         if "driver" not in location:
@@ -92,7 +98,7 @@ def parse(location: Any) -> Location:
         spec = copy.deepcopy(location)
         if spec["driver"] == "s3":
             spec.setdefault("use_conditional_write", _s3_conditional_write())
-        return Location(_display(spec), spec=spec)
+        return ParsedLocation(_display(spec), spec=spec)
     if isinstance(location, os.PathLike):
         location = os.fspath(location)
     if not isinstance(location, str):
@@ -101,18 +107,18 @@ def parse(location: Any) -> Location:
             f"or a TensorStore kvstore spec (dict), got {location!r}"
         )
     if "://" not in location:
-        return Location(os.path.abspath(_nonempty(location)), path=os.path.abspath(location))
+        return ParsedLocation(os.path.abspath(_nonempty(location)), path=os.path.abspath(location))
     scheme, rest = location.split("://", 1)
     if scheme == "file":
         _nonempty(rest, location)
-        return Location(os.path.abspath(rest), path=os.path.abspath(rest))
+        return ParsedLocation(os.path.abspath(rest), path=os.path.abspath(rest))
     if scheme == "memory":
-        return Location(location, spec={"driver": "memory", "path": _dir_path(rest)})
+        return ParsedLocation(location, spec={"driver": "memory", "path": _dir_path(rest)})
     if scheme in ("s3", "gs"):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ValueError(f"{location!r} names no bucket; write {scheme}://bucket/prefix")
-        return Location(
+        return ParsedLocation(
             f"{scheme}://{bucket}/{prefix.strip('/')}", spec=_bucket_spec(scheme, bucket, prefix)
         )
     raise ValueError(

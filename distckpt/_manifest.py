@@ -51,7 +51,7 @@ class Manifest:
         for spec, chunks in zip(self.leaves, self.chunks, strict=True):
             entry: dict[str, Any] = {"path": [list(p) for p in spec.path], "kind": spec.kind}
             if spec.kind in (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY):
-                entry["shape"] = list(spec.shape)
+                entry["shape"] = list(spec.array_shape)
                 entry["dtype"] = spec.dtype
                 entry["sharding"] = spec.sharding
                 entry["chunks"] = [

@@ -77,7 +77,7 @@ def want_host(index: int, leaf: int, spec: LeafSpec, dtype: np.dtype | None = No
         leaf,
         mode,
         dtype=dtype or _plan.np_dtype(spec.dtype),
-        boxes=(_reshard.full_box(spec.shape),),
+        boxes=(_reshard.full_box(spec.array_shape),),
     )
 
 
@@ -114,7 +114,8 @@ def match(
 
     ``hints``, if given, receives a suggested ``rename`` for the problems.
     """
-    saved, problems = {}, []
+    saved: dict[tuple[str, ...], int] = {}  # match key (renamed) -> saved leaf
+    problems: list[str] = []
     for i, s in enumerate(leaves):
         key = _tree.match_key(s.path)
         new = migration.renamed(key) if migration else key
@@ -143,6 +144,7 @@ def match(
         if problem:
             problems.append(problem)
         else:
+            assert want is not None  # _match_leaf gives a want or a problem
             wants.append(want)
     unused = {}
     for key, leaf in saved.items():
@@ -218,9 +220,9 @@ def _match_leaf(
             return None, f"{disp}: target is a PRNG key array ({impl}), {found()}"
         if impl != spec.impl:
             return None, f"{disp}: target keys use {impl}, {found()}"
-        if tuple(spec.shape[: len(shape)]) != tuple(shape):
+        if spec.array_shape[: len(shape)] != tuple(shape):
             return None, f"{disp}: target key shape {tuple(shape)}, {found()}"
-        extra = len(spec.shape) - len(shape)
+        extra = len(spec.array_shape) - len(shape)
         if sharding is None:
             sharding = SingleDeviceSharding(jax.local_devices()[0])
         data_sharding = _key_data_sharding(sharding, len(shape), extra)
@@ -230,7 +232,7 @@ def _match_leaf(
 
     if not spec.stored or spec.kind == _tree.PRNG_KEY:
         return None, f"{disp}: target is an array {np.dtype(dtype)}{list(shape)}, {found()}"
-    if tuple(shape) != tuple(spec.shape):
+    if tuple(shape) != spec.array_shape:
         return None, f"{disp}: target shape {tuple(shape)}, {found()}"
     saved_dtype = _plan.np_dtype(spec.dtype)
     host = isinstance(t, (np.ndarray, np.generic))
@@ -259,9 +261,9 @@ def _match_leaf(
 
 
 def _device_want(
-    index: int, leaf: int, mode: str, spec: LeafSpec, dtype: np.dtype, sharding: Any
+    index: int, leaf: int, mode: Mode, spec: LeafSpec, dtype: np.dtype, sharding: Any
 ) -> Want:
-    device_boxes, boxes = _device_boxes(sharding, tuple(spec.shape))
+    device_boxes, boxes = _device_boxes(sharding, spec.array_shape)
     return Want(
         index, leaf, mode, dtype=dtype, sharding=sharding, device_boxes=device_boxes, boxes=boxes
     )
@@ -297,6 +299,7 @@ def place(
             values[w.index] = w.value
             continue
         spec = leaves[w.leaf]
+        assert w.dtype is not None  # set for every mode but VALUE
         saved = _plan.np_dtype(spec.dtype)
         hosts = {}
         for box in w.boxes:
@@ -304,13 +307,13 @@ def place(
         if w.mode != Mode.KEY and w.dtype != saved:
             hosts = _cast(hosts, w.dtype, spec)
         if w.sharding is None:  # host value (or a key array from target=None)
-            arr = hosts[_reshard.full_box(spec.shape)]
+            arr = hosts[_reshard.full_box(spec.array_shape)]
             if w.mode == Mode.KEY:
                 values[w.index] = jax.random.wrap_key_data(arr, impl=spec.impl)
             else:
                 values[w.index] = arr
             continue
-        jobs.append((tuple(spec.shape), w.dtype, w.sharding, w.device_boxes, hosts))
+        jobs.append((spec.array_shape, w.dtype, w.sharding, w.device_boxes, hosts))
         owners.append(w)
     for w, arr in zip(owners, _put.arrays(jobs), strict=True):
         if w.mode == Mode.KEY:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from distckpt import _tree
+
+# What ``restore(rename=)`` takes: regular expressions of saved paths to
+# replacements, or a function from a saved path to its new one (None: unchanged).
+Rename: TypeAlias = Mapping[str, str] | Callable[[str], str | None]
 
 
 def slash(key: tuple[str, ...]) -> str:
@@ -32,7 +36,9 @@ class Migration:
     init: Callable[[str], Any] | None = None
 
     @classmethod
-    def build(cls, rename: Any, drop: Any, init: Any) -> Migration | None:
+    def build(
+        cls, rename: Rename | None, drop: Iterable[str] | None, init: Any
+    ) -> Migration | None:
         if rename is None and drop is None and init is None:
             return None
         return cls(_renamer(rename), [re.compile(p) for p in (drop or [])], _initialiser(init))
@@ -53,7 +59,7 @@ class Migration:
         return value is not None, value
 
 
-def _renamer(rename: Any) -> Callable[[str], str | None] | None:
+def _renamer(rename: Rename | None) -> Callable[[str], str | None] | None:
     if rename is None or callable(rename):
         return rename
     rules = [(re.compile(old), new) for old, new in dict(rename).items()]

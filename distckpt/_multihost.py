@@ -179,6 +179,7 @@ class Collective:
         return max(1, int(self.timeout_s * 1000))
 
     def _statuses(self, key: str) -> dict[int, dict]:
+        assert self.client is not None  # run() returns before this in a single process
         out = {}
         for k, v in self.client.key_value_dir_get(key):
             try:
@@ -204,7 +205,8 @@ class Collective:
         err.processes = pids
         # Details a caller may inspect travel with the error.
         # Processes that fail alike (every process finds the same tree
-        # mismatch) report each problem once.
+        # mismatch) report each problem once. Set on whichever subclass was
+        # raised, though only some declare them (hence the two ignores).
         err.problems = list(  # type: ignore[attr-defined]
             dict.fromkeys(p for s in failed.values() for p in s.get("problems", []))
         )

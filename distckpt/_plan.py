@@ -47,8 +47,24 @@ class LeafSpec:
         return self.kind in STORED_KINDS
 
     @property
+    def array_shape(self) -> tuple[int, ...]:
+        """The shape of a stored leaf (of its key data, for a PRNG key).
+
+        Every stored leaf has one: ``_stage`` and the sources set it, and
+        ``_commit.load`` refuses a manifest whose stored leaf lacks it.
+        """
+        assert self.shape is not None, f"{self.display}: a {self.kind} leaf has no shape"
+        return self.shape
+
+    @property
+    def array_dtype(self) -> str:
+        """The dtype name of a stored leaf (set and checked as ``array_shape`` is)."""
+        assert self.dtype is not None, f"{self.display}: a {self.kind} leaf has no dtype"
+        return self.dtype
+
+    @property
     def itemsize(self) -> int:
-        return np_dtype(self.dtype).itemsize
+        return np_dtype(self.array_dtype).itemsize
 
     def describe(self) -> str:
         """What was saved here, as error messages and diffs name it."""
@@ -57,15 +73,15 @@ class LeafSpec:
         if self.kind == _tree.NONE:
             return "None"
         if self.kind == _tree.PRNG_KEY:
-            return f"a {self.impl} PRNG key array of key-data shape {tuple(self.shape)}"
-        return f"{self.dtype}{list(self.shape)}"
+            return f"a {self.impl} PRNG key array of key-data shape {self.array_shape}"
+        return f"{self.dtype}{list(self.array_shape)}"
 
     @property
     def nbytes(self) -> int:
         """Bytes of the whole value in data files (0 for values kept in the manifest)."""
         if not self.stored:
             return 0
-        return int(np.prod(self.shape, dtype=np.int64)) * self.itemsize
+        return int(np.prod(self.array_shape, dtype=np.int64)) * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -191,7 +207,7 @@ def chunk_table_problems(spec: LeafSpec, chunks: Sequence[ChunkRecord]) -> list[
     Checked by the primary before it commits, by ``verify``, and by
     ``restore`` before it fills a leaf from them.
     """
-    problems = _reshard.coverage_problems(spec.shape, [c.box for c in chunks])
+    problems = _reshard.coverage_problems(spec.array_shape, [c.box for c in chunks])
     problems += [
         f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
         f"{_reshard.box_size(c.box) * spec.itemsize}"

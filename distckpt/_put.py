@@ -62,7 +62,7 @@ def arrays(
     for offloaded state).
     """
     avals: dict[tuple, Any] = {}
-    out = []
+    out: list[jax.Array] = []
     for shape, dtype, sharding, device_boxes, hosts in jobs:
         devices = [d for d, _ in device_boxes]
         blocks = [hosts[box] for _, box in device_boxes]

@@ -8,7 +8,7 @@ where the platform allows (``_put``). No XLA collectives are used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +27,7 @@ from distckpt import (
     _sources,
     _tree,
 )
+from distckpt._location import Location
 from distckpt._manifest import Manifest
 from distckpt._match import Mode, Want, match, mismatch, place, want_host
 from distckpt._plan import ChunkRecord
@@ -36,21 +37,23 @@ from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchE
 
 
 def restore(
-    directory: Any,
+    directory: Location,
     target: Any = None,
     *,
     partial: bool = False,
     cast: bool = False,
-    rename: Any = None,
-    drop: Any = None,
+    rename: _migrate.Rename | None = None,
+    drop: Iterable[str] | None = None,
     init: Any = None,
-    pipeline: Any = None,
+    pipeline: _procstate.Checkpointable | None = None,
     timeout_s: float | None = None,
 ) -> Any:
     """Restores a checkpoint, resharded onto ``target``; collective in a multi-process job.
 
     Args:
-      directory: where the checkpoint was saved.
+      directory: where the checkpoint was saved (a path, an ``s3://``,
+        ``gs://`` or ``memory://`` URL, or a TensorStore kvstore spec), or a
+        local Orbax checkpoint.
       target: a pytree saying what to return at each leaf:
         ``jax.ShapeDtypeStruct`` with ``.sharding`` (or a ``jax.Array``): a
         ``jax.Array`` with that shape, dtype and sharding, whatever mesh it
@@ -114,6 +117,7 @@ def restore(
     def work() -> dict:
         raw = storage.read_manifest()
         manifest = _commit.load(storage, raw)
+        assert raw is not None  # else load() raised NotCommittedError
         if pipeline is not None:
             result["state"] = _procstate.saved_state(
                 manifest.process_state, coll.pid, coll.count, storage.display
@@ -180,7 +184,8 @@ def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
 
 
 def _batches(wants: list[Want], manifest: Manifest, budget: int) -> Iterator[list[Want]]:
-    batch, size = [], 0
+    batch: list[Want] = []
+    size = 0
     for w in wants:
         nbytes = 0
         if w.mode != Mode.VALUE:

@@ -104,6 +104,9 @@ def check_step(step: object) -> int:
     """A step number as an int (numpy and JAX integers accepted); ValueError/TypeError otherwise."""
     if isinstance(step, bool):
         raise TypeError(f"step must be an int, got the bool {step!r}")
+    # ``step`` is whatever the caller passed: the calls below are tried, and
+    # their TypeError is the check (hence the two ignores).
+    number: int | None
     try:
         number = operator.index(step)  # type: ignore[arg-type]
     except TypeError:
@@ -113,10 +116,10 @@ def check_step(step: object) -> int:
                 number = operator.index(step.item())  # type: ignore[attr-defined]
             except (TypeError, ValueError):
                 number = None
-        if number is None:
-            raise TypeError(
-                f"step must be an int (or a numpy/JAX integer), got {type(step).__name__} {step!r}"
-            ) from None
+    if number is None:
+        raise TypeError(
+            f"step must be an int (or a numpy/JAX integer), got {type(step).__name__} {step!r}"
+        ) from None
     if number < 0:
         raise ValueError(f"step must be >= 0, got {number}")
     return number
@@ -157,7 +160,7 @@ def _as_number(value: object) -> int | float | None:
     if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy/JAX scalar
         kind = getattr(getattr(value, "dtype", None), "kind", None)
         if kind in ("b", "i", "u"):
-            return int(value.item())  # type: ignore[attr-defined]
+            return int(value.item())
         if kind == "f":
-            return float(value.item())  # type: ignore[attr-defined]
+            return float(value.item())
     return None

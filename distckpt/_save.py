@@ -32,18 +32,19 @@ from distckpt import (
     _stage,
     _tree,
 )
+from distckpt._location import Location
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Preflight, Storage, open_storage
 from distckpt.errors import InconsistentProcessesError, TreeMismatchError
 
 
 def save(
-    directory: Any,
+    directory: Location,
     tree: Any,
     *,
     overwrite: bool = False,
     metadata: Any = None,
-    pipeline: Any = None,
+    pipeline: _procstate.Checkpointable | None = None,
     compression: str | None = None,
     compression_level: int = 3,
     timeout_s: float | None = None,
@@ -55,8 +56,8 @@ def save(
     Returns once the checkpoint is committed and visible to every process.
 
     Args:
-      directory: a filesystem path (shared by all processes), ``memory://name``
-        or a TensorStore kvstore spec.
+      directory: a filesystem path (shared by all processes), an ``s3://``,
+        ``gs://`` or ``memory://`` URL, or a TensorStore kvstore spec (a dict).
       tree: a pytree of ``jax.Array`` (any sharding, typed PRNG keys
         included), numpy arrays, int, float, bool, str and None. Numpy and
         Python leaves are taken from the primary process.
@@ -132,12 +133,12 @@ class SaveJob:
 
     def __init__(
         self,
-        directory: Any,
+        directory: Location,
         tree: Any,
         *,
         overwrite: bool = False,
         metadata: Any = None,
-        pipeline: Any = None,
+        pipeline: _procstate.Checkpointable | None = None,
         compression: str | None = None,
         compression_level: int = 3,
         timeout_s: float | None = None,
@@ -225,12 +226,15 @@ class SaveJob:
         """Every process: describes the tree; the primary also checks the location and
         creates the attempt. Returns what the others must know (JSON)."""
         items, structure = _tree.walk(self._tree)  # any depth; records the containers
-        specs, problems = [], []
+        specs: list[LeafSpec] = []
+        problems: list[str] = []
         for path, leaf in items:
             spec, problem = _stage.describe(path, leaf)
             if problem:
                 problems.append(problem)
-            specs.append(spec)
+            else:
+                assert spec is not None  # describe() gives a spec or a problem
+                specs.append(spec)
         if problems:
             raise TypeError("the tree has leaves distckpt cannot save:\n  " + "\n  ".join(problems))
         _check_unique_paths(specs)
@@ -245,7 +249,7 @@ class SaveJob:
             structure=structure,
             user_metadata=_json_roundtrip(self.metadata),
         )
-        out = {
+        out: dict[str, Any] = {  # JSON, to every process
             "fingerprint": _fingerprint(specs),
             "pipeline": None,
             "where": self.storage.display,
@@ -431,7 +435,8 @@ def _write_files(
                 else:
                     packed = scratch[: c.nbytes].view(part.dtype).reshape(part.shape)
                     np.copyto(packed, part)
-                    view = memoryview(scratch[: c.nbytes])
+                    # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
+                    view = memoryview(scratch[: c.nbytes])  # type: ignore[arg-type]
                 if c.leaf in compress:
                     view = memoryview(compress[c.leaf](view))
                 stored = view.nbytes

@@ -133,7 +133,8 @@ def _spread(tree: Any, shardings: Any) -> Any:
     """A sharding (or None) per leaf of ``tree`` from a tree of shardings or arrays."""
     is_ref = lambda x: x is None or isinstance(x, Sharding) or _is_array_like(x)  # noqa: E731
     structure = jax.tree.structure(tree, is_leaf=_tree.is_none)
-    if jax.tree.structure(shardings, is_leaf=is_ref) == structure:
+    # jaxlib._jax ships no stubs, so mypy cannot resolve PyTreeDef (or its ==).
+    if jax.tree.structure(shardings, is_leaf=is_ref) == structure:  # type: ignore[operator]
         return jax.tree.map(_as_sharding, shardings, is_leaf=is_ref)
     # Shaped like a part of the tree (the params): a leaf whose key path ends
     # with a reference's path, and whose shape fits, gets its sharding.

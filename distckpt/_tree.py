@@ -176,7 +176,7 @@ def walk(tree: Any) -> tuple[list[tuple[Path, Any]], list[list]]:
             # jax visits the keys sorted; the record keeps the dict's own order.
             slots = {key: i for i, key in enumerate(obj)}
             parts = [part(k) for k, _ in pairs]
-            order = [None] * len(parts)
+            order: list[tuple[str, Any] | None] = [None] * len(parts)  # every slot is set
             for (k, _), p in zip(pairs, parts, strict=True):
                 order[slots[k.key]] = p
             nodes.append([parent, slot, DICT, order])

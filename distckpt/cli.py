@@ -17,9 +17,12 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # annotations only: the commands import the engine when they run
+    from distckpt._sources import Source
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_TROUBLE = 0, 1, 2
 
@@ -281,14 +284,17 @@ def inspect_command(path: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _describe_source(src: Any) -> dict:
+def _describe_source(src: Source) -> dict:
     leaves = []
     for spec in src.leaves:
         entry: dict[str, Any] = {"path": spec.display, "key_path": [list(p) for p in spec.path]}
         entry["kind"] = spec.kind
         if spec.stored:
             entry.update(
-                shape=list(spec.shape), dtype=spec.dtype, sharding=spec.sharding, bytes=spec.nbytes
+                shape=list(spec.array_shape),
+                dtype=spec.dtype,
+                sharding=spec.sharding,
+                bytes=spec.nbytes,
             )
         if spec.impl:
             entry["prng_impl"] = spec.impl

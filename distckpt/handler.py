@@ -15,11 +15,12 @@ byte they read.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any
+from typing import Any, TypeVar
 
 from distckpt import _location, _procstate
 from distckpt._inspect import CheckpointInfo, is_committed, metadata
+from distckpt._location import Location
+from distckpt._procstate import Checkpointable
 from distckpt._restore import restore as _restore
 from distckpt._save import save as _save
 from distckpt._target import abstract_like
@@ -52,7 +53,7 @@ class CheckpointHandler:
         self.async_checkpointing, self.timeout_s = async_checkpointing, timeout_s
         self._managers: dict[str, CheckpointManager] = {}
 
-    def _manager(self, directory: str | os.PathLike | dict) -> CheckpointManager:
+    def _manager(self, directory: Location) -> CheckpointManager:
         key = _location.parse(directory).display  # one manager per location, however spelled
         if key not in self._managers:
             # Queries open a manager too, and a query must never delete: the
@@ -68,7 +69,7 @@ class CheckpointHandler:
 
     def save(
         self,
-        directory: str | os.PathLike,
+        directory: Location,
         target: Any,
         step: int | None = None,
         keep: int | None = None,
@@ -103,9 +104,7 @@ class CheckpointHandler:
 
     save_to_directory = save
 
-    def restore(
-        self, directory: str | os.PathLike, target: Any = None, step: int | None = None
-    ) -> Any:
+    def restore(self, directory: Location, target: Any = None, step: int | None = None) -> Any:
         """Restores ``step`` (default: the latest) into ``target``'s layout.
 
         With a pytree ``target`` the result has its structure, types,
@@ -121,7 +120,7 @@ class CheckpointHandler:
         want = None if target is None else abstract_like(target)
         return _restore(path, want, timeout_s=self.timeout_s)
 
-    def _step_path(self, directory: str | os.PathLike, step: int | None) -> str:
+    def _step_path(self, directory: Location, step: int | None) -> Location:
         if step is None and is_committed(directory):
             return directory  # saved without a step
         mgr = self._manager(directory)
@@ -138,17 +137,17 @@ class CheckpointHandler:
             )
         return mgr.path(step)
 
-    def get_checkpoint_steps(self, directory: str | os.PathLike) -> list[int]:
+    def get_checkpoint_steps(self, directory: Location) -> list[int]:
         """The committed steps, ascending."""
         mgr = self._manager(directory)
         mgr.wait_until_finished()
         return mgr.all_steps()
 
-    def latest_step(self, directory: str | os.PathLike) -> int | None:
+    def latest_step(self, directory: Location) -> int | None:
         steps = self.get_checkpoint_steps(directory)
         return steps[-1] if steps else None
 
-    def list_checkpoints(self, directory: str | os.PathLike) -> list[CheckpointInfo]:
+    def list_checkpoints(self, directory: Location) -> list[CheckpointInfo]:
         """What each committed step holds (``distckpt.metadata`` of each), ascending."""
         mgr = self._manager(directory)
         return [metadata(mgr.path(s)) for s in self.get_checkpoint_steps(directory)]
@@ -175,6 +174,9 @@ class CheckpointHandler:
             self._managers = {}
 
 
+P = TypeVar("P", bound=Checkpointable)
+
+
 class PipelineCheckpoint:
     """Checkpoints one data pipeline's position under ``directory/step_*``.
 
@@ -194,7 +196,7 @@ class PipelineCheckpoint:
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: Location,
         *,
         async_checkpointing: bool = False,
         timeout_s: float | None = None,
@@ -204,7 +206,7 @@ class PipelineCheckpoint:
 
     def save(
         self,
-        pipeline: Any,
+        pipeline: Checkpointable,
         step: int,
         metadata: Any = None,
         keep: int | None = None,
@@ -215,11 +217,11 @@ class PipelineCheckpoint:
             self.directory, pipeline, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 
-    def restore(self, pipeline: Any, step: int) -> Any:
-        """Restores ``step`` into ``pipeline`` (an error if it is not committed)."""
+    def restore(self, pipeline: P, step: int) -> P:
+        """Restores ``step`` into ``pipeline`` (an error if it is not committed); returns it."""
         return self._handler.restore(self.directory, pipeline, step=step)
 
-    def restore_latest(self, pipeline: Any) -> int | None:
+    def restore_latest(self, pipeline: Checkpointable) -> int | None:
         """Restores the latest step into ``pipeline``; returns it, or None if there is none."""
         step = self.latest_step()
         if step is not None:

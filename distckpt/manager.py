@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from typing import Any, Literal
 
@@ -32,8 +31,10 @@ from distckpt import (
     _storage,
 )
 from distckpt._layout import deleting_name, step_name
+from distckpt._location import Location
 from distckpt._preemption import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
 from distckpt._preemption import forward_signal as forward_signal
+from distckpt._procstate import Checkpointable
 from distckpt._restore import restore as _restore
 from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import (
@@ -92,7 +93,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike | dict,
+        directory: Location,
         *,
         max_to_keep: int | None = None,
         keep_every_n_steps: int | None = None,
@@ -104,7 +105,7 @@ class CheckpointManager:
         timeout_s: float | None = None,
         clean_on_start: bool = True,
         storage_budget_bytes: int | None = None,
-        backup_to: str | os.PathLike | dict | None = None,
+        backup_to: Location | None = None,
         backup_every_n_steps: int | None = None,
         backup_best: bool = False,
         compression: str | None = None,
@@ -191,7 +192,7 @@ class CheckpointManager:
         *,
         metrics: dict[str, float] | None = None,
         metadata: Any = None,
-        pipeline: Any = None,
+        pipeline: Checkpointable | None = None,
         force: bool = False,
         blocking: bool | None = None,
         overwrite: bool = False,
@@ -362,6 +363,7 @@ class CheckpointManager:
 
     def _project_storage(self, step: int, metrics: dict | None) -> dict:
         """Bytes retention would keep once ``step`` is saved, against the budget; warns."""
+        assert self.storage_budget_bytes is not None  # called only with a budget
         kept = sorted(self.retention.keep({**self._steps, step: metrics}))
         sizes = [self._size(s) for s in kept if s != step]
         # The new step will be about as large as the newest one whose size is known.
@@ -400,7 +402,7 @@ class CheckpointManager:
         *,
         partial: bool = False,
         cast: bool = False,
-        pipeline: Any = None,
+        pipeline: Checkpointable | None = None,
         fall_back: bool = False,
     ) -> Any:
         """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``.
@@ -482,13 +484,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ internals
 
-    def path(self, step: int) -> str | dict:
+    def path(self, step: int) -> str | dict[str, Any]:
         """The location of ``step`` (whether or not it exists): a path or URL,
         or a kvstore spec if the manager was given one."""
         child = self._location.child(step_name(step))
         if child.path is not None:
             return child.path
-        return child.spec if self._spec_given else child.display
+        if self._spec_given:
+            assert child.spec is not None  # the children of a spec location are specs
+            return child.spec
+        return child.display
 
     def _storage(self) -> _storage.Storage:
         return _storage.open_storage(self._location)
@@ -554,5 +559,6 @@ class CheckpointManager:
                     if all(_layout.is_ours(e) for e in s.inside):  # a crashed save, unless live
                         parent.remove_leftover(s.name, deleting_name(s.name))
                 else:  # also on object stores, where a commit leaves others to this
+                    assert s.manifest is not None  # committed: damaged steps raised above
                     s.storage.remove_dead_attempts(keep=s.manifest.attempt)
         return {s.step: s.metrics for s in found.steps if s.state == _steps.COMMITTED}

@@ -210,6 +210,7 @@ ABSURD = {
     "bool": ("w", {"shape": [True, 4]}, "is not a list of sizes"),
     "dtype-code": ("w", {"dtype": f"__import__('os').system('touch {PWNED}')"}, "unknown dtype"),
     "dtype-object": ("w", {"dtype": "object"}, "unknown dtype"),
+    "dtype-null": ("w", {"dtype": None}, "unknown dtype"),  # np_dtype(None) is float64
     "kind": ("w", {"kind": "pickle"}, "unknown leaf kind"),
 }
 

@@ -9,8 +9,8 @@ without reading leaves. ``distckpt.restore``, ``diff``, ``export``,
 from __future__ import annotations
 
 import os
-from typing import Any
 
+from distckpt._location import Location
 from distckpt._sources import orbax as _orbax
 from distckpt._sources.base import DEFAULT_SLAB_BYTES as DEFAULT_SLAB_BYTES
 from distckpt._sources.base import Rows as Rows
@@ -23,7 +23,7 @@ from distckpt._sources.orbax import OrbaxSource as OrbaxSource
 DISTCKPT, ORBAX = "distckpt", "orbax"
 
 
-def format_of(path: Any) -> str:
+def format_of(path: Location) -> str:
     """The format of the checkpoint at ``path``: ``"orbax"`` for a local Orbax
     checkpoint (its ``_METADATA``, and no distckpt manifest), else ``"distckpt"``."""
     if isinstance(path, (str, os.PathLike)) and _orbax.find_root(os.fspath(path)) is not None:
@@ -31,9 +31,10 @@ def format_of(path: Any) -> str:
     return DISTCKPT
 
 
-def open_source(path: Any) -> Source:
+def open_source(path: Location) -> Source:
     """The checkpoint at ``path`` as a source, whatever its format."""
     if format_of(path) == ORBAX:
+        assert not isinstance(path, dict)  # Orbax checkpoints are found at local paths only
         root = _orbax.find_root(os.fspath(path))
         assert root is not None
         return OrbaxSource(root)

@@ -73,11 +73,11 @@ class Source(abc.ABC):
 
     def read(self, index: int, rows: Rows = None) -> np.ndarray:
         """The stored data of leaf ``index`` (key data for PRNG keys), rows ``rows``."""
-        return self.read_box(index, rows_box(self.leaves[index].shape, rows))
+        return self.read_box(index, rows_box(self.leaves[index].array_shape, rows))
 
     def slabs(self, index: int, budget: int = DEFAULT_SLAB_BYTES) -> list[Rows]:
         spec = self.leaves[index]
-        return row_slabs(spec.shape, spec.itemsize, budget)
+        return row_slabs(spec.array_shape, spec.itemsize, budget)
 
     def iter_slabs(
         self, index: int, budget: int = DEFAULT_SLAB_BYTES

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from distckpt import _commit, _knobs, _plan, _read, _reshard
+from distckpt._location import Location
 from distckpt._sources.base import DEFAULT_SLAB_BYTES, Rows, Source, row_slabs
 from distckpt._storage import Reader, open_storage
 
@@ -17,7 +18,7 @@ class DistckptSource(Source):
 
     format = "distckpt"
 
-    def __init__(self, directory: Any):
+    def __init__(self, directory: Location):
         self.storage = open_storage(directory)
         self.manifest = _commit.load(self.storage)
         self.display = self.storage.display
@@ -42,7 +43,7 @@ class DistckptSource(Source):
     def slabs(self, index: int, budget: int = DEFAULT_SLAB_BYTES) -> list[Rows]:
         spec = self.leaves[index]
         edges = {e for c in self.manifest.chunks[index] if c.box for e in c.box[0]}
-        return row_slabs(spec.shape, spec.itemsize, budget, sorted(edges))
+        return row_slabs(spec.array_shape, spec.itemsize, budget, sorted(edges))
 
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
         spec = self.leaves[index]
@@ -59,6 +60,7 @@ class DistckptSource(Source):
         if self._reader is None:
             self._reader = self.storage.reader(self.manifest.attempt)
             self._pool = ThreadPoolExecutor(_knobs.get("io_threads"))
+        assert self._pool is not None  # created with the reader
 
         def consume(c: Any, view: np.ndarray) -> None:
             src = view.view(dtype).reshape(_reshard.box_shape(c.box))

@@ -67,7 +67,7 @@ def import_orbax() -> Any:
 
 
 def _path_of(key_metadata: list[dict]) -> _tree.Path:
-    parts = []
+    parts: list[tuple[str, Any]] = []
     for k in key_metadata:
         key = k["key"]
         if k.get("key_type") == _SEQUENCE_KEY:
@@ -203,10 +203,12 @@ class OrbaxSource(Source):
         spec = self.leaves[index]
         if not spec.stored:
             raise ValueError(f"{spec.display} is a {spec.kind} leaf; it has no stored data")
-        return self.read_box(index, rows_box(spec.shape, rows))
+        return self.read_box(index, rows_box(spec.array_shape, rows))
 
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
-        store = self._open(index, self.names[index])
+        name = self.names[index]
+        assert name is not None, "a None leaf has no array to read"
+        store = self._open(index, name)
         if not box:
             return np.asarray(store.read().result())
         sl = tuple(slice(a, b) for a, b in box)

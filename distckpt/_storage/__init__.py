@@ -7,8 +7,6 @@ everything TensorStore's kvstore reaches. :func:`open_storage` picks one.
 
 from __future__ import annotations
 
-from typing import Any
-
 from distckpt import _knobs, _location
 from distckpt._storage.interface import ALIGN as ALIGN
 from distckpt._storage.interface import Preflight as Preflight
@@ -24,7 +22,7 @@ from distckpt._storage.posix import remove_aside as remove_aside
 from distckpt._storage.posix import remove_tree as remove_tree
 
 
-def open_storage(directory: Any) -> Storage:
+def open_storage(directory: _location.Location | _location.ParsedLocation) -> Storage:
     """The storage for a checkpoint location (see ``_location``): a path, an
     ``s3://``/``gs://``/``memory://`` URL or a kvstore spec."""
     loc = _location.parse(directory)

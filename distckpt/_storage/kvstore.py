@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from distckpt._storage.interface import (
     missing,
 )
 from distckpt.errors import CheckpointExistsError, StorageUnavailableError
+
+if TYPE_CHECKING:  # for annotations only: at run time it is imported where used
+    import tensorstore as ts
 
 log = logging.getLogger("distckpt")
 
@@ -78,7 +81,8 @@ def _kv_result(future: Any, what: str, where: str) -> Any:
 
 class _KvWriter(Writer):
     def __init__(self, kv: Any, key: str, where: str):
-        self.kv, self.key, self.where, self.parts = kv, key, where, []
+        self.kv, self.key, self.where = kv, key, where
+        self.parts: list[bytes] = []
 
     def write(self, buf: memoryview) -> None:
         self.parts.append(bytes(memoryview(buf).cast("B")))
@@ -127,10 +131,10 @@ class _KvReader(Reader):
         pass  # nothing held open: every read is one request
 
 
-_CONTEXTS: dict[str, object] = {}
+_CONTEXTS: dict[str, ts.Context] = {}
 
 
-def _context() -> object:
+def _context() -> ts.Context:
     # One TensorStore context per process (per retry setting), so that
     # memory:// stores, connection pools and credentials are shared by every
     # open of a location.
@@ -297,7 +301,8 @@ class KvStorage(Storage):
             self.remove_attempt(replaced)
 
     def child(self, name: str) -> KvStorage:
-        loc = _location.Location(self.display, spec=self.spec).child(name)
+        loc = _location.ParsedLocation(self.display, spec=self.spec).child(name)
+        assert loc.spec is not None  # the child of a spec location is one
         return KvStorage(loc.spec, display=loc.display, kv=self.kv / f"{name}/")
 
     def remove_entry(self, name: str) -> None:

@@ -98,7 +98,8 @@ class _PosixReader(Reader):
             out = aligned_empty((nbytes,), np.dtype(np.uint8))
         got = 0
         while got < nbytes:
-            n = os.preadv(fd, [memoryview(out)[got:]], offset + got)
+            # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
+            n = os.preadv(fd, [memoryview(out)[got:]], offset + got)  # type: ignore[arg-type]
             if n == 0:
                 raise missing(
                     self.display,

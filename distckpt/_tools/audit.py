@@ -167,6 +167,6 @@ def _usage(sizes: list[int], budget: dict | None) -> dict[str, Any]:
         "growth_per_step_bytes": round(growth),
         "next_step_bytes": next_step,
         # With the same number of steps kept: the oldest goes, the next one comes.
-        "projected_bytes": sum(sizes[1:]) + next_step if sizes else None,
+        "projected_bytes": sum(sizes[1:]) + next_step if next_step is not None else None,
         "budget": budget,  # recorded by a CheckpointManager with storage_budget_bytes
     }

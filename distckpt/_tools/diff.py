@@ -71,8 +71,8 @@ def structure(a: Source, b: Source, migration: Any = None) -> list[str]:
             continue
         if sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl:
             lines.append(f"{sa.display}: PRNG implementation {sa.impl} in A, {sb.impl} in B")
-        if sa.stored and tuple(sa.shape) != tuple(sb.shape):
-            lines.append(f"{sa.display}: shape {tuple(sa.shape)} in A, {tuple(sb.shape)} in B")
+        if sa.stored and sa.array_shape != sb.array_shape:
+            lines.append(f"{sa.display}: shape {sa.array_shape} in A, {sb.array_shape} in B")
         if sa.stored and sa.dtype != sb.dtype:
             lines.append(f"{sa.display}: dtype {sa.dtype} in A, {sb.dtype} in B")
     return lines
@@ -145,7 +145,7 @@ def values(
                 "" if same else f"{sa.value!r} in A, {sb.value!r} in B",
             )
             continue
-        if tuple(sa.shape) != tuple(sb.shape) or (sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl):
+        if sa.array_shape != sb.array_shape or (sa.kind == _tree.PRNG_KEY and sa.impl != sb.impl):
             continue  # reported by structure()
         yield _compare_leaf(a, b, i, j, atol, rtol, slab_bytes)
 
@@ -183,7 +183,7 @@ def _compare_leaf(
         status = "close"
     else:
         status = "different"
-    elements = int(np.prod(spec.shape, dtype=np.int64))
+    elements = int(np.prod(spec.array_shape, dtype=np.int64))
     return ValueDiff(spec.display, status, elements, mismatched, max_abs, max_rel)
 
 
@@ -213,6 +213,7 @@ def load_target(arg: str) -> Any:
             raise ValueError(f"target spec {arg!r}: file {where} does not exist")
         name = f"_distckpt_target_{abs(hash(os.path.abspath(where)))}"
         spec = importlib.util.spec_from_file_location(name, where)
+        assert spec is not None and spec.loader is not None  # a .py file gets a source loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

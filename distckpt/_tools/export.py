@@ -112,7 +112,7 @@ def _record(source: Source, names: list[str], stored_as: dict[str, str]) -> dict
             "kind": spec.kind,
         }
         if spec.stored:
-            entry.update(shape=list(spec.shape), dtype=spec.dtype)
+            entry.update(shape=list(spec.array_shape), dtype=spec.dtype)
         if spec.impl:
             entry["impl"] = spec.impl
         if spec.kind == _tree.PYTHON:
@@ -181,7 +181,7 @@ def to_npz(
                         file_dtype = np.dtype(f"u{dtype.itemsize}")
                         stored_as[name] = str(file_dtype)
                     with zf.open(name + ".npy", "w", force_zip64=True) as f:
-                        _npy_header(f, file_dtype, spec.shape)
+                        _npy_header(f, file_dtype, spec.array_shape)
                         for _, slab in source.iter_slabs(i, slab_bytes):
                             _write_raw(f, slab.view(file_dtype))
             record = _record(source, names, stored_as)
@@ -211,7 +211,8 @@ def _npy_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
 def _write_raw(f: Any, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr)
     if arr.size:
-        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
+        f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
 
 
 def to_safetensors(
@@ -248,13 +249,14 @@ def to_safetensors(
     header: dict[str, Any] = {}
     plan = []  # (leaf index, little-endian dtype)
     offset = 0
+    shape: tuple[int, ...]
     for i, (name, spec) in enumerate(zip(names, source.leaves, strict=True)):
         if spec.kind == _tree.PYTHON and not isinstance(spec.value, str):
             arr = _python_array(spec.value)
             dtype, shape = arr.dtype, ()
         elif spec.stored:
             dtype = _plan.np_dtype(spec.dtype).newbyteorder("<")
-            shape = tuple(spec.shape)
+            shape = spec.array_shape
         else:
             continue  # None and str: only in the record
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -130,7 +130,8 @@ def _leftover(
     now: float,
     *,
     listing: list[str] | None = None,
-    **kw: object,
+    step: int | None = None,
+    note: str = "",
 ) -> Leftover:
     """``listing``: what ``path`` holds, if the caller has listed it already."""
     size, newest = tree_size_and_mtime(path)
@@ -144,7 +145,8 @@ def _leftover(
         locked = attempt_locked(os.path.dirname(path), os.path.basename(path))
     else:
         locked = False
-    return Leftover(path, kind, size, age, age >= min_age_s and not locked, locked=locked, **kw)
+    stale = age >= min_age_s and not locked
+    return Leftover(path, kind, size, age, stale, step=step, note=note, locked=locked)
 
 
 def read_attempt(step_dir: str) -> tuple[str | None, str]:
@@ -202,7 +204,7 @@ def _inside_step(
 
 
 def scan(
-    directory: str | os.PathLike | dict,
+    directory: _location.Location,
     *,
     min_age_s: float = DEFAULT_MIN_AGE_S,
     now: float | None = None,
@@ -221,21 +223,21 @@ def scan(
     loc = _location.parse(directory)
     if loc.spec is not None:
         return _scan_kv(loc, min_age_s)  # s3://, gs://, memory://, a kvstore spec
-    directory = loc.path
-    assert directory is not None
-    if not os.path.isdir(directory):
-        what = "does not exist" if not os.path.exists(directory) else "is not a directory"
+    top = loc.path
+    assert top is not None  # parse() gives a spec or a path
+    if not os.path.isdir(top):
+        what = "does not exist" if not os.path.exists(top) else "is not a directory"
         raise FileNotFoundError(
-            f"{directory} {what}; pass a CheckpointManager directory (it holds step_XXXXXXXX "
+            f"{top} {what}; pass a CheckpointManager directory (it holds step_XXXXXXXX "
             "subdirectories) or a checkpoint directory"
         )
-    root = _storage.PosixStorage(directory)
-    if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+    root = _storage.PosixStorage(top)
+    if os.path.exists(os.path.join(top, MANIFEST_NAME)):
         return _scan_checkpoint(root, min_age_s, now)
     found = _steps.walk(root)
     steps, leftovers, foreign = [], [], list(found.foreign)
     for name, number in found.deleting:
-        path = os.path.join(directory, name)
+        path = os.path.join(top, name)
         if not os.path.isdir(path):
             foreign.append(name)
             continue
@@ -250,7 +252,7 @@ def scan(
             )
         )
     for entry in found.steps:
-        path = os.path.join(directory, entry.name)
+        path = os.path.join(top, entry.name)
         if entry.state == _steps.DAMAGED:
             size, _ = tree_size_and_mtime(path)
             steps.append(_damaged(entry, path, size))
@@ -282,7 +284,7 @@ def scan(
         steps.append(Step(entry.step, path, "uncommitted", why=why, bytes=left.bytes))
         leftovers.append(left)
     foreign.sort()
-    return Scan(directory, steps, leftovers, foreign, min_age_s)
+    return Scan(top, steps, leftovers, foreign, min_age_s)
 
 
 def _single(root: _storage.Storage, where: str) -> _steps.StepEntry:
@@ -310,7 +312,7 @@ _KV_NOTE = (
 )
 
 
-def _scan_kv(location: _location.Location, min_age_s: float) -> Scan:
+def _scan_kv(location: _location.ParsedLocation, min_age_s: float) -> Scan:
     """``scan`` of an object store or kvstore location, through the storage layer.
 
     Leftovers are reported but never marked removable: without locks or
@@ -385,6 +387,7 @@ def best_step(steps: list[Step], metric: str | None, mode: str) -> tuple[str | N
     if metric is None:
         common = None
         for s in committed:
+            assert s.metrics  # committed keeps only steps with metrics
             keys = [k for k in s.metrics if metric_value(s.metrics, k) is not None]
             common = keys if common is None else [k for k in common if k in keys]
         if not common:
