@@ -1,4 +1,4 @@
-"""The ``distckpt`` command: ls, inspect, verify, diff, audit, convert, gc.
+"""The ``distckpt`` command: ls, inspect, verify, diff, audit, convert, gc, copy, launch.
 
 Every command runs in one process, without ``jax.distributed``. Commands
 that only read (ls, inspect, verify, diff, audit) never write to the

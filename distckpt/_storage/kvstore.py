@@ -1,6 +1,8 @@
 """Checkpoints wherever TensorStore's kvstore reaches: S3, GCS, ``memory://``, files.
 
-The only module that imports tensorstore. No rename: data goes under
+The storage layer's only TensorStore user (the Orbax source also reads
+zarr arrays through TensorStore; tests/test_layout.py keeps it to these
+two). No rename: data goes under
 ``attempt-<id>/`` and the manifest, written last in one conditional put,
 is the commit marker. No locks: an attempt records when it started
 (``attempt-<id>/.started``) until its commit, so that clean-up leaves a

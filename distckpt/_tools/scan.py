@@ -308,7 +308,8 @@ def _scan_checkpoint(root: _storage.PosixStorage, min_age_s: float, now: float) 
 
 _KV_NOTE = (
     "on an object store gc leaves it (no locks, no ages to tell it from a save in "
-    "progress); a CheckpointManager removes it when it starts"
+    "progress); a CheckpointManager removes it when it starts, once its start mark is "
+    "older than DISTCKPT_LIVE_ATTEMPT_S"
 )
 
 
