@@ -3,9 +3,12 @@
 A collective operation (one ``save`` or ``restore``) runs as a sequence of
 phases. After each phase every process publishes its status (ok, or the
 error it raised) in the key/value store and waits at a barrier with a
-timeout; then every process reads every status and either goes on or raises
-the *same* error, naming the process(es) at fault. So no process fails
-alone, and nothing waits forever.
+timeout; then every process reads the failures (usually none) and the
+primary's payload, and either goes on or raises the *same* error, naming
+the process(es) at fault. So no process fails alone, nothing waits forever,
+and no process reads every other's status unless something went wrong:
+the coordination service serves O(processes) reads per phase, not
+O(processes^2).
 
 Barriers and keys are namespaced by an operation counter. All processes call
 collective operations in the same order (SPMD), so the counters agree.
@@ -14,6 +17,7 @@ collective operations in the same order (SPMD), so the counters agree.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import re
@@ -86,21 +90,44 @@ class Collective:
     def is_primary(self) -> bool:
         return self.pid == 0
 
-    def run(self, phase: str, fn: Callable[[], Any], *, last: bool = False) -> list[Any]:
+    def run(
+        self,
+        phase: str,
+        fn: Callable[[], Any],
+        *,
+        last: bool = False,
+        agree: Callable[[Any], Any] | None = None,
+        disagree: Callable[[list[Any]], None] | None = None,
+    ) -> Any:
         """Runs ``fn`` here, then waits for every process to finish the phase.
 
         ``last`` marks the operation's final phase: every process then also
-        waits until all have read the statuses, so that the primary (which
+        waits until all have read what it needs, so that the primary (which
         hosts the coordination service) cannot return and exit while
         another process still reads from it.
 
+        ``agree``, if given, maps this process's payload to what every
+        process must share (a location, a commit, a tree's fingerprint).
+        Each process adds one to a counter named by the digest of its value;
+        after the barrier, the value is shared iff its counter equals the
+        process count, which every process learns with one read. Only when
+        they differ are all payloads read, and ``disagree(payloads)`` raises
+        the error that names who differs (the same on every process).
+
+        Cost per process in the common path: one write, one barrier, one
+        listing of the failures (empty), one read of the primary's payload
+        and, with ``agree``, one increment and one read; never every other
+        process's status.
+
         Returns:
-          Each process's return value of ``fn`` (JSON-able), by process index.
+          The primary's return value of ``fn`` (JSON-able), on every process.
 
         Raises:
           BarrierTimeoutError: some process did not finish within the timeout.
           The error a process raised, on every process: the same
           ``DistckptError`` subclass if it was one, else ``ProcessFailure``.
+          What ``disagree`` raises (else ``InconsistentProcessesError``)
+          when the processes' ``agree`` values differ.
         """
         local_error: Exception | None = None
         payload = None
@@ -113,10 +140,16 @@ class Collective:
         if self.client is None:
             if local_error is not None:
                 raise local_error
-            return [payload]
+            return payload
 
+        key = f"{self.ns}/{phase}/status"
         if local_error is None:
-            status = {"ok": True, "payload": payload}
+            status: dict[str, Any] = {"ok": True}
+            if self.is_primary or agree is not None:  # read by all, or when they disagree
+                status["payload"] = payload
+            self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
+            if agree is not None:
+                self.client.key_value_increment(self._agree_key(phase, agree(payload)), 1)
         else:
             status = {
                 "ok": False,
@@ -126,12 +159,12 @@ class Collective:
                 "problems": list(getattr(local_error, "problems", []) or []),
                 "missing": list(getattr(local_error, "missing", []) or []),
             }
-        key = f"{self.ns}/{phase}/status"
-        self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
+            self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
+            self.client.key_value_set(f"{self.ns}/{phase}/failed/{self.pid}", json.dumps(status))
         try:
             self.client.wait_at_barrier(f"{self.ns}/{phase}", self._timeout_ms())
         except jax.errors.JaxRuntimeError as e:
-            statuses = self._statuses(key)
+            statuses = self._statuses(key)  # the slow path: every status, to name who is late
             # Who did not publish a status, else whom the coordination service
             # names as late at the barrier itself (a process that published and
             # then stalled, or lost its link, before reaching it).
@@ -147,7 +180,16 @@ class Collective:
             )
             err.add_note(f"coordination service said: {e}")
             raise err from local_error
-        statuses = self._statuses(key)
+        # Only the failures, usually none: never every process's status.
+        failed = self._failures(self._statuses(f"{self.ns}/{phase}/failed"))
+        outcome: Exception | None = None
+        primary: Any = None
+        if failed:
+            outcome = self._combined(phase, failed)
+        else:
+            if agree is not None and not self._agreed(phase, agree(payload)):
+                outcome = self._disagreement(phase, key, disagree)
+            primary = payload if self.is_primary else self._primary_payload(key)
         if last:
             _faults.hit(f"{self.op}.final")
             try:
@@ -156,10 +198,48 @@ class Collective:
                     self.client.key_value_delete(f"{self.ns}/")
             except jax.errors.JaxRuntimeError:
                 pass  # the outcome is decided; a peer that left early changes nothing
-        failed = self._failures(statuses)
-        if failed:
-            raise self._combined(phase, failed) from local_error
-        return [statuses[p].get("payload") for p in range(self.count)]
+        if outcome is not None:
+            raise outcome from local_error
+        return primary
+
+    def _agree_key(self, phase: str, value: Any) -> str:
+        digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+        return f"{self.ns}/{phase}/agree/{digest}"
+
+    def _agreed(self, phase: str, value: Any) -> bool:
+        # Every process incremented the counter of its own value before the
+        # barrier: all agree iff this process's counter holds them all, and
+        # then it does for every process alike.
+        assert self.client is not None  # a multi-process job
+        raw = self.client.key_value_try_get(self._agree_key(phase, value))
+        return int(raw) == self.count
+
+    def _disagreement(
+        self, phase: str, key: str, disagree: Callable[[list[Any]], None] | None
+    ) -> Exception:
+        """The error for processes whose ``agree`` values differ (reads every payload)."""
+        statuses = self._statuses(key)
+        payloads = [statuses.get(p, {}).get("payload") for p in range(self.count)]
+        try:
+            if disagree is not None:
+                disagree(payloads)
+        except Exception as e:  # noqa: BLE001 - returned, raised by the caller on every process
+            return e
+        return errors.InconsistentProcessesError(
+            f"{self.op} of {self.where}: the processes disagree in phase '{phase}' "
+            "(every process must pass the same arguments to a collective call)"
+        )
+
+    def _primary_payload(self, key: str) -> Any:
+        assert self.client is not None  # a multi-process job
+        try:
+            raw = self.client.blocking_key_value_get(f"{key}/0", self._timeout_ms())
+        except jax.errors.JaxRuntimeError as e:
+            raise BarrierTimeoutError(
+                f"{self.op} of {self.where}: timed out after {self.timeout_s:g} s reading the "
+                "primary's status"
+            ) from e
+        return json.loads(raw).get("payload")
 
     def _typed(self, e: Exception) -> Exception:
         """A full disk, whatever raised it, becomes ``OutOfSpaceError`` (chained)."""

@@ -132,10 +132,15 @@ def restore(
         return {"commit": _commit.identity(manifest, raw), "where": storage.display}
 
     with _runtime.paused_gc():
-        opened = coll.run("restore", work, last=True)
-    # Every process read its values from the commit record it found; they
-    # form one global array only if that record is the same everywhere.
-    _commit.check_same_checkpoint(opened, "restore")
+        # Every process read its values from the commit record it found; they
+        # form one global array only if that record is the same everywhere.
+        coll.run(
+            "restore",
+            work,
+            last=True,
+            agree=lambda opened: opened["commit"],
+            disagree=lambda everyone: _commit.check_same_checkpoint(everyone, "restore"),
+        )
     if result.get("state") is not None:  # only once the arrays are in: no half-restored state
         _procstate.restore_into(pipeline, result["state"])
     return result["tree"]

@@ -173,10 +173,15 @@ class SaveJob:
         began = time.perf_counter()
         local: dict[str, Any] = {}  # what the prepare phase found on this process only
         try:
-            shared = self.coll.run("prepare", lambda: self._prepare(local))
-            _check_same_target(shared)
-            _check_same_tree(shared, self.storage.display)
-            primary = shared[0]
+            where = self.storage.display
+
+            def disagree(payloads: list[dict]) -> None:
+                _check_same_target(payloads)
+                _check_same_tree(payloads, where)
+
+            primary = self.coll.run(
+                "prepare", lambda: self._prepare(local), agree=_agreement, disagree=disagree
+            )
             self.attempt = primary["attempt"]
             self.prepared = _Prepared(
                 attempt=primary["attempt"],
@@ -210,7 +215,7 @@ class SaveJob:
         prepared, staged = self.prepared, self.staged
         try:
             self.coll.run("write", lambda: self._write(prepared, staged))
-            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True)[0]
+            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True)
         except BaseException:
             self._discard()
             raise
@@ -465,6 +470,18 @@ def _write_files(
 def _fingerprint(specs: list[LeafSpec]) -> str:
     doc = [[list(map(list, s.path)), s.kind, s.shape and list(s.shape), s.dtype] for s in specs]
     return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()
+
+
+def _agreement(payload: dict) -> list:
+    """What every process of a save must share: the location, the manager's step, the
+    tree's structure, shapes and dtypes, and the kind (and global state) of pipeline."""
+    return [
+        payload["where"],
+        (payload["manager"] or {}).get("step"),
+        payload["fingerprint"],
+        payload["pipeline"],
+        payload.get("pipeline_digest"),
+    ]
 
 
 def _check_same_target(prepared: list[dict]) -> None:

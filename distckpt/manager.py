@@ -147,7 +147,7 @@ class CheckpointManager:
         # saving into the directory when the primary cleans it.
         coll.run("open", lambda: None)
         scan = (lambda: self._scan(clean_on_start)) if coll.is_primary else (lambda: None)
-        scanned = coll.run("scan", scan, last=True)[0]
+        scanned = coll.run("scan", scan, last=True)
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
         best = self.best_step()
         # The bar a step must beat to be backed up as the best.
@@ -460,13 +460,14 @@ class CheckpointManager:
             return int(step)
 
         # Agree first: the primary deletes, every process forgets the step.
-        named = coll.run("agree", agree)
-        if any(s != named[0] for s in named):
+        def disagree(named: list[int]) -> None:
             raise InconsistentProcessesError(
                 f"delete in {self.directory}: the processes named different steps "
                 f"({dict(enumerate(named))}); nothing was deleted. delete is collective: "
                 "pass the same step on every process."
             )
+
+        coll.run("agree", agree, agree=lambda named: named, disagree=disagree)
         coll.run("delete", lambda: self._remove(step) if coll.is_primary else None, last=True)
         del self._steps[step]
 

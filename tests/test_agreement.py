@@ -24,7 +24,7 @@ def _state(value: float):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    mesh = jax.make_mesh((4,), ("x",))
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
     sharding = NamedSharding(mesh, P("x"))
     w = jax.make_array_from_callback((8,), sharding, lambda i: jnp.full((8,), value)[i])
     target = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sharding)}
@@ -176,3 +176,63 @@ def test_deleting_different_steps_deletes_nothing(tmp_path):
         assert "named different steps" in r.value["error"]
         assert r.value["steps"] == [1, 3]
     assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000003"]
+
+
+def _w_coordination_reads(tmp: str) -> dict:
+    from collections import Counter
+
+    from jax._src.distributed import global_state
+
+    import distckpt
+
+    class Counting:
+        """The coordination client, counting what this process asks of it."""
+
+        def __init__(self, inner):
+            self.inner, self.calls, self.listed = inner, Counter(), []
+
+        def __getattr__(self, name):
+            method = getattr(self.inner, name)
+
+            def call(*args, **kwargs):
+                self.calls[name] += 1
+                if name == "key_value_dir_get":
+                    self.listed.append(args[0].rsplit("/", 1)[-1])
+                return method(*args, **kwargs)
+
+            return call
+
+    state, target = _state(1.0)
+    distckpt.save(f"{tmp}/warm", state)  # imports and first-call costs out of the way
+    counting = Counting(global_state.client)
+    global_state.client = counting
+    try:
+        distckpt.save(f"{tmp}/c", state)
+        distckpt.restore(f"{tmp}/c", target)
+    finally:
+        global_state.client = counting.inner
+    return {"calls": dict(counting.calls), "listed": counting.listed}
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_a_process_never_reads_every_other_process_s_status(tmp_path, processes):
+    results = run_processes(
+        f"{HERE}:_w_coordination_reads",
+        processes,
+        devices_per_process=1,
+        args={"tmp": str(tmp_path)},
+    )
+    for r in results:
+        # Only the failures of each phase are listed (save: prepare, write,
+        # commit; restore: restore); nothing lists the statuses of all.
+        assert r.value["listed"] == ["failed"] * 4, r.value
+    calls = [r.value["calls"] for r in results]
+    # What a process asks of the coordination service does not depend on
+    # how many processes there are: the same counts at 2 and at 4 processes.
+    others = calls[1]
+    assert others["key_value_dir_get"] == 4
+    assert others["blocking_key_value_get"] == 4  # the primary's payload, once a phase
+    assert others["key_value_try_get"] == 2  # the two agreement counters
+    # The primary reads each process's write report (its part count, its part).
+    assert calls[0]["blocking_key_value_get"] == processes
+    assert calls[0]["blocking_key_value_get_bytes"] == processes
