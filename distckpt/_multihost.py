@@ -96,6 +96,7 @@ class Collective:
         fn: Callable[[], Any],
         *,
         last: bool = False,
+        share: bool = False,
         agree: Callable[[Any], Any] | None = None,
         disagree: Callable[[list[Any]], None] | None = None,
     ) -> Any:
@@ -106,6 +107,9 @@ class Collective:
         hosts the coordination service) cannot return and exit while
         another process still reads from it.
 
+        ``share`` returns the primary's payload on every process (one read);
+        without it ``run`` returns None.
+
         ``agree``, if given, maps this process's payload to what every
         process must share (a location, a commit, a tree's fingerprint).
         Each process adds one to a counter named by the digest of its value;
@@ -114,13 +118,14 @@ class Collective:
         they differ are all payloads read, and ``disagree(payloads)`` raises
         the error that names who differs (the same on every process).
 
-        Cost per process in the common path: one write, one barrier, one
-        listing of the failures (empty), one read of the primary's payload
-        and, with ``agree``, one increment and one read; never every other
-        process's status.
+        Cost per process in the common path: one write, one barrier, and one
+        listing of the failures (empty) or, with ``agree``, one increment and
+        one read of a counter; with ``share``, one read of the primary's
+        payload. Never every other process's status.
 
         Returns:
-          The primary's return value of ``fn`` (JSON-able), on every process.
+          With ``share``, the primary's return value of ``fn`` (JSON-able),
+          on every process; else None.
 
         Raises:
           BarrierTimeoutError: some process did not finish within the timeout.
@@ -140,12 +145,12 @@ class Collective:
         if self.client is None:
             if local_error is not None:
                 raise local_error
-            return payload
+            return payload if share else None
 
         key = f"{self.ns}/{phase}/status"
         if local_error is None:
             status: dict[str, Any] = {"ok": True}
-            if self.is_primary or agree is not None:  # read by all, or when they disagree
+            if (self.is_primary and share) or agree is not None:  # read by all, or on disagreement
                 status["payload"] = payload
             self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
             if agree is not None:
@@ -180,15 +185,19 @@ class Collective:
             )
             err.add_note(f"coordination service said: {e}")
             raise err from local_error
-        # Only the failures, usually none: never every process's status.
-        failed = self._failures(self._statuses(f"{self.ns}/{phase}/failed"))
+        # With ``agree``, one read says both that no process failed and that
+        # all agree (a failed process adds to no counter); otherwise the
+        # failures are listed (usually none). Never every process's status.
+        clean = agree is not None and local_error is None and self._agreed(phase, agree(payload))
         outcome: Exception | None = None
-        primary: Any = None
-        if failed:
-            outcome = self._combined(phase, failed)
-        else:
-            if agree is not None and not self._agreed(phase, agree(payload)):
+        if not clean:
+            failed = self._failures(self._statuses(f"{self.ns}/{phase}/failed"))
+            if failed:
+                outcome = self._combined(phase, failed)
+            elif agree is not None:
                 outcome = self._disagreement(phase, key, disagree)
+        primary: Any = None
+        if share and outcome is None:
             primary = payload if self.is_primary else self._primary_payload(key)
         if last:
             _faults.hit(f"{self.op}.final")

@@ -180,7 +180,11 @@ class SaveJob:
                 _check_same_tree(payloads, where)
 
             primary = self.coll.run(
-                "prepare", lambda: self._prepare(local), agree=_agreement, disagree=disagree
+                "prepare",
+                lambda: self._prepare(local),
+                share=True,
+                agree=_agreement,
+                disagree=disagree,
             )
             self.attempt = primary["attempt"]
             self.prepared = _Prepared(
@@ -215,7 +219,7 @@ class SaveJob:
         prepared, staged = self.prepared, self.staged
         try:
             self.coll.run("write", lambda: self._write(prepared, staged))
-            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True)
+            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True, share=True)
         except BaseException:
             self._discard()
             raise

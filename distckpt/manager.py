@@ -147,7 +147,7 @@ class CheckpointManager:
         # saving into the directory when the primary cleans it.
         coll.run("open", lambda: None)
         scan = (lambda: self._scan(clean_on_start)) if coll.is_primary else (lambda: None)
-        scanned = coll.run("scan", scan, last=True)
+        scanned = coll.run("scan", scan, last=True, share=True)
         self._steps: dict[int, dict | None] = {int(k): v for k, v in scanned.items()}
         best = self.best_step()
         # The bar a step must beat to be backed up as the best.
