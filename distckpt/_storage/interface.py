@@ -45,6 +45,7 @@ from typing import Self
 
 import numpy as np
 
+from distckpt._layout import ATTEMPT_PREFIX
 from distckpt.errors import CorruptCheckpointError
 
 
@@ -169,9 +170,9 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def reader(self, attempt: str) -> Reader: ...
 
-    @abc.abstractmethod
     def attempts(self) -> list[str]:
         """The attempts here (committed, leftovers, and ones being written)."""
+        return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
 
     @abc.abstractmethod
     def remove_attempt(self, attempt: str) -> None: ...

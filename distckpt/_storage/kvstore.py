@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from distckpt import _faults, _knobs, _location
-from distckpt._layout import ATTEMPT_PREFIX, MANIFEST_NAME, STARTED_NAME
+from distckpt._layout import MANIFEST_NAME, STARTED_NAME
 from distckpt._storage.interface import (
     Preflight,
     Reader,
@@ -279,17 +279,8 @@ class KvStorage(Storage):
         except (OSError, ValueError) as e:  # the commit stands; the mark only delays clean-up
             log.warning("could not remove %s after the commit: %s", self._where(key), e)
 
-    def attempts(self) -> list[str]:
-        return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
-
     def remove_attempt(self, attempt: str) -> None:
-        import tensorstore as ts
-
-        _kv_result(
-            self.kv.delete_range(ts.KvStore.KeyRange(f"{attempt}/", f"{attempt}0")),
-            "deleting",
-            self._where(attempt),
-        )
+        self.remove_entry(attempt)  # a key prefix, like a step's
 
     def remove_stale_attempts(self, keep: str, preflight: Preflight) -> None:
         if not self.object_store:
@@ -308,6 +299,7 @@ class KvStorage(Storage):
         return KvStorage(loc.spec, display=loc.display, kv=self.kv / f"{name}/")
 
     def remove_entry(self, name: str) -> None:
+        """Deletes every key under ``name/`` (one request)."""
         import tensorstore as ts
 
         _kv_result(

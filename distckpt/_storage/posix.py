@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 
 from distckpt import _faults
-from distckpt._layout import ATTEMPT_PREFIX, CREATING_SUFFIX, LOCK_NAME, MANIFEST_NAME, tmp_manifest
+from distckpt._layout import CREATING_SUFFIX, LOCK_NAME, MANIFEST_NAME, tmp_manifest
 from distckpt._storage.interface import (
     Preflight,
     Reader,
@@ -237,9 +237,6 @@ class PosixStorage(Storage):
             os.rename(tmp, target)
         _faults.hit("commit.renamed")
         _fsync_dir(self.path)
-
-    def attempts(self) -> list[str]:
-        return [e for e in self.entries() if e.startswith(ATTEMPT_PREFIX)]
 
     def remove_attempt(self, attempt: str) -> None:
         shutil.rmtree(os.path.join(self.path, attempt), ignore_errors=True)
