@@ -10,6 +10,7 @@ included): a listing only proposes names. Reads only; never deletes.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from distckpt import _commit, _layout
@@ -17,7 +18,16 @@ from distckpt._manifest import Manifest
 from distckpt._storage import Storage
 from distckpt.errors import CorruptCheckpointError
 
-COMMITTED, UNCOMMITTED, DAMAGED = "committed", "uncommitted", "damaged"
+
+class State(enum.StrEnum):
+    """What a step entry is (the strings are what ``distckpt ls --json`` prints)."""
+
+    COMMITTED = "committed"  # its manifest reads back and passes restore's checks
+    UNCOMMITTED = "uncommitted"  # no manifest: a save in progress or an interrupted one
+    DAMAGED = "damaged"  # a manifest that restore would refuse
+
+
+COMMITTED, UNCOMMITTED, DAMAGED = State.COMMITTED, State.UNCOMMITTED, State.DAMAGED
 
 
 @dataclass
@@ -27,7 +37,7 @@ class StepEntry:
     name: str
     step: int
     storage: Storage
-    state: str  # COMMITTED, UNCOMMITTED or DAMAGED
+    state: State
     manifest: Manifest | None = None  # committed: the checked commit record
     manifest_bytes: int = 0
     why: str = ""  # damaged: what is wrong with the manifest
