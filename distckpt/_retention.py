@@ -92,8 +92,8 @@ def rank(metrics: Mapping[int, object], name: str, mode: str) -> list[int]:
     """Steps best first by metric ``name`` (``mode`` "min" or "max"); ties go to the newer step.
 
     Steps whose metric is missing or not a finite number are left out. The
-    one ranking used by the manager's retention and ``best_step``, ``ls`` and
-    ``audit``.
+    one ranking used by the manager's retention and ``best_step`` and by
+    ``distckpt ls``.
     """
     scored = [(v, s) for s, m in metrics.items() if (v := metric_value(m, name)) is not None]
     scored.sort(key=lambda x: (x[0] if mode == "min" else -x[0], -x[1]))
