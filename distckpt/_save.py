@@ -313,7 +313,7 @@ class SaveJob:
             return None
         assert prepared.preflight is not None  # the primary's own
         began = time.perf_counter()
-        reports = [self.coll.get_blob(f"report/{p}") for p in range(self.coll.count)]
+        reports = self.coll.get_blobs("report")
         manifest = _commit.build_manifest(
             attempt=prepared.attempt,
             specs=prepared.specs,
@@ -346,7 +346,7 @@ class SaveJob:
         """The manifest entry for the processes' pipeline states (primary only)."""
         if mode is None:
             return None
-        states = [self.coll.get_blob(f"pipeline/{p}").decode() for p in range(self.coll.count)]
+        states = [raw.decode() for raw in self.coll.get_blobs("pipeline")]
         return _procstate.manifest_entry(mode, states)
 
     def _discard(self) -> None:

@@ -6,7 +6,9 @@ asks of the coordination service (by method, through a counting wrapper of
 the client) and timing each call. Prints one line per N and writes JSON.
 What grows with N in a phase is what this shows: reads of other processes'
 statuses grow as O(N) per process (O(N^2) at the coordinator); a phase that
-reads only the failures and the primary's payload stays flat.
+reads only the failures and the primary's payload stays flat. Each N also
+times the floor of any 3-phase protocol on the same job: 3 x (one status
+write and a barrier), so "x fl" is a save's latency against that floor.
 
     .venv/bin/python scripts/scale_coord.py --processes 2,4,8,16 --json out.json
     PYTHONPATH=/path/to/other/checkout .venv/bin/python scripts/scale_coord.py ...
@@ -74,11 +76,20 @@ def worker(directory: str, reps: int, out: str) -> None:
             restores.append(time.perf_counter() - began)
     finally:
         global_state.client = counting.inner
+    # The floor of any 3-phase protocol on this job: 3 x (a status write and a barrier).
+    client, pid, floor = counting.inner, jax.process_index(), []
+    for i in range(reps):
+        began = time.perf_counter()
+        for phase in range(3):
+            client.key_value_set(f"floor/{i}/{phase}/{pid}", "ok")
+            client.wait_at_barrier(f"floor/{i}/{phase}", 60_000)
+        floor.append(time.perf_counter() - began)
     with open(f"{out}.{jax.process_index()}", "w") as f:
         json.dump(
             {
                 "save_s": saves,
                 "restore_s": restores,
+                "floor_s": floor,
                 "calls_per_op": {k: v / (2 * reps) for k, v in counting.calls.items()},
             },
             f,
@@ -99,7 +110,10 @@ def main() -> int:
 
     rows = []
     print(f"distckpt from {Path(distckpt.__file__).parent}")
-    print(f"{'N':>4} {'save ms':>9} {'restore ms':>11} {'values read/op, p1':>20}  calls/op")
+    print(
+        f"{'N':>4} {'save ms':>9} {'floor ms':>9} {'x fl':>6} {'restore ms':>11} "
+        f"{'values read/op, p1':>20}  calls/op"
+    )
     for n in [int(x) for x in args.processes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="distckpt-scale-") as tmp:
             out = os.path.join(tmp, "result")
@@ -111,13 +125,23 @@ def main() -> int:
             per = [json.load(open(f"{out}.{p}")) for p in range(n)]
         save = statistics.median(max(p["save_s"][i] for p in per) for i in range(args.reps))
         restore = statistics.median(max(p["restore_s"][i] for p in per) for i in range(args.reps))
+        floor = statistics.median(max(p["floor_s"][i] for p in per) for i in range(args.reps))
         calls = per[1]["calls_per_op"]
         reads = sum(v for k, v in calls.items() if "get" in k and k != "key_value_dir_get")
         reads += calls.get("dir_entries_read", 0)
-        row = {"processes": n, "save_s": save, "restore_s": restore, "calls_per_op": calls}
+        row = {
+            "processes": n,
+            "save_s": save,
+            "restore_s": restore,
+            "floor_3_phases_s": floor,
+            "calls_per_op": calls,
+        }
         rows.append(row)
         shown = ", ".join(f"{k.replace('key_value_', '')}={v:g}" for k, v in sorted(calls.items()))
-        print(f"{n:>4} {save * 1e3:>9.1f} {restore * 1e3:>11.1f} {reads:>20g}  {shown}")
+        print(
+            f"{n:>4} {save * 1e3:>9.1f} {floor * 1e3:>9.1f} {save / floor:>6.2f} "
+            f"{restore * 1e3:>11.1f} {reads:>20g}  {shown}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -235,6 +235,6 @@ def test_a_process_never_reads_every_other_process_s_status(tmp_path, processes)
     assert others["key_value_dir_get"] == 2
     assert others["blocking_key_value_get"] == 2  # the primary's payload: prepare, commit
     assert others["key_value_increment"] == others["key_value_try_get"] == 2  # agreements
-    # The primary reads each process's write report (its part count, its part).
-    assert calls[0]["blocking_key_value_get"] == processes
-    assert calls[0]["blocking_key_value_get_bytes"] == processes
+    # The primary reads every process's write report in one listing.
+    assert calls[0]["key_value_dir_get_bytes"] == 1
+    assert "blocking_key_value_get_bytes" not in calls[0]
