@@ -84,6 +84,9 @@ class Collective:
         self.ns = f"distckpt/{self.seq}"
         self.pid, self.count = process_index(), process_count()
         self.client = client() if self.count > 1 else None
+        # Agreement by counters needs key_value_increment (present in the JAX
+        # versions tested); without it every payload is read to compare.
+        self._counting = hasattr(self.client, "key_value_increment")
         self._local_blobs: dict[str, bytes] = {}  # blobs of a single-process run
 
     @property
@@ -153,7 +156,7 @@ class Collective:
             if (self.is_primary and share) or agree is not None:  # read by all, or on disagreement
                 status["payload"] = payload
             self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
-            if agree is not None:
+            if agree is not None and self._counting:
                 self.client.key_value_increment(self._agree_key(phase, agree(payload)), 1)
         else:
             status = {
@@ -188,14 +191,19 @@ class Collective:
         # With ``agree``, one read says both that no process failed and that
         # all agree (a failed process adds to no counter); otherwise the
         # failures are listed (usually none). Never every process's status.
-        clean = agree is not None and local_error is None and self._agreed(phase, agree(payload))
+        clean = (
+            agree is not None
+            and local_error is None
+            and self._counting
+            and self._agreed(phase, agree(payload))
+        )
         outcome: Exception | None = None
         if not clean:
             failed = self._failures(self._statuses(f"{self.ns}/{phase}/failed"))
             if failed:
                 outcome = self._combined(phase, failed)
             elif agree is not None:
-                outcome = self._disagreement(phase, key, disagree)
+                outcome = self._disagreement(phase, key, agree, disagree)
         primary: Any = None
         if share and outcome is None:
             primary = payload if self.is_primary else self._primary_payload(key)
@@ -224,11 +232,19 @@ class Collective:
         return int(raw) == self.count
 
     def _disagreement(
-        self, phase: str, key: str, disagree: Callable[[list[Any]], None] | None
-    ) -> Exception:
-        """The error for processes whose ``agree`` values differ (reads every payload)."""
+        self,
+        phase: str,
+        key: str,
+        agree: Callable[[Any], Any],
+        disagree: Callable[[list[Any]], None] | None,
+    ) -> Exception | None:
+        """The error for processes whose ``agree`` values differ (reads every payload);
+        None if they turn out to agree (a client without counters checks this way)."""
         statuses = self._statuses(key)
         payloads = [statuses.get(p, {}).get("payload") for p in range(self.count)]
+        values = [json.dumps(agree(p), sort_keys=True) for p in payloads]
+        if all(v == values[0] for v in values):
+            return None
         try:
             if disagree is not None:
                 disagree(payloads)

@@ -238,3 +238,47 @@ def test_a_process_never_reads_every_other_process_s_status(tmp_path, processes)
     # The primary reads every process's write report in one listing.
     assert calls[0]["key_value_dir_get_bytes"] == 1
     assert "blocking_key_value_get_bytes" not in calls[0]
+
+
+def _w_without_counters(tmp: str) -> dict:
+    import jax
+    from jax._src.distributed import global_state
+
+    import distckpt
+    from distckpt.errors import InconsistentProcessesError
+
+    class NoCounters:
+        """A coordination client of a JAX without key_value_increment."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "key_value_increment":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    one, target = _state(1.0)
+    two, _ = _state(2.0)
+    inner = global_state.client
+    global_state.client = NoCounters(inner)
+    try:
+        distckpt.save(f"{tmp}/a", one)
+        distckpt.save(f"{tmp}/b", two)
+        out = {"same": _gathered(distckpt.restore(f"{tmp}/a", target)["w"])}
+        try:
+            distckpt.restore(f"{tmp}/a" if jax.process_index() == 0 else f"{tmp}/b", target)
+        except InconsistentProcessesError as e:
+            out["error"] = str(e)
+    finally:
+        global_state.client = inner
+    return out
+
+
+def test_agreement_without_counters_reads_every_payload_and_still_refuses(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_without_counters", args={"tmp": str(tmp_path)}, devices_per_process=2
+    )
+    for r in results:
+        assert r.value["same"] == [1.0] * 8
+        assert "read different checkpoints" in r.value["error"]
