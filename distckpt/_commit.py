@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from typing import Any
 
 import crc32c
 
@@ -56,22 +58,33 @@ def check_same_checkpoint(opened: list[dict], op: str) -> None:
 
     ``opened`` is each process's ``{"commit": identity(...), "where": location}``.
     """
-    first = opened[0]["commit"]
-    if all(o["commit"] == first for o in opened):
-        return
+    refuse_if_different(
+        [o["commit"] for o in opened],
+        lambda p: f"{opened[p]['where']} (commit {opened[p]['commit']})",
+        f"{op}: the processes read different checkpoints",
+        f"Nothing was returned: {op} is collective and every process must name the same "
+        "checkpoint. Pass the same path on every process, and choose steps from values every "
+        "process shares (for metrics, all-reduce them first; a CheckpointManager ranks by the "
+        "primary's).",
+    )
+
+
+def refuse_if_different(
+    values: list[Any], describe: Callable[[int], str], head: str, advice: str
+) -> None:
+    """Raises ``InconsistentProcessesError`` if the processes' ``values`` differ.
+
+    The message lists each group of processes that agree, described by its
+    first process (``describe(p)``); ``.processes`` names every process that
+    differs from process 0.
+    """
     groups: dict[str, list[int]] = {}
-    for p, o in enumerate(opened):
-        groups.setdefault(o["commit"], []).append(p)
-    lines = "".join(
-        f"\n  processes {ps}: {opened[ps[0]]['where']} (commit {commit})"
-        for commit, ps in groups.items()
-    )
-    err = InconsistentProcessesError(
-        f"{op}: the processes read different checkpoints:{lines}\nNothing was returned: "
-        f"{op} is collective and every process must name the same checkpoint. Pass the same "
-        "path on every process, and choose steps from values every process shares (for "
-        "metrics, all-reduce them first; a CheckpointManager ranks by the primary's)."
-    )
+    for p, value in enumerate(values):
+        groups.setdefault(json.dumps(value, sort_keys=True), []).append(p)
+    if len(groups) == 1:
+        return
+    lines = "".join(f"\n  processes {ps}: {describe(ps[0])}" for ps in groups.values())
+    err = InconsistentProcessesError(f"{head}:{lines}\n{advice}")
     err.processes = [p for ps in list(groups.values())[1:] for p in ps]
     raise err
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Mapping
 from typing import Literal
 
@@ -102,24 +101,12 @@ def rank(metrics: Mapping[int, object], name: str, mode: str) -> list[int]:
 
 def check_step(step: object) -> int:
     """A step number as an int (numpy and JAX integers accepted); ValueError/TypeError otherwise."""
-    if isinstance(step, bool):
-        raise TypeError(f"step must be an int, got the bool {step!r}")
-    # ``step`` is whatever the caller passed: the calls below are tried, and
-    # their TypeError is the check (hence the two ignores).
-    number: int | None
-    try:
-        number = operator.index(step)  # type: ignore[arg-type]
-    except TypeError:
-        number = None
-        if hasattr(step, "shape") and getattr(step, "shape", None) == ():
-            try:  # a 0-d integer array (jnp.int32(5), np.array(5))
-                number = operator.index(step.item())  # type: ignore[attr-defined]
-            except (TypeError, ValueError):
-                number = None
-    if number is None:
+    is_bool = isinstance(step, bool) or _kind(step) == "b"
+    number = None if is_bool else _as_number(step)
+    if not isinstance(number, int):
         raise TypeError(
             f"step must be an int (or a numpy/JAX integer), got {type(step).__name__} {step!r}"
-        ) from None
+        )
     if number < 0:
         raise ValueError(f"step must be >= 0, got {number}")
     return number
@@ -152,15 +139,22 @@ def check_metrics(metrics: object) -> Metrics | None:
     return out
 
 
+def _kind(value: object) -> str | None:
+    """The numpy dtype kind of a 0-d numpy/JAX value (``np.int64(3)``, ``jnp.float32(1)``)."""
+    if getattr(value, "shape", None) != () or not hasattr(value, "item"):
+        return None
+    return getattr(getattr(value, "dtype", None), "kind", None)
+
+
 def _as_number(value: object) -> int | float | None:
+    """A Python int or float for a number, numpy and JAX scalars included; else None."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)):
         return value
-    if getattr(value, "shape", None) == () and hasattr(value, "item"):  # numpy/JAX scalar
-        kind = getattr(getattr(value, "dtype", None), "kind", None)
-        if kind in ("b", "i", "u"):
-            return int(value.item())
-        if kind == "f":
-            return float(value.item())
+    kind = _kind(value)
+    if kind in ("b", "i", "u"):
+        return int(value.item())  # type: ignore[attr-defined]  # _kind checked it has one
+    if kind == "f":
+        return float(value.item())  # type: ignore[attr-defined]
     return None

@@ -35,7 +35,7 @@ from distckpt import (
 from distckpt._location import Location
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Preflight, Storage, open_storage
-from distckpt.errors import InconsistentProcessesError, TreeMismatchError
+from distckpt.errors import TreeMismatchError
 
 
 def save(
@@ -491,21 +491,18 @@ def _agreement(payload: dict) -> list:
 def _check_same_target(prepared: list[dict]) -> None:
     """Refuses a save whose processes name different locations or manager steps."""
     keys = [(d["where"], (d["manager"] or {}).get("step")) for d in prepared]
-    if all(k == keys[0] for k in keys):
-        return
-    groups: dict[tuple, list[int]] = {}
-    for p, k in enumerate(keys):
-        groups.setdefault(k, []).append(p)
-    lines = "".join(
-        f"\n  processes {ps}: {where}" + (f" (step {step})" if step is not None else "")
-        for (where, step), ps in groups.items()
+
+    def describe(p: int) -> str:
+        where, step = keys[p]
+        return where + (f" (step {step})" if step is not None else "")
+
+    _commit.refuse_if_different(
+        keys,
+        describe,
+        "save: the processes named different checkpoints",
+        "Nothing was committed. save is collective: pass the same location (and step) on "
+        "every process.",
     )
-    err = InconsistentProcessesError(
-        f"save: the processes named different checkpoints:{lines}\nNothing was committed. save "
-        "is collective: pass the same location (and step) on every process."
-    )
-    err.processes = [p for ps in list(groups.values())[1:] for p in ps]
-    raise err
 
 
 def _check_same_tree(prepared: list[dict], where: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from distckpt import (
     _backups,
     _codec,
+    _commit,
     _inspect,
     _knobs,
     _layout,
@@ -40,7 +41,6 @@ from distckpt._save import SaveJob, SaveStats
 from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
-    InconsistentProcessesError,
     NotCommittedError,
 )
 
@@ -461,10 +461,11 @@ class CheckpointManager:
 
         # Agree first: the primary deletes, every process forgets the step.
         def disagree(named: list[int]) -> None:
-            raise InconsistentProcessesError(
-                f"delete in {self.directory}: the processes named different steps "
-                f"({dict(enumerate(named))}); nothing was deleted. delete is collective: "
-                "pass the same step on every process."
+            _commit.refuse_if_different(
+                named,
+                lambda p: f"step {named[p]}",
+                f"delete in {self.directory}: the processes named different steps",
+                "Nothing was deleted. delete is collective: pass the same step on every process.",
             )
 
         coll.run("agree", agree, agree=lambda named: named, disagree=disagree)
@@ -552,8 +553,7 @@ class CheckpointManager:
             # (POSIX) or that started recently (object stores) is left alone,
             # with its step.
             for name, _ in found.deleting:
-                aside = parent.child(name)
-                if not any(aside.attempt_live(a) for a in aside.attempts()):
+                if not parent.child(name).has_live_attempt():
                     parent.remove_entry(name)
             for s in found.steps:
                 if s.state == _steps.UNCOMMITTED:

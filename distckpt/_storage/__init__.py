@@ -17,9 +17,6 @@ from distckpt._storage.interface import aligned_empty as aligned_empty
 from distckpt._storage.interface import named_attempt as named_attempt
 from distckpt._storage.kvstore import KvStorage as KvStorage
 from distckpt._storage.posix import PosixStorage as PosixStorage
-from distckpt._storage.posix import list_dir as list_dir
-from distckpt._storage.posix import remove_aside as remove_aside
-from distckpt._storage.posix import remove_tree as remove_tree
 
 
 def open_storage(directory: _location.Location | _location.ParsedLocation) -> Storage:

@@ -240,12 +240,14 @@ class Storage(abc.ABC):
         """Removes child ``name``, an uncommitted step holding only save attempts, unless a
         save still holds one of them (or committed meanwhile). Returns whether it went."""
         child = self.child(name)
-        if child.read_manifest() is not None or any(
-            child.attempt_live(a) for a in child.attempts()
-        ):
+        if child.read_manifest() is not None or child.has_live_attempt():
             return False
         self.remove_entry(name)
         return True
+
+    def has_live_attempt(self) -> bool:
+        """Whether any save (of any job) may still be writing or committing here."""
+        return any(self.attempt_live(a) for a in self.attempts())
 
 
 def named_attempt(raw: bytes) -> str | None:

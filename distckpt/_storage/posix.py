@@ -263,7 +263,7 @@ class PosixStorage(Storage):
         except FileNotFoundError:
             return False
         held = PosixStorage(os.path.join(self.path, aside))
-        if held.read_manifest() is not None or any(held.attempt_live(a) for a in held.attempts()):
+        if held.read_manifest() is not None or held.has_live_attempt():
             os.rename(os.path.join(self.path, aside), os.path.join(self.path, name))
             return False
         _fsync_dir(self.path)
@@ -303,14 +303,6 @@ def _link_no_replace(tmp: str, target: str) -> bool:
         raise
     os.unlink(tmp)
     return True
-
-
-def list_dir(path: str) -> list[str]:
-    """Entries of a local directory, sorted; empty if it does not exist."""
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
 
 
 def remove_tree(path: str) -> None:

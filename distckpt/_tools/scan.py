@@ -27,6 +27,7 @@ from distckpt._layout import (
     ATTEMPT_PREFIX,
     MANIFEST_NAME,
     TMP_MANIFEST_PREFIX,
+    is_ours,
 )
 from distckpt._retention import metric_value, rank
 
@@ -263,7 +264,7 @@ def scan(
             leftovers += _inside_step(path, s.attempt, min_age_s, now, entry.step)
             continue
         inside = entry.inside
-        ours = [e for e in inside if e.startswith((ATTEMPT_PREFIX, TMP_MANIFEST_PREFIX))]
+        ours = [e for e in inside if is_ours(e)]  # no manifest here, so: attempts, temp manifests
         left = _leftover(path, INTERRUPTED_SAVE, min_age_s, now, listing=inside, step=entry.step)
         others = sorted(set(inside) - set(ours))
         if others:
@@ -287,7 +288,7 @@ def scan(
     return Scan(top, steps, leftovers, foreign, min_age_s)
 
 
-def _single(root: _storage.Storage, where: str) -> _steps.StepEntry:
+def _single(root: _storage.Storage) -> _steps.StepEntry:
     """The checkpoint at ``root`` as a step entry (its manager record's step, or 0)."""
     entry = _steps.entry(root, "", 0)
     if entry.manifest is not None and isinstance(entry.manifest.manager, dict):
@@ -298,7 +299,7 @@ def _single(root: _storage.Storage, where: str) -> _steps.StepEntry:
 
 def _scan_checkpoint(root: _storage.PosixStorage, min_age_s: float, now: float) -> Scan:
     directory = root.path
-    entry = _single(root, directory)
+    entry = _single(root)
     if entry.state != _steps.COMMITTED:
         return Scan(directory, [_damaged(entry, directory)], [], [], min_age_s, is_checkpoint=True)
     step = _committed_step(entry, directory)
@@ -330,7 +331,7 @@ def _scan_kv(location: _location.ParsedLocation, min_age_s: float) -> Scan:
         ]
 
     if root.read_manifest() is not None:
-        entry = _single(root, where)
+        entry = _single(root)
         if entry.state != _steps.COMMITTED:
             return Scan(where, [_damaged(entry, where)], [], [], min_age_s, is_checkpoint=True)
         step = _committed_step(entry, where)
