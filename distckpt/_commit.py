@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import crc32c
 
-from distckpt import _codec, _layout, _plan, _tree
+from distckpt import _chunks, _codec, _index, _layout, _plan, _tree
+from distckpt._index import Grid, IndexRef
 from distckpt._manifest import MANIFEST_NAME, Manifest
-from distckpt._plan import ChunkRecord, LeafSpec
+from distckpt._plan import LeafSpec
 from distckpt._storage import Preflight, Storage, named_attempt
 from distckpt.errors import (
     CheckpointExistsError,
@@ -35,6 +37,7 @@ def load(storage: Storage, raw: bytes | None = None) -> Manifest:
         raw = storage.read_manifest()
     if raw is None:
         raise not_committed(storage)
+    _chunks.count_metadata(len(raw))
     where = f"{storage.display}/{MANIFEST_NAME}"
     try:
         manifest = Manifest.from_json(raw, where)
@@ -123,7 +126,10 @@ def _check_manifest(m: Manifest, where: str) -> None:
             problems.append(f"data file {name!r} is not a plain file name inside the attempt")
         if not _count(info.get("bytes")):
             problems.append(f"data file {name!r} has size {info.get('bytes')!r}")
-    for spec, chunks in zip(m.leaves, m.chunks, strict=True):
+    if m.indexes is not None:
+        problems += _index_ref_problems(m)
+    for i, spec in enumerate(m.leaves):
+        chunks = m.chunks[i] if m.chunks is not None else []
         if spec.kind not in _KINDS:
             problems.append(f"{spec.display}: unknown leaf kind {spec.kind!r}")
         if not spec.stored:
@@ -147,6 +153,16 @@ def _check_manifest(m: Manifest, where: str) -> None:
         if math.prod(shape) * itemsize >= 1 << 63:
             problems.append(f"{spec.display}: shape {list(shape)} is absurd ({spec.dtype})")
             continue
+        if m.grids is not None:
+            grid = m.grids[i]
+            assert grid is not None  # _manifest parses a grid for every stored leaf
+            problems += [f"{spec.display}: {p}" for p in _index.check_grid(grid, m.process_count)]
+            indexed = {ref.process for ref in (m.indexes or [])}
+            silent = sorted(set(grid.counts()) - indexed)
+            if silent and spec.nbytes:
+                problems.append(
+                    f"{spec.display}: written by processes {silent}, which have no index"
+                )
         for c in chunks:
             box_ok = len(c.box) == len(shape) and all(
                 len(r) == 2 and _count(r[0]) and _count(r[1]) and r[0] <= r[1] for r in c.box
@@ -166,6 +182,20 @@ def _check_manifest(m: Manifest, where: str) -> None:
             + "\nThe checkpoint's metadata is damaged; restore an older step or a backup.",
             [f"{where}: {p}" for p in problems],
         )
+
+
+def _index_ref_problems(m: Manifest) -> list[str]:
+    problems = []
+    seen = set()
+    for ref in m.indexes or []:
+        if not (_count(ref.process) and ref.process < m.process_count) or ref.process in seen:
+            problems.append(f"index of process {ref.process!r} names no process of the save")
+        seen.add(ref.process)
+        if not _plain_name(ref.name) or ref.name != _layout.index_file(ref.process):
+            problems.append(f"index file {ref.name!r} is not the index name of its process")
+        if not (_count(ref.nbytes) and _count(ref.crc32c) and _count(ref.chunks)):
+            problems.append(f"index {ref.name!r} has a malformed size, checksum or count")
+    return problems
 
 
 def not_committed(storage: Storage) -> NotCommittedError:
@@ -217,26 +247,35 @@ def preflight(storage: Storage, *, overwrite: bool, estimated_bytes: int) -> Pre
     return found
 
 
-def report_json(
-    records: list[ChunkRecord], files: dict[str, int], process: int, timing: dict[str, float]
-) -> bytes:
-    doc = {
-        "process": process,
-        "files": files,
-        "timing": timing,
-        "chunks": [
-            [c.leaf, c.file, c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
-            for c in records
-        ],
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class Report:
+    """What one process tells the primary after its write phase (JSON through the
+    coordination service): O(its files), never its chunk records."""
+
+    process: int
+    files: dict[str, int]  # data file name -> bytes
+    index: IndexRef | None  # its chunk index; None if it wrote nothing
+    plan: str  # digest of the grids it planned with (_index.plan_digest)
+    planned_bytes: int  # bytes of the shards it checked against the plan and wrote
+    timing: dict[str, float]
+
+    def to_json(self) -> bytes:
+        doc = {**asdict(self), "index": self.index.to_json() if self.index else None}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Report:
+        doc = json.loads(raw)
+        index = IndexRef.from_json(doc["index"]) if doc["index"] else None
+        return cls(**{**doc, "index": index})
 
 
-def build_manifest(
+def build_root(
     *,
     attempt: str,
     specs: list[LeafSpec],
-    reports: list[bytes],
+    grids: list[Grid | None],
+    reports: list[Report],
     process_count: int,
     device_count: int,
     user_metadata: object,
@@ -244,34 +283,47 @@ def build_manifest(
     versions: dict[str, str],
     structure: list | None = None,
 ) -> Manifest:
-    """Primary: merges the per-process reports and checks that every element
-    of every stored leaf was written exactly once."""
-    chunks: list[list[ChunkRecord]] = [[] for _ in specs]
-    files: dict[str, dict[str, int]] = {}
-    for raw in reports:
-        doc = json.loads(raw)
-        for name, nbytes in doc["files"].items():
-            files[name] = {"process": doc["process"], "bytes": nbytes}
-        for leaf, file, offset, nbytes, crc, box in doc["chunks"]:
-            chunks[leaf].append(
-                ChunkRecord(leaf, file, offset, nbytes, crc, tuple(tuple(r) for r in box))
-            )
+    """Primary: the commit record, in O(processes + leaves + files).
+
+    Coverage is proven from the plan, not by merging chunk records: every
+    grid tiles its leaf and gives each cell one writer (``_index.build_grid``),
+    every process planned with the same grids (their digests agree), and
+    each checked that it wrote exactly its cells (``_index.check_own_writes``),
+    which the bytes they report confirm.
+    """
+    refuse_if_different(
+        [r.plan for r in reports],
+        lambda p: f"plan {reports[p].plan[:12]}",
+        "save: the processes planned different layouts for the same tree",
+        "Nothing was committed. Every process must pass arrays with the same global "
+        "shardings (the same mesh and PartitionSpec for each leaf).",
+    )
     problems = [
-        p
-        for spec, leaf_chunks in zip(specs, chunks, strict=True)
-        if spec.stored
-        for p in _plan.chunk_table_problems(spec, leaf_chunks)
+        f"{spec.display}: {p}"
+        for spec, grid in zip(specs, grids, strict=True)
+        if grid is not None
+        for p in _index.check_grid(grid, process_count)
     ]
+    planned = sum(r.planned_bytes for r in reports)
+    expected = sum(s.nbytes for s in specs)
+    if planned != expected:
+        by = ", ".join(f"process {r.process}: {r.planned_bytes}" for r in reports[:8])
+        problems.append(
+            f"the processes wrote {planned} bytes of shards ({by}), the tree holds {expected}"
+        )
     if problems:
         raise DistckptError(
             "refusing to commit: the processes' writes do not cover the state exactly once:\n  "
             + "\n  ".join(problems[:20])
             + "\nThis is a bug in distckpt or a tree that differs between processes; please report it."
         )
+    files = {
+        name: {"process": r.process, "bytes": n} for r in reports for name, n in r.files.items()
+    }
     return Manifest(
         attempt=attempt,
         leaves=specs,
-        chunks=chunks,
+        chunks=None,
         files=files,
         process_count=process_count,
         device_count=device_count,
@@ -279,6 +331,8 @@ def build_manifest(
         created=created,
         versions=versions,
         structure=structure,
+        grids=list(grids),
+        indexes=sorted((r.index for r in reports if r.index), key=lambda ref: ref.process),
     )
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import crc32c
 
-from distckpt import _codec, _commit, _faults, _layout, _plan, _read, _reshard
+from distckpt import _chunks, _codec, _commit, _faults, _layout, _plan, _read, _reshard
+from distckpt._index import IndexRef
 from distckpt._location import Location, ParsedLocation
 from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
@@ -95,18 +96,25 @@ def copy_parsed(
     try:
         target.check_attempt_visible(attempt)
         by_file: dict[str, list[_plan.ChunkRecord]] = {name: [] for name in manifest.files}
-        for chunks in manifest.chunks:
-            for c in chunks:
-                by_file[c.file].append(c)
         with source.reader(manifest.attempt) as reader:
+            for chunks in _chunks.ChunkTable(manifest, reader, source.display).all():
+                for c in chunks:
+                    by_file[c.file].append(c)
             for name in sorted(by_file):
                 _copy_file(reader, target, attempt, name, by_file[name], manifest, verify, recode)
                 _faults.hit("copy.file")
+            indexes = manifest.indexes
+            if indexes is not None:  # format 3: the indexes as they are, or rewritten
+                indexes = _copy_indexes(reader, target, attempt, manifest, recode)
         target.finish_attempt_writes(attempt)
         copied = dataclasses.replace(manifest, attempt=attempt)
         if recode is not None:
             copied = dataclasses.replace(
-                copied, leaves=leaves, chunks=recode.chunks(), files=recode.files
+                copied,
+                leaves=leaves,
+                chunks=None if indexes is not None else recode.chunks(),
+                files=recode.files,
+                indexes=indexes,
             )
         _commit.commit(target, copied, found)
     except BaseException:
@@ -169,6 +177,26 @@ def _copy_file(
     except BaseException:
         writer.abort()
         raise
+
+
+def _copy_indexes(
+    reader: Any, target: Any, attempt: str, manifest: Any, recode: _Recoder | None
+) -> list[IndexRef]:
+    """The chunk indexes of a format-3 copy: byte for byte (checked by the table that
+    listed the chunks), or written anew for re-encoded chunks."""
+    if recode is None:
+        for ref in manifest.indexes:
+            _chunks.write_whole(target, attempt, ref.name, reader.read(ref.name, 0, ref.nbytes))
+        return list(manifest.indexes)
+    per_process: dict[int, list[_plan.ChunkRecord]] = {}
+    for records in recode.chunks():
+        for c in records:
+            per_process.setdefault(manifest.files[c.file]["process"], []).append(c)
+    refs = [
+        _chunks.write_index(target, attempt, process, records)
+        for process, records in sorted(per_process.items())
+    ]
+    return [ref for ref in refs if ref is not None]
 
 
 class _Recoder:

@@ -4,6 +4,7 @@ One checkpoint (docs/format.md)::
 
     <root>/manifest.json                      the commit record
     <root>/attempt-<id>/p<proc>.s<seg>.bin    data files of one save attempt
+    <root>/attempt-<id>/p<proc>.idx           that process's chunk index (format 3)
     <root>/attempt-<id>/.lock                 held by a running save (filesystems)
     <root>/attempt-<id>/.started              when a save began (object stores)
     <root>/.manifest.json.tmp-attempt-<id>    a commit in progress (filesystems)
@@ -47,6 +48,11 @@ def new_attempt() -> str:
 def data_file(process: int, segment: int) -> str:
     """The name of a process's ``segment``-th data file of one save."""
     return f"p{process:05d}.s{segment:03d}.bin"
+
+
+def index_file(process: int) -> str:
+    """The name of a process's chunk index in one save (format version 3)."""
+    return f"p{process:05d}.idx"
 
 
 def tmp_manifest(attempt: str) -> str:

@@ -9,13 +9,16 @@ from typing import Any
 import crc32c
 
 from distckpt import _tree
+from distckpt._index import Grid, IndexRef
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "distckpt"
-FORMAT_VERSION = 2  # the newest version this code reads; bump on any change a reader
-# of the previous version cannot read. Version 2 added per-leaf compression; a
-# checkpoint without it is still written as version 1, readable by 1's readers.
+FORMAT_VERSION = 3  # the newest version this code reads; bump on any change a reader
+# of the previous version cannot read. Version 2 added per-leaf compression;
+# version 3 moved chunk records out of the manifest into per-process indexes
+# (_index), leaving a shard grid per leaf. Saves write version 3; a copy of an
+# older checkpoint keeps its version (1 without compression, else 2).
 from distckpt._layout import MANIFEST_NAME as MANIFEST_NAME  # noqa: E402 - re-exported
 
 
@@ -23,7 +26,9 @@ from distckpt._layout import MANIFEST_NAME as MANIFEST_NAME  # noqa: E402 - re-e
 class Manifest:
     attempt: str
     leaves: list[LeafSpec]
-    chunks: list[list[ChunkRecord]]  # per leaf, in leaf order
+    # Per leaf, in leaf order (versions 1 and 2); None in version 3, whose
+    # records are in the indexes (read them through _chunks.ChunkTable).
+    chunks: list[list[ChunkRecord]] | None
     files: dict[str, dict[str, int]]  # name -> {"process": p, "bytes": n}
     process_count: int
     device_count: int
@@ -38,26 +43,44 @@ class Manifest:
     # The saved tree's containers (_tree.walk, docs/format.md); None in a checkpoint
     # written before the record existed. Ignored by older readers: no version bump.
     structure: list | None = None
+    # Version 3: each stored leaf's shard grid (None for other leaves), and
+    # every writing process's chunk index.
+    grids: list[Grid | None] | None = None
+    indexes: list[IndexRef] | None = None
 
     @property
     def written_version(self) -> int:
         """The oldest format version that can hold this manifest."""
+        if self.indexes is not None:
+            return 3
         return 2 if any(spec.compression for spec in self.leaves) else 1
 
     def to_json(self) -> bytes:
         file_names = sorted(self.files)
         file_index = {name: i for i, name in enumerate(file_names)}
         leaves = []
-        for spec, chunks in zip(self.leaves, self.chunks, strict=True):
+        owner_tables: dict[tuple, int] = {}  # leaves saved alike share one owner table
+        owner_json: list[list[int]] = []
+        for i, spec in enumerate(self.leaves):
             entry: dict[str, Any] = {"path": [list(p) for p in spec.path], "kind": spec.kind}
             if spec.kind in (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY):
                 entry["shape"] = list(spec.array_shape)
                 entry["dtype"] = spec.dtype
                 entry["sharding"] = spec.sharding
-                entry["chunks"] = [
-                    [file_index[c.file], c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
-                    for c in chunks
-                ]
+                if self.chunks is not None:
+                    entry["chunks"] = [
+                        [file_index[c.file], c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
+                        for c in self.chunks[i]
+                    ]
+                else:
+                    assert self.grids is not None  # version 3 has a grid per stored leaf
+                    grid = self.grids[i]
+                    assert grid is not None, f"{spec.display}: a stored leaf has no grid"
+                    key = grid.owner_key()
+                    if key not in owner_tables:
+                        owner_tables[key] = len(owner_json)
+                        owner_json.append(grid.owners.reshape(-1).tolist())
+                    entry["grid"] = {"edges": grid.edges_json(), "owners": owner_tables[key]}
             if spec.kind == _tree.PRNG_KEY:
                 entry["impl"] = spec.impl
             if spec.compression is not None:
@@ -82,6 +105,9 @@ class Manifest:
         }
         if self.structure is not None:
             doc["structure"] = self.structure
+        if self.indexes is not None:
+            doc["owners"] = owner_json
+            doc["indexes"] = [ref.to_json() for ref in self.indexes]
         return seal(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -98,7 +124,9 @@ class Manifest:
                 f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]
             }
             names = [f["name"] for f in doc["files"]]
-            leaves, chunks = [], []
+            indexed = version >= 3
+            owner_json = doc["owners"] if indexed else []
+            leaves, chunks, grids = [], [], []
             for i, e in enumerate(doc["leaves"]):
                 path = tuple((kind, key) for kind, key in e["path"])
                 leaves.append(
@@ -114,6 +142,9 @@ class Manifest:
                         compression=e.get("compression") if version >= 2 else None,
                     )
                 )
+                if indexed:
+                    grids.append(_grid(leaves[-1], e, owner_json))
+                    continue
                 chunks.append(
                     [
                         ChunkRecord(i, names[f], off, n, crc, tuple(tuple(r) for r in box))
@@ -123,7 +154,9 @@ class Manifest:
             return cls(
                 attempt=doc["attempt"],
                 leaves=leaves,
-                chunks=chunks,
+                chunks=None if indexed else chunks,
+                grids=grids if indexed else None,
+                indexes=[IndexRef.from_json(r) for r in doc["indexes"]] if indexed else None,
                 files=files,
                 process_count=doc["process_count"],
                 device_count=doc["device_count"],
@@ -147,6 +180,26 @@ class Manifest:
                 "The checkpoint's metadata is damaged; restore an older step or a backup.",
                 [f"{where}: {e}"],
             ) from e
+
+
+def _grid(spec: LeafSpec, entry: dict, owner_json: list) -> Grid | None:
+    """A version-3 leaf's shard grid (None for a leaf without stored data, or whose shape
+    is not one: ``_commit`` refuses those)."""
+    if not spec.stored:
+        return None
+    record = entry["grid"]
+    shape = spec.shape
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        return None  # _commit refuses the shape, with the leaf's name
+    owners = record["owners"]
+    if not isinstance(owners, int) or not 0 <= owners < len(owner_json):
+        raise ValueError(f"{spec.display}: grid names owner table {owners!r}, there is none")
+    try:
+        return Grid.from_json(shape, record["edges"], owner_json[owners])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{spec.display}: {e}") from None
 
 
 def _structure(record: Any) -> list | None:

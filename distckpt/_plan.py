@@ -208,18 +208,24 @@ def chunk_table_problems(spec: LeafSpec, chunks: Sequence[ChunkRecord]) -> list[
     ``restore`` before it fills a leaf from them.
     """
     problems = _reshard.coverage_problems(spec.array_shape, [c.box for c in chunks])
-    problems += [
+    problems += chunk_size_problems(spec, chunks)
+    return [f"{spec.display}: {p}" for p in problems]
+
+
+def chunk_size_problems(spec: LeafSpec, chunks: Iterable[ChunkRecord]) -> list[str]:
+    """Chunks whose recorded size cannot be right: raw ones must hold exactly their box."""
+    if spec.compression is not None:
+        return [
+            f"chunk {[list(b) for b in c.box]} records {c.nbytes} stored bytes"
+            for c in chunks
+            if c.nbytes <= 0
+        ]
+    return [
         f"chunk {[list(b) for b in c.box]} records {c.nbytes} bytes, its box holds "
         f"{_reshard.box_size(c.box) * spec.itemsize}"
         for c in chunks
-        if spec.compression is None and c.nbytes != _reshard.box_size(c.box) * spec.itemsize
+        if c.nbytes != _reshard.box_size(c.box) * spec.itemsize
     ]
-    problems += [
-        f"chunk {[list(b) for b in c.box]} records {c.nbytes} stored bytes"
-        for c in chunks
-        if spec.compression is not None and c.nbytes <= 0
-    ]
-    return [f"{spec.display}: {p}" for p in problems]
 
 
 def chunks_for(box: Box, chunks: Sequence[ChunkRecord]) -> list[ChunkRecord]:

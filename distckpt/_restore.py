@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from distckpt import (
+    _chunks,
     _commit,
     _knobs,
     _migrate,
@@ -207,25 +208,21 @@ def _batches(wants: list[Want], manifest: Manifest, budget: int) -> Iterator[lis
 
 def _execute(storage: Any, manifest: Manifest, wants: list[Want], count: int) -> list[Any]:
     values: list[Any] = [None] * count
-    indexes: dict[int, _read.ChunkIndex] = {}  # by leaf
     sizes: dict[str, int | None] = {}  # data file sizes, stat'd once
     threads = _knobs.get("io_threads")
     with (
         storage.reader(manifest.attempt) as reader,
         ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool,
     ):
+        # Only the indexes of the processes that wrote what this process needs are read.
+        table = _chunks.ChunkTable(manifest, reader, storage.display)
         for batch in _batches(wants, manifest, _knobs.get("read_batch_bytes")):
             needs: dict[tuple[int, Box], list[ChunkRecord]] = {}
             for w in batch:
                 if w.mode == Mode.VALUE:
                     continue
-                spec = manifest.leaves[w.leaf]
-                chunks = manifest.chunks[w.leaf]
-                if w.leaf not in indexes:
-                    _read.check_chunk_table(spec, chunks, storage.display)
-                    indexes[w.leaf] = _read.chunk_index(tuple(c.box for c in chunks))
                 for box in w.boxes:
-                    needs[(w.leaf, box)] = [chunks[i] for i in indexes[w.leaf].overlapping(box)]
+                    needs[(w.leaf, box)] = table.overlapping(w.leaf, box)
             ranges = _plan.plan_reads(
                 (c for cs in needs.values() for c in cs), max_range_bytes=_read.RANGE_BYTES
             )

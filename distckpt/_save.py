@@ -19,9 +19,11 @@ import jax
 import numpy as np
 
 from distckpt import (
+    _chunks,
     _codec,
     _commit,
     _faults,
+    _index,
     _knobs,
     _layout,
     _multihost,
@@ -32,10 +34,11 @@ from distckpt import (
     _stage,
     _tree,
 )
+from distckpt._index import Grid
 from distckpt._location import Location
 from distckpt._plan import ChunkRecord, FileWrite, LeafSpec
 from distckpt._storage import Preflight, Storage, open_storage
-from distckpt.errors import TreeMismatchError
+from distckpt.errors import DistckptError, TreeMismatchError
 
 
 def save(
@@ -198,20 +201,50 @@ class SaveJob:
                 pipeline_mode=primary["pipeline"],
                 preflight=local.get("preflight"),
             )
+            leaves = [leaf for _, leaf in local["items"]]
+            per_process = frozenset(primary.get("per_process", ()))
             shards, buffers = _stage.stage(
-                [leaf for _, leaf in local["items"]],
+                leaves,
                 self.prepared.specs,
                 is_primary=self.coll.is_primary,
-                per_process=frozenset(primary.get("per_process", ())),
+                per_process=per_process,
                 copy=copy,
                 pool=pool,
             )
+            grids, plan = self._plan(leaves, per_process, shards)
         except BaseException:
             self._discard()
             raise
         finally:
             self._tree = None  # the caller owns its arrays again
-        self.staged = _Staged(shards, buffers, pool, time.perf_counter() - began)
+        self.staged = _Staged(shards, buffers, pool, time.perf_counter() - began, grids, plan)
+
+    def _plan(
+        self, leaves: list[Any], per_process: frozenset[int], shards: list
+    ) -> tuple[list[Grid | None], str]:
+        """Every stored leaf's shard grid, and this process's check of its own writes
+        against it (docs/protocol.md, "Coverage")."""
+        assert self.prepared is not None
+        grids: list[Grid | None] = []
+        for i, (leaf, spec) in enumerate(zip(leaves, self.prepared.specs, strict=True)):
+            primary_writes = i in per_process
+            if not spec.stored or (primary_writes and not self.coll.is_primary):
+                grids.append(None)  # nothing to plan, or the primary's own value
+            else:
+                grids.append(_stage.grid(leaf, spec, primary_writes=primary_writes))
+        problems = _index.check_own_writes(grids, shards, self.coll.pid)
+        if problems:
+            lines = [f"{self.prepared.specs[leaf].display}: {why}" for leaf, why in problems]
+            raise DistckptError(
+                f"save to {self.storage.display}: process {self.coll.pid} holds shards that "
+                "differ from the save's plan:\n  "
+                + "\n  ".join(lines[:5])
+                + "\nNothing was committed. This is a bug in distckpt; please report it with "
+                "the arrays' shardings."
+            )
+        # What every process must share: the grids of the leaves they may write.
+        shared = [None if i in per_process else g for i, g in enumerate(grids)]
+        return grids, _index.plan_digest(shared)
 
     def finish(self) -> SaveStats:
         """Collective: write and commit phases. Returns the same stats on every process."""
@@ -219,7 +252,9 @@ class SaveJob:
         prepared, staged = self.prepared, self.staged
         try:
             self.coll.run("write", lambda: self._write(prepared, staged))
-            stats = self.coll.run("commit", lambda: self._commit(prepared), last=True, share=True)
+            stats = self.coll.run(
+                "commit", lambda: self._commit(prepared, staged.grids), last=True, share=True
+            )
         except BaseException:
             self._discard()
             raise
@@ -298,25 +333,34 @@ class SaveJob:
             if s.compression is not None
         }
         records = _write_files(self.storage, prepared.attempt, files, staged.buffers, codecs)
+        index = _chunks.write_index(self.storage, prepared.attempt, self.coll.pid, records)
         self.storage.finish_attempt_writes(prepared.attempt)
         sizes = {fw.name: 0 for fw in files}
         for r in records:  # what was written: less than planned where compressed
             sizes[r.file] = max(sizes[r.file], r.offset + r.nbytes)
         timing = {"stage_s": staged.blocking_s, "write_s": time.perf_counter() - began}
-        self.coll.put_blob(
-            f"report/{self.coll.pid}", _commit.report_json(records, sizes, self.coll.pid, timing)
+        planned = sum(_reshard.box_size(box) * itemsize for _, box, itemsize in staged.shards)
+        report = _commit.Report(
+            process=self.coll.pid,
+            files=sizes,
+            index=index,
+            plan=staged.plan,
+            planned_bytes=planned,
+            timing=timing,
         )
+        self.coll.put_blob(f"report/{self.coll.pid}", report.to_json())
         return {}
 
-    def _commit(self, prepared: _Prepared) -> dict | None:
+    def _commit(self, prepared: _Prepared, grids: list[Grid | None]) -> dict | None:
         if not self.coll.is_primary:
             return None
         assert prepared.preflight is not None  # the primary's own
         began = time.perf_counter()
-        reports = self.coll.get_blobs("report")
-        manifest = _commit.build_manifest(
+        reports = [_commit.Report.from_json(r) for r in self.coll.get_blobs("report")]
+        manifest = _commit.build_root(
             attempt=prepared.attempt,
             specs=prepared.specs,
+            grids=grids,
             reports=reports,
             process_count=self.coll.count,
             device_count=jax.device_count(),
@@ -325,7 +369,7 @@ class SaveJob:
             versions=_versions(),
             structure=prepared.structure,
         )
-        timings = [json.loads(r)["timing"] for r in reports]
+        timings = [r.timing for r in reports]
         per_process = [0] * self.coll.count
         for info in manifest.files.values():
             per_process[info["process"]] += info["bytes"]
@@ -375,6 +419,8 @@ class _Staged:
     buffers: dict  # (leaf, shard box) -> host array, or a thunk fetching it
     pool: _stage.HostPool | None  # where the buffers go back after the save
     blocking_s: float
+    grids: list[Grid | None]  # the plan: each stored leaf's shard grid (_stage.grid)
+    plan: str  # digest of the grids every process must share (_index.plan_digest)
 
 
 # Without a hint, the kernel starts writing dirty pages to disk only past

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from distckpt import _plan, _reshard, _tree
+from distckpt import _index, _plan, _reshard, _tree
+from distckpt._index import Grid
 from distckpt._plan import LeafSpec
 from distckpt._reshard import Box
 
@@ -180,6 +181,32 @@ def stage(
             shards.append((index, box, spec.itemsize))
             staged[(index, box)] = take(to_host()) if copy else to_host
     return shards, staged
+
+
+def grid(leaf: Any, spec: LeafSpec, *, primary_writes: bool) -> Grid:
+    """The shard grid of a stored leaf: who writes which part (see ``owned_shards``).
+
+    Derived from the global sharding, so every process computes the same
+    grid without hearing from the others; a process checks its own writes
+    against it (``_index.check_own_writes``).
+    """
+    if spec.kind == _tree.NUMPY:
+        return _index.build_grid(spec.array_shape, [(_reshard.full_box(spec.array_shape), 0)])
+    if spec.kind == _tree.PRNG_KEY:
+        leaf = jax.random.key_data(leaf)
+    return _sharding_grid(leaf.sharding, spec.array_shape, 0 if primary_writes else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sharding_grid(sharding: Any, shape: tuple[int, ...], writer: int | None) -> Grid:
+    # JAX's replica ids: the first device (in the sharding's device order)
+    # holding a box has replica 0, and its process writes it.
+    writers: dict[Box, int] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        box = _reshard.box_from_index(index, shape)
+        if box not in writers:
+            writers[box] = device.process_index if writer is None else writer
+    return _index.build_grid(shape, writers.items())
 
 
 def per_process_leaves(leaves: list[Any], specs: list[LeafSpec]) -> list[int]:

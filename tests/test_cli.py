@@ -122,7 +122,7 @@ def test_inspect_shows_tree_shardings_metadata_versions(tmp_path, capsys):
     distckpt.save(tmp_path / "c", _state(2), metadata={"run": "abc", "lr": 0.1})
     code, out, _ = _run(capsys, "inspect", tmp_path / "c")
     assert code == 0
-    assert "distckpt format 1" in out and f"jax {jax.__version__}" in out
+    assert "distckpt format 3" in out and f"jax {jax.__version__}" in out
     assert '"run": "abc"' in out
     w_line = next(line for line in out.splitlines() if line.startswith("['params']['w']"))
     assert "(64, 32)" in w_line and "float32" in w_line

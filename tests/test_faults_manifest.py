@@ -11,6 +11,7 @@ checkpoint, write nothing, and run no code from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import pytest
 import distckpt
 from distckpt import _manifest
 from distckpt.errors import CorruptCheckpointError
+from tests import indexes
 
 READERS = {
     "metadata": distckpt.metadata,
@@ -225,36 +227,92 @@ def test_absurd_leaf(original, tmp_path, case, monkeypatch):
     assert not (tmp_path / PWNED).exists()
 
 
+# A chunk index (format 3) is covered by the crc32c the commit record holds;
+# these are re-sealed so that the checks behind that checksum are exercised.
+def _first_of_w(records, **change):
+    at = next(i for i, c in enumerate(records) if c.box and len(c.box) == 2)
+    return [*records[:at], dataclasses.replace(records[at], **change), *records[at + 1 :]]
+
+
 CHUNKS = {
-    "past-the-end": (lambda c: c.__setitem__(1, 10**9), "lies past the end of the file"),
-    "negative-offset": (lambda c: c.__setitem__(1, -8), "malformed chunk record"),
-    "negative-size": (lambda c: c.__setitem__(2, -48), "malformed chunk record"),
-    "inverted-box": (lambda c: c.__setitem__(4, [[3, 0], [0, 4]]), "malformed chunk record"),
-    "short-box": (lambda c: c.__setitem__(4, [[0, 3]]), "malformed chunk record"),
+    "past-the-end": ({"offset": 10**9}, "past the end of the file"),
+    "wrapping-offset": ({"offset": 2**64 - 8}, "past the end of the file"),
+    "wrapping-size": ({"nbytes": 2**64 - 48}, "past the end of the file"),
+    "inverted-box": ({"box": ((3, 0), (0, 4))}, "outside its leaf"),
+    "short-box": ({"box": ((0, 3),)}, "do not match the ranks"),
+    "outside-box": ({"box": ((0, 3), (0, 400))}, "outside its leaf"),
 }
+
+
+def _expect_index_refused(work, *, match: str) -> None:
+    """Readers of data refuse a damaged index, naming it; metadata never reads one."""
+    sandbox = os.path.dirname(work)
+    before = _snapshot(sandbox)
+    distckpt.metadata(work)
+    for read in (distckpt.verify, distckpt.restore):
+        with pytest.raises(CorruptCheckpointError, match=match) as info:
+            read(work)
+        assert "p00000.idx" in str(info.value), str(info.value)
+    assert _snapshot(sandbox) == before, "a reader wrote something"
 
 
 @pytest.mark.parametrize("case", list(CHUNKS))
 def test_absurd_chunk(original, tmp_path, case):
     change, match = CHUNKS[case]
     work = _copy(original, tmp_path)
-    _edit(work, lambda doc, _: change(_leaf(doc, "w")["chunks"][0]))
-    _expect_refused(work, match=match)
+    indexes.rewrite_index(work, lambda records: _first_of_w(records, **change))
+    _expect_index_refused(work, match=match)
 
 
-def test_a_self_consistent_manifest_bigger_than_its_files_allocates_nothing(original, tmp_path):
+@pytest.mark.parametrize("keep", [0, 8, 40, -1])
+def test_truncated_index(original, tmp_path, keep):
+    work = _copy(original, tmp_path)
+    raw = indexes.index_path(work).read_bytes()
+    indexes.write_raw_index(work, raw[:keep])
+    _expect_index_refused(work, match="p00000.idx")
+
+
+def test_index_bit_flip_is_caught_by_the_commit_records_checksum(original, tmp_path):
+    work = _copy(original, tmp_path)
+    path = indexes.index_path(work)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # in a box bound: still a decodable index
+    path.write_bytes(bytes(raw))
+    _expect_index_refused(work, match="fails its crc32c")
+
+
+def test_missing_index(original, tmp_path):
+    work = _copy(original, tmp_path)
+    os.unlink(indexes.index_path(work))
+    _expect_index_refused(work, match="p00000.idx")
+
+
+def test_a_self_consistent_record_bigger_than_its_files_allocates_nothing(original, tmp_path):
     # 4 GiB declared in one chunk and one file, all consistent with each
     # other, but the file holds 88 bytes: refused before any allocation.
     work = _copy(original, tmp_path)
     size = 4 << 30
+    shape = [1 << 20, 1 << 10]
+
+    def grow_records(records):
+        out = []
+        for c in records:
+            if c.box and len(c.box) == 2:  # ['w']: one chunk of 4 GiB
+                out.append(
+                    dataclasses.replace(
+                        c, offset=0, nbytes=size, box=((0, shape[0]), (0, shape[1]))
+                    )
+                )
+            else:
+                out.append(dataclasses.replace(c, offset=size + c.offset))
+        return out
+
+    indexes.rewrite_index(work, grow_records)
 
     def grow(doc, _):
         leaf = _leaf(doc, "w")
-        leaf["shape"] = [1 << 20, 1 << 10]
-        leaf["chunks"] = [[0, 0, size, 0, [[0, 1 << 20], [0, 1 << 10]]]]
-        for other in doc["leaves"]:
-            if other is not leaf and "chunks" in other:
-                other["chunks"] = [[0, size + c[1], c[2], c[3], c[4]] for c in other["chunks"]]
+        leaf["shape"] = shape
+        leaf["grid"] = {"edges": shape, "owners": _leaf(doc, "k")["grid"]["owners"]}
         doc["files"][0]["bytes"] = size + 1024
 
     _edit(work, grow)
@@ -262,6 +320,29 @@ def test_a_self_consistent_manifest_bigger_than_its_files_allocates_nothing(orig
         distckpt.restore(work)
     with pytest.raises(CorruptCheckpointError, match="data file has .* bytes, the manifest says"):
         distckpt.verify(work)
+
+
+GRIDS = {
+    "owner-out-of-range": (lambda doc: doc["owners"].__setitem__(0, [7]), "names writer processes"),
+    "edges-not-up-to-shape": (
+        lambda doc: _leaf(doc, "w")["grid"].update(edges=[[0, 2], 4]),
+        "do not run from 0",
+    ),
+    "too-many-cells": (lambda doc: _leaf(doc, "w")["grid"].update(edges=[1, 1]), "does not fit"),
+    "no-owner-table": (lambda doc: _leaf(doc, "w")["grid"].update(owners=9), "owner table"),
+    "index-of-another-name": (
+        lambda doc: doc["indexes"][0].update(name="../x.idx"),
+        "not the index name",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GRIDS))
+def test_absurd_grid(original, tmp_path, case):
+    change, match = GRIDS[case]
+    work = _copy(original, tmp_path)
+    _edit(work, lambda doc, _: change(doc))
+    _expect_refused(work, match=match)
 
 
 def test_python_values_are_data_not_code(original, tmp_path, monkeypatch):

@@ -35,7 +35,8 @@ def _expected_v1() -> dict:
     }
 
 
-EXPECTED = {1: _expected_v1, 2: _expected_v1}  # v2: the same tree, zstd-compressed
+# v2: the same tree, zstd-compressed; v3: the same tree, chunk records in an index
+EXPECTED = {1: _expected_v1, 2: _expected_v1, 3: _expected_v1}
 
 
 def test_every_format_version_has_a_fixture():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,8 +14,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _knobs, _manifest
+from distckpt import _knobs
+from distckpt._storage import open_storage
 from distckpt.errors import CorruptCheckpointError
+from tests import indexes
 
 
 def _data_files(directory) -> list[str]:
@@ -124,15 +127,23 @@ def test_verify_cli(saved, tmp_path, capsys):
 
 def test_damaged_chunk_table_is_refused_not_filled_with_garbage(saved, tmp_path):
     work = _copy(saved, tmp_path / "table")
-    manifest = os.path.join(work, "manifest.json")
-    doc = json.loads(open(manifest).read())
-    leaf = next(e for e in doc["leaves"] if e["path"] == [["key", "w"]])
-    leaf["chunks"].pop()  # still valid JSON, but part of ['w'] is nowhere
-    del doc["manifest_crc32c"]
-    with open(manifest, "wb") as f:  # resealed, as a faulty writer would have
-        f.write(_manifest.seal(json.dumps(doc, separators=(",", ":")).encode()))
+    leaf = next(
+        i
+        for i, s in enumerate(distckpt._commit.load(open_storage(str(work))).leaves)
+        if s.display == "['w']"
+    )
+
+    def drop_one(
+        records,
+    ):  # a valid index, re-sealed as a faulty writer would, but part of ['w'] is nowhere
+        gone = next(i for i, c in enumerate(records) if c.leaf == leaf)
+        return records[:gone] + records[gone + 1 :]
+
+    indexes.rewrite_index(Path(work), drop_one)
     with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*written by no process"):
         distckpt.restore(work)
+    with pytest.raises(CorruptCheckpointError, match=r"\['w'\].*written by no process"):
+        distckpt.verify(work)
 
 
 @pytest.mark.parametrize("where", ["value", "crc"])
@@ -142,7 +153,7 @@ def test_a_flipped_bit_in_the_manifest_is_caught(saved, tmp_path, where):
     raw = bytearray(open(manifest, "rb").read())
     # A digit of the first chunk's crc, or of the saved Python value: still
     # valid JSON, so only the manifest's own checksum can tell.
-    needle = b'"chunks":[[' if where == "crc" else b'"value":'
+    needle = b'"crc32c":' if where == "crc" else b'"value":'
     at = raw.index(needle) + len(needle)
     while not chr(raw[at]).isdigit():
         at += 1

@@ -135,7 +135,13 @@ def test_save_2x4_writes_each_shard_once(saved):
     unique = sum(v.nbytes for v in ref.values()) + 8  # + the 2 x uint32 key data
     assert info.total_bytes == unique, "replicated data must be stored exactly once"
     files = sorted(f for _, _, fs in os.walk(saved) for f in fs)
-    assert files == ["manifest.json", "p00000.s000.bin", "p00001.s000.bin"]
+    assert files == [
+        "manifest.json",
+        "p00000.idx",
+        "p00000.s000.bin",
+        "p00001.idx",
+        "p00001.s000.bin",
+    ]
     assert info.leaves["['params']['w']"].sharding == {
         "type": "NamedSharding",
         "mesh": {"x": 2, "y": 4},

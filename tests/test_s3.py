@@ -112,7 +112,12 @@ def test_two_processes_save_restore_reshard_and_manager(s3_server, s3_url):
     bucket, prefix = _bucket_prefix(s3_url)
     keys = s3_server.keys(bucket, prefix + "/")
     data = [k for k in keys if k.startswith(f"{prefix}/one/attempt-")]
-    assert {k.rsplit("/", 1)[1] for k in data} == {"p00000.s000.bin", "p00001.s000.bin"}
+    assert {k.rsplit("/", 1)[1] for k in data} == {
+        "p00000.s000.bin",
+        "p00001.s000.bin",
+        "p00000.idx",
+        "p00001.idx",
+    }
     # Retention deleted step 1 entirely: marker and data.
     assert not [k for k in keys if "/run/step_00000001/" in k]
     assert {k.split("/")[2] for k in keys if "/run/" in k} == {"step_00000002", "step_00000003"}

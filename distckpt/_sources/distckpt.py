@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from distckpt import _commit, _knobs, _plan, _read, _reshard
+from distckpt import _chunks, _commit, _knobs, _plan, _read, _reshard
 from distckpt._location import Location
 from distckpt._sources.base import DEFAULT_SLAB_BYTES, Rows, Source, row_slabs
 from distckpt._storage import Reader, open_storage
@@ -38,38 +38,38 @@ class DistckptSource(Source):
         }
         self._reader: Reader | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._checked: set[int] = set()
+        self._table: _chunks.ChunkTable | None = None
+
+    def _open(self) -> tuple[Reader, ThreadPoolExecutor, _chunks.ChunkTable]:
+        if self._reader is None:
+            self._reader = self.storage.reader(self.manifest.attempt)
+            self._pool = ThreadPoolExecutor(_knobs.get("io_threads"))
+            self._table = _chunks.ChunkTable(self.manifest, self._reader, self.display)
+        assert self._pool is not None and self._table is not None  # opened together
+        return self._reader, self._pool, self._table
 
     def slabs(self, index: int, budget: int = DEFAULT_SLAB_BYTES) -> list[Rows]:
         spec = self.leaves[index]
-        edges = {e for c in self.manifest.chunks[index] if c.box for e in c.box[0]}
-        return row_slabs(spec.array_shape, spec.itemsize, budget, sorted(edges))
+        edges = self._open()[2].edges(index) if spec.stored else []
+        return row_slabs(spec.array_shape, spec.itemsize, budget, edges)
 
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
         spec = self.leaves[index]
         if not spec.stored:
             raise ValueError(f"{spec.display} is a {spec.kind} leaf; it has no stored data")
-        chunks = self.manifest.chunks[index]
-        if index not in self._checked:
-            _read.check_chunk_table(spec, chunks, self.display)
-            self._checked.add(index)
         dtype = _plan.np_dtype(spec.dtype)
         out = np.empty(_reshard.box_shape(box), dtype)
         if out.size == 0:
             return out
-        if self._reader is None:
-            self._reader = self.storage.reader(self.manifest.attempt)
-            self._pool = ThreadPoolExecutor(_knobs.get("io_threads"))
-        assert self._pool is not None  # created with the reader
+        reader, pool, table = self._open()
 
         def consume(c: Any, view: np.ndarray) -> None:
             src = view.view(dtype).reshape(_reshard.box_shape(c.box))
             into, out_of = _reshard.copy_slices(c.box, box)
             out[into] = src[out_of]
 
-        needed = _plan.chunks_for(box, chunks)
-        ranges = _plan.plan_reads(needed, max_range_bytes=_read.RANGE_BYTES)
-        problems = _read.read_ranges(self._reader, ranges, self.manifest, self._pool, consume)
+        ranges = _plan.plan_reads(table.overlapping(index, box), max_range_bytes=_read.RANGE_BYTES)
+        problems = _read.read_ranges(reader, ranges, self.manifest, pool, consume)
         if problems:
             raise _read.corrupt(self.display, problems, "refusing to use wrong data")
         return out
@@ -81,3 +81,4 @@ class DistckptSource(Source):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        self._table = None

@@ -1,0 +1,199 @@
+"""A committed checkpoint's chunk records, found by leaf and box, read only where needed.
+
+Format 3 keeps them in one index per writing process (``_index``); a
+reader loads the indexes of the processes whose shards overlap what it
+needs, checked against the crc32c the commit record holds. Formats 1 and 2
+keep them in the manifest. ``ChunkTable`` hides the difference from restore,
+verify, copy and the sources.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import crc32c
+
+from distckpt import _index, _layout, _plan, _reshard
+from distckpt._index import Index, IndexRef
+from distckpt._manifest import Manifest
+from distckpt._plan import ChunkRecord
+from distckpt._read import ChunkIndex, chunk_index
+from distckpt._reshard import Box
+from distckpt._storage import Reader, Storage
+from distckpt.errors import CorruptCheckpointError
+
+_lock = threading.Lock()
+_metadata_bytes = 0
+
+
+def count_metadata(nbytes: int) -> None:
+    """Adds to this process's count of commit-record and index bytes read."""
+    global _metadata_bytes
+    with _lock:
+        _metadata_bytes += nbytes
+
+
+def metadata_bytes_read() -> int:
+    """Bytes of commit records and chunk indexes this process has read so far."""
+    return _metadata_bytes
+
+
+def write_index(
+    storage: Storage, attempt: str, process: int, records: list[ChunkRecord]
+) -> IndexRef | None:
+    """Writes ``process``'s chunk index into ``attempt`` (None if it wrote no chunk)."""
+    if not records:
+        return None
+    raw = _index.encode_index(process, records)
+    name = _layout.index_file(process)
+    write_whole(storage, attempt, name, raw)
+    return IndexRef(process, name, len(raw), crc32c.crc32c(raw), len(records))
+
+
+def write_whole(storage: Storage, attempt: str, name: str, data: Any) -> None:
+    """Writes file ``name`` of ``attempt`` in one piece, durable on return."""
+    writer = storage.writer(attempt, name)
+    try:
+        writer.write(memoryview(data))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class ChunkTable:
+    """The chunk records of one committed checkpoint, read through ``reader``.
+
+    Every lookup refuses records that would leave part of the asked box
+    unfilled or fill part of it twice (``CorruptCheckpointError``), so no
+    caller assembles wrong data from a damaged table.
+    """
+
+    def __init__(self, manifest: Manifest, reader: Reader, where: str):
+        self.manifest, self.reader, self.where = manifest, reader, where
+        self._inline: dict[int, ChunkIndex] = {}  # formats 1-2: per leaf, checked once
+        self._indexes: dict[int, Index] = {}  # format 3: by process, loaded once
+        self._refs = {ref.process: ref for ref in manifest.indexes or []}
+        self._lock = threading.Lock()
+
+    @property
+    def indexes_loaded(self) -> int:
+        return len(self._indexes)
+
+    def overlapping(self, leaf: int, box: Box) -> list[ChunkRecord]:
+        """The chunks of ``leaf`` that hold any element of ``box``, which they cover exactly."""
+        spec = self.manifest.leaves[leaf]
+        if self.manifest.chunks is not None:
+            chunks = self.manifest.chunks[leaf]
+            if leaf not in self._inline:
+                _check(self.where, _plan.chunk_table_problems(spec, chunks))
+                self._inline[leaf] = chunk_index(tuple(c.box for c in chunks))
+            return [chunks[i] for i in self._inline[leaf].overlapping(box)]
+        grid = self._grid(leaf)
+        found = [
+            c
+            for process in grid.owners_in(box)
+            for c in self._index(process).records(leaf)
+            if not box or _reshard.intersect(c.box, box) is not None
+        ]
+        _check(self.where, self._box_problems(leaf, box, found))
+        return found
+
+    def leaf(self, leaf: int) -> list[ChunkRecord]:
+        """Every chunk of ``leaf`` (they cover it exactly)."""
+        return self.overlapping(leaf, _reshard.full_box(self.manifest.leaves[leaf].array_shape))
+
+    def all(self, problems: list[str] | None = None) -> list[list[ChunkRecord]]:
+        """Every stored leaf's chunks (``[]`` for the others), for tools that read everything.
+
+        With ``problems``, damage is listed there (the leaves it touches get
+        no chunks) instead of raised, so ``verify`` can report all of it.
+        """
+        out: list[list[ChunkRecord]] = []
+        for i, spec in enumerate(self.manifest.leaves):
+            if not spec.stored:
+                out.append([])
+                continue
+            try:
+                out.append(self.leaf(i))
+            except CorruptCheckpointError as e:
+                if problems is None:
+                    raise
+                problems.extend(p for p in e.problems if p not in problems)
+                out.append([])
+        return out
+
+    def edges(self, leaf: int) -> list[int]:
+        """First-dimension boundaries of the saved chunks of ``leaf`` (for cutting slabs)."""
+        return sorted({e for c in self.leaf(leaf) if c.box for e in c.box[0]})
+
+    def _grid(self, leaf: int) -> _index.Grid:
+        assert self.manifest.grids is not None  # format 3
+        grid = self.manifest.grids[leaf]
+        assert grid is not None, "a stored leaf has a grid"
+        return grid
+
+    def _index(self, process: int) -> Index:
+        with self._lock:
+            found = self._indexes.get(process)
+            if found is None:
+                found = self._indexes[process] = self._load(process)
+            return found
+
+    def _load(self, process: int) -> Index:
+        ref: IndexRef | None = self._refs.get(process)
+        if ref is None:
+            raise _corrupt(
+                self.where,
+                f"the commit record gives process {process} shards to write but lists no "
+                "chunk index of it",
+            )
+        raw = self.reader.read(ref.name, 0, ref.nbytes)  # a missing or short file: corrupt
+        count_metadata(ref.nbytes)
+        try:
+            return _index.decode_index(
+                raw,
+                ref,
+                [s.shape if s.stored else None for s in self.manifest.leaves],
+                {name: info["bytes"] for name, info in self.manifest.files.items()},
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise _corrupt(
+                self.where, f"chunk index {self.reader.display}/{ref.name} {e}"
+            ) from None
+
+    def _box_problems(self, leaf: int, box: Box, found: list[ChunkRecord]) -> list[str]:
+        spec = self.manifest.leaves[leaf]
+        if _reshard.box_size(box) == 0:
+            return []
+        clipped = []
+        for c in found:
+            inter = _reshard.intersect(c.box, box) if box else ()
+            assert inter is not None
+            clipped.append(
+                tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
+            )
+        lines = _reshard.coverage_problems(_reshard.box_shape(box), clipped)
+        lines += _plan.chunk_size_problems(spec, found)
+        where = (
+            f" of box {[list(r) for r in box]}"
+            if box != _reshard.full_box(spec.array_shape)
+            else ""
+        )
+        return [f"{spec.display}{where}: {line}" for line in lines]
+
+
+def _check(where: str, lines: list[str]) -> None:
+    if lines:
+        raise CorruptCheckpointError(
+            f"the chunk records of {where} are damaged:\n  " + "\n  ".join(lines[:20]), lines
+        )
+
+
+def _corrupt(where: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"checkpoint at {where} is corrupt: {problem}. The checkpoint's metadata is damaged; "
+        "restore an older step or a backup.",
+        [problem],
+    )

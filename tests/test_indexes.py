@@ -1,0 +1,182 @@
+"""Format 3: shard grids in the commit record, one chunk index per writing process.
+
+A restoring process reads the indexes of the processes whose shards it
+needs, no others (counted, with real processes); coverage is proven from
+the plan (grids every process computes alike), and processes that planned
+differently commit nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from distckpt import _index
+from distckpt._plan import ChunkRecord
+from tests.mp import run_processes
+
+HERE = "tests.test_indexes"
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_a_grid_records_each_cell_s_writer_and_finds_them_by_box():
+    shards = [
+        (((0, 4), (0, 3)), 0),
+        (((0, 4), (3, 6)), 1),
+        (((4, 8), (0, 3)), 2),
+        (((4, 8), (3, 6)), 3),
+    ]
+    grid = _index.build_grid((8, 6), shards)
+    assert grid.edges == ((0, 4, 8), (0, 3, 6))
+    assert grid.owners.tolist() == [[0, 1], [2, 3]]
+    assert grid.owners_in(((0, 8), (0, 6))) == [0, 1, 2, 3]
+    assert grid.owners_in(((3, 5), (0, 1))) == [0, 2]
+    assert grid.owners_in(((4, 5), (3, 4))) == [3]
+    assert grid.owners_in(((4, 4), (0, 6))) == []  # an empty box needs nobody
+    assert grid.cells_of(1) == [((0, 4), (3, 6))]
+    assert grid.edges_json() == [4, 3]  # regular: one block size per dimension
+    again = _index.Grid.from_json((8, 6), grid.edges_json(), grid.owners.reshape(-1).tolist())
+    assert again.edges == grid.edges and again.owners.tolist() == grid.owners.tolist()
+
+
+def test_uneven_shards_keep_their_edges():
+    grid = _index.build_grid((5,), [(((0, 3),), 0), (((3, 5),), 1)])
+    assert grid.edges_json() == [3]  # 0, 3, 5: every shard but the last has 3 rows
+    odd = _index.build_grid((5,), [(((0, 1),), 0), (((1, 5),), 1)])
+    assert odd.edges_json() == [[0, 1, 5]]
+    assert _index.Grid.from_json((5,), [[0, 1, 5]], [0, 1]).owners_in(((2, 3),)) == [1]
+
+
+@pytest.mark.parametrize(
+    "shards, match",
+    [
+        ([(((0, 4),), 0), (((2, 8),), 1)], "overlaps"),
+        ([(((0, 4),), 0), (((5, 8),), 1)], "no saved shard holds"),
+    ],
+)
+def test_a_grid_refuses_shards_that_do_not_tile_the_leaf(shards, match):
+    with pytest.raises(ValueError, match=match):
+        _index.build_grid((8,), shards)
+
+
+def test_each_process_checks_its_own_writes_against_the_plan():
+    grid = _index.build_grid((8,), [(((0, 4),), 0), (((4, 8),), 1)])
+    assert _index.check_own_writes([grid, None], [(0, ((4, 8),), 4)], 1) == []
+    assert _index.check_own_writes([grid], [(0, ((0, 4),), 4)], 1)  # another's cell
+    assert _index.check_own_writes([grid], [], 1)  # its cell left out
+    assert _index.check_own_writes([grid, None], [(1, ((0, 2),), 4)], 1)  # an unplanned leaf
+
+
+def test_an_index_round_trips_and_is_checked():
+    records = [
+        ChunkRecord(2, "p00001.s000.bin", 0, 32, 7, ((0, 2), (0, 4))),
+        ChunkRecord(0, "p00001.s000.bin", 32, 4, 9, ()),
+        ChunkRecord(2, "p00001.s001.bin", 0, 32, 8, ((2, 4), (0, 4))),
+    ]
+    raw = _index.encode_index(1, records)
+    import crc32c
+
+    ref = _index.IndexRef(1, "p00001.idx", len(raw), crc32c.crc32c(raw), 3)
+    shapes = [(), None, (4, 4)]
+    files = {"p00001.s000.bin": 36, "p00001.s001.bin": 32}
+    index = _index.decode_index(raw, ref, shapes, files)
+    assert index.records(2) == [records[0], records[2]]
+    assert index.records(0) == [records[1]]
+    assert index.records(1) == []
+    with pytest.raises(ValueError, match="past the end"):
+        _index.decode_index(raw, ref, shapes, {**files, "p00001.s001.bin": 31})
+    with pytest.raises(ValueError, match="fails its crc32c"):
+        _index.decode_index(raw[:-1] + b"\x01", ref, shapes, files)
+    with pytest.raises(ValueError, match="leaves that store no data"):
+        _index.decode_index(raw, ref, [(), None, None], files)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _w_restore_reads_only_the_indexes_it_needs(tmp: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import distckpt
+    from distckpt import _chunks
+
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    rows = NamedSharding(mesh, P("x"))
+    cols = NamedSharding(mesh, P(None, "x"))
+    full = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
+    w = jax.make_array_from_callback((16, 8), rows, lambda i: full[i])
+    distckpt.save(f"{tmp}/c", {"w": w, "step": 1})
+    read = {}
+    got = {}
+    for name, sharding in (("rows", rows), ("cols", cols), ("whole", NamedSharding(mesh, P()))):
+        before = _chunks.metadata_bytes_read()
+        out = distckpt.restore(
+            f"{tmp}/c",
+            {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sharding)},
+            partial=True,
+        )
+        read[name] = _chunks.metadata_bytes_read() - before
+        got[name] = all(
+            np.array_equal(np.asarray(s.data), np.asarray(full)[s.index])
+            for s in out["w"].addressable_shards
+        )
+    return {"read": read, "exact": got, "pid": jax.process_index()}
+
+
+def test_a_process_reads_the_indexes_of_the_shards_it_needs_only(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_restore_reads_only_the_indexes_it_needs",
+        args={"tmp": str(tmp_path)},
+        devices_per_process=2,
+    )
+    doc = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
+    root = (tmp_path / "c" / "manifest.json").stat().st_size
+    index = {ref["process"]: ref["bytes"] for ref in doc["indexes"]}
+    assert sorted(index) == [0, 1] and "chunks" not in json.dumps(doc["leaves"])
+    for r in results:
+        assert r.value["exact"] == {"rows": True, "cols": True, "whole": True}
+        read = r.value["read"]
+        assert read["rows"] == root + index[r.value["pid"]]  # its own rows: its own index
+        assert read["cols"] == root + sum(index.values())  # columns cross both writers
+        assert read["whole"] == root + sum(index.values())
+
+
+def _w_processes_with_different_shardings(tmp: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import distckpt
+    from distckpt.errors import DistckptError
+
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    # Same shape and dtype everywhere, but the processes disagree on the layout.
+    spec = P("x") if jax.process_index() == 0 else P(None, "x")
+    sharding = NamedSharding(mesh, spec)
+    w = jax.make_array_from_callback((8, 8), sharding, lambda i: jnp.zeros((8, 8))[i])
+    try:
+        distckpt.save(f"{tmp}/c", {"w": w}, timeout_s=30)
+    except DistckptError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"error": None}
+
+
+def test_processes_that_plan_different_layouts_commit_nothing(tmp_path):
+    import distckpt
+
+    results = run_processes(
+        f"{HERE}:_w_processes_with_different_shardings",
+        args={"tmp": str(tmp_path)},
+        devices_per_process=2,
+    )
+    for r in results:
+        assert r.value["error"] and "planned different layouts" in r.value["error"], r.value
+    assert not distckpt.is_committed(tmp_path / "c")
