@@ -74,6 +74,8 @@ class ChunkTable:
         self.manifest, self.reader, self.where = manifest, reader, where
         self._inline: dict[int, ChunkIndex] = {}  # formats 1-2: per leaf, checked once
         self._indexes: dict[int, Index] = {}  # format 3: by process, loaded once
+        self._groups: dict[tuple[int, tuple[int, ...]], tuple[list[ChunkRecord], ChunkIndex]] = {}
+        self._covered: dict[tuple[int, Box], list[str]] = {}  # (ChunkIndex id, box) -> problems
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
         self._lock = threading.Lock()
 
@@ -90,14 +92,35 @@ class ChunkTable:
                 _check(self.where, _plan.chunk_table_problems(spec, chunks))
                 self._inline[leaf] = chunk_index(tuple(c.box for c in chunks))
             return [chunks[i] for i in self._inline[leaf].overlapping(box)]
-        grid = self._grid(leaf)
-        found = [
-            c
-            for process in grid.owners_in(box)
-            for c in self._index(process).records(leaf)
-            if not box or _reshard.intersect(c.box, box) is not None
-        ]
-        _check(self.where, self._box_problems(leaf, box, found))
+        records, index = self._group(leaf, tuple(self._grid(leaf).owners_in(box)))
+        found = [records[i] for i in index.overlapping(box)]
+        # Whether the records found cover the box exactly depends on their boxes
+        # only: leaves saved alike share the answer (and the ChunkIndex).
+        key = (id(index), box)
+        if key not in self._covered:
+            self._covered[key] = self._coverage(box, found)
+        if self._covered[key]:
+            spec = self.manifest.leaves[leaf]
+            where = (
+                f" of box {[list(r) for r in box]}"
+                if box != _reshard.full_box(spec.array_shape)
+                else ""
+            )
+            _check(self.where, [f"{spec.display}{where}: {p}" for p in self._covered[key]])
+        return found
+
+    def _group(self, leaf: int, owners: tuple[int, ...]) -> tuple[list[ChunkRecord], ChunkIndex]:
+        """The records of ``leaf`` written by ``owners``, checked once, and their ChunkIndex."""
+        key = (leaf, owners)
+        found = self._groups.get(key)
+        if found is None:
+            records = [c for p in owners for c in self._index(p).records(leaf)]
+            spec = self.manifest.leaves[leaf]
+            _check(
+                self.where,
+                [f"{spec.display}: {p}" for p in _plan.chunk_size_problems(spec, records)],
+            )
+            found = self._groups[key] = (records, chunk_index(tuple(c.box for c in records)))
         return found
 
     def leaf(self, leaf: int) -> list[ChunkRecord]:
@@ -163,25 +186,19 @@ class ChunkTable:
                 self.where, f"chunk index {self.reader.display}/{ref.name} {e}"
             ) from None
 
-    def _box_problems(self, leaf: int, box: Box, found: list[ChunkRecord]) -> list[str]:
-        spec = self.manifest.leaves[leaf]
+    @staticmethod
+    def _coverage(box: Box, found: list[ChunkRecord]) -> list[str]:
+        """Holes and overlaps of ``found`` inside ``box``."""
         if _reshard.box_size(box) == 0:
             return []
         clipped = []
         for c in found:
             inter = _reshard.intersect(c.box, box) if box else ()
-            assert inter is not None
+            assert inter is not None  # found by overlap
             clipped.append(
                 tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
             )
-        lines = _reshard.coverage_problems(_reshard.box_shape(box), clipped)
-        lines += _plan.chunk_size_problems(spec, found)
-        where = (
-            f" of box {[list(r) for r in box]}"
-            if box != _reshard.full_box(spec.array_shape)
-            else ""
-        )
-        return [f"{spec.display}{where}: {line}" for line in lines]
+        return _reshard.coverage_problems(_reshard.box_shape(box), clipped)
 
 
 def _check(where: str, lines: list[str]) -> None:

@@ -126,6 +126,7 @@ def _check_manifest(m: Manifest, where: str) -> None:
             problems.append(f"data file {name!r} is not a plain file name inside the attempt")
         if not _count(info.get("bytes")):
             problems.append(f"data file {name!r} has size {info.get('bytes')!r}")
+    indexed = {ref.process for ref in m.indexes or []}
     if m.indexes is not None:
         problems += _index_ref_problems(m)
     for i, spec in enumerate(m.leaves):
@@ -157,8 +158,7 @@ def _check_manifest(m: Manifest, where: str) -> None:
             grid = m.grids[i]
             assert grid is not None  # _manifest parses a grid for every stored leaf
             problems += [f"{spec.display}: {p}" for p in _index.check_grid(grid, m.process_count)]
-            indexed = {ref.process for ref in (m.indexes or [])}
-            silent = sorted(set(grid.counts()) - indexed)
+            silent = sorted(grid.writers - indexed)
             if silent and spec.nbytes:
                 problems.append(
                     f"{spec.display}: written by processes {silent}, which have no index"

@@ -40,6 +40,7 @@ class Grid:
     shape: tuple[int, ...]
     edges: tuple[tuple[int, ...], ...]  # per dimension: 0 = e0 < e1 < ... = n (just (0,) if n is 0)
     owners: np.ndarray  # int32, one per cell, shape (len(e) - 1 for e in edges)
+    writers: frozenset[int]  # the distinct owners
 
     def cell_ranges(self, box: Box) -> tuple[slice, ...]:
         """The cells (per dimension, a range of cell positions) that hold elements of ``box``."""
@@ -52,7 +53,9 @@ class Grid:
 
     def owners_in(self, box: Box) -> list[int]:
         """The processes whose writes hold any element of ``box``, sorted."""
-        return sorted({int(p) for p in np.unique(self.owners[self.cell_ranges(box)])})
+        if len(self.writers) == 1 and _reshard.box_size(box) > 0:
+            return list(self.writers)  # the common case: one writer, or all cells alike
+        return sorted(set(self.owners[self.cell_ranges(box)].ravel().tolist()))
 
     def cell_box(self, cell: Sequence[int]) -> Box:
         return tuple((e[i], e[i + 1]) for e, i in zip(self.edges, cell, strict=True))
@@ -60,11 +63,6 @@ class Grid:
     def cells_of(self, process: int) -> list[Box]:
         """The boxes of the cells ``process`` writes."""
         return [self.cell_box(c.tolist()) for c in np.argwhere(self.owners == process)]
-
-    def counts(self) -> dict[int, int]:
-        """Cells per writing process."""
-        values, n = np.unique(self.owners, return_counts=True)
-        return {int(p): int(k) for p, k in zip(values, n, strict=True)}
 
     def owner_key(self) -> tuple[tuple[int, ...], bytes]:
         """What identifies the owner table (shared by leaves saved the same way)."""
@@ -80,12 +78,10 @@ class Grid:
         return out
 
     @classmethod
-    def from_json(cls, shape: tuple[int, ...], edges: list, owners: list) -> Grid:
+    def from_json(cls, shape: tuple[int, ...], edges: list, owners: OwnerTable) -> Grid:
         """Parses a grid record (raises ValueError or TypeError on a malformed one)."""
         if not isinstance(edges, list) or len(edges) != len(shape):
             raise ValueError(f"grid has {_len(edges)} dimensions, the leaf {len(shape)}")
-        if not isinstance(owners, list) or not all(_is_int(v) for v in owners):
-            raise ValueError("the grid's owner table is not a list of process indices")
         parsed = []
         for n, e in zip(shape, edges, strict=True):
             if isinstance(e, int) and not isinstance(e, bool):
@@ -100,8 +96,27 @@ class Grid:
         cells = tuple(len(e) - 1 for e in parsed)
         if len(owners) != math.prod(cells):
             raise ValueError(f"grid has {math.prod(cells)} cells but {len(owners)} owners")
-        table = np.asarray(owners, dtype=np.int64).reshape(cells)
-        return cls(tuple(shape), tuple(parsed), table.astype(np.int32))
+        return cls(tuple(shape), tuple(parsed), owners.cells.reshape(cells), owners.writers)
+
+
+@dataclass(frozen=True, eq=False)
+class OwnerTable:
+    """One owner table of a commit record, parsed once for all the leaves that share it."""
+
+    cells: np.ndarray  # int32, flat
+    writers: frozenset[int]
+
+    def __len__(self) -> int:
+        return int(self.cells.size)
+
+    @classmethod
+    def from_json(cls, owners: object) -> OwnerTable:
+        if not isinstance(owners, list) or not all(_is_int(v) for v in owners):
+            raise ValueError("an owner table is not a list of process indices")
+        if any(not -(1 << 31) <= v < 1 << 31 for v in owners):
+            raise ValueError("an owner table names a process index out of range")
+        cells = np.asarray(owners, dtype=np.int32)
+        return cls(cells, frozenset(np.unique(cells).tolist()))
 
 
 def _is_int(v: object) -> bool:
@@ -137,7 +152,7 @@ def build_grid(shape: Sequence[int], shards: Iterable[tuple[Box, int]]) -> Grid:
         hole = np.argwhere(owners == -1)[0]
         box = tuple((e[i], e[i + 1]) for e, i in zip(edges, hole, strict=True))
         raise ValueError(f"no saved shard holds {[list(r) for r in box]}")
-    return Grid(shape, edges, owners)
+    return Grid(shape, edges, owners, frozenset(np.unique(owners).tolist()))
 
 
 def check_own_writes(
@@ -158,7 +173,7 @@ def check_own_writes(
         if grid is None:
             continue
         boxes = [b for b in mine.pop(leaf, []) if _reshard.box_size(b) > 0 or not grid.shape]
-        planned = grid.cells_of(process) if grid.counts().get(process) else []
+        planned = grid.cells_of(process) if process in grid.writers else []
         covered = sum(_reshard.box_size(b) for b in boxes)
         expected = sum(_reshard.box_size(b) for b in planned)
         outside = [b for b in boxes if (grid.owners[grid.cell_ranges(b)] != process).any()]
@@ -188,9 +203,9 @@ def plan_digest(grids: Sequence[Grid | None]) -> str:
 
 def check_grid(grid: Grid, process_count: int) -> list[str]:
     """What is wrong with a grid read from a commit record (writers out of range)."""
-    if grid.owners.size and (grid.owners.min() < 0 or grid.owners.max() >= process_count):
+    if grid.writers and (min(grid.writers) < 0 or max(grid.writers) >= process_count):
         return [
-            f"the grid names writer processes {int(grid.owners.min())}..{int(grid.owners.max())}, "
+            f"the grid names writer processes {min(grid.writers)}..{max(grid.writers)}, "
             f"the save had {process_count}"
         ]
     return []
@@ -272,25 +287,32 @@ class Index:
     starts: np.ndarray  # where each record's bounds begin
 
     def records(self, leaf: int) -> list[ChunkRecord]:
-        lo, hi = np.searchsorted(self.table["leaf"], [leaf, leaf + 1])
-        out = []
-        for i in range(int(lo), int(hi)):
-            r = self.table[i]
-            s = int(self.starts[i])
-            end = int(self.starts[i + 1]) if i + 1 < len(self.starts) else self.bounds.size
-            flat = self.bounds[s:end].tolist()
-            box = tuple((flat[j], flat[j + 1]) for j in range(0, len(flat), 2))
-            out.append(
-                ChunkRecord(
-                    leaf,
-                    self.files[int(r["file"])],
-                    int(r["offset"]),
-                    int(r["nbytes"]),
-                    int(r["crc32c"]),
-                    box,
+        lo, hi = (int(i) for i in np.searchsorted(self.table["leaf"], [leaf, leaf + 1]))
+        if lo == hi:
+            return []
+        end = int(self.starts[hi]) if hi < len(self.starts) else self.bounds.size
+        rank = (end - int(self.starts[lo])) // (2 * (hi - lo))  # one leaf: one rank
+        flat = self.bounds[int(self.starts[lo]) : end].tolist()
+        part = self.table[lo:hi]
+        return [
+            ChunkRecord(
+                leaf,
+                self.files[f],
+                off,
+                n,
+                crc,
+                tuple((flat[j], flat[j + 1]) for j in range(k * 2 * rank, (k + 1) * 2 * rank, 2)),
+            )
+            for k, (f, off, n, crc) in enumerate(
+                zip(
+                    part["file"].tolist(),
+                    part["offset"].tolist(),
+                    part["nbytes"].tolist(),
+                    part["crc32c"].tolist(),
+                    strict=True,
                 )
             )
-        return out
+        ]
 
     def all_records(self) -> list[ChunkRecord]:
         return [c for leaf in np.unique(self.table["leaf"]) for c in self.records(int(leaf))]

@@ -9,7 +9,7 @@ from typing import Any
 import crc32c
 
 from distckpt import _tree
-from distckpt._index import Grid, IndexRef
+from distckpt._index import Grid, IndexRef, OwnerTable
 from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt.errors import CorruptCheckpointError
 
@@ -125,7 +125,7 @@ class Manifest:
             }
             names = [f["name"] for f in doc["files"]]
             indexed = version >= 3
-            owner_json = doc["owners"] if indexed else []
+            tables = [OwnerTable.from_json(t) for t in doc["owners"]] if indexed else []
             leaves, chunks, grids = [], [], []
             for i, e in enumerate(doc["leaves"]):
                 path = tuple((kind, key) for kind, key in e["path"])
@@ -143,7 +143,7 @@ class Manifest:
                     )
                 )
                 if indexed:
-                    grids.append(_grid(leaves[-1], e, owner_json))
+                    grids.append(_grid(leaves[-1], e, tables))
                     continue
                 chunks.append(
                     [
@@ -182,7 +182,7 @@ class Manifest:
             ) from e
 
 
-def _grid(spec: LeafSpec, entry: dict, owner_json: list) -> Grid | None:
+def _grid(spec: LeafSpec, entry: dict, tables: list[OwnerTable]) -> Grid | None:
     """A version-3 leaf's shard grid (None for a leaf without stored data, or whose shape
     is not one: ``_commit`` refuses those)."""
     if not spec.stored:
@@ -194,10 +194,10 @@ def _grid(spec: LeafSpec, entry: dict, owner_json: list) -> Grid | None:
     ):
         return None  # _commit refuses the shape, with the leaf's name
     owners = record["owners"]
-    if not isinstance(owners, int) or not 0 <= owners < len(owner_json):
+    if not isinstance(owners, int) or not 0 <= owners < len(tables):
         raise ValueError(f"{spec.display}: grid names owner table {owners!r}, there is none")
     try:
-        return Grid.from_json(shape, record["edges"], owner_json[owners])
+        return Grid.from_json(shape, record["edges"], tables[owners])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{spec.display}: {e}") from None
 

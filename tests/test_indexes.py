@@ -39,7 +39,8 @@ def test_a_grid_records_each_cell_s_writer_and_finds_them_by_box():
     assert grid.owners_in(((4, 4), (0, 6))) == []  # an empty box needs nobody
     assert grid.cells_of(1) == [((0, 4), (3, 6))]
     assert grid.edges_json() == [4, 3]  # regular: one block size per dimension
-    again = _index.Grid.from_json((8, 6), grid.edges_json(), grid.owners.reshape(-1).tolist())
+    table = _index.OwnerTable.from_json(grid.owners.reshape(-1).tolist())
+    again = _index.Grid.from_json((8, 6), grid.edges_json(), table)
     assert again.edges == grid.edges and again.owners.tolist() == grid.owners.tolist()
 
 
@@ -48,7 +49,8 @@ def test_uneven_shards_keep_their_edges():
     assert grid.edges_json() == [3]  # 0, 3, 5: every shard but the last has 3 rows
     odd = _index.build_grid((5,), [(((0, 1),), 0), (((1, 5),), 1)])
     assert odd.edges_json() == [[0, 1, 5]]
-    assert _index.Grid.from_json((5,), [[0, 1, 5]], [0, 1]).owners_in(((2, 3),)) == [1]
+    table = _index.OwnerTable.from_json([0, 1])
+    assert _index.Grid.from_json((5,), [[0, 1, 5]], table).owners_in(((2, 3),)) == [1]
 
 
 @pytest.mark.parametrize(
