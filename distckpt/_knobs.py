@@ -40,6 +40,15 @@ _KNOBS: dict[str, _Knob] = {
         "target size of a checksummed chunk; smaller chunks cut read "
         "amplification when restoring onto another sharding",
     ),
+    "max_chunks_per_shard": _Knob(
+        "DISTCKPT_MAX_CHUNKS_PER_SHARD",
+        64,
+        int,
+        1,
+        "most chunks a saved shard is cut into: a shard larger than this many times "
+        "chunk_bytes gets larger chunks (up to 16 MiB), so the number of chunk records "
+        "follows the number of shards, not the bytes",
+    ),
     "segment_bytes": _Knob(
         "DISTCKPT_SEGMENT_BYTES",
         256 << 20,

@@ -134,6 +134,7 @@ def plan_writes(
     process: int,
     chunk_bytes: int,
     segment_bytes: int,
+    max_chunks: int | None = None,
 ) -> list[FileWrite]:
     """Cuts this process's shards into chunks and packs them into data files.
 
@@ -143,6 +144,9 @@ def plan_writes(
       process: this process's index (names the files).
       chunk_bytes: target chunk size, see ``_reshard.chunk_shape``.
       segment_bytes: a new file starts once a file holds this many bytes.
+      max_chunks: most chunks per shard (larger shards get larger chunks, up
+        to ``_reshard.MAX_CHUNK_BYTES``); None: no bound, every chunk fits in
+        ``chunk_bytes``.
 
     Returns:
       The files to write. Small leaves share a file, so the number of files
@@ -159,8 +163,10 @@ def plan_writes(
         current, size = [], 0
 
     for leaf, shard, itemsize in shards:
-        shape = _reshard.box_shape(shard)
-        for box in _reshard.chunk_boxes(shard, _reshard.chunk_shape(shape, itemsize, chunk_bytes)):
+        chunk = _reshard.chunk_shape(
+            _reshard.box_shape(shard), itemsize, chunk_bytes, max_chunks=max_chunks
+        )
+        for box in _reshard.chunk_boxes(shard, chunk):
             nbytes = _reshard.box_size(box) * itemsize
             if current and size + nbytes > segment_bytes:
                 flush()

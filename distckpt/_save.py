@@ -291,6 +291,7 @@ class SaveJob:
             process=self.coll.pid,
             chunk_bytes=_knobs.get("chunk_bytes"),
             segment_bytes=_knobs.get("segment_bytes"),
+            max_chunks=_knobs.get("max_chunks_per_shard"),
         )
         codecs = {
             i: (s.compression, self.compression_level)
