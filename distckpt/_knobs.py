@@ -63,13 +63,22 @@ _KNOBS: dict[str, _Knob] = {
         1,
         "threads per process that read or write data files",
     ),
+    "memory_bytes": _Knob(
+        "DISTCKPT_MEMORY_BYTES",
+        1 << 30,
+        int,
+        1,
+        "host memory a synchronous save or a restore may use on each process beyond "
+        "the state itself (fetched pieces of shards, write and read buffers, staged "
+        "restore output); an async save's copy of the state is outside it",
+    ),
     "read_batch_bytes": _Knob(
         "DISTCKPT_READ_BATCH_BYTES",
-        256 << 20,
+        None,
         int,
         1,
         "restore reads at most about this many bytes before placing them on "
-        "devices, which bounds host memory",
+        "devices (unset: what memory_bytes leaves after the reading threads' buffers)",
     ),
     "live_attempt_s": _Knob(
         "DISTCKPT_LIVE_ATTEMPT_S",

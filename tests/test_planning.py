@@ -208,3 +208,86 @@ def test_late_tasks_are_read_from_the_coordination_service_message():
     older = "Some timed out task names:\n/job:jax_worker/replica:0/task:1\n\nRPC"
     assert _late_tasks(older) == [1]
     assert _late_tasks("UNAVAILABLE: connection reset") == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    chunk_bytes=st.integers(16, 2048),
+    piece_bytes=st.one_of(st.none(), st.integers(1, 8192)),
+)
+def test_pieces_are_boxes_of_consecutive_whole_chunks(rows, cols, chunk_bytes, piece_bytes):
+    shard = ((8, 8 + rows), (3, 3 + cols))
+    (file,) = _plan.plan_writes(
+        [(0, shard, 4)],
+        process=0,
+        chunk_bytes=chunk_bytes,
+        segment_bytes=1 << 30,
+        piece_bytes=piece_bytes,
+    )
+    seen: list = []
+    for c in file.chunks:
+        assert _reshard.intersect(c.box, c.piece) == c.box  # a chunk lies in its piece
+        assert _reshard.intersect(c.piece, shard) == c.piece
+        if not seen or seen[-1] != c.piece:
+            assert c.piece not in seen  # a piece's chunks are consecutive
+            seen.append(c.piece)
+        size = _reshard.box_size(c.piece) * 4
+        assert piece_bytes is None or size <= piece_bytes or c.piece == c.box
+    # The pieces tile the shard: every element is fetched exactly once.
+    relative = [
+        tuple((a - s0, b - s0) for (a, b), (s0, _) in zip(p, shard, strict=True)) for p in seen
+    ]
+    assert _reshard.coverage_problems((rows, cols), relative) == []
+
+
+def test_save_memory_splits_the_budget_between_writers():
+    MiB = 1 << 20
+    cpu = _plan.save_memory(
+        128 * MiB,
+        threads=4,
+        largest_chunk=8 * MiB,
+        segment_bytes=256 * MiB,
+        fetch_copies=False,
+        holds_files=False,
+    )
+    assert cpu == _plan.SaveMemory(writers=4, piece_bytes=None, segment_bytes=256 * MiB)
+    device = _plan.save_memory(
+        128 * MiB,
+        threads=4,
+        largest_chunk=8 * MiB,
+        segment_bytes=256 * MiB,
+        fetch_copies=True,
+        holds_files=False,
+    )
+    assert device == _plan.SaveMemory(writers=4, piece_bytes=8 * MiB, segment_bytes=256 * MiB)
+    assert device.writers * (2 * device.piece_bytes + 2 * 8 * MiB) <= 128 * MiB
+    # Large chunks leave room for fewer writers; an object store keeps files small.
+    s3 = _plan.save_memory(
+        128 * MiB,
+        threads=4,
+        largest_chunk=16 * MiB,
+        segment_bytes=256 * MiB,
+        fetch_copies=True,
+        holds_files=True,
+    )
+    assert s3 == _plan.SaveMemory(writers=1, piece_bytes=24 * MiB, segment_bytes=24 * MiB)
+    assert 2 * s3.piece_bytes + 2 * s3.segment_bytes + 2 * 16 * MiB <= 128 * MiB
+    # Below what one writer needs: one writer, one chunk at a time.
+    tiny = _plan.save_memory(
+        1,
+        threads=4,
+        largest_chunk=8 * MiB,
+        segment_bytes=256 * MiB,
+        fetch_copies=True,
+        holds_files=True,
+    )
+    assert tiny == _plan.SaveMemory(writers=1, piece_bytes=8 * MiB, segment_bytes=8 * MiB)
+
+
+def test_restore_batches_get_what_the_reading_threads_leave():
+    MiB = 1 << 20
+    assert _plan.restore_batch_bytes(1 << 30, threads=4, range_bytes=16 * MiB) == 960 * MiB
+    assert _plan.restore_batch_bytes(128 * MiB, threads=4, range_bytes=16 * MiB) == 64 * MiB
+    assert _plan.restore_batch_bytes(64 * MiB, threads=4, range_bytes=16 * MiB) == 32 * MiB
