@@ -40,6 +40,15 @@ _KNOBS: dict[str, _Knob] = {
         "target size of a checksummed chunk; smaller chunks cut read "
         "amplification when restoring onto another sharding",
     ),
+    "max_chunks_per_shard": _Knob(
+        "DISTCKPT_MAX_CHUNKS_PER_SHARD",
+        64,
+        int,
+        1,
+        "most chunks a saved shard is cut into: a shard larger than this many times "
+        "chunk_bytes gets larger chunks (up to 16 MiB), so the number of chunk records "
+        "follows the number of shards, not the bytes",
+    ),
     "segment_bytes": _Knob(
         "DISTCKPT_SEGMENT_BYTES",
         256 << 20,
@@ -54,13 +63,22 @@ _KNOBS: dict[str, _Knob] = {
         1,
         "threads per process that read or write data files",
     ),
+    "memory_bytes": _Knob(
+        "DISTCKPT_MEMORY_BYTES",
+        1 << 30,
+        int,
+        1,
+        "host memory a synchronous save or a restore may use on each process beyond "
+        "the state itself (fetched pieces of shards, write and read buffers, staged "
+        "restore output); an async save's copy of the state is outside it",
+    ),
     "read_batch_bytes": _Knob(
         "DISTCKPT_READ_BATCH_BYTES",
-        256 << 20,
+        None,
         int,
         1,
         "restore reads at most about this many bytes before placing them on "
-        "devices, which bounds host memory",
+        "devices (unset: what memory_bytes leaves after the reading threads' buffers)",
     ),
     "live_attempt_s": _Knob(
         "DISTCKPT_LIVE_ATTEMPT_S",

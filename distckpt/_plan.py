@@ -7,7 +7,8 @@ unit-tested with plain values.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +87,18 @@ class LeafSpec:
 
 @dataclass(frozen=True)
 class ChunkWrite:
-    """One chunk this process writes: ``box`` of leaf ``leaf``, cut from its shard."""
+    """One chunk this process writes: ``box`` of leaf ``leaf``, cut from its shard.
+
+    ``piece`` is the part of the shard fetched to host memory together with
+    it (the whole shard unless a memory budget cuts it into pieces); the
+    chunks of one piece are consecutive in their file.
+    """
 
     leaf: int
     shard: Box
     box: Box
     nbytes: int
+    piece: Box
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,8 @@ def plan_writes(
     process: int,
     chunk_bytes: int,
     segment_bytes: int,
+    max_chunks: int | None = None,
+    piece_bytes: int | None = None,
 ) -> list[FileWrite]:
     """Cuts this process's shards into chunks and packs them into data files.
 
@@ -143,6 +152,11 @@ def plan_writes(
       process: this process's index (names the files).
       chunk_bytes: target chunk size, see ``_reshard.chunk_shape``.
       segment_bytes: a new file starts once a file holds this many bytes.
+      max_chunks: most chunks per shard (larger shards get larger chunks, up
+        to ``_reshard.MAX_CHUNK_BYTES``); None: no bound, every chunk fits in
+        ``chunk_bytes``.
+      piece_bytes: most bytes of a shard fetched to host memory at once (see
+        ``pieces``); None: whole shards.
 
     Returns:
       The files to write. Small leaves share a file, so the number of files
@@ -159,15 +173,125 @@ def plan_writes(
         current, size = [], 0
 
     for leaf, shard, itemsize in shards:
-        shape = _reshard.box_shape(shard)
-        for box in _reshard.chunk_boxes(shard, _reshard.chunk_shape(shape, itemsize, chunk_bytes)):
+        chunk = _reshard.chunk_shape(
+            _reshard.box_shape(shard), itemsize, chunk_bytes, max_chunks=max_chunks
+        )
+        piece_of = pieces(shard, chunk, itemsize, piece_bytes)
+        for box in _reshard.chunk_boxes(shard, chunk):
             nbytes = _reshard.box_size(box) * itemsize
             if current and size + nbytes > segment_bytes:
                 flush()
-            current.append(ChunkWrite(leaf, shard, box, nbytes))
+            current.append(ChunkWrite(leaf, shard, box, nbytes, piece_of(box)))
             size += nbytes
     flush()
     return files
+
+
+def pieces(
+    shard: Box, chunk: Sequence[int], itemsize: int, piece_bytes: int | None
+) -> Callable[[Box], Box]:
+    """How a shard is fetched to host memory: a function from a chunk's box to its piece.
+
+    A piece is a band of whole rows of the chunk grid (every chunk whose
+    leading range falls in the band), as many rows as fit in
+    ``piece_bytes``; where one row of chunks alone is larger, each chunk is
+    its own piece. Either way the chunks of a piece are consecutive in the
+    C order the chunks are written in, and a piece is one box, which a
+    device can slice before anything crosses to the host.
+    """
+    nbytes = _reshard.box_size(shard) * itemsize
+    if piece_bytes is None or not shard or nbytes <= piece_bytes:
+        return lambda box: shard
+    row = chunk[0] * math.prod(_reshard.box_shape(shard)[1:]) * itemsize
+    if row > piece_bytes:
+        return lambda box: box
+    rows = piece_bytes // row * chunk[0]
+    (start, stop), rest = shard[0], shard[1:]
+
+    def piece(box: Box) -> Box:
+        first = start + (box[0][0] - start) // rows * rows
+        return ((first, min(first + rows, stop)), *rest)
+
+    return piece
+
+
+def largest_chunk(
+    shards: Iterable[tuple[int, Box, int]], *, chunk_bytes: int, max_chunks: int | None
+) -> int:
+    """Bytes of the largest chunk ``plan_writes`` cuts from ``shards`` (0 for none)."""
+    return max(
+        (
+            math.prod(
+                _reshard.chunk_shape(
+                    _reshard.box_shape(shard), itemsize, chunk_bytes, max_chunks=max_chunks
+                )
+            )
+            * itemsize
+            for _, shard, itemsize in shards
+        ),
+        default=0,
+    )
+
+
+@dataclass(frozen=True)
+class SaveMemory:
+    """How one process's synchronous save spends its host-memory budget.
+
+    Each writer thread holds at most one fetched piece of a shard, counted
+    twice: the piece sliced on the device and its host copy (only where
+    fetching copies, as from an accelerator; on CPU a shard is already host
+    memory and a fetch is a view; the slice is host memory only on a device
+    that keeps its memory on the host), one chunk gathered into its scratch
+    buffer, one compressed chunk, and, where the storage keeps a data file in
+    memory until it closes it (an object store), that file twice (its parts
+    and their join). ``writers`` times that stays within the budget, with
+    fewer writer threads when the largest chunk leaves room for fewer.
+    """
+
+    writers: int
+    piece_bytes: int | None  # None: fetches cost no memory, shards are fetched whole
+    segment_bytes: int
+
+
+def save_memory(
+    budget: int,
+    *,
+    threads: int,
+    largest_chunk: int,
+    segment_bytes: int,
+    fetch_copies: bool,
+    holds_files: bool,
+) -> SaveMemory:
+    """Splits ``budget`` bytes between at most ``threads`` writer threads.
+
+    Example::
+
+      save_memory(128 << 20, threads=4, largest_chunk=2 << 20, segment_bytes=256 << 20,
+                  fetch_copies=True, holds_files=False)
+      # SaveMemory(writers=4, piece_bytes=14 MiB, segment_bytes=256 MiB)
+    """
+    overhead = 2 * largest_chunk  # the gathered chunk and its compressed copy
+    shares = (2 if fetch_copies else 0) + (2 if holds_files else 0)
+    least = overhead + shares * largest_chunk
+    writers = max(1, min(threads, budget // max(1, least)))
+    unit = max(largest_chunk, (budget // writers - overhead) // shares) if shares else 0
+    return SaveMemory(
+        writers=writers,
+        piece_bytes=unit if fetch_copies else None,
+        segment_bytes=min(segment_bytes, unit) if holds_files else segment_bytes,
+    )
+
+
+def restore_batch_bytes(budget: int, *, threads: int, range_bytes: int) -> int:
+    """Bytes of output a restore stages per batch within ``budget``.
+
+    The reading threads hold one scratch buffer of up to ``range_bytes``
+    each; the batch gets the rest, and at least half the budget: below
+    ``2 * threads * range_bytes`` the buffers take more than the other half
+    and the budget is exceeded by the difference (fewer ``io_threads`` fit a
+    smaller one).
+    """
+    return max(budget - threads * range_bytes, budget // 2)
 
 
 def plan_reads(

@@ -27,8 +27,9 @@ from distckpt._storage import ALIGN, Reader, aligned_empty
 from distckpt.errors import CorruptCheckpointError
 
 # The largest single read: also the size of each reading thread's scratch
-# buffer, and of what a copy holds in memory at once.
-RANGE_BYTES = 16 << 20
+# buffer, and of what a copy holds in memory at once. The largest chunk a save
+# grows to, so that one chunk always fits in one read.
+RANGE_BYTES = _reshard.MAX_CHUNK_BYTES
 
 
 def corrupt(

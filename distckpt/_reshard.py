@@ -66,7 +66,16 @@ def copy_slices(src: Box, dst: Box) -> tuple[tuple[slice, ...], tuple[slice, ...
     return relative(inter, dst), relative(inter, src)
 
 
-def chunk_shape(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
+# The largest chunk the shard-size rule grows a chunk to (docs/format.md,
+# "Chunk size"). It equals the read range of ``_read.RANGE_BYTES``, so a grown
+# chunk is still one read into one reading thread's scratch buffer and one
+# crc32c call, and restore's memory per reading thread does not grow with it.
+MAX_CHUNK_BYTES = 16 << 20
+
+
+def chunk_shape(
+    shape: Sequence[int], itemsize: int, chunk_bytes: int, *, max_chunks: int | None = None
+) -> tuple[int, ...]:
     """Chooses the checksummed chunk shape for a saved shard of ``shape``.
 
     Restoring onto another sharding reads whole chunks, so a chunk that
@@ -76,22 +85,45 @@ def chunk_shape(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> tuple[
     axis), then the longest dimension is halved until a chunk fits in
     ``chunk_bytes``. Ties split the leading dimension, which keeps chunks
     contiguous in memory.
+
+    With ``max_chunks``, no halving may take the shard past ``max_chunks``
+    chunks unless the chunk is still larger than ``MAX_CHUNK_BYTES`` (or
+    ``chunk_bytes``, if that is larger): a large shard gets large chunks, so
+    the number of chunk records follows the number of shards rather than the
+    bytes. Without it (None) every chunk fits in ``chunk_bytes``, however many
+    that takes. Pure: the same arguments give the same shape everywhere.
+
+    Example::
+
+      chunk_shape((4096, 4096), 2, 256 << 10)                 # (256, 512): 128 chunks of 256 KiB
+      chunk_shape((4096, 4096), 2, 256 << 10, max_chunks=64)  # (512, 512): 64 chunks of 512 KiB
     """
     c = list(shape)
     if not c or 0 in c:
         return tuple(c)
     floor = max(1, chunk_bytes // 8)
+    cap = max(chunk_bytes, MAX_CHUNK_BYTES)
 
     def nbytes() -> int:
         return math.prod(c) * itemsize
 
+    def allowed(d: int) -> bool:
+        """Whether halving dimension ``d`` keeps the shard within ``max_chunks`` chunks."""
+        if max_chunks is None or nbytes() > cap:
+            return True
+        half = -(-c[d] // 2)
+        count = math.prod(
+            -(-n // (half if i == d else k)) for i, (n, k) in enumerate(zip(shape, c, strict=True))
+        )
+        return count <= max_chunks
+
     if nbytes() > floor:
         for d in range(len(c)):
-            if c[d] >= 2 and nbytes() // 2 >= floor:
+            if c[d] >= 2 and nbytes() // 2 >= floor and allowed(d):
                 c[d] = -(-c[d] // 2)
     while nbytes() > chunk_bytes:
         d = max(range(len(c)), key=lambda i: (c[i], -i))
-        if c[d] == 1:
+        if c[d] == 1 or not allowed(d):
             break
         c[d] = -(-c[d] // 2)
     return tuple(c)

@@ -189,7 +189,16 @@ def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
 # --------------------------------------------------------------------------- matching
 
 
-def _batches(wants: list[Want], manifest: Manifest, budget: int) -> Iterator[list[Want]]:
+def _batches(wants: list[Want], manifest: Manifest, budget: int | None) -> Iterator[list[Want]]:
+    """Groups ``wants`` into batches of at most ``budget`` bytes of output (a larger
+    leaf goes alone); None: what ``memory_bytes`` leaves after the reading threads'
+    scratch buffers (``_plan.restore_batch_bytes``)."""
+    if budget is None:
+        budget = _plan.restore_batch_bytes(
+            _knobs.get("memory_bytes"),
+            threads=_knobs.get("io_threads"),
+            range_bytes=_read.RANGE_BYTES,
+        )
     batch: list[Want] = []
     size = 0
     for w in wants:

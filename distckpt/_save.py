@@ -321,18 +321,35 @@ class SaveJob:
     def _write(self, prepared: _Prepared, staged: _Staged) -> dict:
         began = time.perf_counter()
         self.storage.check_attempt_visible(prepared.attempt)
+        chunk_bytes, max_chunks = _knobs.get("chunk_bytes"), _knobs.get("max_chunks_per_shard")
+        memory = _plan.save_memory(
+            _knobs.get("memory_bytes"),
+            threads=_knobs.get("io_threads"),
+            largest_chunk=_plan.largest_chunk(
+                staged.shards, chunk_bytes=chunk_bytes, max_chunks=max_chunks
+            ),
+            segment_bytes=_knobs.get("segment_bytes"),
+            fetch_copies=any(
+                isinstance(b, _stage.DeviceShard) and b.piecewise for b in staged.buffers.values()
+            ),
+            holds_files=self.storage.holds_whole_files(),
+        )
         files = _plan.plan_writes(
             staged.shards,
             process=self.coll.pid,
-            chunk_bytes=_knobs.get("chunk_bytes"),
-            segment_bytes=_knobs.get("segment_bytes"),
+            chunk_bytes=chunk_bytes,
+            segment_bytes=memory.segment_bytes,
+            max_chunks=max_chunks,
+            piece_bytes=memory.piece_bytes,
         )
         codecs = {
             i: (s.compression, self.compression_level)
             for i, s in enumerate(prepared.specs)
             if s.compression is not None
         }
-        records = _write_files(self.storage, prepared.attempt, files, staged.buffers, codecs)
+        records = _write_files(
+            self.storage, prepared.attempt, files, staged.buffers, codecs, memory.writers
+        )
         index = _chunks.write_index(self.storage, prepared.attempt, self.coll.pid, records)
         self.storage.finish_attempt_writes(prepared.attempt)
         sizes = {fw.name: 0 for fw in files}
@@ -456,12 +473,15 @@ def _write_files(
     storage: Storage,
     attempt: str,
     files: list[FileWrite],
-    staged: dict,
+    staged: dict[tuple[int, _reshard.Box], np.ndarray | _stage.DeviceShard],
     codecs: dict[int, tuple[str, int]] | None = None,
+    writers: int | None = None,
 ) -> list[ChunkRecord]:
     """Writes this process's data files in parallel; returns the chunk records.
 
-    ``codecs`` maps a leaf index to (compression, level) for compressed leaves.
+    ``codecs`` maps a leaf index to (compression, level) for compressed leaves;
+    ``writers`` caps the writer threads (default ``io_threads``), which the
+    memory budget may lower (``_plan.save_memory``).
     """
     codecs = codecs or {}
 
@@ -475,23 +495,30 @@ def _write_files(
         # A local file's descriptor, if the storage has one (object stores do not).
         fd = writer.fd() if _start_writeback is not None else None
         kicked = 0  # bytes of this file handed to the disk so far
+        # The one piece of a shard this thread holds in host memory, by (leaf, box).
+        held: tuple[tuple[int, _reshard.Box], np.ndarray] | None = None
         try:
-            fetched: dict = {}
             for c in fw.chunks:
-                host = staged[(c.leaf, c.shard)]
-                if callable(host):
-                    if (c.leaf, c.shard) not in fetched:
-                        fetched.clear()  # chunks of a shard are consecutive: drop the last one
-                        fetched[(c.leaf, c.shard)] = host()
-                    host = fetched[(c.leaf, c.shard)]
-                part = host[_reshard.relative(c.box, c.shard)]
+                src = staged[(c.leaf, c.shard)]
+                # Only a copying fetch is done piece by piece; a view or a host
+                # array costs nothing more whole.
+                unit = c.piece if isinstance(src, _stage.DeviceShard) and src.piecewise else c.shard
+                if held is None or held[0] != (c.leaf, unit):
+                    held = None  # chunks of a piece are consecutive: let the last one go first
+                    held = (
+                        (c.leaf, unit),
+                        src.fetch(unit) if isinstance(src, _stage.DeviceShard) else src,
+                    )
+                part = held[1][_reshard.relative(c.box, unit)]
                 if part.flags.c_contiguous:
-                    view = memoryview(part.reshape(-1).view(np.uint8))
+                    # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
+                    view = memoryview(part.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
                 else:
                     packed = scratch[: c.nbytes].view(part.dtype).reshape(part.shape)
                     np.copyto(packed, part)
                     # numpy's stubs give ndarray __buffer__ only on Python >= 3.12 (mypy checks 3.11)
                     view = memoryview(scratch[: c.nbytes])  # type: ignore[arg-type]
+                del part
                 if c.leaf in compress:
                     view = memoryview(compress[c.leaf](view))
                 stored = view.nbytes
@@ -499,6 +526,7 @@ def _write_files(
                     ChunkRecord(c.leaf, fw.name, offset, stored, crc32c.crc32c(view), c.box)
                 )
                 writer.write(view)
+                del view
                 if not offset:
                     _faults.hit("write.chunk")
                 offset += stored
@@ -511,7 +539,7 @@ def _write_files(
             raise
         return records
 
-    threads = min(_knobs.get("io_threads"), max(1, len(files)))
+    threads = min(writers or _knobs.get("io_threads"), max(1, len(files)))
     with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-write") as pool:
         per_file = list(pool.map(write_file, files))
     return [r for rs in per_file for r in rs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Container
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -118,10 +119,59 @@ def describe(path: _tree.Path, leaf: Any) -> tuple[LeafSpec | None, str | None]:
     ), None
 
 
+@dataclass(frozen=True)
+class DeviceShard:
+    """A shard a synchronous save has not fetched yet: it fetches it piece by piece.
+
+    ``copies`` says whether a fetch copies into host memory (accelerator
+    memory) or is a view of memory that already is the host's (the CPU
+    backend); only a copying fetch costs host memory.
+    """
+
+    data: Any  # the shard's single-device jax.Array
+    box: Box  # where it lies in the global array
+    copies: bool
+    sliceable: bool  # the device can slice it (default memory kind), so a piece crosses alone
+
+    @property
+    def piecewise(self) -> bool:
+        """Whether fetching a piece costs only that piece (else a fetch costs the shard)."""
+        return self.copies and self.sliceable
+
+    def fetch(self, part: Box) -> np.ndarray:
+        """The elements ``part`` (global coordinates, inside ``box``) in host memory."""
+        within = _reshard.relative(part, self.box)
+        if not self.copies:
+            return np.asarray(self.data)[within]
+        if not self.sliceable:
+            return _host_copy(self.data)[within]
+        # Slice on the device first, so that only this piece crosses to the host.
+        return _host_copy(self.data[within])
+
+
+def _fetch_copies(data: Any) -> bool:
+    """Whether ``np.asarray`` of a single-device array copies it to host memory."""
+    return any(d.platform != "cpu" for d in data.devices())
+
+
+def _host_copy(data: Any) -> np.ndarray:
+    """A single-device array in host memory, as a copy that nothing else keeps.
+
+    ``np.asarray`` would also cache that copy on the array (JAX keeps it for
+    later reads): a save would then leave a host copy of every shard it wrote
+    alive for as long as the caller keeps its arrays.
+    """
+    fetch = getattr(data, "_single_device_array_to_np_array_did_copy", None)
+    if fetch is None:  # a JAX without it: let it cache
+        return np.asarray(data)
+    out, _ = fetch()
+    return out
+
+
 def owned_shards(
     leaf: Any, kind: str, *, is_primary: bool, per_process: bool
-) -> list[tuple[Box, Any]]:
-    """The shards this process writes, as (box, host-copy thunk).
+) -> list[tuple[Box, np.ndarray | DeviceShard]]:
+    """The shards this process writes, as (box, host array or ``DeviceShard``).
 
     A shard is written by the process holding its ``replica_id == 0`` copy, so
     replicated data is stored once; a process with no addressable shard of
@@ -136,17 +186,19 @@ def owned_shards(
         arr = np.asarray(leaf)
         if not arr.flags.c_contiguous:
             arr = arr.copy(order="C")
-        return [(_reshard.full_box(arr.shape), lambda: arr)]
+        return [(_reshard.full_box(arr.shape), arr)]
     if kind == _tree.PRNG_KEY:
         leaf = jax.random.key_data(leaf)
     if per_process and not is_primary:
         return []
-    out = []
+    out: list[tuple[Box, np.ndarray | DeviceShard]] = []
     for shard in leaf.addressable_shards:
         if shard.replica_id != 0:
             continue
         box = _reshard.box_from_index(shard.index, leaf.shape)
-        out.append((box, lambda s=shard: np.asarray(s.data)))
+        kind_of_memory = getattr(shard.data.sharding, "memory_kind", None)
+        sliceable = kind_of_memory in (None, default_memory_kind())
+        out.append((box, DeviceShard(shard.data, box, _fetch_copies(shard.data), sliceable)))
     return out
 
 
@@ -158,28 +210,37 @@ def stage(
     per_process: Container[int] = (),
     copy: bool,
     pool: HostPool | None = None,
-) -> tuple[list[tuple[int, Box, int]], dict[tuple[int, Box], Any]]:
+) -> tuple[list[tuple[int, Box, int]], dict[tuple[int, Box], np.ndarray | DeviceShard]]:
     """What this process writes, and its host data.
 
     Returns ``(shards, staged)``: ``(leaf index, box, itemsize)`` for every
-    shard this process owns, and for each the host array (``copy=True``,
-    through ``pool`` when given) or a thunk that fetches it. An async save
-    copies now, so the caller may reuse its buffers at once; a synchronous
-    one fetches each shard only when a writer thread reaches it, so host
-    memory holds at most a shard per thread (on CPU a fetch is a view).
+    shard this process owns, and for each its host array or a
+    ``DeviceShard``. An async save copies every shard now (``copy=True``,
+    through ``pool`` when given), so the caller may reuse its buffers at
+    once. A synchronous one leaves them on their devices, and each writer
+    thread fetches one piece of a shard at a time (``_plan.save_memory``),
+    so its host memory stays within the budget (on CPU a fetch is a view).
     ``per_process``: indices of the arrays the primary alone writes (see
     ``owned_shards``), as the primary decided them (``per_process_leaves``).
     """
     take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
-    shards, staged = [], {}
+    shards: list[tuple[int, Box, int]] = []
+    staged: dict[tuple[int, Box], np.ndarray | DeviceShard] = {}
     for index, (leaf, spec) in enumerate(zip(leaves, specs, strict=True)):
         if not spec.stored:
             continue
-        for box, to_host in owned_shards(
+        for box, src in owned_shards(
             leaf, spec.kind, is_primary=is_primary, per_process=index in per_process
         ):
             shards.append((index, box, spec.itemsize))
-            staged[(index, box)] = take(to_host()) if copy else to_host
+            if not copy:
+                staged[(index, box)] = src
+            elif isinstance(src, DeviceShard):
+                host = src.fetch(box)
+                # A copying fetch already gave a private host copy: no second one.
+                staged[(index, box)] = host if src.copies else take(host)
+            else:
+                staged[(index, box)] = take(src)
     return shards, staged
 
 

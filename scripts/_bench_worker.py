@@ -16,6 +16,7 @@ shutdown barrier for peers that may be stuck). The parent then kills the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import gc
@@ -224,6 +225,40 @@ def restored_bytes(tree) -> int:
                 seen.add(key)
                 total += shard.data.nbytes
     return total
+
+
+def result_bytes(tree) -> int:
+    """Bytes of every addressable shard of ``tree`` (replicas on several local devices
+    each count): the memory a restore's result takes in this process on CPU."""
+    import jax
+
+    return sum(s.data.nbytes for arr in jax.tree.leaves(tree) for s in arr.addressable_shards)
+
+
+@contextlib.contextmanager
+def memory_options(op: dict):
+    """The memory case's settings for one call: ``memory_bytes`` (DISTCKPT_MEMORY_BYTES,
+    read by distckpt at every call) and ``simulate_device``: shards fetched the way
+    they are from an accelerator (a copy into fresh host memory; a view on CPU)."""
+    saved_env = os.environ.get("DISTCKPT_MEMORY_BYTES")
+    if "memory_bytes" in op:
+        os.environ["DISTCKPT_MEMORY_BYTES"] = str(op["memory_bytes"])
+    stage = saved = None
+    if op.get("simulate_device"):
+        from distckpt import _stage as stage
+
+        saved = stage._fetch_copies, stage._host_copy
+        stage._fetch_copies = lambda data: True
+        stage._host_copy = lambda data: np.array(data, copy=True)
+    try:
+        yield
+    finally:
+        if stage is not None and saved is not None:
+            stage._fetch_copies, stage._host_copy = saved
+        if saved_env is None:
+            os.environ.pop("DISTCKPT_MEMORY_BYTES", None)
+        else:
+            os.environ["DISTCKPT_MEMORY_BYTES"] = saved_env
 
 
 def owned_bytes(tree) -> int:
@@ -572,7 +607,8 @@ class Worker:
         if kind == "save":
             state = self.get_state(op["layout"])
             sysm = self.system(op["system"])
-            _, m = self.timed(label, lambda: sysm.save(op["path"], state))
+            with memory_options(op):
+                _, m = self.timed(label, lambda: sysm.save(op["path"], state))
             m["owned_bytes"] = owned_bytes(state)
             if self.pid == 0 and "://" not in op["path"]:
                 m["files"], m["disk_bytes"] = dir_stats(op["path"])
@@ -583,8 +619,10 @@ class Worker:
             target = make_target(self.jax, op["layout"])
             if op.get("evict") and self.pid == 0:
                 evict_from_page_cache([op["path"]])
-            tree, m = self.timed(label, lambda: sysm.restore(op["path"], target))
+            with memory_options(op):
+                tree, m = self.timed(label, lambda: sysm.restore(op["path"], target))
             m["restored_bytes"] = restored_bytes(tree)
+            m["result_bytes"] = result_bytes(tree)
             if op.get("verify"):
                 check_restored(op["layout"], tree)
                 m["verified"] = True

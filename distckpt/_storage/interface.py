@@ -154,6 +154,12 @@ class Storage(abc.ABC):
     def writer(self, attempt: str, name: str) -> Writer:
         """A new data file ``name`` in ``attempt`` (it must not exist yet)."""
 
+    def holds_whole_files(self) -> bool:
+        """Whether a ``Writer`` keeps its whole file in memory until ``close`` (an
+        object store sends it in one request): a save then keeps files small
+        enough for its memory budget."""
+        return False
+
     @abc.abstractmethod
     def finish_attempt_writes(self, attempt: str) -> None:
         """Makes the names of this process's files in ``attempt`` durable."""

@@ -231,6 +231,9 @@ class KvStorage(Storage):
     def release_attempt(self, attempt: str) -> None:
         pass  # nothing held: the start mark goes with the commit
 
+    def holds_whole_files(self) -> bool:
+        return True  # _KvWriter sends a file in one put: its parts, then their join
+
     def writer(self, attempt: str, name: str) -> _KvWriter:
         return _KvWriter(self.kv, f"{attempt}/{name}", self._where(f"{attempt}/{name}"))
 
