@@ -282,6 +282,12 @@ def save_memory(
     )
 
 
+def restore_threads(budget: int, *, threads: int, range_bytes: int) -> int:
+    """Reading threads a restore uses within ``budget``: their scratch buffers
+    (``range_bytes`` each) take at most half of it, and at least one reads."""
+    return max(1, min(threads, budget // (2 * range_bytes)))
+
+
 def restore_batch_bytes(budget: int, *, threads: int, range_bytes: int) -> int:
     """Bytes of output a restore stages per batch within ``budget``.
 

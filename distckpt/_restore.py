@@ -189,15 +189,20 @@ def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
 # --------------------------------------------------------------------------- matching
 
 
+def _threads() -> int:
+    """Reading threads: ``io_threads``, fewer if their buffers would take over half the budget."""
+    return _plan.restore_threads(
+        _knobs.get("memory_bytes"), threads=_knobs.get("io_threads"), range_bytes=_read.RANGE_BYTES
+    )
+
+
 def _batches(wants: list[Want], manifest: Manifest, budget: int | None) -> Iterator[list[Want]]:
     """Groups ``wants`` into batches of at most ``budget`` bytes of output (a larger
     leaf goes alone); None: what ``memory_bytes`` leaves after the reading threads'
     scratch buffers (``_plan.restore_batch_bytes``)."""
     if budget is None:
         budget = _plan.restore_batch_bytes(
-            _knobs.get("memory_bytes"),
-            threads=_knobs.get("io_threads"),
-            range_bytes=_read.RANGE_BYTES,
+            _knobs.get("memory_bytes"), threads=_threads(), range_bytes=_read.RANGE_BYTES
         )
     batch: list[Want] = []
     size = 0
@@ -218,7 +223,7 @@ def _batches(wants: list[Want], manifest: Manifest, budget: int | None) -> Itera
 def _execute(storage: Any, manifest: Manifest, wants: list[Want], count: int) -> list[Any]:
     values: list[Any] = [None] * count
     sizes: dict[str, int | None] = {}  # data file sizes, stat'd once
-    threads = _knobs.get("io_threads")
+    threads = _threads()
     with (
         storage.reader(manifest.attempt) as reader,
         ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool,
