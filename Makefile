@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench scale-sim clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
+
+# 1,024 simulated hosts save a 70B train state, 512 restore it (no data; a few
+# minutes of CPU; docs/scale_simulation.md). Not part of `make test`, which runs
+# its small version (tests/test_scale_sim.py).
+scale-sim: $(VENV)/.installed
+	$(PY) scripts/scale_sim.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

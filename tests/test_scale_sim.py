@@ -1,0 +1,222 @@
+"""The scale simulation (scripts/scale_sim.py) at a small size: its stand-ins and invariants.
+
+Timings are never asserted: the full simulation (``make scale-sim``) reports
+them. What is checked here is that the stand-ins behave like what they
+replace (device boxes like ``NamedSharding``, the coordination stand-in
+like JAX's client on the paths ``Collective`` takes), that index sizes
+follow the formula, and that the 16-process run finds every box covered,
+reads the indexes the grids predict, and keeps the root record and the
+coordination calls within their bounds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "scale_sim.py"
+
+
+@pytest.fixture(scope="module")
+def sim():
+    spec = importlib.util.spec_from_file_location("scale_sim_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small(sim):
+    return sim.run(sim.SMALL, coord=(4, 8, 16), log=lambda _: None)
+
+
+MESHES = [((8,), ("x",)), ((4, 2), ("x", "y")), ((2, 4), ("x", "y")), ((2, 2, 2), ("a", "b", "c"))]
+
+
+def _specs(names):
+    first, last = names[0], names[-1]
+    out = [(), (first,), (None, first)]
+    if len(names) > 1:
+        out += [(first, last), (last, first), ((first, last),), (None, (last, first))]
+    if len(names) == 3:
+        out += [(("a", "c"), "b"), ("c", ("b", "a"))]
+    return out
+
+
+@pytest.mark.parametrize("mesh_shape,names", MESHES)
+@pytest.mark.parametrize("shape", [(16, 8), (10, 6), (7, 3), (3, 5)])
+def test_device_boxes_are_those_of_named_sharding(sim, mesh_shape, names, shape):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from distckpt import _reshard
+
+    devices = np.array(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
+    mesh = Mesh(devices, names)
+    for spec in _specs(names):
+        sharding = NamedSharding(mesh, PartitionSpec(*spec))
+        try:
+            theirs = sharding.devices_indices_map(shape)
+        except ValueError:  # JAX's IndivisibleError: shards of unequal sizes
+            with pytest.raises(ValueError, match="does not divide"):
+                sim.device_boxes(tuple(zip(names, mesh_shape, strict=True)), spec, shape)
+            continue
+        ours = sim.device_boxes(tuple(zip(names, mesh_shape, strict=True)), spec, shape)
+        for device, box in zip(devices.flat, ours, strict=True):
+            assert _reshard.box_from_index(theirs[device], shape) == box, (spec, device)
+
+
+@pytest.mark.parametrize("mesh_shape,names", MESHES[1:])
+def test_first_writers_give_the_grid_a_save_builds_from_real_devices(sim, mesh_shape, names):
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from distckpt import _index, _reshard
+
+    shape = (16, 8)
+    devices = np.array(jax.devices()[: math.prod(mesh_shape)]).reshape(mesh_shape)
+    mesh = Mesh(devices, names)
+    per_process = 2  # pretend: devices 2p and 2p + 1 belong to process p
+    for spec in _specs(names):
+        # _stage._sharding_grid's rule, with the pretended processes.
+        real: dict = {}
+        for device, index in (
+            NamedSharding(mesh, PartitionSpec(*spec)).devices_indices_map(shape).items()
+        ):
+            real.setdefault(_reshard.box_from_index(index, shape), device.id // per_process)
+        ours = sim.first_writers(
+            sim.device_boxes(tuple(zip(names, mesh_shape, strict=True)), spec, shape), per_process
+        )
+        expected = _index.build_grid(shape, real.items())
+        got = _index.build_grid(shape, ours.items())
+        assert got.edges == expected.edges and (got.owners == expected.owners).all(), spec
+
+
+def test_the_index_size_formula_matches_the_encoder(sim):
+    from distckpt import _index
+    from distckpt._plan import ChunkRecord
+
+    records = [
+        ChunkRecord(0, "p00003.s000.bin", 0, 4, 1, ()),
+        ChunkRecord(1, "p00003.s000.bin", 4, 24, 2, ((0, 2), (0, 3))),
+        ChunkRecord(2, "p00003.s001.bin", 0, 48, 3, ((0, 2), (1, 3), (0, 3))),
+    ]
+    wide = [*records, ChunkRecord(3, "p00003.s001.bin", 48, 8, 4, ((1 << 31, (1 << 31) + 2),))]
+    for recs, is_wide in ((records, False), (wide, True)):
+        files = sorted({c.file for c in recs})
+        bounds = sum(2 * len(c.box) for c in recs)
+        raw = _index.encode_index(3, recs)
+        assert sim.index_size(3, files, len(recs), bounds, is_wide) == len(raw)
+
+
+def test_every_writer_is_planned_for_real_and_matches_its_group(small):
+    # Every small-run writer's index is read by the transposed layout, so all
+    # are planned and encoded for real; SaveSim raised if any differed from
+    # what its group's representative predicted.
+    assert small["real_plans"] == 16
+    assert small["groups"] >= 2  # the primary also writes the replicated leaves
+    assert small["writing_processes"] == 16
+    assert small["index_bytes_per_process"]["max"] == small["index_bytes_per_process"]["p0"]
+
+
+def test_every_restoring_process_reads_what_the_grids_predict_and_finds_its_boxes(small):
+    assert [r["layout"] for r in small["restore"]] == ["fsdp8-tp8", "fsdp4-tp16", "fsdp8-tp8-T"]
+    for row in small["restore"]:
+        assert row["real"]
+        assert [m["process"] for m in row["measured"]] == list(range(8))
+        for m in row["measured"]:
+            # run() raised if the indexes read differed from the prediction, and
+            # RestoreSim.read if a box was not covered exactly.
+            assert m["metadata_bytes"] <= row["predicted_max"]["metadata_bytes"]
+            assert 0 < m["index_bytes_of_found_records"] <= m["index_bytes"]
+            assert m["chunk_bytes_to_read"] >= m["data_bytes_needed"] > 0
+            assert 0 in m["writers_read"]  # the replicated leaves were written by process 0
+    same, wider, transposed = (row["writers_max"] for row in small["restore"])
+    assert same == 3 and wider == 5 and transposed == 16  # 2 or 4 FSDP neighbours + process 0
+
+
+def test_the_root_record_grows_with_leaves_files_and_processes_only(small, sim):
+    devices = small["processes"] * small["devices_per_process"]
+    bound = (
+        2048
+        + 400 * small["leaves"]
+        + 80 * small["files"]
+        + 120 * small["processes"]  # its index entry and its bytes in the save statistics
+        + 8 * small["owner_tables"] * devices  # at most a cell per device per owner table
+    )
+    assert small["root_bytes"] <= bound
+    assert sum(small["root_sections"].values()) >= small["root_bytes"] - 64
+    assert small["root_sections"]["indexes"] < small["root_sections"]["leaves"]
+
+
+def test_coordination_calls_per_process_do_not_grow_with_the_process_count(small):
+    runs = small["coordination"]
+    assert [c["processes"] for c in runs] == [4, 8, 16]
+    assert list(runs[0]["phases"]) == ["prepare", "write", "commit", "restore"]
+    for phase in runs[0]["phases"]:
+        per_process = {c["phases"][phase]["max_ops_other"] for c in runs}
+        assert len(per_process) == 1, (phase, per_process)  # O(1) per process at any N
+        for c in runs:
+            n, row = c["processes"], c["phases"][phase]
+            assert row["ops"] <= row["max_ops_other"] * n + 4
+            assert row["primary_ops"] <= row["max_ops_other"] + 3
+            assert row["listed_entries"] <= 2 * n  # only the primary lists the reports
+    assert runs[-1]["primary_commit"]["root_bytes"] == small["root_bytes"]
+
+
+def test_the_result_is_json_and_names_every_target(small):
+    json.dumps(small)
+    names = [t["target"] for t in small["targets"]]
+    assert names[:2] == ["root record", "primary commit CPU"]
+    assert sum("metadata read" in n for n in names) == 3
+    assert sum("coordination operations" in n for n in names) == 4
+
+
+def test_a_failure_on_one_simulated_process_is_raised_on_every_one(sim):
+    from distckpt import _multihost
+    from distckpt.errors import ProcessFailure
+
+    seen: dict[int, str] = {}
+
+    def body(pid, client):
+        coll = _multihost.Collective("save", "sim://x", 30.0)
+
+        def write():
+            if pid == 1:
+                raise OSError("disk on fire")
+
+        try:
+            coll.run("write", sim._phased(client, "write", write))
+        except ProcessFailure as e:
+            seen[pid] = str(e)
+
+    sim.run_processes(3, body, timeout_s=30.0)
+    assert sorted(seen) == [0, 1, 2]
+    assert all("process(es) [1]" in m and "disk on fire" in m for m in seen.values())
+
+
+def test_a_process_that_never_arrives_is_named_by_the_barrier_timeout(sim):
+    from distckpt import _multihost
+    from distckpt.errors import BarrierTimeoutError
+
+    seen: dict[int, list[int]] = {}
+
+    def body(pid, client):
+        if pid == 2:
+            return  # never reaches the phase
+        coll = _multihost.Collective("save", "sim://x", 0.5)
+        try:
+            coll.run("prepare", sim._phased(client, "prepare", lambda: {}))
+        except BarrierTimeoutError as e:
+            seen[pid] = e.missing
+
+    sim.run_processes(3, body, timeout_s=5.0)
+    assert seen == {0: [2], 1: [2]}
