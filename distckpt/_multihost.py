@@ -1,14 +1,13 @@
 """The only module that talks to jax.distributed's coordination service.
 
 A collective operation (one ``save`` or ``restore``) runs as a sequence of
-phases. After each phase every process publishes its status (ok, or the
-error it raised) in the key/value store and waits at a barrier with a
-timeout; then every process reads the failures (usually none) and the
-primary's payload, and either goes on or raises the *same* error, naming
-the process(es) at fault. So no process fails alone, nothing waits forever,
-and no process reads every other's status unless something went wrong:
-the coordination service serves O(processes) reads per phase, not
-O(processes^2).
+phases. After each phase's work every process waits at a barrier with a
+timeout, having written only what others must read (a failure, the
+primary's payload, an agreement counter), then makes one listing that says
+whether any process failed and, if so, raises the *same* error, naming the
+process(es) at fault. So no process fails alone, nothing waits forever, and
+no process reads every other's status: at most 4 calls per process per
+phase, O(processes) at the coordination service (docs/protocol.md, Phases).
 
 Barriers and keys are namespaced by an operation counter. All processes call
 collective operations in the same order (SPMD), so the counters agree.
@@ -121,10 +120,11 @@ class Collective:
         they differ are all payloads read, and ``disagree(payloads)`` raises
         the error that names who differs (the same on every process).
 
-        Cost per process in the common path: one write, one barrier, and one
-        listing of the failures (empty) or, with ``agree``, one increment and
-        one read of a counter; with ``share``, one read of the primary's
-        payload. Never every other process's status.
+        Cost per process in the common path: the barrier and one listing
+        (of the agreement counters with ``agree``, else of the failures, with
+        the primary's payload in it when ``share``), an increment with
+        ``agree``, the read barrier with ``last``; the primary also writes
+        its payload. Never every other process's status.
 
         Returns:
           With ``share``, the primary's return value of ``fn`` (JSON-able),
@@ -150,34 +150,35 @@ class Collective:
                 raise local_error
             return payload if share else None
 
-        key = f"{self.ns}/{phase}/status"
+        base = f"{self.ns}/{phase}"
+        # Nothing is written on success but what others must read: the
+        # primary's payload (``share``) and the agreement counters; a failure
+        # is written where everyone looks for the outcome.
         if local_error is None:
-            status: dict[str, Any] = {"ok": True}
-            if (self.is_primary and share) or agree is not None:  # read by all, or on disagreement
-                status["payload"] = payload
-            self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
+            if self.is_primary and share:
+                self.client.key_value_set(
+                    f"{base}/{self._shared_dir(agree)}/shared", json.dumps(payload)
+                )
             if agree is not None and self._counting:
                 self.client.key_value_increment(self._agree_key(phase, agree(payload)), 1)
+            elif agree is not None:  # no counters: every payload is compared after the barrier
+                self.client.key_value_set(f"{base}/payload/{self.pid}", json.dumps(payload))
         else:
             status = {
-                "ok": False,
                 "type": type(local_error).__name__,
                 "message": _describe(local_error),
                 # The details a caller may inspect travel with the error.
                 "problems": list(getattr(local_error, "problems", []) or []),
                 "missing": list(getattr(local_error, "missing", []) or []),
             }
-            self.client.key_value_set(f"{key}/{self.pid}", json.dumps(status))
-            self.client.key_value_set(f"{self.ns}/{phase}/failed/{self.pid}", json.dumps(status))
+            self.client.key_value_set(f"{base}/outcome/failed-{self.pid}", json.dumps(status))
         try:
-            self.client.wait_at_barrier(f"{self.ns}/{phase}", self._timeout_ms())
+            self.client.wait_at_barrier(base, self._timeout_ms())
         except jax.errors.JaxRuntimeError as e:
-            statuses = self._statuses(key)  # the slow path: every status, to name who is late
-            # Who did not publish a status, else whom the coordination service
-            # names as late at the barrier itself (a process that published and
-            # then stalled, or lost its link, before reaching it).
-            missing = [p for p in range(self.count) if p not in statuses] or _late_tasks(str(e))
-            failed = self._failures(statuses)
+            # The slow path: whom the coordination service names as late,
+            # and what the processes that failed said.
+            missing = _late_tasks(str(e))
+            failed, _ = self._outcome(base)
             detail = "".join(f"\n  process {p}: {s['message']}" for p, s in failed.items())
             err = BarrierTimeoutError(
                 f"{self.op} of {self.where}: phase '{phase}' timed out after "
@@ -188,29 +189,40 @@ class Collective:
             )
             err.add_note(f"coordination service said: {e}")
             raise err from local_error
-        # With ``agree``, one read says both that no process failed and that
-        # all agree (a failed process adds to no counter); otherwise the
-        # failures are listed (usually none). Never every process's status.
-        clean = (
-            agree is not None
-            and local_error is None
-            and self._counting
-            and self._agreed(phase, agree(payload))
-        )
+        # One listing per process in the common path: with ``agree``, the
+        # counters (all processes agree and none failed iff this process's
+        # counter holds them all; a failed process adds to none) and the
+        # shared payload; otherwise the failures (usually none) and the shared
+        # payload. Never every process's status.
         outcome: Exception | None = None
+        shared: Any = None
+        clean = False
+        if agree is not None and local_error is None and self._counting:
+            counters = dict(self.client.key_value_dir_get(f"{base}/agree/"))
+            clean = int(counters.get(self._agree_key(phase, agree(payload)), 0)) == self.count
+            shared = counters.get(f"{base}/agree/shared")
         if not clean:
-            failed = self._failures(self._statuses(f"{self.ns}/{phase}/failed"))
+            failed, shared_here = self._outcome(base)
+            shared = shared if shared is not None else shared_here
             if failed:
                 outcome = self._combined(phase, failed)
             elif agree is not None:
-                outcome = self._disagreement(phase, key, agree, disagree)
+                outcome = self._disagreement(phase, base, payload, agree, disagree)
         primary: Any = None
         if share and outcome is None:
-            primary = payload if self.is_primary else self._primary_payload(key)
+            if self.is_primary:
+                primary = payload
+            elif shared is None:
+                raise BarrierTimeoutError(
+                    f"{self.op} of {self.where}: phase '{phase}' ended without the primary's "
+                    "result; the coordination service lost it"
+                )
+            else:
+                primary = json.loads(shared)
         if last:
             _faults.hit(f"{self.op}.final")
             try:
-                self.client.wait_at_barrier(f"{self.ns}/{phase}/read", self._timeout_ms())
+                self.client.wait_at_barrier(f"{base}/read", self._timeout_ms())
                 if self.is_primary:  # everyone has read: this operation's keys can go
                     self.client.key_value_delete(f"{self.ns}/")
             except jax.errors.JaxRuntimeError:
@@ -219,29 +231,57 @@ class Collective:
             raise outcome from local_error
         return primary
 
+    def _shared_dir(self, agree: Callable[[Any], Any] | None) -> str:
+        """Where the primary's payload goes: next to what every process lists anyway
+        (the agreement counters, else the failures)."""
+        return "agree" if agree is not None and self._counting else "outcome"
+
+    def _outcome(self, base: str) -> tuple[dict[int, dict], str | None]:
+        """The failures of a phase, by process, and the primary's payload if it is there."""
+        assert self.client is not None  # run() returns before this in a single process
+        failed, shared = {}, None
+        for k, v in self.client.key_value_dir_get(f"{base}/outcome/"):
+            name = k.rsplit("/", 1)[-1]
+            if name == "shared":
+                shared = v
+            elif name.startswith("failed-"):
+                try:
+                    failed[int(name.removeprefix("failed-"))] = json.loads(v)
+                except ValueError:
+                    continue
+        return dict(sorted(failed.items())), shared
+
     def _agree_key(self, phase: str, value: Any) -> str:
         digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
         return f"{self.ns}/{phase}/agree/{digest}"
 
-    def _agreed(self, phase: str, value: Any) -> bool:
-        # Every process incremented the counter of its own value before the
-        # barrier: all agree iff this process's counter holds them all, and
-        # then it does for every process alike.
-        assert self.client is not None  # a multi-process job
-        raw = self.client.key_value_try_get(self._agree_key(phase, value))
-        return int(raw) == self.count
-
     def _disagreement(
         self,
         phase: str,
-        key: str,
+        base: str,
+        payload: Any,
         agree: Callable[[Any], Any],
         disagree: Callable[[list[Any]], None] | None,
     ) -> Exception | None:
-        """The error for processes whose ``agree`` values differ (reads every payload);
-        None if they turn out to agree (a client without counters checks this way)."""
-        statuses = self._statuses(key)
-        payloads = [statuses.get(p, {}).get("payload") for p in range(self.count)]
+        """The error for processes whose ``agree`` values differ; None if they turn out
+        to agree (a client without counters checks this way).
+
+        Only here are every process's payloads read: with counters, each
+        process publishes its own now (every process reaches this point
+        alike: no counter holds all of them) and waits for the others.
+        """
+        assert self.client is not None  # a multi-process job
+        if self._counting:
+            self.client.key_value_set(f"{base}/payload/{self.pid}", json.dumps(payload))
+            try:
+                self.client.wait_at_barrier(f"{base}/payloads", self._timeout_ms())
+            except jax.errors.JaxRuntimeError as e:
+                return BarrierTimeoutError(
+                    f"{self.op} of {self.where}: the processes disagree in phase '{phase}', "
+                    f"and not all of them said how within {self.timeout_s:g} s ({e})"
+                )
+        published = self._statuses(f"{base}/payload")
+        payloads = [published.get(p) for p in range(self.count)]
         values = [json.dumps(agree(p), sort_keys=True) for p in payloads]
         if all(v == values[0] for v in values):
             return None
@@ -254,17 +294,6 @@ class Collective:
             f"{self.op} of {self.where}: the processes disagree in phase '{phase}' "
             "(every process must pass the same arguments to a collective call)"
         )
-
-    def _primary_payload(self, key: str) -> Any:
-        assert self.client is not None  # a multi-process job
-        try:
-            raw = self.client.blocking_key_value_get(f"{key}/0", self._timeout_ms())
-        except jax.errors.JaxRuntimeError as e:
-            raise BarrierTimeoutError(
-                f"{self.op} of {self.where}: timed out after {self.timeout_s:g} s reading the "
-                "primary's status"
-            ) from e
-        return json.loads(raw).get("payload")
 
     def _typed(self, e: Exception) -> Exception:
         """A full disk, whatever raised it, becomes ``OutOfSpaceError`` (chained)."""
@@ -292,10 +321,6 @@ class Collective:
             except ValueError:
                 continue
         return out
-
-    @staticmethod
-    def _failures(statuses: dict[int, dict]) -> dict[int, dict]:
-        return {p: s for p, s in sorted(statuses.items()) if not s.get("ok")}
 
     def _combined(self, phase: str, failed: dict[int, dict]) -> DistckptError:
         first = next(iter(failed.values()))
@@ -355,8 +380,7 @@ class Collective:
                 out.append(self.get_blob(f"{family}/{p}"))
                 continue
             out.append(zlib.decompress(b"".join(got[str(i)] for i in range(n))))
-        self.client.key_value_delete(prefix)
-        return out
+        return out  # the operation's last phase deletes them with its namespace
 
     def get_blob(self, name: str) -> bytes:
         if self.client is None:

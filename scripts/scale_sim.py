@@ -827,6 +827,7 @@ class CoordinationService:
         self.kv: dict[str, str | bytes] = {}
         self.changed = threading.Condition()
         self._barriers: dict[str, threading.Barrier] = {}
+        self.arrived: dict[str, set[int]] = {}  # barrier -> processes that reached it
 
     def barrier(self, name: str) -> threading.Barrier:
         with self.changed:
@@ -850,8 +851,8 @@ class SimClient:
     the phase this process is in.
     """
 
-    def __init__(self, service: CoordinationService):
-        self.service = service
+    def __init__(self, service: CoordinationService, pid: int = 0):
+        self.service, self.pid = service, pid
         self.phase = "-"
         self.calls: Counter[tuple[str, str]] = Counter()  # (phase, method)
         self.sent: Counter[str] = Counter()  # bytes of keys and values sent, by phase
@@ -945,11 +946,16 @@ class SimClient:
         self, barrier_id: str, timeout_in_ms: int, process_ids: Sequence[int] | None = None
     ) -> None:
         self._count("wait_at_barrier", len(barrier_id))
+        with self.service.changed:
+            self.service.arrived.setdefault(barrier_id, set()).add(self.pid)
         try:
             self.service.barrier(barrier_id).wait(timeout_in_ms / 1000)
         except threading.BrokenBarrierError:
+            # As JAX's service says it: the tasks that did not arrive, one per line.
+            late = sorted(set(range(self.service.processes)) - self.service.arrived[barrier_id])
             raise _runtime_error(
-                f"DEADLINE_EXCEEDED: Barrier timed out. Barrier_id: {barrier_id}"
+                f"DEADLINE_EXCEEDED: Barrier timed out. Barrier_id: {barrier_id}. "
+                "Some timed out task names:\n" + "\n".join(map(str, late)) + "\n\n"
             ) from None
 
 
@@ -1006,7 +1012,7 @@ def run_processes(
 ) -> list[SimClient]:
     """Runs ``body(pid, client)`` on ``n`` threads, one simulated process each."""
     service = CoordinationService(n, timeout_s)
-    clients = [SimClient(service) for _ in range(n)]
+    clients = [SimClient(service, pid) for pid in range(n)]
     errors: list[BaseException | None] = [None] * n
 
     def main(pid: int) -> None:
