@@ -80,6 +80,17 @@ _KNOBS: dict[str, _Knob] = {
         "restore reads at most about this many bytes before placing them on "
         "devices (unset: what memory_bytes leaves after the reading threads' buffers)",
     ),
+    "restore_share": _Knob(
+        "DISTCKPT_RESTORE_SHARE",
+        "auto",
+        str,
+        0,
+        "restore of leaves replicated across processes: auto (each byte is read by one "
+        "process and gathered through the job's collectives, for leaves whose part per "
+        "device is at least 1 MiB and chunk_bytes), on (every such leaf), off (every process "
+        "reads all it needs); restore(share=) wins",
+        choices=("auto", "on", "off"),
+    ),
     "live_attempt_s": _Knob(
         "DISTCKPT_LIVE_ATTEMPT_S",
         3600.0,

@@ -3,7 +3,9 @@
 Each process reads only the chunks that overlap the boxes its addressable
 devices need under the *target* sharding, each chunk once, checks every
 chunk's crc32c, and builds its arrays from those host buffers without a copy
-where the platform allows (``_put``). No XLA collectives are used.
+where the platform allows (``_put``). The one XLA collective is the gather of
+leaves replicated across processes, read in parts by ``_share``'s plan and
+gathered once every process has read its part.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from distckpt import (
     _read,
     _reshard,
     _runtime,
+    _share,
     _sources,
     _tree,
 )
@@ -47,6 +50,7 @@ def restore(
     drop: Iterable[str] | None = None,
     init: Any = None,
     pipeline: _procstate.Checkpointable | None = None,
+    share: bool | None = None,
     timeout_s: float | None = None,
 ) -> Any:
     """Restores a checkpoint, resharded onto ``target``; collective in a multi-process job.
@@ -81,6 +85,13 @@ def restore(
         pipeline=)``: its ``set_state`` is called with this process's saved
         state. Per-process state needs the process count it was saved with;
         global state (``checkpoint_global = True``) goes to every process.
+      share: read each byte of a leaf replicated across processes (a mesh
+        axis its spec leaves unused spans processes: data-parallel replicas)
+        from storage once, on one process, and gather it through the job's
+        collectives (docs/protocol.md, "Read once, then share"). ``None``
+        (default): ``DISTCKPT_RESTORE_SHARE``, automatic (leaves whose part
+        per device is at least 1 MiB and a chunk); ``True``: every such leaf;
+        ``False``: every process reads all it needs.
       timeout_s: longest wait for the slowest process (default 300 s or
         ``DISTCKPT_TIMEOUT_S``).
 
@@ -116,6 +127,7 @@ def restore(
     result: dict[str, Any] = {}
 
     def work() -> dict:
+        share_plan = None
         raw = storage.read_manifest()
         manifest = _commit.load(storage, raw)
         assert raw is not None  # else load() raised NotCommittedError
@@ -129,8 +141,15 @@ def restore(
             result["tree"] = rebuild(manifest, values, storage.display)
         else:
             migration = _migrate.Migration.build(rename, drop, init)
-            result["tree"] = _restore_into(storage, manifest, target, partial, cast, migration)
-        return {"commit": _commit.identity(manifest, raw), "where": storage.display}
+            result["gather"] = _restore_into(
+                storage, manifest, target, partial, cast, migration, share
+            )
+            share_plan = result["gather"].digest
+        return {
+            "commit": _commit.identity(manifest, raw),
+            "where": storage.display,
+            "share": share_plan,
+        }
 
     with _runtime.paused_gc():
         # Every process read its values from the commit record it found; they
@@ -139,12 +158,19 @@ def restore(
             "restore",
             work,
             last=True,
-            agree=lambda opened: opened["commit"],
-            disagree=lambda everyone: _commit.check_same_checkpoint(everyone, "restore"),
+            agree=lambda opened: [opened["commit"], opened["share"]],
+            disagree=_disagree,
         )
+        if "gather" in result:  # all read their parts and agree: the collectives, if any
+            result["tree"] = result["gather"].tree()
     if result.get("state") is not None:  # only once the arrays are in: no half-restored state
         _procstate.restore_into(pipeline, result["state"])
     return result["tree"]
+
+
+def _disagree(everyone: list[dict]) -> None:
+    _commit.check_same_checkpoint(everyone, "restore")
+    _share.check_same(everyone)
 
 
 def _restore_into(
@@ -154,16 +180,18 @@ def _restore_into(
     partial: bool,
     cast: bool,
     migration: _migrate.Migration | None = None,
-) -> Any:
+    share: bool | None = None,
+) -> _share.Gather:
     items, treedef = _tree.flatten(target)
+    reads = _share.plan(items, share)  # leaves replicated across processes: read in parts
     hints: list[str] = []
     wants, problems = match(
-        manifest.leaves, items, partial=partial, cast=cast, migration=migration, hints=hints
+        manifest.leaves, reads.items, partial=partial, cast=cast, migration=migration, hints=hints
     )
     if problems:
         raise mismatch(storage.display, problems, hints)
     values = _execute(storage, manifest, wants, len(items))
-    return jax.tree_util.tree_unflatten(treedef, values)
+    return _share.Gather(reads, wants, values, treedef)
 
 
 def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
