@@ -86,8 +86,8 @@ _KNOBS: dict[str, _Knob] = {
         str,
         0,
         "restore of leaves replicated across processes: auto (each byte is read by one "
-        "process and gathered through the job's collectives, for leaves whose part per "
-        "device is at least 1 MiB and chunk_bytes), on (every such leaf), off (every process "
+        "process and gathered through the job's collectives, for leaves where that saves "
+        "each process at least 4 MiB of reads), on (every such leaf), off (every process "
         "reads all it needs); restore(share=) wins",
         choices=("auto", "on", "off"),
     ),

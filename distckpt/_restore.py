@@ -89,8 +89,8 @@ def restore(
         axis its spec leaves unused spans processes: data-parallel replicas)
         from storage once, on one process, and gather it through the job's
         collectives (docs/protocol.md, "Read once, then share"). ``None``
-        (default): ``DISTCKPT_RESTORE_SHARE``, automatic (leaves whose part
-        per device is at least 1 MiB and a chunk); ``True``: every such leaf;
+        (default): ``DISTCKPT_RESTORE_SHARE``, automatic (leaves where that
+        saves each process at least 4 MiB of reads); ``True``: every such leaf;
         ``False``: every process reads all it needs.
       timeout_s: longest wait for the slowest process (default 300 s or
         ``DISTCKPT_TIMEOUT_S``).

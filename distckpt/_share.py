@@ -35,19 +35,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distckpt import _commit, _knobs, _put, _target, _tree
+from distckpt import _commit, _knobs, _put, _reshard, _target, _tree
 from distckpt._match import Mode, Want
 from distckpt.errors import TreeMismatchError
 
 # ``share=`` of restore -> the value of the ``restore_share`` knob it stands for.
 _ARGUMENT = {None: None, True: "on", False: "off"}
 
-# The smallest part per device ``auto`` shares. Each shared leaf costs a
-# collective and about 1.5 ms of compiling, once; measured on the development
-# machine from the page cache (scripts/share_bench.py), 256 KiB parts restored
-# ~10% slower than reading everything, 1 MiB parts broke even, 16 MiB parts
-# were faster. Slower storage only moves the balance towards sharing.
-AUTO_MIN_PART_BYTES = 1 << 20
+# The least ``auto`` must save each process in reads to share a leaf. A shared
+# leaf costs every process an all-gather (about 1 ms for a 1 MiB leaf through
+# gloo on the development machine) and, once, compiling it (about 1.5 ms).
+# Restoring 1 GiB from the page cache there (scripts/share_bench.py, 2 replica
+# groups), leaves that saved each process 0.5 or 2 MiB restored 20-30% slower
+# shared, leaves that saved 32 MiB faster. Slower storage favours sharing.
+AUTO_MIN_SAVED_BYTES = 4 << 20
 
 Entry = str | tuple[str, ...] | None  # one dimension of a PartitionSpec
 
@@ -97,10 +98,20 @@ def _mesh_processes(mesh: Mesh) -> tuple[frozenset[str], bool]:
     return spanning, len(set(procs.flat)) == jax.process_count()
 
 
+def _elements_read(sharding: NamedSharding, shape: tuple[int, ...]) -> int:
+    """Elements all processes together read of a leaf on ``sharding``: each its distinct boxes."""
+    boxes: dict[int, set[_reshard.Box]] = {}
+    for d, index in sharding.devices_indices_map(shape).items():
+        process = d.process_index  # type: ignore[attr-defined]  # jaxlib's Device has it, untyped
+        boxes.setdefault(process, set()).add(_reshard.box_from_index(index, shape))
+    return sum(_reshard.box_size(b) for bs in boxes.values() for b in bs)
+
+
 @functools.lru_cache(maxsize=4096)
 def _read_sharding(
-    sharding: NamedSharding, shape: tuple[int, ...], itemsize: int, min_bytes: int
+    sharding: NamedSharding, shape: tuple[int, ...], itemsize: int, chunk: int | None
 ) -> NamedSharding | None:
+    """The read sharding of one leaf, or None; ``chunk``: the chunk size, for ``auto`` only."""
     mesh = sharding.mesh
     if not isinstance(mesh, Mesh) or math.prod(shape) == 0:
         return None
@@ -117,8 +128,12 @@ def _read_sharding(
     if spec is None:
         return None
     read = NamedSharding(mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
-    if math.prod(read.shard_shape(shape)) * itemsize < min_bytes:
-        return None  # too small to be worth a collective
+    if chunk is not None:
+        if math.prod(read.shard_shape(shape)) * itemsize < chunk:
+            return None  # chunks are read whole: processes would read the same ones
+        saved = (_elements_read(sharding, shape) - _elements_read(read, shape)) * itemsize
+        if saved < AUTO_MIN_SAVED_BYTES * jax.process_count():
+            return None  # saves less than a collective costs
     return read
 
 
@@ -138,15 +153,15 @@ def plan(items: Sequence[tuple[_tree.Path, Any]], share: bool | None) -> Reads:
     leaves a process-spanning axis unused and a dimension divides by it;
     with the ``auto`` setting only when each device's part is at least a
     chunk (``chunk_bytes``: below it processes would read the same whole
-    chunks anyway) and ``AUTO_MIN_PART_BYTES``. Everything else keeps its
-    target.
+    chunks anyway) and each process reads on average at least
+    ``AUTO_MIN_SAVED_BYTES`` fewer. Everything else keeps its target.
     """
     if share is not None and not isinstance(share, bool):
         raise TypeError(f"restore(share=) takes True, False or None (automatic), got {share!r}")
     mode = _knobs.get("restore_share", _ARGUMENT[share])
     if mode == "off" or jax.process_count() == 1:
         return Reads(list(items), {})
-    min_bytes = max(_knobs.get("chunk_bytes"), AUTO_MIN_PART_BYTES) if mode == "auto" else 1
+    chunk = _knobs.get("chunk_bytes") if mode == "auto" else None
     out, targets = list(items), {}
     for i, (path, t) in enumerate(items):
         if not isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
@@ -161,7 +176,7 @@ def plan(items: Sequence[tuple[_tree.Path, Any]], share: bool | None) -> Reads:
         if not key and not _put.jax_holds(np.dtype(t.dtype)):
             continue  # match reports it
         shape = tuple(t.shape)
-        read = _read_sharding(sharding, shape, t.dtype.itemsize, min_bytes)
+        read = _read_sharding(sharding, shape, t.dtype.itemsize, chunk)
         if read is not None:
             out[i] = (path, jax.ShapeDtypeStruct(shape, t.dtype, sharding=read))
             targets[i] = (sharding, math.prod(shape) * t.dtype.itemsize)

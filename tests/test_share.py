@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from tests.mp import run_processes
 
 HERE = "tests.test_share"
-W = (1024, 1024)  # float32, 4 MiB: parts of 1 MiB, the least the automatic mode shares
-MID = (512, 1024)  # parts of 512 KiB: shared with share=True only
+W = (2048, 2048)  # float32, 16 MiB: saves each process 4-8 MiB of reads, shared by default
+MID = (512, 1024)  # 2 MiB: saves 0.5-1 MiB, below what the default shares (share=True does)
 
 
 def _reference() -> dict:
@@ -160,17 +160,17 @@ def _w_restore(directory: str) -> dict:
 
 @pytest.mark.multiprocess
 def test_two_replica_groups_each_read_half(tmp_path):
-    # 2 processes x 2 devices: each process's devices hold all of w (4 MiB)
+    # 2 processes x 2 devices: each process's devices hold all of w (16 MiB)
     # and mid (2 MiB) in two fsdp halves. Shared, each process reads one
-    # half and gathers the other; mid's parts (512 KiB) only with share=True.
+    # half and gathers the other; mid only with share=True.
     directory = str(tmp_path / "ckpt")
     results = run_processes(f"{HERE}:_w_restore", 2, 2, args={"directory": directory})
     for r in results:
         assert r.value["read"] == {
-            "auto": 4 / 2 + 2,
-            "on": 4 / 2 + 2 / 2,
-            "off": 4 + 2,
-            "knob off": 4 + 2,
+            "auto": 16 / 2 + 2,
+            "on": 16 / 2 + 2 / 2,
+            "off": 16 + 2,
+            "knob off": 16 + 2,
         }, r.value
 
 
@@ -181,10 +181,10 @@ def test_four_processes_on_a_two_by_two_mesh(tmp_path):
     results = run_processes(f"{HERE}:_w_restore", 4, 1, args={"directory": directory}, timeout=150)
     for r in results:
         assert r.value["read"] == {
-            "auto": 4 / 4 + 2 / 2,
-            "on": 4 / 4 + 2 / 4,
-            "off": 4 / 2 + 2 / 2,
-            "knob off": 4 / 2 + 2 / 2,
+            "auto": 16 / 4 + 2 / 2,
+            "on": 16 / 4 + 2 / 4,
+            "off": 16 / 2 + 2 / 2,
+            "knob off": 16 / 2 + 2 / 2,
         }, r.value
 
 
