@@ -244,7 +244,8 @@ class Gather:
             del args
             for i, out in zip(batch.indices, outs, strict=True):
                 self._values[i] = out
-            # Bounds device memory: this batch's parts go before the next is gathered.
+            # One gather in flight at a time: its parts are freed before the next
+            # starts (device memory), and many in flight at once hung gloo here.
             jax.block_until_ready(outs)
         return jax.tree_util.tree_unflatten(self._treedef, self._values)
 
