@@ -206,10 +206,11 @@ class Gather:
         moved = [
             w.index for w in wants if w.index in reads.targets and w.mode in (Mode.ARRAY, Mode.KEY)
         ]
-        # One jitted call per device assignment and about read_batch_bytes of
-        # leaves: one dispatch for many leaves, and at most one batch's parts
-        # alive next to the gathered arrays. Global sizes: the same everywhere.
-        budget = _knobs.get("read_batch_bytes")
+        # One jitted call per device assignment and about a restore batch of
+        # leaves (read_batch_bytes, else the memory budget): one dispatch for many
+        # leaves, and at most one batch's parts alive next to the gathered
+        # arrays. Global sizes: the same on every process.
+        budget = _knobs.get("read_batch_bytes") or _knobs.get("memory_bytes")
         groups: dict[tuple[int, ...], list[list[int]]] = {}
         sizes: dict[tuple[int, ...], int] = {}
         for i in moved:
@@ -257,6 +258,6 @@ def check_same(opened: list[dict]) -> None:
         lambda p: f"shares {opened[p].get('share') or 'nothing'}",
         "restore: the processes planned different reads to share",
         "Nothing was returned: every process must restore into the same target shardings with "
-        "the same share= argument, and the same DISTCKPT_RESTORE_SHARE, DISTCKPT_CHUNK_BYTES "
-        "and DISTCKPT_READ_BATCH_BYTES.",
+        "the same share= argument, and the same DISTCKPT_RESTORE_SHARE, DISTCKPT_CHUNK_BYTES, "
+        "DISTCKPT_READ_BATCH_BYTES and DISTCKPT_MEMORY_BYTES.",
     )
