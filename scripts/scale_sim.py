@@ -1139,9 +1139,9 @@ def coordinate_restore(n: int, timeout_s: float) -> dict:
         coll = _multihost.Collective("restore", where, 600.0)
         coll.run(
             "restore",
-            _phased(client, "restore", lambda: {"commit": identity, "where": where}),
+            _phased(client, "restore", lambda: {"commit": identity, "where": where, "share": None}),
             last=True,
-            agree=lambda opened: opened["commit"],
+            agree=lambda opened: [opened["commit"], opened["share"]],
             disagree=lambda everyone: _commit.check_same_checkpoint(everyone, "restore"),
         )
 
