@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench scale clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
+
+# Save and restore at 2..32 processes, weak and strong scaling (docs/scale.md); ~10 min.
+scale: $(VENV)/.installed-dev
+	$(PY) scripts/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
