@@ -257,25 +257,27 @@ def metadata_counter() -> tuple[Callable[[], int], str]:
     return (lambda: seen[0]), "manifest.json bytes read (PosixStorage.read_manifest)"
 
 
-def load_timer() -> Callable[[], float]:
-    """A function giving the seconds this process has spent in ``_commit.load`` (reading
-    and checking commit records) so far; always 0 where this distckpt has no such function."""
+def load_timer() -> Callable[[], tuple[float, float]]:
+    """A function giving the seconds and CPU seconds this process has spent in
+    ``_commit.load`` (reading, parsing and checking commit records) so far; zeros
+    where this distckpt has no such function."""
     from distckpt import _commit
 
     load = getattr(_commit, "load", None)
     if load is None:
-        return lambda: 0.0
-    spent = [0.0]
+        return lambda: (0.0, 0.0)
+    spent = [0.0, 0.0]
 
     def timed_load(*args: Any, **kwargs: Any) -> Any:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.thread_time()
         try:
             return load(*args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - began
+            spent[1] += time.thread_time() - cpu
 
     _commit.load = timed_load
-    return lambda: spent[0]
+    return lambda: (spent[0], spent[1])
 
 
 def _malloc_trim() -> None:
@@ -415,6 +417,7 @@ def worker(spec_path: str) -> None:
                 "seconds",
                 "cpu_s",
                 "load_s",
+                "load_cpu_s",
                 "metadata_bytes",
                 "peak_rss",
                 "rss_before",
@@ -441,7 +444,8 @@ def worker(spec_path: str) -> None:
                 continue
             rec["seconds"].append(seconds)
             rec["cpu_s"].append(cpu)
-            rec["load_s"].append(load1 - load0)
+            rec["load_s"].append(load1[0] - load0[0])
+            rec["load_cpu_s"].append(load1[1] - load0[1])
             rec["metadata_bytes"].append(meta1 - meta0)
             rec["peak_rss"].append(peak)
             rec["rss_before"].append(rss_before)
@@ -589,6 +593,7 @@ def aggregate(per: list[dict], label: str) -> dict:
     meta = per_process_median("metadata_bytes")
     cpu = per_process_median("cpu_s")
     load = per_process_median("load_s")
+    load_cpu = per_process_median("load_cpu_s") if "load_cpu_s" in recs[0] else [0.0]
     others = [r["coord"] for r in recs[1:]]
     busiest_other = max(others, key=round_trips) if others else None
     return {
@@ -600,6 +605,7 @@ def aggregate(per: list[dict], label: str) -> dict:
         "cpu_s_total": sum(cpu),
         "cpu_s_max": max(cpu),
         "commit_record_load_s_max": max(load),
+        "commit_record_load_cpu_s_total": sum(load_cpu),
         "metadata_bytes_read_max": max(meta),
         "metadata_bytes_read_total": sum(meta),
         "peak_rss_bytes_max": max(max(r["peak_rss"]) for r in recs),
@@ -691,10 +697,10 @@ def table_lines(rows: list[dict], one_leaf: list[dict]) -> list[str]:
         lines += [
             "",
             f"{mode} scaling: {mine[0]['describe']}",
-            "times: medians of the slowest process; CPU: summed over processes; load: reading "
-            "and checking the commit record (slowest process); save parts: the save's own stats",
+            "times: medians of the slowest process; CPU s: summed over processes, 'load' the "
+            "part spent reading and checking the commit record; save parts: the save's own stats",
             f"{'N':>3} {'MiB':>5} {'save s':>7} {'restore s':>9} {'N->N/2 s':>8} "
-            f"{'save CPU':>8} {'rest. CPU':>9} {'load s':>6}  "
+            f"{'save CPU':>8} {'rest. CPU':>9} {'load CPU':>8}  "
             f"{'save: blocking/write/commit s':>28}",
         ]
         for r in mine:
@@ -705,7 +711,7 @@ def table_lines(rows: list[dict], one_leaf: list[dict]) -> list[str]:
                 f"{r['processes']:>3} {r['total_bytes'] / MiB:>5.0f} {s['seconds']:>7.3f} "
                 f"{rs['seconds']:>9.3f} {cross['seconds'] if cross else nan:>8.3f} "
                 f"{s['cpu_s_total']:>8.2f} {rs['cpu_s_total']:>9.2f} "
-                f"{rs['commit_record_load_s_max']:>6.3f}  {parts:>28}"
+                f"{rs.get('commit_record_load_cpu_s_total', nan):>8.2f}  {parts:>28}"
             )
         lines += [
             "per process: round trips to the coordination service and their KiB (p0 = primary, "
