@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import io
 import json
 import math
 import os
@@ -874,8 +875,16 @@ def plot(result: dict, path: str) -> str | None:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
     plt.close(fig)
+    try:  # a 256-colour palette: a third of the bytes for a figure of lines and text
+        from PIL import Image
+
+        buf.seek(0)
+        Image.open(buf).convert("RGB").quantize(colors=256).save(path, optimize=True)
+    except ImportError:
+        Path(path).write_bytes(buf.getvalue())
     return None
 
 
