@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench scale-sim clean
+.PHONY: demo test lint bench scale scale-sim clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: $(VENV)/.installed-dev
 # its small version (tests/test_scale_sim.py).
 scale-sim: $(VENV)/.installed
 	$(PY) scripts/scale_sim.py
+
+# Save and restore at 2..32 processes, weak and strong scaling (docs/scale.md); ~10 min.
+scale: $(VENV)/.installed-dev
+	$(PY) scripts/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
