@@ -172,7 +172,8 @@ def test_coordination_calls_per_process_do_not_grow_with_the_process_count(small
             # Each process's listing returns O(1) entries (a counter, the primary's
             # payload); only the primary lists the reports (two entries each).
             assert row["listed_entries"] <= 3 * n
-    assert runs[-1]["primary_commit"]["root_bytes"] == small["root_bytes"]
+    # The same root record, but for the digits of its timings (save_stats).
+    assert abs(runs[-1]["primary_commit"]["root_bytes"] - small["root_bytes"]) <= 64
 
 
 def test_the_result_is_json_and_names_every_target(small):
