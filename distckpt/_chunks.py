@@ -79,10 +79,6 @@ class ChunkTable:
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
         self._lock = threading.Lock()
 
-    @property
-    def indexes_loaded(self) -> int:
-        return len(self._indexes)
-
     def overlapping(self, leaf: int, box: Box) -> list[ChunkRecord]:
         """The chunks of ``leaf`` that hold any element of ``box``, which they cover exactly."""
         spec = self.manifest.leaves[leaf]

@@ -209,12 +209,3 @@ def check_files_hold(
             )
     if problems:
         raise corrupt(reader.display, problems)
-
-
-def check_chunk_table(spec: LeafSpec, chunks: list[ChunkRecord], where: str) -> None:
-    """Refuses a manifest whose chunks would leave part of a leaf unfilled."""
-    lines = _plan.chunk_table_problems(spec, chunks)
-    if lines:
-        raise CorruptCheckpointError(
-            f"the manifest of {where} is damaged:\n  " + "\n  ".join(lines[:20]), lines
-        )

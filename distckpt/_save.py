@@ -211,7 +211,7 @@ class SaveJob:
                 copy=copy,
                 pool=pool,
             )
-            grids, plan = self._plan(leaves, per_process, shards)
+            grids, plan = self._grids(leaves, per_process, shards)
         except BaseException:
             self._discard()
             raise
@@ -219,7 +219,7 @@ class SaveJob:
             self._tree = None  # the caller owns its arrays again
         self.staged = _Staged(shards, buffers, pool, time.perf_counter() - began, grids, plan)
 
-    def _plan(
+    def _grids(
         self, leaves: list[Any], per_process: frozenset[int], shards: list
     ) -> tuple[list[Grid | None], str]:
         """Every stored leaf's shard grid, and this process's check of its own writes

@@ -58,7 +58,8 @@ def read_proc_io() -> dict[str, int]:
     return out
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -524,7 +525,7 @@ class Worker:
         release_free_heap()
         self.sync(f"{label}-begin")
         self.can_reset_rss = reset_peak_rss()
-        return _status_kib("VmRSS"), read_proc_io()
+        return status_kib("VmRSS"), read_proc_io()
 
     def _measured(self, seconds: float, rss_before: int, io0: dict, peak: int) -> dict:
         io1 = read_proc_io()
@@ -548,7 +549,7 @@ class Worker:
         if out is not None:
             self.jax.block_until_ready(out)
         seconds = time.perf_counter() - t0
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         m = self._measured(seconds, rss_before, io0, peak)
         self.sync(f"{label}-end")
         return out, m
@@ -566,11 +567,11 @@ class Worker:
         t0 = time.perf_counter()
         start()
         t1 = time.perf_counter()
-        peak_blocked = _status_kib("VmHWM")
+        peak_blocked = status_kib("VmHWM")
         blocked = self._measured(t1 - t0, rss_before, io0, peak_blocked)
         wait()
         t2 = time.perf_counter()
-        peak_total = _status_kib("VmHWM")
+        peak_total = status_kib("VmHWM")
         background = self._measured(t2 - t1, rss_before, io0, peak_total)
         background["seconds_total"] = blocked["seconds_total"] = t2 - t0
         self.sync(f"{label}-end")

@@ -58,6 +58,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from _bench_worker import reset_peak_rss  # scripts/ is on the path of a script
+
 MiB = 1 << 20
 KiB = 1 << 10
 CASES = ("weak", "strong", "one-leaf")
@@ -195,16 +197,6 @@ def proc_io() -> dict[str, int]:
             if key in ("rchar", "wchar", "read_bytes", "write_bytes"):
                 out[key] = int(value)
     return out
-
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's RSS high-water mark (VmHWM); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_rss_bytes(reset_ok: bool) -> int:

@@ -44,24 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench_worker import read_proc_io, status_kib  # scripts/ is on the path of a script
+
 MiB = 1 << 20
 COLUMNS = 1024
-
-
-def _rchar() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise RuntimeError("no rchar in /proc/self/io")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _reset_peak() -> None:
@@ -137,7 +123,7 @@ def worker(
             gc.collect()
             multihost_utils.sync_global_devices(f"{mode}-{rep}-begin")
             _reset_peak()
-            counted["bytes"], rchar, rss = 0, _rchar(), _status_kib("VmRSS")
+            counted["bytes"], rchar, rss = 0, read_proc_io()["rchar"], status_kib("VmRSS")
             began = time.perf_counter()
             restored = distckpt.restore(directory, target, share=modes[mode])
             jax.block_until_ready(restored)
@@ -145,9 +131,9 @@ def worker(
             record = {
                 "seconds": seconds,
                 "storage_bytes": counted["bytes"],
-                "rchar": _rchar() - rchar,
+                "rchar": read_proc_io()["rchar"] - rchar,
                 # On CPU device memory is host memory: what the restore added at its peak.
-                "peak_mib": (_status_kib("VmHWM") - rss) / 1024,
+                "peak_mib": (status_kib("VmHWM") - rss) / 1024,
             }
             if rep == reps:  # check the values once, outside the timed part
                 for name, arr in restored.items():
