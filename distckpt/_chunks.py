@@ -9,13 +9,13 @@ verify, copy and the sources.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import crc32c
-
 from distckpt import _index, _layout, _plan, _reshard
-from distckpt._index import Index, IndexRef
+from distckpt._index import IndexHead, IndexRef
 from distckpt._manifest import Manifest
 from distckpt._plan import ChunkRecord
 from distckpt._read import ChunkIndex, chunk_index
@@ -40,15 +40,19 @@ def metadata_bytes_read() -> int:
 
 
 def write_index(
-    storage: Storage, attempt: str, process: int, records: list[ChunkRecord]
+    storage: Storage,
+    attempt: str,
+    process: int,
+    records: list[ChunkRecord],
+    grids: Sequence[_index.Grid | None],
 ) -> IndexRef | None:
     """Writes ``process``'s chunk index into ``attempt`` (None if it wrote no chunk)."""
     if not records:
         return None
-    raw = _index.encode_index(process, records)
+    raw = _index.encode_index(process, records, grids)
     name = _layout.index_file(process)
     write_whole(storage, attempt, name, raw)
-    return IndexRef(process, name, len(raw), crc32c.crc32c(raw), len(records))
+    return _index.make_ref(process, name, raw)
 
 
 def write_whole(storage: Storage, attempt: str, name: str, data: Any) -> None:
@@ -68,16 +72,34 @@ class ChunkTable:
     Every lookup refuses records that would leave part of the asked box
     unfilled or fill part of it twice (``CorruptCheckpointError``), so no
     caller assembles wrong data from a damaged table.
+
+    In format 3 a lookup reads the head of each index it needs once, then
+    only the sections holding the cells of the box asked for; ``prefetch``
+    reads those of many lookups ahead, in few large reads.
     """
 
     def __init__(self, manifest: Manifest, reader: Reader, where: str):
         self.manifest, self.reader, self.where = manifest, reader, where
         self._inline: dict[int, ChunkIndex] = {}  # formats 1-2: per leaf, checked once
-        self._indexes: dict[int, Index] = {}  # format 3: by process, loaded once
-        self._groups: dict[tuple[int, tuple[int, ...]], tuple[list[ChunkRecord], ChunkIndex]] = {}
+        self._heads: dict[int, IndexHead] = {}  # format 3: by process, read once
+        self._cells: dict[tuple[int, int, int], list[ChunkRecord]] = {}  # (process, cell, leaf)
+        self._sections: set[tuple[int, int]] = set()  # (process, section) read
+        self._groups: dict[tuple[int, tuple], tuple[list[ChunkRecord], ChunkIndex]] = {}
         self._covered: dict[tuple[int, Box], list[str]] = {}  # (ChunkIndex id, box) -> problems
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    def prefetch(self, wanted: Iterable[tuple[int, Box]]) -> None:
+        """Reads the index sections holding the records of every ``(leaf, box)`` ahead of
+        the lookups: per index, one read per run of adjacent sections."""
+        if self.manifest.chunks is not None:
+            return
+        keys: dict[int, set[tuple[int, int]]] = {}
+        for leaf, box in wanted:
+            for process, cell in self._grid(leaf).cells_in(box):
+                keys.setdefault(process, set()).add((cell, leaf))
+        for process in sorted(keys):
+            self._read_sections(process, self._head(process).sections_for(keys[process]))
 
     def overlapping(self, leaf: int, box: Box) -> list[ChunkRecord]:
         """The chunks of ``leaf`` that hold any element of ``box``, which they cover exactly."""
@@ -88,7 +110,7 @@ class ChunkTable:
                 _check(self.where, _plan.chunk_table_problems(spec, chunks))
                 self._inline[leaf] = chunk_index(tuple(c.box for c in chunks))
             return [chunks[i] for i in self._inline[leaf].overlapping(box)]
-        records, index = self._group(leaf, tuple(self._grid(leaf).owners_in(box)))
+        records, index = self._group(leaf, tuple(self._grid(leaf).cells_in(box)))
         found = [records[i] for i in index.overlapping(box)]
         # Whether the records found cover the box exactly depends on their boxes
         # only: leaves saved alike share the answer (and the ChunkIndex).
@@ -105,12 +127,15 @@ class ChunkTable:
             _check(self.where, [f"{spec.display}{where}: {p}" for p in self._covered[key]])
         return found
 
-    def _group(self, leaf: int, owners: tuple[int, ...]) -> tuple[list[ChunkRecord], ChunkIndex]:
-        """The records of ``leaf`` written by ``owners``, checked once, and their ChunkIndex."""
-        key = (leaf, owners)
+    def _group(
+        self, leaf: int, cells: tuple[tuple[int, int], ...]
+    ) -> tuple[list[ChunkRecord], ChunkIndex]:
+        """The records of ``leaf`` in ``cells`` ((process, cell) pairs), checked once, and
+        their ChunkIndex."""
+        key = (leaf, cells)
         found = self._groups.get(key)
         if found is None:
-            records = [c for p in owners for c in self._index(p).records(leaf)]
+            records = [c for p, cell in cells for c in self._cell_records(p, cell, leaf)]
             spec = self.manifest.leaves[leaf]
             _check(
                 self.where,
@@ -118,6 +143,13 @@ class ChunkTable:
             )
             found = self._groups[key] = (records, chunk_index(tuple(c.box for c in records)))
         return found
+
+    def _cell_records(self, process: int, cell: int, leaf: int) -> list[ChunkRecord]:
+        with self._lock:
+            if (process, cell, leaf) not in self._cells:
+                self._read_sections(process, self._head(process).sections_for([(cell, leaf)]))
+            # A cell the index has no records of stays empty: the coverage check reports it.
+            return self._cells.get((process, cell, leaf), [])
 
     def leaf(self, leaf: int) -> list[ChunkRecord]:
         """Every chunk of ``leaf`` (they cover it exactly)."""
@@ -129,6 +161,12 @@ class ChunkTable:
         With ``problems``, damage is listed there (the leaves it touches get
         no chunks) instead of raised, so ``verify`` can report all of it.
         """
+        if problems is None:
+            self.prefetch(
+                (i, _reshard.full_box(s.array_shape))
+                for i, s in enumerate(self.manifest.leaves)
+                if s.stored
+            )
         out: list[list[ChunkRecord]] = []
         for i, spec in enumerate(self.manifest.leaves):
             if not spec.stored:
@@ -153,30 +191,55 @@ class ChunkTable:
         assert grid is not None, "a stored leaf has a grid"
         return grid
 
-    def _index(self, process: int) -> Index:
+    def _head(self, process: int) -> IndexHead:
         with self._lock:
-            found = self._indexes.get(process)
+            found = self._heads.get(process)
             if found is None:
-                found = self._indexes[process] = self._load(process)
+                ref = self._refs.get(process)
+                if ref is None:
+                    raise _corrupt(
+                        self.where,
+                        f"the commit record gives process {process} shards to write but lists "
+                        "no chunk index of it",
+                    )
+                raw = self.reader.read(ref.name, 0, ref.head_bytes)  # missing or short: corrupt
+                count_metadata(ref.head_bytes)
+                found = self._heads[process] = self._decoded(
+                    ref,
+                    lambda: _index.decode_head(
+                        raw, ref, {n: info["bytes"] for n, info in self.manifest.files.items()}
+                    ),
+                )
             return found
 
-    def _load(self, process: int) -> Index:
-        ref: IndexRef | None = self._refs.get(process)
-        if ref is None:
-            raise _corrupt(
-                self.where,
-                f"the commit record gives process {process} shards to write but lists no "
-                "chunk index of it",
-            )
-        raw = self.reader.read(ref.name, 0, ref.nbytes)  # a missing or short file: corrupt
-        count_metadata(ref.nbytes)
+    def _read_sections(self, process: int, numbers: list[int]) -> None:
+        """Reads and decodes these sections of ``process``'s index, but those read already;
+        adjacent ones (or ones less than ``GAP_BYTES`` apart) in one read."""
+        with self._lock:
+            head = self._head(process)
+            numbers = [n for n in numbers if (process, n) not in self._sections]
+            shapes = [s.shape if s.stored else None for s in self.manifest.leaves]
+            grids = self.manifest.grids or []
+            sizes = head.sections["nbytes"]
+            for run in _runs(numbers, head.starts, sizes):
+                begin = int(head.starts[run[0]])
+                end = int(head.starts[run[-1]]) + int(sizes[run[-1]])
+                raw = self.reader.read(head.ref.name, begin, end - begin)
+                count_metadata(end - begin)
+                for n in run:
+                    at = int(head.starts[n]) - begin
+                    part = raw[at : at + int(sizes[n])]
+                    decoded = self._decoded(
+                        head.ref,
+                        functools.partial(_index.decode_section, part, head, n, shapes, grids),
+                    )
+                    for (cell, leaf), records in decoded.items():
+                        self._cells[(process, cell, leaf)] = records
+                    self._sections.add((process, n))
+
+    def _decoded(self, ref: IndexRef, decode: Callable[[], Any]) -> Any:
         try:
-            return _index.decode_index(
-                raw,
-                ref,
-                [s.shape if s.stored else None for s in self.manifest.leaves],
-                {name: info["bytes"] for name, info in self.manifest.files.items()},
-            )
+            return decode()
         except (ValueError, KeyError, TypeError) as e:
             raise _corrupt(
                 self.where, f"chunk index {self.reader.display}/{ref.name} {e}"
@@ -195,6 +258,22 @@ class ChunkTable:
                 tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
             )
         return _reshard.coverage_problems(_reshard.box_shape(box), clipped)
+
+
+GAP_BYTES = 64 << 10  # sections closer than this are read in one read, the gap with them
+
+
+def _runs(numbers: list[int], starts: Any, sizes: Any) -> list[list[int]]:
+    """``numbers`` (sorted section numbers) grouped into runs read in one read each."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs:
+            prev = runs[-1][-1]
+            if int(starts[n]) - (int(starts[prev]) + int(sizes[prev])) <= GAP_BYTES:
+                runs[-1].append(n)
+                continue
+        runs.append([n])
+    return runs
 
 
 def _check(where: str, lines: list[str]) -> None:

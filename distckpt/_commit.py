@@ -193,7 +193,13 @@ def _index_ref_problems(m: Manifest) -> list[str]:
         seen.add(ref.process)
         if not _plain_name(ref.name) or ref.name != _layout.index_file(ref.process):
             problems.append(f"index file {ref.name!r} is not the index name of its process")
-        if not (_count(ref.nbytes) and _count(ref.crc32c) and _count(ref.chunks)):
+        if not (
+            _count(ref.nbytes)
+            and _count(ref.head_bytes)
+            and ref.head_bytes <= ref.nbytes
+            and _count(ref.crc32c)
+            and _count(ref.chunks)
+        ):
             problems.append(f"index {ref.name!r} has a malformed size, checksum or count")
     return problems
 

@@ -193,7 +193,7 @@ def _copy_indexes(
         for c in records:
             per_process.setdefault(manifest.files[c.file]["process"], []).append(c)
     refs = [
-        _chunks.write_index(target, attempt, process, records)
+        _chunks.write_index(target, attempt, process, records, manifest.grids)
         for process, records in sorted(per_process.items())
     ]
     return [ref for ref in refs if ref is not None]

@@ -17,6 +17,7 @@ covered by a crc32c that the commit record holds. See docs/format.md.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ class Grid:
     edges: tuple[tuple[int, ...], ...]  # per dimension: 0 = e0 < e1 < ... = n (just (0,) if n is 0)
     owners: np.ndarray  # int32, one per cell, shape (len(e) - 1 for e in edges)
     writers: frozenset[int]  # the distinct owners
+    ranks: np.ndarray  # int32 like owners: a cell's position among its owner's cells (row-major)
 
     def cell_ranges(self, box: Box) -> tuple[slice, ...]:
         """The cells (per dimension, a range of cell positions) that hold elements of ``box``."""
@@ -56,6 +58,13 @@ class Grid:
         if len(self.writers) == 1 and _reshard.box_size(box) > 0:
             return list(self.writers)  # the common case: one writer, or all cells alike
         return sorted(set(self.owners[self.cell_ranges(box)].ravel().tolist()))
+
+    def cells_in(self, box: Box) -> list[tuple[int, int]]:
+        """The cells holding elements of ``box``, as ``(owner, rank)``: where their chunk
+        records are in the owners' indexes."""
+        ranges = self.cell_ranges(box)
+        owners, ranks = self.owners[ranges].ravel().tolist(), self.ranks[ranges].ravel().tolist()
+        return sorted(zip(owners, ranks, strict=True))
 
     def cell_box(self, cell: Sequence[int]) -> Box:
         return tuple((e[i], e[i + 1]) for e, i in zip(self.edges, cell, strict=True))
@@ -96,7 +105,13 @@ class Grid:
         cells = tuple(len(e) - 1 for e in parsed)
         if len(owners) != math.prod(cells):
             raise ValueError(f"grid has {math.prod(cells)} cells but {len(owners)} owners")
-        return cls(tuple(shape), tuple(parsed), owners.cells.reshape(cells), owners.writers)
+        return cls(
+            tuple(shape),
+            tuple(parsed),
+            owners.cells.reshape(cells),
+            owners.writers,
+            owners.ranks.reshape(cells),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,6 +120,10 @@ class OwnerTable:
 
     cells: np.ndarray  # int32, flat
     writers: frozenset[int]
+
+    @functools.cached_property
+    def ranks(self) -> np.ndarray:
+        return _ranks(self.cells)
 
     def __len__(self) -> int:
         return int(self.cells.size)
@@ -117,6 +136,17 @@ class OwnerTable:
             raise ValueError("an owner table names a process index out of range")
         cells = np.asarray(owners, dtype=np.int32)
         return cls(cells, frozenset(np.unique(cells).tolist()))
+
+
+def _ranks(owners: np.ndarray) -> np.ndarray:
+    """For each cell, how many cells of the same owner come before it in row-major order."""
+    flat = owners.ravel()
+    order = np.argsort(flat, kind="stable")
+    sorted_owners = flat[order]
+    first = np.searchsorted(sorted_owners, sorted_owners)  # where each owner's run starts
+    ranks = np.empty(flat.size, np.int32)
+    ranks[order] = np.arange(flat.size) - first
+    return ranks.reshape(owners.shape)
 
 
 def _is_int(v: object) -> bool:
@@ -152,7 +182,7 @@ def build_grid(shape: Sequence[int], shards: Iterable[tuple[Box, int]]) -> Grid:
         hole = np.argwhere(owners == -1)[0]
         box = tuple((e[i], e[i + 1]) for e, i in zip(edges, hole, strict=True))
         raise ValueError(f"no saved shard holds {[list(r) for r in box]}")
-    return Grid(shape, edges, owners, frozenset(np.unique(owners).tolist()))
+    return Grid(shape, edges, owners, frozenset(np.unique(owners).tolist()), _ranks(owners))
 
 
 def check_own_writes(
@@ -214,12 +244,31 @@ def check_grid(grid: Grid, process_count: int) -> list[str]:
 # --------------------------------------------------------------------------- indexes
 
 MAGIC = b"DCKPTIDX"
-INDEX_VERSION = 1
-# One record per chunk; its box follows in ``bounds`` (start, stop per
-# dimension of its leaf), int32 where every bound fits, else int64.
+INDEX_VERSION = 2
+# One record per chunk: its leaf, the rank of its grid cell among the
+# writer's cells of that leaf (``Grid.ranks``), where its bytes are and
+# their checksum. Its box follows in the section's bounds (start, stop per
+# dimension of its leaf), int32 where every bound of the index fits, else int64.
 RECORD = np.dtype(
-    [("leaf", "<u4"), ("file", "<u4"), ("crc32c", "<u4"), ("offset", "<u8"), ("nbytes", "<u8")]
+    [
+        ("leaf", "<u4"),
+        ("cell", "<u4"),
+        ("file", "<u4"),
+        ("crc32c", "<u4"),
+        ("offset", "<u8"),
+        ("nbytes", "<u8"),
+    ]
 )
+# The section table in the index's head: per section, the (cell, leaf) of
+# its first record, its record count, its size and its crc32c. Sections
+# follow the head in this order, records sorted by (cell, leaf, box).
+SECTION = np.dtype(
+    [("cell", "<u4"), ("leaf", "<u4"), ("records", "<u4"), ("nbytes", "<u4"), ("crc32c", "<u4")]
+)
+# A section closes once it holds this many bytes; one cell's records of
+# one leaf are never split. Smaller sections let a reader skip more of
+# what it does not need; each costs 20 bytes of head.
+SECTION_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -228,8 +277,9 @@ class IndexRef:
 
     process: int
     name: str
-    nbytes: int
-    crc32c: int
+    nbytes: int  # the whole file
+    head_bytes: int  # its head: header and section table
+    crc32c: int  # of the head (each section carries its own in the head)
     chunks: int
 
     def to_json(self) -> dict:
@@ -237,73 +287,307 @@ class IndexRef:
             "process": self.process,
             "name": self.name,
             "bytes": self.nbytes,
+            "head_bytes": self.head_bytes,
             "crc32c": self.crc32c,
             "chunks": self.chunks,
         }
 
     @classmethod
     def from_json(cls, doc: dict) -> IndexRef:
-        return cls(doc["process"], doc["name"], doc["bytes"], doc["crc32c"], doc["chunks"])
+        if "head_bytes" not in doc:
+            raise ValueError(
+                f"index {doc.get('name')!r} has no head size: it was written by a development "
+                "build of distckpt before chunk index version 2; save the checkpoint again"
+            )
+        return cls(
+            doc["process"],
+            doc["name"],
+            doc["bytes"],
+            doc["head_bytes"],
+            doc["crc32c"],
+            doc["chunks"],
+        )
 
 
-def encode_index(process: int, records: Sequence[ChunkRecord]) -> bytes:
-    """One process's chunk records as an index file (sorted by leaf, then position)."""
-    records = sorted(records, key=lambda c: (c.leaf, c.box))
+def encode_index(
+    process: int, records: Sequence[ChunkRecord], grids: Sequence[Grid | None]
+) -> bytes:
+    """``process``'s chunk records as an index file; ``grids`` are the save's, by leaf.
+
+    Raises ValueError if a record lies outside the cells the grid gives ``process``.
+    """
+    return encode_records(process, records, _cells_of(process, records, grids))
+
+
+def encode_records(process: int, records: Sequence[ChunkRecord], cells: Sequence[int]) -> bytes:
+    """The index of ``records``, each filed under the cell rank ``cells`` gives it."""
+    order = sorted(range(len(records)), key=lambda i: (cells[i], records[i].leaf, records[i].box))
+    records = [records[i] for i in order]
+    cells = [cells[i] for i in order]
     files = sorted({c.file for c in records})
     number = {name: i for i, name in enumerate(files)}
     table = np.zeros(len(records), RECORD)
     if records:
         table["leaf"] = [c.leaf for c in records]
+        table["cell"] = cells
         table["file"] = [number[c.file] for c in records]
         table["crc32c"] = [c.crc32c for c in records]
         table["offset"] = [c.offset for c in records]
         table["nbytes"] = [c.nbytes for c in records]
-    flat = [v for c in records for r in c.box for v in r]
-    wide = any(v >= 1 << 31 for v in flat)
-    bounds = np.asarray(flat, dtype="<i8" if wide else "<i4")
+    wide = any(v >= 1 << 31 for c in records for r in c.box for v in r)
+    bound_type = np.dtype("<i8" if wide else "<i4")
+    sections: list[tuple[int, int, int, bytes]] = []  # cell, leaf, records, payload
+    start, size = 0, 0
+    for i, c in enumerate(records):
+        size += RECORD.itemsize + bound_type.itemsize * 2 * len(c.box)
+        last = i + 1 == len(records)
+        if last or (
+            size >= SECTION_BYTES and (cells[i + 1], records[i + 1].leaf) != (cells[i], c.leaf)
+        ):
+            flat = [v for r in records[start : i + 1] for b in r.box for v in b]
+            payload = table[start : i + 1].tobytes() + np.asarray(flat, bound_type).tobytes()
+            sections.append((cells[start], records[start].leaf, i + 1 - start, payload))
+            start, size = i + 1, 0
+    head_table = np.zeros(len(sections), SECTION)
+    for j, (cell, leaf, count, payload) in enumerate(sections):
+        head_table[j] = (cell, leaf, count, len(payload), crc32c.crc32c(payload))
     header = json.dumps(
         {
             "process": process,
             "files": files,
             "records": len(records),
-            "bounds": bounds.dtype.str,
-            "bound_count": int(bounds.size),
+            "bounds": bound_type.str,
+            "sections": len(sections),
         },
         separators=(",", ":"),
     ).encode()
     header += b" " * (-len(header) % 8)
-    head = MAGIC + np.asarray([INDEX_VERSION, len(header)], "<u4").tobytes()
-    return head + header + table.tobytes() + bounds.tobytes()
+    head = MAGIC + np.asarray([INDEX_VERSION, len(header)], "<u4").tobytes() + header
+    return head + head_table.tobytes() + b"".join(s[3] for s in sections)
+
+
+def _cells_of(
+    process: int, records: Sequence[ChunkRecord], grids: Sequence[Grid | None]
+) -> list[int]:
+    """The rank of each record's grid cell among ``process``'s cells of its leaf."""
+    out = [0] * len(records)
+    by_leaf: dict[int, list[int]] = {}
+    for i, c in enumerate(records):
+        by_leaf.setdefault(c.leaf, []).append(i)
+    for leaf, positions in by_leaf.items():
+        grid = grids[leaf] if leaf < len(grids) else None
+        if grid is None:
+            raise ValueError(f"chunk records of leaf {leaf}, which has no grid")
+        boxes = np.asarray([records[i].box for i in positions], np.int64).reshape(
+            len(positions), len(grid.shape), 2
+        )
+        owner, rank = _containing_cells(grid, boxes)
+        if (owner != process).any():
+            raise ValueError(f"a chunk of leaf {leaf} lies outside the cells of process {process}")
+        for i, r in zip(positions, rank.tolist(), strict=True):
+            out[i] = r
+    return out
+
+
+def _containing_cells(grid: Grid, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Owner and rank of the cell holding each box (shape (n, rank, 2)); owner -1 for a
+    box that does not fit in one cell."""
+    n = boxes.shape[0]
+    if grid.owners.size == 0:
+        return np.full(n, -1, np.int64), np.zeros(n, np.int64)
+    cell = []
+    fits = np.ones(n, bool)
+    for d, e in enumerate(grid.edges):
+        edges = np.asarray(e, np.int64)
+        i = np.clip(np.searchsorted(edges, boxes[:, d, 0], side="right") - 1, 0, len(e) - 2)
+        fits &= (boxes[:, d, 0] >= edges[i]) & (boxes[:, d, 1] <= edges[i + 1])
+        cell.append(i)
+    key = tuple(cell)
+    owner = np.where(fits, grid.owners[key], -1)
+    return np.broadcast_to(owner, (n,)), np.broadcast_to(grid.ranks[key], (n,)).astype(np.int64)
+
+
+def make_ref(process: int, name: str, raw: bytes) -> IndexRef:
+    """What the commit record holds about the index ``raw`` that ``encode_index`` made."""
+    version, hlen = np.frombuffer(raw, "<u4", 2, 8).tolist()
+    header = json.loads(raw[16 : 16 + hlen])
+    head = 16 + hlen + SECTION.itemsize * header["sections"]
+    return IndexRef(process, name, len(raw), head, crc32c.crc32c(raw[:head]), header["records"])
 
 
 @dataclass(frozen=True)
-class Index:
-    """A decoded, checked chunk index: the records of one process, by leaf."""
+class IndexHead:
+    """A checked index head: where each section is, and what the records refer to."""
 
-    process: int
+    ref: IndexRef
     files: list[str]
-    table: np.ndarray  # RECORD
-    bounds: np.ndarray  # int64, 2 values per dimension per record
-    starts: np.ndarray  # where each record's bounds begin
+    file_bytes: np.ndarray  # uint64, the size of each of ``files``
+    bound_type: np.dtype
+    sections: np.ndarray  # SECTION
+    starts: np.ndarray  # int64, each section's offset in the file
+    keys: np.ndarray  # uint64, each section's first (cell << 32 | leaf)
 
-    def records(self, leaf: int) -> list[ChunkRecord]:
-        lo, hi = (int(i) for i in np.searchsorted(self.table["leaf"], [leaf, leaf + 1]))
-        if lo == hi:
-            return []
-        end = int(self.starts[hi]) if hi < len(self.starts) else self.bounds.size
-        rank = (end - int(self.starts[lo])) // (2 * (hi - lo))  # one leaf: one rank
-        flat = self.bounds[int(self.starts[lo]) : end].tolist()
-        part = self.table[lo:hi]
-        return [
-            ChunkRecord(
-                leaf,
-                self.files[f],
-                off,
-                n,
-                crc,
-                tuple((flat[j], flat[j + 1]) for j in range(k * 2 * rank, (k + 1) * 2 * rank, 2)),
+    def sections_for(self, keys: Iterable[tuple[int, int]]) -> list[int]:
+        """The sections that hold the records of these ``(cell, leaf)`` keys."""
+        wanted = np.asarray(sorted({(c << 32) | leaf for c, leaf in keys}), np.uint64)
+        found = np.searchsorted(self.keys, wanted, side="right") - 1
+        return sorted(set(found[found >= 0].tolist()))
+
+
+def decode_head(raw: bytes | np.ndarray, ref: IndexRef, file_bytes: dict[str, int]) -> IndexHead:
+    """Checks and decodes an index's head read as ``raw`` (its first ``ref.head_bytes``).
+
+    ``file_bytes`` gives the size of every data file the commit record
+    lists. Raises ValueError naming what is wrong.
+    """
+    data = bytes(raw) if not isinstance(raw, bytes) else raw
+    if len(data) != ref.head_bytes:
+        raise ValueError(
+            f"has a head of {len(data)} bytes, the commit record says {ref.head_bytes}"
+        )
+    actual = crc32c.crc32c(data)
+    if actual != ref.crc32c:
+        raise ValueError(
+            f"fails its crc32c (stored {ref.crc32c:#010x}, read {actual:#010x}): it was "
+            "damaged after it was written"
+        )
+    if len(data) < 16 or data[:8] != MAGIC:
+        raise ValueError("is not a distckpt chunk index (bad magic)")
+    version, hlen = np.frombuffer(data, "<u4", 2, 8).tolist()
+    if version != INDEX_VERSION:
+        raise ValueError(f"is index version {version}, this distckpt reads {INDEX_VERSION}")
+    header = json.loads(data[16 : 16 + hlen])
+    files = header["files"]
+    if header["process"] != ref.process or header["records"] != ref.chunks:
+        raise ValueError("does not match its entry in the commit record (process, record count)")
+    if not all(isinstance(f, str) and f in file_bytes for f in files):
+        raise ValueError(f"names data files the commit record does not list: {files[:4]}")
+    bound_type = np.dtype(header["bounds"])
+    if bound_type not in (np.dtype("<i4"), np.dtype("<i8")):
+        raise ValueError(f"has bounds of type {bound_type}")
+    count = header["sections"]
+    at = 16 + hlen
+    if not _is_int(count) or at + count * SECTION.itemsize != len(data):
+        raise ValueError("its head's size does not match its section count")
+    sections = np.frombuffer(data, SECTION, count, at)
+    keys = (sections["cell"].astype(np.uint64) << np.uint64(32)) | sections["leaf"]
+    if (
+        int(sections["records"].sum(dtype=np.int64)) != ref.chunks
+        or (sections["records"] == 0).any()
+        or (sections["nbytes"] < sections["records"].astype(np.int64) * RECORD.itemsize).any()
+        or (keys[1:] <= keys[:-1]).any()
+        or ref.head_bytes + int(sections["nbytes"].sum(dtype=np.int64)) != ref.nbytes
+    ):
+        raise ValueError("has a section table that does not add up to its records and size")
+    starts = ref.head_bytes + np.concatenate([[0], np.cumsum(sections["nbytes"], dtype=np.int64)])
+    return IndexHead(
+        ref,
+        list(files),
+        np.asarray([file_bytes[f] for f in files], np.uint64),
+        bound_type,
+        sections,
+        starts[:-1],
+        keys,
+    )
+
+
+def decode_section(
+    raw: bytes | np.ndarray,
+    head: IndexHead,
+    number: int,
+    shapes: Sequence[tuple[int, ...] | None],
+    grids: Sequence[Grid | None],
+) -> dict[tuple[int, int], list[ChunkRecord]]:
+    """Checks and decodes section ``number`` of an index, read as ``raw``: its records
+    by ``(cell, leaf)``.
+
+    ``shapes`` gives each leaf's stored shape (None for leaves without data)
+    and ``grids`` each leaf's grid. Raises ValueError naming what is wrong: a
+    checksum that does not match, a record of an unknown leaf or file, one
+    out of order, a box outside its cell or a chunk past the end of its file.
+    A damaged or hostile index gives this error, never a read elsewhere or a
+    huge allocation.
+    """
+    data = bytes(raw) if not isinstance(raw, bytes) else raw
+    entry = head.sections[number]
+    where = f"section {number}"
+    if len(data) != int(entry["nbytes"]):
+        raise ValueError(f"{where} holds {len(data)} bytes, its head says {int(entry['nbytes'])}")
+    actual = crc32c.crc32c(data)
+    if actual != int(entry["crc32c"]):
+        raise ValueError(
+            f"{where} fails its crc32c (stored {int(entry['crc32c']):#010x}, read "
+            f"{actual:#010x}): it was damaged after it was written"
+        )
+    n = int(entry["records"])
+    table = np.frombuffer(data, RECORD, n)
+    rest = len(data) - RECORD.itemsize * n
+    if rest % head.bound_type.itemsize:
+        raise ValueError(f"{where}: its size does not match its records")
+    bounds = np.frombuffer(data, head.bound_type, rest // head.bound_type.itemsize, n * 32)
+    bounds = bounds.astype(np.int64)
+    leaf = table["leaf"].astype(np.int64)
+    key = (table["cell"].astype(np.uint64) << np.uint64(32)) | table["leaf"]
+    last = head.keys[number + 1] if number + 1 < len(head.keys) else None
+    if (
+        key[0] != head.keys[number]
+        or (key[1:] < key[:-1]).any()
+        or (last is not None and key[-1] >= last)
+    ):
+        raise ValueError(f"{where} has records out of order or outside its key range")
+    if leaf.max() >= len(shapes):
+        raise ValueError(f"{where} has records of leaves the checkpoint does not have")
+    ranks = np.asarray([len(s) if s is not None else -1 for s in shapes], np.int64)
+    record_ranks = ranks[leaf]
+    if (record_ranks < 0).any():
+        raise ValueError(f"{where} has chunk records for leaves that store no data")
+    widths = 2 * record_ranks
+    if int(widths.sum()) != bounds.size:
+        raise ValueError(f"{where}: its boxes do not match the ranks of their leaves")
+    if (table["file"] >= len(head.files)).any():
+        raise ValueError(f"{where} has a record naming a file number the index does not list")
+    ends = table["offset"] + table["nbytes"]
+    past = (ends < table["offset"]) | (ends > head.file_bytes[table["file"]])
+    if past.any():
+        bad = int(np.argmax(past))
+        raise ValueError(
+            f"{where} has a chunk at {head.files[int(table['file'][bad])]} bytes "
+            f"{int(table['offset'][bad])}..{int(ends[bad])} past the end of the file"
+        )
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    out: dict[tuple[int, int], list[ChunkRecord]] = {}
+    flat = bounds.tolist()
+    group_starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    for lo, hi in zip(group_starts.tolist(), [*group_starts[1:].tolist(), n], strict=True):
+        value, cell = int(leaf[lo]), int(table["cell"][lo])
+        rank = int(record_ranks[lo])
+        b0 = int(starts[lo])
+        boxes = bounds[b0 : b0 + 2 * rank * (hi - lo)].reshape(hi - lo, rank, 2)
+        grid = grids[value]
+        if grid is None:
+            raise ValueError(f"{where} has chunk records of leaf {value}, which has no grid")
+        owner, got = _containing_cells(grid, boxes)
+        if ((owner != head.ref.process) | (got != cell)).any():
+            raise ValueError(
+                f"{where} has a chunk box of leaf {value} outside its cell {cell} of process "
+                f"{head.ref.process} (or inverted)"
             )
-            for k, (f, off, n, crc) in enumerate(
+        if rank and (boxes[..., 1] <= boxes[..., 0]).any():
+            raise ValueError(f"{where} has an empty or inverted chunk box of leaf {value}")
+        part = table[lo:hi]
+        out[(cell, value)] = [
+            ChunkRecord(
+                value,
+                head.files[f],
+                off,
+                size,
+                crc,
+                tuple(
+                    (flat[j], flat[j + 1])
+                    for j in range(b0 + k * 2 * rank, b0 + (k + 1) * 2 * rank, 2)
+                ),
+            )
+            for k, (f, off, size, crc) in enumerate(
                 zip(
                     part["file"].tolist(),
                     part["offset"].tolist(),
@@ -313,90 +597,24 @@ class Index:
                 )
             )
         ]
-
-    def all_records(self) -> list[ChunkRecord]:
-        return [c for leaf in np.unique(self.table["leaf"]) for c in self.records(int(leaf))]
+    return out
 
 
 def decode_index(
-    raw: bytes | np.ndarray,
+    raw: bytes,
     ref: IndexRef,
     shapes: Sequence[tuple[int, ...] | None],
+    grids: Sequence[Grid | None],
     file_bytes: dict[str, int],
-) -> Index:
-    """Checks and decodes an index file read as ``raw``.
-
-    ``shapes`` gives each leaf's stored shape (None for leaves without
-    data) and ``file_bytes`` the size of every data file the commit record
-    lists. Raises ValueError naming what is wrong: a checksum that does not
-    match, a record of an unknown leaf or file, a box outside its leaf or a
-    chunk past the end of its file. A damaged or hostile index gives this
-    error, never a read elsewhere or a huge allocation.
-    """
-    data = bytes(raw) if not isinstance(raw, bytes) else raw
-    if len(data) != ref.nbytes:
-        raise ValueError(f"holds {len(data)} bytes, the commit record says {ref.nbytes}")
-    actual = crc32c.crc32c(data)
-    if actual != ref.crc32c:
-        raise ValueError(
-            f"fails its crc32c (stored {ref.crc32c:#010x}, read {actual:#010x}): it was "
-            "damaged after it was written"
+) -> list[ChunkRecord]:
+    """Every record of a whole index file read as ``raw``, checked (tools and tests)."""
+    if len(raw) != ref.nbytes:
+        raise ValueError(f"holds {len(raw)} bytes, the commit record says {ref.nbytes}")
+    head = decode_head(raw[: ref.head_bytes], ref, file_bytes)
+    out: list[ChunkRecord] = []
+    for i, start in enumerate(head.starts.tolist()):
+        part = decode_section(
+            raw[start : start + int(head.sections["nbytes"][i])], head, i, shapes, grids
         )
-    if data[:8] != MAGIC:
-        raise ValueError("is not a distckpt chunk index (bad magic)")
-    version, hlen = np.frombuffer(data, "<u4", 2, 8).tolist()
-    if version != INDEX_VERSION:
-        raise ValueError(f"is index version {version}, this distckpt reads {INDEX_VERSION}")
-    header = json.loads(data[16 : 16 + hlen])
-    n, files = header["records"], header["files"]
-    if header["process"] != ref.process or n != ref.chunks:
-        raise ValueError("does not match its entry in the commit record (process, record count)")
-    if not all(isinstance(f, str) and f in file_bytes for f in files):
-        raise ValueError(f"names data files the commit record does not list: {files[:4]}")
-    at = 16 + hlen
-    table = np.frombuffer(data, RECORD, n, at)
-    at += RECORD.itemsize * n
-    bound_type = np.dtype(header["bounds"])
-    if bound_type not in (np.dtype("<i4"), np.dtype("<i8")):
-        raise ValueError(f"has bounds of type {bound_type}")
-    count = header["bound_count"]
-    if at + count * bound_type.itemsize != len(data):
-        raise ValueError("its size does not match its header")
-    bounds = np.frombuffer(data, bound_type, count, at).astype(np.int64)
-    leaf = table["leaf"].astype(np.int64)
-    if n and (leaf.max() >= len(shapes) or (np.diff(leaf) < 0).any()):
-        raise ValueError("has records of leaves the checkpoint does not have, or out of order")
-    ranks = np.asarray([len(s) if s is not None else -1 for s in shapes], np.int64)
-    record_ranks = ranks[leaf] if n else np.zeros(0, np.int64)
-    if (record_ranks < 0).any():
-        raise ValueError("has chunk records for leaves that store no data")
-    widths = 2 * record_ranks
-    if int(widths.sum()) != count:
-        raise ValueError("its boxes do not match the ranks of their leaves")
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]) if n else np.zeros(0, np.int64)
-    # Every box inside its leaf's shape (records of one leaf are consecutive).
-    for value in np.unique(leaf):
-        lo, hi = np.searchsorted(leaf, [value, value + 1])
-        shape = shapes[int(value)] or ()
-        if not shape:
-            continue
-        end = int(starts[hi]) if hi < n else count
-        boxes = bounds[int(starts[lo]) : end].reshape(-1, len(shape), 2)
-        if (
-            (boxes[..., 0] < 0).any()
-            or (boxes[..., 1] < boxes[..., 0]).any()
-            or (boxes[..., 1] > np.asarray(shape, np.int64)).any()
-        ):
-            raise ValueError(f"has a chunk box outside its leaf {int(value)} (or inverted)")
-    # Every chunk inside its file.
-    sizes = np.asarray([file_bytes[f] for f in files], np.uint64)
-    if n and (table["file"].max() >= len(files)):
-        raise ValueError("has a record naming a file number it does not list")
-    ends = table["offset"] + table["nbytes"]
-    if n and ((ends < table["offset"]) | (ends > sizes[table["file"]])).any():
-        bad = int(np.argmax((ends < table["offset"]) | (ends > sizes[table["file"]])))
-        raise ValueError(
-            f"has a chunk at {files[int(table['file'][bad])]} bytes "
-            f"{int(table['offset'][bad])}..{int(ends[bad])} past the end of the file"
-        )
-    return Index(ref.process, list(files), table, bounds, starts)
+        out += [c for records in part.values() for c in records]
+    return sorted(out, key=lambda c: (c.leaf, c.box))

@@ -258,6 +258,7 @@ def _execute(storage: Any, manifest: Manifest, wants: list[Want], count: int) ->
     ):
         # Only the indexes of the processes that wrote what this process needs are read.
         table = _chunks.ChunkTable(manifest, reader, storage.display)
+        table.prefetch((w.leaf, box) for w in wants if w.mode != Mode.VALUE for box in w.boxes)
         for batch in _batches(wants, manifest, _knobs.get("read_batch_bytes")):
             needs: dict[tuple[int, Box], list[ChunkRecord]] = {}
             for w in batch:

@@ -350,7 +350,9 @@ class SaveJob:
         records = _write_files(
             self.storage, prepared.attempt, files, staged.buffers, codecs, memory.writers
         )
-        index = _chunks.write_index(self.storage, prepared.attempt, self.coll.pid, records)
+        index = _chunks.write_index(
+            self.storage, prepared.attempt, self.coll.pid, records, staged.grids
+        )
         self.storage.finish_attempt_writes(prepared.attempt)
         sizes = {fw.name: 0 for fw in files}
         for r in records:  # what was written: less than planned where compressed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ def records(root: Path, process: int = 0) -> Records:
     raw = (root / m.attempt / ref.name).read_bytes()
     shapes = [s.shape if s.stored else None for s in m.leaves]
     sizes = {name: info["bytes"] for name, info in m.files.items()}
-    return _index.decode_index(raw, ref, shapes, sizes).all_records()
+    return _index.decode_index(raw, ref, shapes, m.grids or [], sizes)
 
 
 def index_path(root: Path, process: int = 0) -> Path:
@@ -31,15 +32,24 @@ def index_path(root: Path, process: int = 0) -> Path:
     return root / doc["attempt"] / ref["name"]
 
 
-def write_raw_index(root: Path, raw: bytes, process: int = 0, records: int | None = None) -> None:
+def write_raw_index(
+    root: Path, raw: bytes, process: int = 0, records: int | None = None, head: int | None = None
+) -> None:
     """Replaces the index of ``process`` by ``raw`` and re-seals the commit record to match
-    (size, checksum and, if given, record count): only the checks behind the checksum
-    stand between ``raw`` and a reader."""
+    (size, head size and checksum, and if given, record count): only the checks behind
+    the checksum stand between ``raw`` and a reader. ``head`` defaults to the head
+    size ``raw``'s own header gives."""
     index_path(root, process).write_bytes(raw)
     path = root / "manifest.json"
     doc = json.loads(path.read_bytes())
     ref = next(r for r in doc["indexes"] if r["process"] == process)
-    ref.update(bytes=len(raw), crc32c=crc32c.crc32c(raw))
+    if head is None:
+        try:
+            head = _index.make_ref(process, ref["name"], raw).head_bytes
+        except (ValueError, KeyError):  # no readable header: all of it is the head
+            head = len(raw)
+        head = min(head, len(raw))
+    ref.update(bytes=len(raw), head_bytes=head, crc32c=crc32c.crc32c(raw[:head]))
     if records is not None:
         ref["chunks"] = records
     doc.pop("manifest_crc32c")
@@ -49,4 +59,19 @@ def write_raw_index(root: Path, raw: bytes, process: int = 0, records: int | Non
 def rewrite_index(root: Path, change: Callable[[Records], Records], process: int = 0) -> None:
     """Re-encodes process ``process``'s index with ``change(records)``, re-sealed."""
     new = change(records(root, process))
-    write_raw_index(root, _index.encode_index(process, new), process, len(new))
+    grids = _commit.load(open_storage(str(root))).grids or []
+    raw = _index.encode_records(process, new, [_cell(grids, c) for c in new])
+    write_raw_index(root, raw, process, len(new))
+
+
+def _cell(grids: list, c: ChunkRecord) -> int:
+    """The cell rank of the grid cell holding ``c``'s start, or 0 where none does: a
+    hostile writer files records wherever it likes."""
+    grid = grids[c.leaf] if c.leaf < len(grids) else None
+    if grid is None or len(c.box) != len(grid.shape) or grid.owners.size == 0:
+        return 0
+    at = tuple(
+        max(0, min(bisect.bisect_right(e, lo) - 1, len(e) - 2))
+        for (lo, _), e in zip(c.box, grid.edges, strict=True)
+    )
+    return int(grid.ranks[at])

@@ -238,9 +238,9 @@ CHUNKS = {
     "past-the-end": ({"offset": 10**9}, "past the end of the file"),
     "wrapping-offset": ({"offset": 2**64 - 8}, "past the end of the file"),
     "wrapping-size": ({"nbytes": 2**64 - 48}, "past the end of the file"),
-    "inverted-box": ({"box": ((3, 0), (0, 4))}, "outside its leaf"),
+    "inverted-box": ({"box": ((3, 0), (0, 4))}, "empty or inverted chunk box"),
     "short-box": ({"box": ((0, 3),)}, "do not match the ranks"),
-    "outside-box": ({"box": ((0, 3), (0, 400))}, "outside its leaf"),
+    "outside-box": ({"box": ((0, 3), (0, 400))}, "outside its cell"),
 }
 
 

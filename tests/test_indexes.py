@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import crc32c
 import numpy as np
 import pytest
 
@@ -73,28 +74,93 @@ def test_each_process_checks_its_own_writes_against_the_plan():
     assert _index.check_own_writes([grid, None], [(1, ((0, 2),), 4)], 1)  # an unplanned leaf
 
 
-def test_an_index_round_trips_and_is_checked():
-    records = [
-        ChunkRecord(2, "p00001.s000.bin", 0, 32, 7, ((0, 2), (0, 4))),
-        ChunkRecord(0, "p00001.s000.bin", 32, 4, 9, ()),
-        ChunkRecord(2, "p00001.s001.bin", 0, 32, 8, ((2, 4), (0, 4))),
+def _index_of_process_1(monkeypatch, section_bytes: int):
+    """A small index of process 1: a scalar and a 4x4 leaf in 4 cells (2 of them its)."""
+    monkeypatch.setattr(_index, "SECTION_BYTES", section_bytes)
+    grids = [
+        _index.build_grid((), [((), 1)]),
+        None,
+        _index.build_grid(
+            (4, 4),
+            [
+                (((0, 2), (0, 2)), 1),
+                (((0, 2), (2, 4)), 0),
+                (((2, 4), (0, 2)), 1),
+                (((2, 4), (2, 4)), 0),
+            ],
+        ),
     ]
-    raw = _index.encode_index(1, records)
-    import crc32c
-
-    ref = _index.IndexRef(1, "p00001.idx", len(raw), crc32c.crc32c(raw), 3)
+    records = [
+        ChunkRecord(2, "p00001.s000.bin", 0, 16, 7, ((0, 1), (0, 2))),
+        ChunkRecord(2, "p00001.s000.bin", 16, 16, 6, ((1, 2), (0, 2))),
+        ChunkRecord(0, "p00001.s000.bin", 32, 4, 9, ()),
+        ChunkRecord(2, "p00001.s001.bin", 0, 32, 8, ((2, 4), (0, 2))),
+    ]
+    raw = _index.encode_index(1, records, grids)
+    ref = _index.make_ref(1, "p00001.idx", raw)
     shapes = [(), None, (4, 4)]
     files = {"p00001.s000.bin": 36, "p00001.s001.bin": 32}
-    index = _index.decode_index(raw, ref, shapes, files)
-    assert index.records(2) == [records[0], records[2]]
-    assert index.records(0) == [records[1]]
-    assert index.records(1) == []
+    return records, grids, raw, ref, shapes, files
+
+
+def test_an_index_round_trips_and_is_checked(monkeypatch):
+    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 4096)
+    assert ref.chunks == 4 and ref.nbytes == len(raw)
+    assert _index.decode_index(raw, ref, shapes, grids, files) == sorted(
+        records, key=lambda c: (c.leaf, c.box)
+    )
     with pytest.raises(ValueError, match="past the end"):
-        _index.decode_index(raw, ref, shapes, {**files, "p00001.s001.bin": 31})
+        _index.decode_index(raw, ref, shapes, grids, {**files, "p00001.s001.bin": 31})
     with pytest.raises(ValueError, match="fails its crc32c"):
-        _index.decode_index(raw[:-1] + b"\x01", ref, shapes, files)
+        _index.decode_index(raw[:-1] + b"\x01", ref, shapes, grids, files)
     with pytest.raises(ValueError, match="leaves that store no data"):
-        _index.decode_index(raw, ref, [(), None, None], files)
+        _index.decode_index(raw, ref, [(), None, None], grids, files)
+    with pytest.raises(ValueError, match="outside the cells of process 0"):
+        _index.encode_index(0, records, grids)
+
+
+def test_a_reader_reads_only_the_sections_of_the_cells_it_needs(monkeypatch):
+    # One section per (cell, leaf): rank 0 holds the scalar and the top-left cell,
+    # rank 1 the bottom-left cell.
+    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 1)
+    head = _index.decode_head(raw[: ref.head_bytes], ref, files)
+    assert [(int(s["cell"]), int(s["leaf"])) for s in head.sections] == [(0, 0), (0, 2), (1, 2)]
+    grid = grids[2]
+    assert grid.cells_in(((2, 4), (0, 4))) == [(0, 1), (1, 1)]  # (owner, rank)
+    assert grid.cells_in(((0, 3), (1, 2))) == [(1, 0), (1, 1)]
+    assert head.sections_for([(1, 2)]) == [2]
+
+    def section(n: int, data: bytes = raw) -> dict:
+        start = int(head.starts[n])
+        part = data[start : start + int(head.sections["nbytes"][n])]
+        return _index.decode_section(part, head, n, shapes, grids)
+
+    assert section(2) == {(1, 2): [records[3]]}
+    assert section(1) == {(0, 2): records[:2]}
+    # Damage in one section is found when that section is read, whatever else is.
+    flipped = raw[:-1] + bytes([raw[-1] ^ 1])
+    assert section(0, flipped) == {(0, 0): [records[2]]}
+    with pytest.raises(ValueError, match="section 2 fails its crc32c"):
+        section(2, flipped)
+    with pytest.raises(ValueError, match="fails its crc32c"):
+        _index.decode_head(b"\x00" + raw[1 : ref.head_bytes], ref, files)
+
+
+def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
+    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 4096)
+    head = _index.decode_head(raw[: ref.head_bytes], ref, files)
+    # Rewrite the bottom-left chunk's cell rank from 1 to 0 and reseal the section.
+    body = bytearray(raw[ref.head_bytes :])
+    table = np.frombuffer(body, _index.RECORD, ref.chunks).copy()
+    table["cell"][:] = 0
+    body[: table.nbytes] = table.tobytes()
+    sections = head.sections.copy()
+    sections["crc32c"][0] = crc32c.crc32c(bytes(body))
+    bad_head = _index.IndexHead(
+        ref, head.files, head.file_bytes, head.bound_type, sections, head.starts, head.keys
+    )
+    with pytest.raises(ValueError, match="outside its cell 0 of process 1"):
+        _index.decode_section(bytes(body), bad_head, 0, shapes, grids)
 
 
 # --------------------------------------------------------------------------- real processes
@@ -182,3 +248,60 @@ def test_processes_that_plan_different_layouts_commit_nothing(tmp_path):
     for r in results:
         assert r.value["error"] and "planned different layouts" in r.value["error"], r.value
     assert not distckpt.is_committed(tmp_path / "c")
+
+
+def _w_restore_reads_only_the_sections_it_needs(tmp: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import distckpt
+    from distckpt import _chunks, _index
+
+    _index.SECTION_BYTES = 1  # a section per cell and leaf
+    _chunks.GAP_BYTES = 0  # one read per section: the count shows which were read
+    devices = jax.devices()  # process 0 holds devices 0 and 1, process 1 devices 2 and 3
+    full = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
+    rows = NamedSharding(Mesh(np.asarray(devices), ("x",)), P("x"))
+    w = jax.make_array_from_callback((16, 8), rows, lambda i: full[i])
+    distckpt.save(f"{tmp}/c", {"w": w, "v": w + 1, "step": 1})
+    # Rows 0-4 and 8-12 on process 0: the first cell of each writer, not the second.
+    crossed = NamedSharding(Mesh(np.asarray(devices)[[0, 2, 1, 3]], ("x",)), P("x"))
+    before = _chunks.metadata_bytes_read()
+    out = distckpt.restore(
+        f"{tmp}/c",
+        {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=crossed)},
+        partial=True,
+    )
+    exact = all(
+        np.array_equal(np.asarray(s.data), np.asarray(full)[s.index])
+        for s in out["w"].addressable_shards
+    )
+    return {"read": _chunks.metadata_bytes_read() - before, "exact": exact}
+
+
+def test_a_process_reads_the_index_sections_of_the_cells_it_needs_only(tmp_path):
+    from distckpt import _commit
+    from distckpt._storage import open_storage
+
+    results = run_processes(
+        f"{HERE}:_w_restore_reads_only_the_sections_it_needs",
+        args={"tmp": str(tmp_path)},
+        devices_per_process=2,
+    )
+    root = tmp_path / "c"
+    m = _commit.load(open_storage(str(root)))
+    w = next(i for i, s in enumerate(m.leaves) if s.display.endswith("['w']"))
+    sizes = {name: info["bytes"] for name, info in m.files.items()}
+    expected = [root.joinpath("manifest.json").stat().st_size] * 2
+    for ref in m.indexes or []:
+        raw = (root / m.attempt / ref.name).read_bytes()
+        head = _index.decode_head(raw[: ref.head_bytes], ref, sizes)
+        assert len(head.sections) == 4  # w and v, 2 cells each
+        for pid in (0, 1):  # process 0 needs each writer's cell 0 of w, process 1 cell 1
+            (section,) = head.sections_for([(pid, w)])
+            expected[pid] += ref.head_bytes + int(head.sections["nbytes"][section])
+    for r in results:
+        assert r.value["exact"]
+    assert [r.value["read"] for r in results] == expected
