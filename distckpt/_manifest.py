@@ -62,11 +62,8 @@ class Manifest:
         owner_tables: dict[tuple, int] = {}  # leaves saved alike share one owner table
         owner_json: list[list[int]] = []
         for i, spec in enumerate(self.leaves):
-            entry: dict[str, Any] = {"path": [list(p) for p in spec.path], "kind": spec.kind}
-            if spec.kind in (_tree.ARRAY, _tree.NUMPY, _tree.PRNG_KEY):
-                entry["shape"] = list(spec.array_shape)
-                entry["dtype"] = spec.dtype
-                entry["sharding"] = spec.sharding
+            entry = leaf_entry(spec)
+            if spec.stored:
                 if self.chunks is not None:
                     entry["chunks"] = [
                         [file_index[c.file], c.offset, c.nbytes, c.crc32c, [list(r) for r in c.box]]
@@ -81,12 +78,6 @@ class Manifest:
                         owner_tables[key] = len(owner_json)
                         owner_json.append(grid.owners.reshape(-1).tolist())
                     entry["grid"] = {"edges": grid.edges_json(), "owners": owner_tables[key]}
-            if spec.kind == _tree.PRNG_KEY:
-                entry["impl"] = spec.impl
-            if spec.compression is not None:
-                entry["compression"] = spec.compression
-            if spec.kind == _tree.PYTHON:
-                entry["value"] = spec.value
             leaves.append(entry)
         doc = {
             "format": FORMAT_NAME,
@@ -119,7 +110,7 @@ class Manifest:
             version = doc["format_version"]
             if version > FORMAT_VERSION:
                 raise _NewerFormat(version)
-            _check_checksum(raw)
+            check_checksum(raw)
             files = {
                 f["name"]: {"process": f["process"], "bytes": f["bytes"]} for f in doc["files"]
             }
@@ -128,20 +119,7 @@ class Manifest:
             tables = [OwnerTable.from_json(t) for t in doc["owners"]] if indexed else []
             leaves, chunks, grids = [], [], []
             for i, e in enumerate(doc["leaves"]):
-                path = tuple((kind, key) for kind, key in e["path"])
-                leaves.append(
-                    LeafSpec(
-                        path=path,
-                        display=_tree.display(path),
-                        kind=e["kind"],
-                        shape=tuple(e["shape"]) if "shape" in e else None,
-                        dtype=e.get("dtype"),
-                        sharding=e.get("sharding"),
-                        value=e.get("value"),
-                        impl=e.get("impl"),
-                        compression=e.get("compression") if version >= 2 else None,
-                    )
-                )
+                leaves.append(parse_leaf(e, compression=version >= 2))
                 if indexed:
                     grids.append(_grid(leaves[-1], e, tables))
                     continue
@@ -180,6 +158,38 @@ class Manifest:
                 "The checkpoint's metadata is damaged; restore an older step or a backup.",
                 [f"{where}: {e}"],
             ) from e
+
+
+def leaf_entry(spec: LeafSpec) -> dict[str, Any]:
+    """A leaf's description in a commit record, but where its data lies."""
+    entry: dict[str, Any] = {"path": [list(p) for p in spec.path], "kind": spec.kind}
+    if spec.stored:
+        entry["shape"] = list(spec.array_shape)
+        entry["dtype"] = spec.dtype
+        entry["sharding"] = spec.sharding
+    if spec.kind == _tree.PRNG_KEY:
+        entry["impl"] = spec.impl
+    if spec.compression is not None:
+        entry["compression"] = spec.compression
+    if spec.kind == _tree.PYTHON:
+        entry["value"] = spec.value
+    return entry
+
+
+def parse_leaf(entry: dict, *, compression: bool = True) -> LeafSpec:
+    """The ``LeafSpec`` of a ``leaf_entry`` (raises KeyError, TypeError or ValueError)."""
+    path = tuple((kind, key) for kind, key in entry["path"])
+    return LeafSpec(
+        path=path,
+        display=_tree.display(path),
+        kind=entry["kind"],
+        shape=tuple(entry["shape"]) if "shape" in entry else None,
+        dtype=entry.get("dtype"),
+        sharding=entry.get("sharding"),
+        value=entry.get("value"),
+        impl=entry.get("impl"),
+        compression=entry.get("compression") if compression else None,
+    )
 
 
 def _grid(spec: LeafSpec, entry: dict, tables: list[OwnerTable]) -> Grid | None:
@@ -224,7 +234,8 @@ def seal(body: bytes) -> bytes:
     return body[:-1] + b',"' + _CHECKSUM + b'":' + str(crc32c.crc32c(body)).encode() + b"}"
 
 
-def _check_checksum(raw: bytes) -> None:
+def check_checksum(raw: bytes) -> None:
+    """Raises ValueError unless ``raw`` (as ``seal`` made it) matches its own checksum."""
     at = raw.rfind(b',"' + _CHECKSUM + b'":')
     if at < 0 or not raw.endswith(b"}"):
         raise ValueError(f"the manifest has no {_CHECKSUM.decode()} (truncated?)")

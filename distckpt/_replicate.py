@@ -58,7 +58,8 @@ def block_hosts(
     out: dict[Box, set[str]] = {}
     for device, index in sharding.devices_indices_map(shape).items():
         box = _reshard.box_from_index(index, shape)
-        out.setdefault(box, set()).add(hosts[device.process_index])
+        process = device.process_index  # type: ignore[attr-defined]  # untyped in jaxlib
+        out.setdefault(box, set()).add(hosts[process])
     return {box: frozenset(h) for box, h in out.items()}
 
 
