@@ -60,6 +60,14 @@ def _process() -> int:
         return 0
 
 
+def _endpoint_hint(where: str) -> str:
+    if where.startswith("gs://"):
+        return "GCS: storage.googleapis.com, or TENSORSTORE_GCS_HTTP_URL for an emulator"
+    if where.startswith("s3://"):
+        return "S3: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL"
+    return "for S3: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; for GCS: TENSORSTORE_GCS_HTTP_URL"
+
+
 def _kv_result(future: Any, what: str, where: str) -> Any:
     """Waits for a kvstore operation; an unreachable store becomes StorageUnavailableError.
 
@@ -72,8 +80,8 @@ def _kv_result(future: Any, what: str, where: str) -> Any:
         if _is_unavailable(e):
             raise StorageUnavailableError(
                 f"{what} {where} failed on process {_process()}: the storage did not answer "
-                f"after retries ({e}). Check that the endpoint is up and reachable (for S3: "
-                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, proxies, NO_PROXY) and the credentials; "
+                f"after retries ({e}). Check that the endpoint is up and reachable "
+                f"({_endpoint_hint(where)}, proxies, NO_PROXY) and the credentials; "
                 "DISTCKPT_STORAGE_RETRIES sets how long to retry. Nothing this operation had "
                 "not committed is committed."
             ) from e
