@@ -17,7 +17,11 @@ S3 endpoint point at it) and
 * with ``hold_commits=n``, holds writes of ``manifest.json`` until ``n``
   have arrived, then lets them through one at a time: saves racing to
   commit one location all pass their preflight before any commits, without
-  any timing.
+  any timing;
+* with ``lose_answers=n``, forwards the first ``n`` writes of
+  ``manifest.json`` and then closes the connection instead of answering, as
+  a network that fails after the store has committed: the client retries a
+  write that has landed.
 
 Loopback only, test code only: one thread per connection (the standard
 library's ThreadingHTTPServer), bodies read whole.
@@ -58,6 +62,7 @@ class Record:
     status: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     refused: bool = False  # answered 412 by the proxy, not forwarded
+    answer_lost: bool = False  # forwarded, then the connection closed unanswered
 
     @property
     def object_name(self) -> str:
@@ -86,6 +91,7 @@ class WireProxy:
         enforce: bool = False,
         hold_commits: int = 0,
         hold_timeout_s: float = 30.0,
+        lose_answers: int = 0,
     ):
         if flavor not in ("gcs", "s3"):
             raise ValueError(f"flavor must be 'gcs' or 's3', got {flavor!r}")
@@ -99,6 +105,7 @@ class WireProxy:
         self._commit_lock = threading.Lock()
         self._hold = threading.Barrier(hold_commits) if hold_commits > 1 else None
         self._hold_timeout_s = hold_timeout_s
+        self._lose_answers = lose_answers
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -203,7 +210,11 @@ class WireProxy:
             if self.enforce and not self._condition_holds(r):
                 r.refused = True
                 return self._refusal()
-            return self._request(r.method, target, body, headers)
+            answer = self._request(r.method, target, body, headers)
+            if self._lose_answers > 0:
+                self._lose_answers -= 1
+                r.answer_lost = True
+            return answer
 
 
 def _handler(proxy: WireProxy) -> type[http.server.BaseHTTPRequestHandler]:
@@ -236,13 +247,18 @@ def _handler(proxy: WireProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 status, headers = 502, [("Content-Type", "text/plain")]
                 payload = f"wire_proxy: {e!r}".encode()
             record.status = status
+            if record.answer_lost:
+                self.close_connection = True
+                return
             record.response_headers = {k.lower(): v for k, v in headers}
             self.send_response(status)
             for k, v in headers:
                 if k.lower() not in _NOT_FORWARDED:
                     self.send_header(k, v)
             length = record.response_headers.get("content-length", "0")
-            self.send_header("Content-Length", length if self.command == "HEAD" else str(len(payload)))
+            self.send_header(
+                "Content-Length", length if self.command == "HEAD" else str(len(payload))
+            )
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)

@@ -168,7 +168,9 @@ class KvStorage(Storage):
     the manifest's generation as the primary read it at preflight (none:
     create-only), so of two saves racing to commit one location exactly one
     wins and the other gets ``CheckpointExistsError``; TensorStore reports
-    a lost race as an empty generation, not as an exception.
+    a lost race as an empty generation, not as an exception. On the wire
+    (tests/test_wire.py): GCS ``ifGenerationMatch=<n>`` (0: create-only),
+    S3 ``If-None-Match: *`` or ``If-Match: <etag>``.
     """
 
     def __init__(
@@ -267,7 +269,12 @@ class KvStorage(Storage):
         stamp = _kv_result(
             self.kv.write(MANIFEST_NAME, raw, if_equal=expected), "committing", where
         )
-        if not stamp.generation:  # the condition failed: another save committed first
+        if not stamp.generation and self.read_manifest() != raw:
+            # The condition failed: another save committed first. (A failed
+            # condition with our own manifest in place is our write, retried
+            # by TensorStore after its answer was lost: the first try landed,
+            # the retry found it. The manifest names this save's attempt,
+            # which no other save uses, so that is this save's commit.)
             if expected == _NO_VALUE:
                 found = "appeared while this save was writing"
             else:
