@@ -101,7 +101,13 @@ def test_roundtrip_and_manager_retention(gcs_server, gcs_url):
 
 def test_spec_dict_location(gcs_server, gcs_url):
     bucket, prefix = _bucket_prefix(gcs_url)
-    spec = {"driver": "gcs", "bucket": bucket, "path": prefix + "/spec/"}
+    # With a driver option, as docs/storage.md shows it.
+    spec = {
+        "driver": "gcs",
+        "bucket": bucket,
+        "path": prefix + "/spec/",
+        "gcs_request_concurrency": {"limit": 4},
+    }
     distckpt.save(spec, {"w": _put((8,), ("x",), P("x"))})
     out = distckpt.restore(gcs_url + "/spec")  # the same place, named by URL
     np.testing.assert_array_equal(out["w"], _value())
