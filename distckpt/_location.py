@@ -10,7 +10,10 @@ A location is one of
 * a TensorStore kvstore spec (a ``dict``), used as given.
 
 Credentials come from where the drivers look (AWS_* variables, ~/.aws,
-instance metadata; Google application default credentials). Settings read
+instance metadata; Google application default credentials). A GCS
+emulator or private endpoint is set with TensorStore's own
+``TENSORSTORE_GCS_HTTP_URL``; the gcs driver needs no option for real
+conditional writes (it always sends ``ifGenerationMatch``). Settings read
 here, from the environment (see docs/storage.md):
 
 * ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: endpoint of an

@@ -5,7 +5,10 @@
 #
 #   TPU_NAME=my-pod ZONE=us-central2-b BUCKET=gs://my-bucket/run1 scripts/tpu_pod.sh
 #
-# Not tested here (no TPU, no GCS): see docs/launch.md for what is.
+# Not tested here (no TPU, no real bucket); distckpt on gs:// is tested against
+# a GCS emulator: see docs/launch.md and docs/storage.md. On a TPU VM the VM's
+# service account is used for GCS: it needs roles/storage.objectAdmin on the
+# bucket (retention and clean-up delete objects).
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:?set TPU_NAME to the TPU VM name}

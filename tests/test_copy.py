@@ -17,6 +17,7 @@ import distckpt
 from distckpt import _knobs
 from distckpt.cli import main
 from distckpt.errors import CheckpointExistsError, CorruptCheckpointError, NotCommittedError
+from tests.gcs import gcs_server, gcs_url  # noqa: F401 - fixtures
 from tests.s3 import s3_server, s3_url  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,18 @@ def test_copy_to_s3_and_back(source, tmp_path, s3_url):  # noqa: F811
     _same(src, tmp_path / "back")
     distckpt.copy(src, "memory://copy-test")
     _same(src, "memory://copy-test")
+
+
+def test_copy_s3_to_gcs_to_local(source, tmp_path, s3_url, gcs_url):  # noqa: F811
+    src, _ = source
+    distckpt.copy(src, s3_url)
+    report = distckpt.copy(s3_url, gcs_url)
+    assert report.files == distckpt.metadata(src).files
+    distckpt.verify(gcs_url)
+    assert main(["copy", gcs_url, str(tmp_path / "back")]) == 0
+    _same(src, tmp_path / "back")
+    with pytest.raises(CheckpointExistsError):
+        distckpt.copy(s3_url, gcs_url)
 
 
 def test_copy_command(source, tmp_path, capsys):

@@ -60,6 +60,14 @@ def _process() -> int:
         return 0
 
 
+def _endpoint_hint(where: str) -> str:
+    if where.startswith("gs://"):
+        return "GCS: storage.googleapis.com, or TENSORSTORE_GCS_HTTP_URL for an emulator"
+    if where.startswith("s3://"):
+        return "S3: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL"
+    return "for S3: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; for GCS: TENSORSTORE_GCS_HTTP_URL"
+
+
 def _kv_result(future: Any, what: str, where: str) -> Any:
     """Waits for a kvstore operation; an unreachable store becomes StorageUnavailableError.
 
@@ -72,8 +80,8 @@ def _kv_result(future: Any, what: str, where: str) -> Any:
         if _is_unavailable(e):
             raise StorageUnavailableError(
                 f"{what} {where} failed on process {_process()}: the storage did not answer "
-                f"after retries ({e}). Check that the endpoint is up and reachable (for S3: "
-                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, proxies, NO_PROXY) and the credentials; "
+                f"after retries ({e}). Check that the endpoint is up and reachable "
+                f"({_endpoint_hint(where)}, proxies, NO_PROXY) and the credentials; "
                 "DISTCKPT_STORAGE_RETRIES sets how long to retry. Nothing this operation had "
                 "not committed is committed."
             ) from e
@@ -160,7 +168,9 @@ class KvStorage(Storage):
     the manifest's generation as the primary read it at preflight (none:
     create-only), so of two saves racing to commit one location exactly one
     wins and the other gets ``CheckpointExistsError``; TensorStore reports
-    a lost race as an empty generation, not as an exception.
+    a lost race as an empty generation, not as an exception. On the wire
+    (tests/test_wire.py): GCS ``ifGenerationMatch=<n>`` (0: create-only),
+    S3 ``If-None-Match: *`` or ``If-Match: <etag>``.
     """
 
     def __init__(
@@ -259,7 +269,12 @@ class KvStorage(Storage):
         stamp = _kv_result(
             self.kv.write(MANIFEST_NAME, raw, if_equal=expected), "committing", where
         )
-        if not stamp.generation:  # the condition failed: another save committed first
+        if not stamp.generation and self.read_manifest() != raw:
+            # The condition failed: another save committed first. (A failed
+            # condition with our own manifest in place is our write, retried
+            # by TensorStore after its answer was lost: the first try landed,
+            # the retry found it. The manifest names this save's attempt,
+            # which no other save uses, so that is this save's commit.)
             if expected == _NO_VALUE:
                 found = "appeared while this save was writing"
             else:
