@@ -191,7 +191,11 @@ def load(directory: str | os.PathLike, step: int) -> Step:
     """Step ``step``'s description, checked (CorruptCheckpointError; FileNotFoundError
     if the step is not there)."""
     path = Path(directory) / f"step_{step}"
-    raw = (path / DESCRIPTION).read_bytes()
+    return parse((path / DESCRIPTION).read_bytes(), step, path)
+
+
+def parse(raw: bytes, step: int, path: Path) -> Step:
+    """A step's description from the bytes of its ``local.json`` (as ``load``)."""
     try:
         _manifest.check_checksum(raw)
         doc = json.loads(raw)

@@ -1,0 +1,606 @@
+"""The local tier: frequent steps in each process's host-local directory, copied to peers.
+
+``LocalTier.save`` keeps every block of an array spread over processes on
+``copies`` hosts: blocks the job already holds on that many hosts (data-
+parallel replicas) are written by every process that holds them, and the
+others travel to each process's peers (``_replicate``) by a reshard through
+the job's own collectives, then are written there too. Values that every
+process holds whole (numpy arrays, arrays on one process's devices) are
+kept by every process; the data-pipeline states of all processes are kept
+by every process (an all-gather of their small JSON).
+
+``LocalTier.recover`` agrees, through the coordination service, on the
+newest local step the processes' directories still cover; each process
+reads what it kept, checked against the CRC-32C of every block, and what a
+lost or damaged directory held comes back from the copies through the same
+collectives. Any doubt (a step that does not cover, a different topology)
+gives None: the caller restores the persistent tier. See docs/local_tier.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distckpt import _local, _match, _multihost, _plan, _replicate, _reshard, _stage, _tree
+from distckpt._plan import LeafSpec
+from distckpt._reshard import Box
+from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
+
+log = logging.getLogger("distckpt")
+
+
+def host_name() -> str:
+    """This process's host, as the local tier tells hosts apart.
+
+    ``DISTCKPT_HOST`` if set; else SLURM's node index inside a SLURM step;
+    else the machine's host name.
+    """
+    if os.environ.get("DISTCKPT_HOST"):
+        return os.environ["DISTCKPT_HOST"]
+    if os.environ.get("SLURM_NODEID") and os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-node-{os.environ['SLURM_NODEID']}"
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class RecoveryStats:
+    """Where a local-tier restore found its bytes."""
+
+    step: int
+    local_bytes: int  # read from this process's own directory
+    peer_bytes: int  # received through collectives (what this process lacked)
+    persistent_bytes: int = 0  # always 0 for a local recovery
+
+
+class LocalTier:
+    """One process's local directory, and the collective save and recovery over all of them."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        copies: int,
+        keep: int,
+        host: str | None,
+        timeout_s: float,
+    ):
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"local_copies must be a positive int, got {copies!r}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"local_max_to_keep must be a positive int, got {keep!r}")
+        self.directory = os.fspath(directory)
+        self.copies, self.keep, self.timeout_s = copies, keep, timeout_s
+        self.host = host if host is not None else host_name()
+        self.last_recovery: RecoveryStats | None = None
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, tree: Any, *, extra: dict, pipeline_state: str | None) -> None:
+        """Saves ``tree`` as local step ``step`` on every process; collective."""
+        coll = _multihost.Collective("local save", self.directory, self.timeout_s)
+        items, structure = _tree.walk(tree)
+        specs, layouts, problems = [], [], []
+        for path, leaf in items:
+            spec, problem = _stage.describe(path, leaf)
+            if problem:
+                problems.append(problem)
+                continue
+            assert spec is not None
+            specs.append(spec)
+            layouts.append(_layout_of(leaf, spec))
+        if problems:
+            raise TypeError("cannot save to the local tier:\n  " + "\n  ".join(problems))
+        leaves = [leaf for _, leaf in items]
+        digest = json.dumps([step, [s.display for s in specs], layouts], sort_keys=True)
+        coll.run("hosts", lambda: coll.put_blob(f"host/{coll.pid}", self.host.encode()))
+        shared = coll.run(
+            "prepare",
+            lambda: (
+                {"hosts": [b.decode() for b in coll.get_blobs("host")]} if coll.is_primary else None
+            ),
+            share=True,
+            agree=lambda _: digest,
+            disagree=lambda _: _differ("save", step),
+        )
+        hosts: list[str] = shared["hosts"]
+        peers = _replicate.peers(hosts, self.copies)  # ValueError: the same on every process
+        # The collectives: every process runs them, in leaf order, after the agreement.
+        own: list[tuple[int, int, Box, np.ndarray]] = []
+        copies: list[tuple[int, int, Box, np.ndarray]] = []
+        values: dict[int, np.ndarray] = {}
+        copied: list[int] = []
+        for i, (leaf, spec, layout) in enumerate(zip(leaves, specs, layouts, strict=True)):
+            if not spec.stored:
+                continue
+            data = jax.random.key_data(leaf) if spec.kind == _tree.PRNG_KEY else leaf
+            if layout is None:
+                values[i] = np.array(data, copy=True)
+                continue
+            own += [(i, coll.pid, box, a) for box, a in _distinct(data)]
+            sharding = data.sharding
+            assert isinstance(sharding, NamedSharding)  # _layout_of refuses others
+            if not _replicate.needs_copies(sharding, data.shape, hosts, self.copies):
+                continue
+            copied.append(i)
+            for k in range(1, self.copies):
+                ring = tuple(p[k - 1] for p in peers)
+                sender = ring.index(coll.pid)
+                moved = jax.device_put(data, _replicate.peer_sharding(data.sharding, ring))
+                copies += [(i, sender, box, a) for box, a in _distinct(moved)]
+                del moved
+        states = _all_states(pipeline_state)
+        record = {
+            **extra,
+            "hosts": hosts,
+            "peers": peers,
+            "copied": copied,
+            "pipeline_states": states,
+        }
+        coll.run(
+            "write",
+            lambda: _local.write(
+                self.directory,
+                step,
+                process=coll.pid,
+                process_count=coll.count,
+                leaves=specs,
+                structure=structure,
+                layouts=layouts,
+                blocks=[*own, *copies],
+                values=values,
+                extra=record,
+            ),
+            last=True,
+        )
+        _local.remove_older(self.directory, self.keep)
+
+    def steps(self) -> list[int]:
+        """The steps this process's directory holds."""
+        return _local.steps(self.directory)
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(
+        self, target: Any, *, newer_than: int | None, partial: bool = False
+    ) -> tuple[int, Any, dict, str | None] | None:
+        """Restores the newest local step newer than ``newer_than`` that the processes'
+        directories cover; collective. Returns ``(step, tree, extra, pipeline state of this
+        process)``, or None (on every process) when the persistent tier must be used."""
+        coll = _multihost.Collective("local restore", self.directory, self.timeout_s)
+        mine: dict[int, _local.Step] = {}
+        for step in self.steps():
+            if newer_than is not None and step <= newer_than:
+                continue
+            try:
+                mine[step] = _local.load(self.directory, step)
+            except (CorruptCheckpointError, OSError) as e:
+                log.warning("local step %d on process %d is not usable: %s", step, coll.pid, e)
+        inventory = {str(s): st.digest for s, st in mine.items()}
+        coll.run(
+            "inventory",
+            lambda: coll.put_blob(f"inventory/{coll.pid}", json.dumps(inventory).encode()),
+        )
+        candidates = coll.run(
+            "candidates",
+            lambda: (
+                _candidates([json.loads(b) for b in coll.get_blobs("inventory")])
+                if coll.is_primary
+                else None
+            ),
+            share=True,
+        )
+        for cand in candidates:
+            step, holders = cand["step"], cand["holders"]
+            decision = self._agree_on(coll, step, holders, mine.get(step))
+            if not decision["recover"]:
+                log.warning("local step %d cannot be recovered: %s", step, decision["reason"])
+                continue
+            return self._assemble(
+                coll, mine.get(step), step, set(decision["available"]), target, partial
+            )
+        coll.run("done", lambda: None, last=True)
+        return None
+
+    def _agree_on(self, coll: Any, step: int, holders: list[int], st: _local.Step | None) -> dict:
+        """Three phases: each holder checks its copy; the lowest holder hands the primary
+        the step's description if the primary has none; the primary decides."""
+        good = self._verify(st if coll.pid in holders else None)
+
+        def report() -> None:
+            coll.put_blob(f"verified/{coll.pid}", b"1" if good else b"0")
+
+        coll.run("verify", report)
+        if coll.count > 1:
+
+            def describe() -> None:
+                if coll.pid == min(holders) and not coll.is_primary and st is not None:
+                    coll.put_blob("description", (st.path / _local.DESCRIPTION).read_bytes())
+
+            coll.run("describe", describe)
+
+        def decide() -> dict | None:
+            return self._decide(coll, step, st) if coll.is_primary else None
+
+        return coll.run("decide", decide, share=True)
+
+    def _verify(self, st: _local.Step | None) -> bool:
+        """Whether this process's copy of the step is whole: every block reads back and
+        matches its CRC-32C, and the layouts name devices this job has."""
+        if st is None:
+            return False
+        try:
+            for b in st.blocks:
+                st.read(b)
+            ids = {d.id for d in jax.devices()}
+            return st.process_count == jax.process_count() and all(
+                layout is None or set(layout["devices"]) <= ids for layout in st.layouts
+            )
+        except CorruptCheckpointError as e:
+            log.warning(
+                "local step %d on process %d is damaged: %s", st.step, jax.process_index(), e
+            )
+            return False
+
+    def _decide(self, coll: Any, step: int, st: _local.Step | None) -> dict:
+        """The primary's decision: which processes' copies are good, and whether they cover."""
+        available = [p for p, b in enumerate(coll.get_blobs("verified")) if b == b"1"]
+        if not available:
+            return {"recover": False, "reason": "no process holds a whole copy", "available": []}
+        if st is None or st.process != coll.pid:
+            raw = coll.get_blob("description")
+            path = Path(self.directory) / ".recovering"
+            st = _local.parse(raw, step, path)
+        return {"available": available, **_coverage(st, set(available))}
+
+    def _assemble(
+        self,
+        coll: Any,
+        st: _local.Step | None,
+        step: int,
+        available: set[int],
+        target: Any,
+        partial: bool,
+    ) -> tuple[int, Any, dict, str | None]:
+        """Every array on its saved layout from the copies, then placed as ``target`` asks."""
+        description = st if st is not None else None
+        # Every process needs the tree's description; one that lost its copy gets it
+        # through a broadcast of the JSON (small: O(leaves)).
+        raw = (
+            (st.path / _local.DESCRIPTION).read_bytes()
+            if st is not None and coll.pid in available
+            else b""
+        )
+        src = min(available)
+        raw = _broadcast_bytes(raw, src)
+        if description is None or coll.pid not in available:
+            description = _local.parse(raw, step, Path(self.directory) / ".recovering")
+        have = coll.pid in available
+        local_bytes = peer_bytes = 0
+        by_owner: dict[tuple[int, int, Box], _local.Block] = {}
+        if have:
+            assert st is not None
+            by_owner = {(b.leaf, b.owner, b.box): b for b in st.blocks}
+        extra = description.extra
+        peers: list[list[int]] = extra["peers"]
+        copied = set(extra["copied"])
+        arrays: dict[int, Any] = {}
+        for i, (spec, layout) in enumerate(
+            zip(description.leaves, description.layouts, strict=True)
+        ):
+            if not spec.stored or layout is None:
+                continue
+            sharding = _sharding(layout)
+            shape = spec.array_shape
+            dtype = np.dtype(_plan_dtype(spec))
+            shards = []
+            for d, index in sharding.addressable_devices_indices_map(shape).items():
+                box = _reshard.box_from_index(_index(index), shape)
+                block = by_owner.get((i, coll.pid, box)) if have else None
+                data = (
+                    st.read(block)
+                    if block is not None and st is not None
+                    else np.zeros(_reshard.box_shape(box), dtype)
+                )
+                local_bytes += data.nbytes if block is not None else 0
+                shards.append(jax.device_put(data, d))
+            arr = jax.make_array_from_single_device_arrays(shape, sharding, shards)
+            if len(available) < coll.count:
+                if i in copied:
+                    arr, got = _from_copies(
+                        arr, i, sharding, shape, dtype, peers, available, by_owner, st, coll.pid
+                    )
+                else:
+                    arr, got = _from_replicas(arr, sharding, available)
+                peer_bytes += got
+            arrays[i] = arr
+        values = _values(description, by_owner if have else {}, st, available, coll.pid)
+        tree = _place(description, arrays, values, target, partial)
+        states = extra.get("pipeline_states")
+        state = states[coll.pid] if states else None
+        self.last_recovery = RecoveryStats(step, local_bytes, peer_bytes)
+        user = {
+            k: v
+            for k, v in extra.items()
+            if k not in ("hosts", "peers", "copied", "pipeline_states")
+        }
+        coll.run("done", lambda: None, last=True)
+        return step, tree, user, state
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _index(index: Any) -> Any:
+    assert index is not None  # every device of a NamedSharding holds a block
+    return index
+
+
+def _differ(what: str, step: int) -> None:
+    raise DistckptError(
+        f"local {what} of step {step}: the processes passed different trees or step numbers; "
+        "every process must save the same tree (same paths, shapes, dtypes, shardings) at "
+        "the same step. Nothing was kept."
+    )
+
+
+def _layout_of(leaf: Any, spec: LeafSpec) -> dict | None:
+    """The layout of an array spread over processes (None: a value every process keeps)."""
+    if spec.kind not in (_tree.ARRAY, _tree.PRNG_KEY):
+        return None
+    data = jax.random.key_data(leaf) if spec.kind == _tree.PRNG_KEY else leaf
+    if data.is_fully_addressable:
+        return None
+    sharding = data.sharding
+    if not isinstance(sharding, NamedSharding) or not isinstance(sharding.mesh, Mesh):
+        raise TypeError(
+            f"{spec.display}: the local tier keeps arrays laid out by a NamedSharding on a "
+            f"Mesh; this one has a {type(sharding).__name__}"
+        )
+    return {
+        "devices": [int(d.id) for d in sharding.mesh.devices.flat],
+        "mesh": list(sharding.mesh.devices.shape),
+        "axes": [str(a) for a in sharding.mesh.axis_names],
+        "spec": [list(p) if isinstance(p, tuple) else p for p in sharding.spec],
+        "memory_kind": sharding.memory_kind,
+    }
+
+
+def _sharding(layout: dict) -> NamedSharding:
+    by_id = {d.id: d for d in jax.devices()}
+    devices = np.asarray([by_id[i] for i in layout["devices"]], dtype=object).reshape(
+        layout["mesh"]
+    )
+    spec = PartitionSpec(*(tuple(p) if isinstance(p, list) else p for p in layout["spec"]))
+    return NamedSharding(
+        Mesh(devices, tuple(layout["axes"])), spec, memory_kind=layout["memory_kind"]
+    )
+
+
+def _plan_dtype(spec: LeafSpec) -> Any:
+    return _plan.np_dtype(spec.array_dtype)
+
+
+def _distinct(arr: Any) -> list[tuple[Box, np.ndarray]]:
+    """The distinct blocks this process holds of ``arr``, as host copies."""
+    out: dict[Box, np.ndarray] = {}
+    for s in arr.addressable_shards:
+        box = _reshard.box_from_index(s.index, arr.shape)
+        if box not in out:
+            out[box] = np.array(s.data, copy=True)
+    return list(out.items())
+
+
+def _all_states(state: str | None) -> list[str | None] | None:
+    """Every process's pipeline state (JSON text), gathered through a collective."""
+    flag = multihost_utils.process_allgather(np.asarray([state is not None], np.int32))
+    if not np.asarray(flag).any():
+        return None
+    raw = (state or "").encode()
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int64))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(raw)] = np.frombuffer(raw, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    present = np.asarray(flag).ravel()
+    return [
+        everyone[p, : int(sizes[p])].tobytes().decode() if present[p] else None
+        for p in range(len(sizes))
+    ]
+
+
+def _broadcast_bytes(raw: bytes, source: int) -> bytes:
+    """``raw`` of process ``source``, on every process (through a collective)."""
+    if jax.process_count() == 1:
+        return raw
+    is_source = jax.process_index() == source
+    size = multihost_utils.broadcast_one_to_all(
+        np.asarray([len(raw)], np.int64), is_source=is_source
+    )
+    buf = np.zeros(int(np.asarray(size)[0]), np.uint8)
+    if is_source:
+        buf[:] = np.frombuffer(raw, np.uint8)
+    out = multihost_utils.broadcast_one_to_all(buf, is_source=is_source)
+    return np.asarray(out).tobytes()
+
+
+def _candidates(inventories: list[dict[str, str]]) -> list[dict]:
+    """Steps newest first, each with the processes whose copy of it agrees with the most."""
+    by_step: dict[int, dict[str, list[int]]] = {}
+    for p, inv in enumerate(inventories):
+        for name, digest in inv.items():
+            by_step.setdefault(int(name), {}).setdefault(digest, []).append(p)
+    out = []
+    for step in sorted(by_step, reverse=True):
+        digests = by_step[step]
+        best = max(digests.values(), key=len)
+        out.append({"step": step, "holders": sorted(best)})
+    return out
+
+
+def _coverage(st: _local.Step, available: set[int]) -> dict:
+    """Whether the processes in ``available`` hold every block of every array."""
+    peers: list[list[int]] = st.extra["peers"]
+    copied = set(st.extra["copied"])
+    for i, (spec, layout) in enumerate(zip(st.leaves, st.layouts, strict=True)):
+        if layout is None or not spec.stored:
+            continue
+        sharding = _sharding(layout)
+        holders: dict[Box, set[int]] = {}
+        for d, index in sharding.devices_indices_map(spec.array_shape).items():
+            box = _reshard.box_from_index(index, spec.array_shape)
+            p = d.process_index  # type: ignore[attr-defined]
+            holders.setdefault(box, set()).add(p)
+            if i in copied:
+                holders[box].update(peers[p])
+        for box, who in holders.items():
+            if not who & available:
+                return {
+                    "recover": False,
+                    "reason": f"{spec.display} box {[list(r) for r in box]}: every copy was on "
+                    f"processes {sorted(who)}, none of which has it now",
+                }
+    return {"recover": True, "reason": ""}
+
+
+def _from_copies(
+    arr: Any,
+    leaf: int,
+    sharding: NamedSharding,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    peers: list[list[int]],
+    available: set[int],
+    by_owner: dict,
+    st: _local.Step | None,
+    pid: int,
+) -> tuple[Any, int]:
+    """``arr`` with the blocks of processes that lost their copy taken from their peers'."""
+    result = arr
+    received = 0
+    have = pid in available
+    for k in range(1, len(peers[0]) + 1):
+        ring = tuple(p[k - 1] for p in peers)
+        moved_sharding = _replicate.peer_sharding(sharding, ring)
+        sender = ring.index(pid)
+        shards = []
+        for d, index in moved_sharding.addressable_devices_indices_map(shape).items():
+            box = _reshard.box_from_index(_index(index), shape)
+            block = by_owner.get((leaf, sender, box)) if have else None
+            data = (
+                st.read(block)
+                if block is not None and st is not None
+                else np.zeros(_reshard.box_shape(box), dtype)
+            )
+            shards.append(jax.device_put(data, d))
+        held = jax.make_array_from_single_device_arrays(shape, moved_sharding, shards)
+        back = jax.device_put(held, sharding)  # the collective: every block home again
+        if not have and ring[pid] in available and result is arr:
+            result = back
+            received = sum(s.data.nbytes for s in back.addressable_shards)
+    return result, received
+
+
+def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tuple[Any, int]:
+    """``arr`` with the blocks of processes that lost their copy taken from a replica on a
+    process that kept its own (all-gather over the mesh axes the layout leaves unused)."""
+    mesh = sharding.mesh
+    used = {a for p in sharding.spec if p is not None for a in ((p,) if isinstance(p, str) else p)}
+    free = tuple(a for a in mesh.axis_names if a not in used)
+    procs = np.vectorize(lambda d: d.process_index, otypes=[np.int32])(mesh.devices)
+    good = np.isin(procs, sorted(available)).astype(np.int32)
+    flags = jax.make_array_from_callback(
+        good.shape, NamedSharding(mesh, PartitionSpec(*mesh.axis_names)), lambda i: good[i]
+    )
+
+    def pick(x: Any, f: Any) -> Any:
+        xs = jax.lax.all_gather(x, free)
+        fs = jax.lax.all_gather(f.reshape(()), free).reshape(-1)
+        return xs.reshape(-1, *x.shape)[jnp.argmax(fs)]
+
+    fixed = jax.jit(
+        jax.shard_map(
+            pick,
+            mesh=mesh,
+            in_specs=(sharding.spec, PartitionSpec(*mesh.axis_names)),
+            out_specs=sharding.spec,
+            check_vma=False,  # every replica picks the same block: replicated by construction
+        )
+    )(arr, flags)
+    received = (
+        0
+        if jax.process_index() in available
+        else sum(s.data.nbytes for s in fixed.addressable_shards)
+    )
+    return fixed, received
+
+
+def _values(
+    st: _local.Step, by_owner: dict, mine: _local.Step | None, available: set[int], pid: int
+) -> dict[int, np.ndarray]:
+    """Every value every process kept whole: the lowest available process's, on all."""
+    source = min(available)
+    out: dict[int, np.ndarray] = {}
+    for i, spec in enumerate(st.leaves):
+        if not spec.stored or st.layouts[i] is not None:
+            continue
+        if pid == source and mine is not None:
+            value = mine.read(mine.blocks[mine.values[i]])
+        else:
+            value = np.zeros(spec.array_shape, _plan_dtype(spec))
+        out[i] = value
+    if jax.process_count() > 1 and out:
+        got = multihost_utils.broadcast_one_to_all(out, is_source=pid == source)
+        out = {int(k): np.asarray(v) for k, v in got.items()}
+    return out
+
+
+def _put_host(host: np.ndarray, sharding: Any) -> Any:
+    return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+
+def _place(
+    st: _local.Step,
+    arrays: dict[int, Any],
+    values: dict[int, np.ndarray],
+    target: Any,
+    partial: bool,
+) -> Any:
+    """The restored tree: ``target``'s leaves from the saved ones (as ``restore`` matches)."""
+    if target is None:
+        raise TreeMismatchError(
+            "a local-tier restore needs a target (distckpt.abstract_like of your state)"
+        )
+    items, treedef = _tree.flatten(target)
+    wants, problems = _match.match(st.leaves, items, partial=partial, cast=False)
+    if problems:
+        raise _match.mismatch(str(st.path), problems, what="local step")
+    out: list[Any] = [None] * len(items)
+    for w in wants:
+        spec = st.leaves[w.leaf]
+        if w.mode == _match.Mode.VALUE:
+            out[w.index] = w.value
+            continue
+        if w.leaf in arrays:
+            arr = arrays[w.leaf]
+            if w.sharding is None:  # a host value
+                arr = np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+            elif arr.sharding != w.sharding:
+                arr = jax.device_put(arr, w.sharding)
+        else:
+            host = values[w.leaf]
+            arr = host if w.sharding is None else _put_host(host, w.sharding)
+        if w.mode == _match.Mode.KEY:
+            arr = jax.random.wrap_key_data(arr, impl=spec.impl)
+        out[w.index] = arr
+    return jax.tree_util.tree_unflatten(treedef, out)
