@@ -93,6 +93,15 @@ def chunk_index(boxes: tuple[Box, ...]) -> ChunkIndex:
     return ChunkIndex(boxes)
 
 
+_data_lock = threading.Lock()
+_data_bytes = 0
+
+
+def data_bytes_read() -> int:
+    """Bytes of chunk data this process has read from checkpoints so far."""
+    return _data_bytes
+
+
 def read_ranges(
     reader: Reader,
     ranges: Sequence[ReadRange],
@@ -120,6 +129,9 @@ def read_ranges(
         return buf[:nbytes]
 
     def one(r: ReadRange) -> list[str]:
+        global _data_bytes
+        with _data_lock:
+            _data_bytes += r.nbytes
         fresh = any((c.file, c.offset) in adopt for c in r.chunks)
         try:
             buf = reader.read(r.file, r.offset, r.nbytes, out=None if fresh else scratch(r.nbytes))

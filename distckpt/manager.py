@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from distckpt import (
@@ -22,9 +24,12 @@ from distckpt import (
     _inspect,
     _knobs,
     _layout,
+    _localtier,
     _location,
     _multihost,
     _preemption,
+    _procstate,
+    _read,
     _retention,
     _runtime,
     _stage,
@@ -46,7 +51,18 @@ from distckpt.errors import (
 
 log = logging.getLogger("distckpt")
 
-__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointManager", "forward_signal"]
+__all__ = ["PREEMPTED_EXIT_CODE", "CheckpointManager", "RestoreStats", "forward_signal"]
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    """Where the last ``CheckpointManager.restore`` on this process found its bytes."""
+
+    step: int
+    tier: Literal["local", "persistent"]
+    local_bytes: int  # read from this process's local directory
+    peer_bytes: int  # received from other processes' copies, through collectives
+    persistent_bytes: int  # chunk bytes read from the persistent tier
 
 
 class CheckpointManager:
@@ -73,6 +89,17 @@ class CheckpointManager:
         steps to a second location in the background (docs/manager.md).
       compression, compression_level: ``"zstd"`` compresses every save's
         chunks (see ``distckpt.save``).
+      local_directory: a host-local path (``/dev/shm/run1``, a local NVMe) for
+        the local tier, each process its own: ``save`` also keeps every
+        ``local_save_interval_steps``-th step there, each block on
+        ``local_copies`` hosts (peers get copies through the job's
+        collectives), the newest ``local_max_to_keep`` steps; ``restore()``
+        without a step resumes from it when it holds a whole step newer than
+        the persistent tier's latest (docs/local_tier.md). Local saves block
+        until written (no async yet).
+      local_host: which host this process runs on, as the local tier tells
+        hosts apart (default: ``DISTCKPT_HOST``, SLURM's node index, or the
+        host name).
 
     The most recent step is always kept, whatever the rules, so a job can
     resume. With neither ``max_to_keep`` nor ``keep_best``, every step is kept.
@@ -110,6 +137,11 @@ class CheckpointManager:
         backup_best: bool = False,
         compression: str | None = None,
         compression_level: int = 3,
+        local_directory: str | os.PathLike[str] | None = None,
+        local_save_interval_steps: int | None = None,
+        local_max_to_keep: int = 2,
+        local_copies: int = 2,
+        local_host: str | None = None,
     ):
         self.retention = _retention.Retention(
             max_to_keep, keep_every_n_steps, best_metric, best_mode, keep_best
@@ -117,6 +149,7 @@ class CheckpointManager:
         for name, value in [
             ("save_interval_steps", save_interval_steps),
             ("storage_budget_bytes", storage_budget_bytes),
+            ("local_save_interval_steps", local_save_interval_steps),
         ]:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -141,6 +174,19 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._closed = False
         self._pool = _stage.HostPool()  # host buffers reused by consecutive async saves
+        self.last_restore_stats: RestoreStats | None = None
+        self._local: _localtier.LocalTier | None = None
+        if local_directory is not None:
+            self._local = _localtier.LocalTier(
+                local_directory,
+                copies=local_copies,
+                keep=local_max_to_keep,
+                host=local_host,
+                timeout_s=self.timeout_s,
+            )
+        elif local_save_interval_steps is not None:
+            raise ValueError("local_save_interval_steps needs local_directory")
+        self.local_save_interval_steps = local_save_interval_steps or 1
 
         coll = _multihost.Collective("manager", self.directory, self.timeout_s)
         # The barrier of this first phase guarantees that no process is still
@@ -223,9 +269,15 @@ class CheckpointManager:
             )
         step = _retention.check_step(step)
         metrics = _retention.check_metrics(metrics)  # before anything is written
+        local = self._local is not None and (force or step % self.local_save_interval_steps == 0)
         if not force and not self.should_save(step):
-            return False
+            if local:
+                self.wait_until_finished()
+                self._save_local(step, tree, metadata, metrics, pipeline)
+            return local
         self.wait_until_finished()
+        if local:
+            self._save_local(step, tree, metadata, metrics, pipeline)
         if step in self._steps and not overwrite:
             raise CheckpointExistsError(
                 f"step {step} is already committed in {self.directory} (steps: {self.all_steps()}); "
@@ -278,6 +330,23 @@ class CheckpointManager:
             self._finish(job, step, committed)
             self._raise_pending()
         return True
+
+    def _save_local(
+        self, step: int, tree: Any, metadata: Any, metrics: dict | None, pipeline: Any
+    ) -> None:
+        """The local tier's save of ``step`` (blocking: host copies and local writes)."""
+        assert self._local is not None
+        state = None
+        if pipeline is not None:
+            state = _procstate.capture(pipeline, _multihost.process_index()).decode()
+        with _runtime.paused_gc():
+            self._local.save(
+                step,
+                tree,
+                extra={"user_metadata": metadata, "metrics": metrics},
+                pipeline_state=state,
+            )
+        log.info("saved step %d to the local tier at %s", step, self._local.directory)
 
     def wait_until_finished(self) -> None:
         """Blocks until the background save is committed; raises its error, if any."""
@@ -413,6 +482,31 @@ class CheckpointManager:
         step was restored.
         """
         self.wait_until_finished()
+        if step is None and self._local is not None:
+            recovered = self._local.recover(target, newer_than=self.latest_step(), partial=partial)
+            if recovered is not None:
+                found, tree, _, state = recovered
+                if pipeline is not None and state is not None:
+                    _procstate.restore_into(pipeline, state)
+                assert self._local.last_recovery is not None
+                r = self._local.last_recovery
+                self.last_restore_stats = RestoreStats(
+                    found, "local", r.local_bytes, r.peer_bytes, 0
+                )
+                self.last_restored_step = found
+                log.info(
+                    "restored step %d from the local tier (%d bytes local, %d from peers)",
+                    found,
+                    r.local_bytes,
+                    r.peer_bytes,
+                )
+                return tree
+            log.info(
+                "the local tier holds no whole step newer than the persistent tier's latest "
+                "(%s); restoring from %s",
+                self.latest_step(),
+                self.directory,
+            )
         if step is None:
             candidates = sorted(self._steps, reverse=True)
             if not candidates:
@@ -421,6 +515,7 @@ class CheckpointManager:
             self._check_step(step)
             candidates = [step]
         for i, candidate in enumerate(candidates):
+            before = _read.data_bytes_read()
             try:
                 tree = _restore(
                     self.path(candidate),
@@ -447,6 +542,9 @@ class CheckpointManager:
                 )
                 continue
             self.last_restored_step = candidate
+            self.last_restore_stats = RestoreStats(
+                candidate, "persistent", 0, 0, _read.data_bytes_read() - before
+            )
             return tree
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -120,3 +120,108 @@ def test_both_copies_lost_gives_no_local_step(tmp_path):
     shutil.rmtree(Path(tmp_path) / "local0")
     shutil.rmtree(Path(tmp_path) / "local1")
     assert [r["step"] for r in _run("_w_recover", tmp_path, mesh_kind="fsdp", last=1)] == [None, None]
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
+    import os
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import distckpt
+
+    class Data:
+        def __init__(self):
+            self.position = 0
+
+        def get_state(self):
+            return {"position": self.position}
+
+        def set_state(self, state):
+            self.position = state["position"]
+
+    state, full = _state("fsdp")
+    data = Data()
+    mgr = distckpt.CheckpointManager(
+        f"{tmp}/persistent",
+        save_interval_steps=4,
+        local_directory=f"{tmp}/local{jax.process_index()}",
+        local_save_interval_steps=1,
+        async_save=False,
+    )
+    if phase == "save":
+        for step in range(1, 7):
+            state = {**state, "w": state["w"] + 1}
+            data.position = 100 * step + jax.process_index()
+            mgr.save(step, state, pipeline=data)
+        mgr.close()
+        return {"persistent": mgr.all_steps()}
+    if hide_persistent:  # a restore that read the persistent tier would fail
+        if jax.process_index() == 0:
+            os.rename(f"{tmp}/persistent", f"{tmp}/hidden")
+        multihost_utils.sync_global_devices("hidden")
+    try:
+        tree = mgr.restore(None, distckpt.abstract_like(state), pipeline=data)
+    finally:
+        if hide_persistent:
+            multihost_utils.sync_global_devices("restored")
+            if jax.process_index() == 0:
+                os.rename(f"{tmp}/hidden", f"{tmp}/persistent")
+    step = mgr.last_restored_step
+    exact = all(
+        np.array_equal(np.asarray(s.data), (full + step)[s.index])
+        for s in tree["w"].addressable_shards
+    )
+    stats = mgr.last_restore_stats
+    mgr.close()
+    return {
+        "step": step,
+        "exact": exact,
+        "position": data.position,
+        "tier": stats.tier,
+        "local": stats.local_bytes,
+        "peer": stats.peer_bytes,
+        "persistent": stats.persistent_bytes,
+    }
+
+
+def test_a_manager_resumes_from_the_local_tier_and_falls_back_to_the_persistent_one(tmp_path):
+    saved = _run("_w_manager", tmp_path, phase="save")
+    assert saved[0]["persistent"] == [4]
+    # Same hosts restarted: step 6 from the local tier, no persistent byte read.
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
+    assert [r["position"] for r in back] == [600, 601]
+    # Host 1 replaced: its blocks and its pipeline state come from host 0's copies.
+    shutil.rmtree(tmp_path / "local1")
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
+    assert [r["position"] for r in back] == [600, 601]
+    assert back[1]["local"] == 0 and back[1]["peer"] > 0 and back[1]["persistent"] == 0
+
+
+def test_a_damaged_local_copy_is_not_used(tmp_path):
+    _run("_w_manager", tmp_path, phase="save")
+    blocks = tmp_path / "local0" / "step_6" / "blocks.bin"
+    raw = bytearray(blocks.read_bytes())
+    raw[5] ^= 0x20
+    blocks.write_bytes(bytes(raw))
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    # Host 0's copy of step 6 fails its checksum: everything it held comes from host 1.
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
+    assert back[0]["local"] == 0 and back[0]["peer"] > 0
+    assert [r["position"] for r in back] == [600, 601]
+
+
+def test_a_lost_pair_of_hosts_falls_back_to_the_persistent_tier(tmp_path):
+    _run("_w_manager", tmp_path, phase="save")
+    shutil.rmtree(tmp_path / "local0")
+    shutil.rmtree(tmp_path / "local1")
+    back = _run("_w_manager", tmp_path, phase="restore")
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(4, "persistent", True)] * 2
+    assert [r["position"] for r in back] == [400, 401]
+    assert all(r["persistent"] > 0 and r["local"] == 0 for r in back)
