@@ -36,9 +36,7 @@ def _w_save(tmp: str, mesh_kind: str, steps: list) -> dict:
     from distckpt._localtier import LocalTier
 
     state, _ = _state(mesh_kind)
-    tier = LocalTier(
-        f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30
-    )
+    tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
     for step in steps:
         state = jax.tree.map(lambda x: x + 1 if hasattr(x, "sharding") else x, state)
         tier.save(step, state, extra={"user_metadata": {"step": step}}, pipeline_state=None)
@@ -53,16 +51,15 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
     from distckpt._localtier import LocalTier
 
     state, full = _state(mesh_kind)
-    tier = LocalTier(
-        f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30
-    )
+    tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
     got = tier.recover(distckpt.abstract_like(state), newer_than=None)
     if got is None:
         return {"step": None}
     step, tree, extra, _ = got
     bump = len([s for s in (1, 2, 3) if s <= last])  # saves so far added 1 each
     exact_w = all(
-        np.array_equal(np.asarray(s.data), (full + bump)[s.index]) for s in tree["w"].addressable_shards
+        np.array_equal(np.asarray(s.data), (full + bump)[s.index])
+        for s in tree["w"].addressable_shards
     )
     exact_b = all(
         np.array_equal(
@@ -119,7 +116,10 @@ def test_both_copies_lost_gives_no_local_step(tmp_path):
     _run("_w_save", tmp_path, mesh_kind="fsdp", steps=[1])
     shutil.rmtree(Path(tmp_path) / "local0")
     shutil.rmtree(Path(tmp_path) / "local1")
-    assert [r["step"] for r in _run("_w_recover", tmp_path, mesh_kind="fsdp", last=1)] == [None, None]
+    assert [r["step"] for r in _run("_w_recover", tmp_path, mesh_kind="fsdp", last=1)] == [
+        None,
+        None,
+    ]
 
 
 # --------------------------------------------------------------------------- the manager
