@@ -19,7 +19,7 @@ planning, commit and index code. Only storage and coordination are stand-ins:
   barrier, counting every client call by phase.
 
 It reports the four numbers of issue 15 against their targets (root record
-bytes, primary commit CPU time, index bytes read per restoring process,
+bytes, primary commit CPU time, index heads and sections read per restoring process,
 coordination operations per phase) and how each was found. Method, results
 and what grows with what: docs/scale_simulation.md.
 """

@@ -3,9 +3,10 @@
 Timings are never asserted: the full simulation (``make scale-sim``) reports
 them. What is checked here is that the stand-ins behave like what they
 replace (device boxes like ``NamedSharding``, the coordination stand-in
-like JAX's client on the paths ``Collective`` takes), that index sizes
-follow the formula, and that the 16-process run finds every box covered,
-reads the indexes the grids predict, and keeps the root record and the
+like JAX's client on the paths ``Collective`` takes), that index and head
+sizes follow the formula, and that the 16-process run (also with a section
+per (cell, leaf)) finds every box covered, reads the index heads and
+sections the grids and heads predict, and keeps the root record and the
 coordination calls within their bounds.
 """
 
