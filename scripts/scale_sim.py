@@ -19,7 +19,7 @@ planning, commit and index code. Only storage and coordination are stand-ins:
   barrier, counting every client call by phase.
 
 It reports the four numbers of issue 15 against their targets (root record
-bytes, primary commit CPU time, index bytes read per restoring process,
+bytes, primary commit CPU time, index heads and sections read per restoring process,
 coordination operations per phase) and how each was found. Method, results
 and what grows with what: docs/scale_simulation.md.
 """
@@ -347,14 +347,12 @@ def process_boxes(layout: Layout, spec: Spec, shape: tuple[int, ...], r: int) ->
 # --------------------------------------------------------------------------- the save
 
 
-def index_size(
-    process: int, files: Sequence[str], records: int, bound_count: int, wide: bool
-) -> int:
-    """The exact size of a chunk index, from its record count (docs/format.md: fixed width).
+def head_size(process: int, files: Sequence[str], records: int, wide: bool, sections: int) -> int:
+    """The exact size of a chunk index's head (docs/format.md: fixed width).
 
-    ``16 + pad8(len(header)) + 28 * records + (4 or 8) * bound_count``, the
-    header being the JSON ``_index.encode_index`` writes; ``bound_count`` is
-    two bounds per dimension per record.
+    ``16 + pad8(len(header)) + 20 * sections``, the header being the JSON
+    ``_index.encode_index`` writes (the process number and the file names
+    are in it).
     """
     header = json.dumps(
         {
@@ -362,12 +360,36 @@ def index_size(
             "files": sorted(files),
             "records": records,
             "bounds": "<i8" if wide else "<i4",
-            "bound_count": bound_count,
+            "sections": sections,
         },
         separators=(",", ":"),
     ).encode()
-    head = len(_index.MAGIC) + 8 + len(header) + (-len(header) % 8)
-    return head + _index.RECORD.itemsize * records + (8 if wide else 4) * bound_count
+    return (
+        len(_index.MAGIC)
+        + 8
+        + len(header)
+        + (-len(header) % 8)
+        + _index.SECTION.itemsize * sections
+    )
+
+
+def index_size(
+    process: int,
+    files: Sequence[str],
+    records: int,
+    bound_count: int,
+    wide: bool,
+    sections: int,
+) -> int:
+    """The exact size of a chunk index: its head, then its sections' records and boxes.
+
+    ``head_size + 32 * records + (4 or 8) * bound_count``; ``bound_count`` is
+    two bounds per dimension per record. How many sections the records make
+    depends on their order and sizes (``_index.SECTION_BYTES``), not on the
+    process: a group's members take their representative's.
+    """
+    body = _index.RECORD.itemsize * records + (8 if wide else 4) * bound_count
+    return head_size(process, files, records, wide, sections) + body
 
 
 @dataclass(frozen=True)
@@ -377,6 +399,7 @@ class Written:
     report: _commit.Report
     records: int
     bound_count: int
+    sections: int  # of its chunk index
     real: bool  # planned by _plan.plan_writes and encoded by _index.encode_index
     cpu: dict[str, float] = field(default_factory=dict)  # real ones: planning CPU seconds
 
@@ -388,10 +411,11 @@ class SaveSim:
     same chunks and files (chunk shapes and file packing depend only on
     shard shapes and sizes), so one representative per such group is
     planned for real and the others' record counts, files and index sizes
-    follow from it (``index_size``). Any process can be planned and encoded
-    for real on demand (``make_real``): the restore does that for every
-    writer whose index it reads, and every real one is checked against the
-    formula.
+    follow from it (``index_size``), as does their index's head: the same
+    records per (cell, leaf) make the same sections (``head``). Any process
+    can be planned and encoded for real on demand (``make_real``): the
+    restore does that for every writer whose index it reads, and every real
+    one is checked against the formula and what its group predicted.
     """
 
     def __init__(self, cfg: Config):
@@ -427,7 +451,9 @@ class SaveSim:
         self.digest_cpu = time.process_time() - began
         self.written: dict[int, Written] = {}
         self._encoded: dict[int, bytes] = {}
+        self._heads: dict[int, _index.IndexHead] = {}  # decoded (real) or derived
         self._groups: dict[tuple, int] = {}  # shard signature -> representative process
+        self.rep_of: dict[int, int] = {}  # process -> its group's representative
 
     @property
     def processes(self) -> int:
@@ -446,16 +472,19 @@ class SaveSim:
         ]
 
     def signature(self, p: int) -> tuple:
-        return tuple(
+        """What makes processes' indexes alike: their cells' shapes, in rank order, per
+        grid, and the width of their bounds."""
+        shapes = tuple(
             tuple(_reshard.box_shape(b) for b in cells.get(p, ())) for cells in self.cells.values()
         )
+        return shapes, self._max_bound(p) >= 1 << 31
 
     def derive_all(self) -> None:
         """Every process's report: planned for real per group, derived for the others."""
         for p in range(self.processes):
             sig = self.signature(p)
-            if sig not in self._groups:
-                self._groups[sig] = p
+            self.rep_of[p] = self._groups.setdefault(sig, p)
+            if self._groups[sig] == p:
                 self.make_real([p], check=True)
             elif p not in self.written:
                 self.written[p] = self._derive(p, self.written[self._groups[sig]])
@@ -468,13 +497,14 @@ class SaveSim:
         files = {
             _layout.data_file(p, s): n for s, n in enumerate(rep.report.files.values())
         }  # same segments and sizes, this process's names
-        wide = self._max_bound(p) >= 1 << 31
-        size = index_size(p, list(files), rep.records, rep.bound_count, wide)
+        wide = self._max_bound(p) >= 1 << 31  # the representative's: in the signature
+        size = index_size(p, list(files), rep.records, rep.bound_count, wide, rep.sections)
+        head = head_size(p, list(files), rep.records, wide, rep.sections)
         # Not encoded, so no checksum: a stand-in of the same width. A reader that
         # loaded this index would find it does not match, so the restore makes
         # real every index it reads before the commit.
         crc = crc32c.crc32c(f"index of process {p}, not encoded".encode())
-        index = IndexRef(p, _layout.index_file(p), size, crc, rep.records)
+        index = IndexRef(p, _layout.index_file(p), size, head, crc, rep.records)
         report = _commit.Report(
             process=p,
             files=files,
@@ -483,7 +513,35 @@ class SaveSim:
             planned_bytes=rep.report.planned_bytes,
             timing=_timing(p),
         )
-        return Written(report, rep.records, rep.bound_count, real=False)
+        return Written(report, rep.records, rep.bound_count, rep.sections, real=False)
+
+    def head(self, p: int) -> _index.IndexHead:
+        """Process ``p``'s index head: decoded from its encoded index (``_index.decode_head``)
+        if it is real, else derived from its group's representative's."""
+        found = self._heads.get(p)
+        if found is None:
+            found = self._heads[p] = self._derive_head(p)
+        return found
+
+    def _derive_head(self, p: int) -> _index.IndexHead:
+        """The head ``p``'s index would have: its representative's section table (the same
+        records per (cell, leaf) make the same sections, in the same order), after a
+        head of its own size, and its own files. The section checksums are the
+        representative's: a derived index has none of its own (see ``_derive``)."""
+        rep = self._heads[self.rep_of[p]]
+        w = self.written[p]
+        ref = w.report.index
+        assert (
+            ref is not None and rep.ref.nbytes - rep.ref.head_bytes == ref.nbytes - ref.head_bytes
+        )
+        files = sorted(w.report.files)
+        return dataclasses.replace(
+            rep,
+            ref=ref,
+            files=files,
+            file_bytes=np.asarray([w.report.files[f] for f in files], np.uint64),
+            starts=rep.starts + (ref.head_bytes - rep.ref.head_bytes),
+        )
 
     def _max_bound(self, p: int) -> int:
         return max(
@@ -513,14 +571,19 @@ class SaveSim:
             )
             t1 = time.process_time()
             records = _records(p, files)
-            raw = _index.encode_index(p, records)
+            raw = _index.encode_index(p, records, self.grids)
             t2 = time.process_time()
             problems = _index.check_own_writes(self.grids, shards, p) if check else []
             t3 = time.process_time()
             if problems:
                 raise AssertionError(f"process {p}: check_own_writes found {problems[:3]}")
-            # What _chunks.write_index records about the index it writes.
-            index = IndexRef(p, _layout.index_file(p), len(raw), crc32c.crc32c(raw), len(records))
+            # What _chunks.write_index records about the index it writes, and its
+            # head as a reader decodes it.
+            index = _index.make_ref(p, _layout.index_file(p), raw)
+            head = _index.decode_head(
+                raw[: index.head_bytes], index, {fw.name: fw.nbytes for fw in files}
+            )
+            sections = len(head.sections)
             bound_count = sum(2 * len(c.box) for c in records)
             report = _commit.Report(
                 process=p,
@@ -531,21 +594,23 @@ class SaveSim:
                 timing=_timing(p),
             )
             wide = self._max_bound(p) >= 1 << 31
-            formula = index_size(p, list(report.files), len(records), bound_count, wide)
-            if formula != len(raw):
-                raise AssertionError(f"process {p}: index_size gives {formula}, encoded {len(raw)}")
-            if derived is not None and (
-                derived.report.files != report.files
-                or derived.report.index is None
-                or derived.report.index.nbytes != len(raw)
-                or derived.report.planned_bytes != report.planned_bytes
-            ):
-                raise AssertionError(f"process {p}: derived from its group, but planned otherwise")
+            formula = index_size(p, list(report.files), len(records), bound_count, wide, sections)
+            formula_head = head_size(p, list(report.files), len(records), wide, sections)
+            if (formula, formula_head) != (len(raw), index.head_bytes):
+                raise AssertionError(
+                    f"process {p}: index_size and head_size give {formula} and {formula_head}, "
+                    f"encoded {len(raw)} with a head of {index.head_bytes}"
+                )
+            if derived is not None:
+                _check_derived(p, derived, self._derive_head(p), report, head)
             self._encoded[p] = raw
+            self._heads[p] = head
             cpu = {"plan_writes": t1 - t0, "encode_index": t2 - t1}
             if check:
                 cpu["check_own_writes"] = t3 - t2
-            self.written[p] = Written(report, len(records), bound_count, real=True, cpu=cpu)
+            self.written[p] = Written(
+                report, len(records), bound_count, sections, real=True, cpu=cpu
+            )
 
     def index_bytes(self, p: int) -> bytes:
         """Process ``p``'s encoded index (planned for real if it was not yet)."""
@@ -555,6 +620,33 @@ class SaveSim:
 
     def reports(self) -> list[_commit.Report]:
         return [self.written[p].report for p in range(self.processes)]
+
+
+def _check_derived(
+    p: int,
+    derived: Written,
+    derived_head: _index.IndexHead,
+    report: _commit.Report,
+    head: _index.IndexHead,
+) -> None:
+    """Raises unless what ``p``'s group predicted of it is what planning and encoding it
+    gave: files and sizes, index size, head size, record count, and the section table
+    (keys, record counts, sizes, offsets) a reader uses to find its records."""
+    ref, want = derived.report.index, report.index
+    assert ref is not None and want is not None
+    if (
+        derived.report.files != report.files
+        or derived.report.planned_bytes != report.planned_bytes
+        or (ref.nbytes, ref.head_bytes, ref.chunks) != (want.nbytes, want.head_bytes, want.chunks)
+        or derived_head.files != head.files
+        or not np.array_equal(derived_head.file_bytes, head.file_bytes)
+        or derived_head.bound_type != head.bound_type
+        or not np.array_equal(derived_head.keys, head.keys)
+        or not np.array_equal(derived_head.starts, head.starts)
+        or not np.array_equal(derived_head.sections["records"], head.sections["records"])
+        or not np.array_equal(derived_head.sections["nbytes"], head.sections["nbytes"])
+    ):
+        raise AssertionError(f"process {p}: derived from its group, but planned otherwise")
 
 
 def _cells_by_process(grid: Grid) -> dict[int, list[Box]]:
@@ -658,7 +750,7 @@ class IndexServer(Reader):
     """The attempt's files, in memory: serves the chunk indexes the save encoded.
 
     Only index files are read by ``ChunkTable``; data files are never asked
-    for (the simulation has no data). Counts what it serves.
+    for (the simulation has no data). Logs every read it serves.
     """
 
     display = "sim://checkpoint/attempt"
@@ -666,8 +758,7 @@ class IndexServer(Reader):
     def __init__(self, sim: SaveSim):
         self.sim = sim
         self.names = {_layout.index_file(p): p for p in range(sim.processes)}
-        self.reads: Counter[str] = Counter()
-        self.bytes_served = 0
+        self.log: list[tuple[str, int, int]] = []  # (name, offset, bytes) of each read
 
     def read(
         self, name: str, offset: int, nbytes: int, out: np.ndarray | None = None
@@ -677,8 +768,7 @@ class IndexServer(Reader):
         data = np.frombuffer(self.sim.index_bytes(self.names[name]), np.uint8)
         if offset + nbytes > data.size:
             raise CorruptCheckpointError(f"{self.display}/{name} is short", [name])
-        self.reads[name] += 1
-        self.bytes_served += nbytes
+        self.log.append((name, offset, nbytes))
         part = data[offset : offset + nbytes]
         if out is not None:
             out[:nbytes] = part
@@ -694,27 +784,93 @@ class IndexServer(Reader):
 
 
 class RestoreSim:
-    """One restore layout: what each restoring process needs, and whose indexes that reads."""
+    """One restore layout: what each restoring process needs, and what of the indexes
+    that reads.
+
+    A restoring process reads, of each writer whose cells its boxes overlap,
+    the index's head, then the sections holding the (cell, leaf) keys of
+    those cells, near ones in one read (``ChunkTable.prefetch``). What that
+    reads depends on the writer's section table and on which of its cells
+    the process needs, by class of alike leaves: ``needs`` gives the second,
+    ``SaveSim.head`` the first, and ``_index.IndexHead.sections_for`` and
+    ``_chunks._runs``, the functions ``ChunkTable`` calls, the rest.
+    """
 
     def __init__(self, sim: SaveSim, layout: Layout):
         self.sim, self.layout = sim, layout
         self.targets = [(p.shape, layout.spec_of(p)) for p in sim.params]
-        # Leaves alike in the save and in the target need the same writers.
-        self.classes = list(dict.fromkeys(zip(sim.keys, self.targets, strict=True)))
+        # Leaves alike in the save and in the target need the same cells.
+        pairs = list(zip(sim.keys, self.targets, strict=True))
+        self.classes = list(dict.fromkeys(pairs))
+        number = {c: i for i, c in enumerate(self.classes)}
+        self.leaves_of: list[list[int]] = [[] for _ in self.classes]
+        for leaf, c in enumerate(pairs):
+            self.leaves_of[number[c]].append(leaf)
+        self._sections: dict[tuple[int, bytes], list[int]] = {}  # (representative, need)
+        self._reads: dict[tuple[int, bytes], dict[str, int]] = {}  # (writer, need)
 
     def boxes(self, r: int, leaf: int) -> list[Box]:
         shape, spec = self.targets[leaf]
         return process_boxes(self.layout, spec, shape, r)
 
-    def writers(self, r: int) -> set[int]:
-        """The processes whose indexes ``r`` reads: the owners of its boxes in the save's
-        grids (``Grid.owners_in``, the rule ``ChunkTable`` follows)."""
-        out: set[int] = set()
-        for save_key, (shape, spec) in self.classes:
+    def needs(self, r: int) -> dict[int, bytes]:
+        """For each writer whose index ``r`` reads, which of its cells ``r`` needs: its
+        ``(class, cell rank)`` pairs (``Grid.cells_in`` of ``r``'s boxes, the rule
+        ``ChunkTable.prefetch`` follows), sorted, as bytes (a key for the caches)."""
+        assert len(self.classes) < 1 << 8 and self.sim.processes < 1 << 23  # the packing below
+        parts = []
+        for c, (save_key, (shape, spec)) in enumerate(self.classes):
             grid = self.sim.grid_of[save_key]
             for box in process_boxes(self.layout, spec, shape, r):
-                out.update(_owners_in(grid, box))
-        return out
+                cells = _cells_in(grid, box)  # (owner, rank) rows
+                parts.append((cells[:, 0] << 40) | (c << 32) | cells[:, 1])
+        keys = np.unique(np.concatenate(parts))
+        owners = keys >> 40
+        cuts = np.flatnonzero(np.diff(owners)) + 1
+        starts = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), len(keys)]
+        low = keys & ((1 << 40) - 1)
+        return {int(owners[a]): low[a:b].tobytes() for a, b in zip(starts, ends, strict=True)}
+
+    def writers(self, r: int) -> set[int]:
+        """The processes whose indexes ``r`` reads: the owners of its boxes' cells."""
+        return set(self.needs(r))
+
+    def index_reads(self, w: int, need: bytes) -> dict[str, int]:
+        """What ``ChunkTable.prefetch`` reads of writer ``w``'s index for these cells:
+        its head, then the sections holding their (cell, leaf) keys, in runs."""
+        found = self._reads.get((w, need))
+        if found is None:
+            head = self.sim.head(w)
+            numbers = self._section_numbers(self.sim.rep_of[w], need)
+            sizes = head.sections["nbytes"]
+            runs = _chunks._runs(numbers, head.starts, sizes)
+            section_bytes = sum(
+                int(head.starts[run[-1]]) + int(sizes[run[-1]]) - int(head.starts[run[0]])
+                for run in runs
+            )
+            found = self._reads[(w, need)] = {
+                "head_bytes": head.ref.head_bytes,
+                "section_bytes": section_bytes,
+                "sections": len(numbers),
+                "records_read": int(head.sections["records"][numbers].sum()),
+                "reads": 1 + len(runs),
+            }
+        return found
+
+    def _section_numbers(self, rep: int, need: bytes) -> list[int]:
+        """The sections holding these cells' keys, in the representative's section table
+        (every member of its group has the same table: ``_check_derived``)."""
+        found = self._sections.get((rep, need))
+        if found is None:
+            pairs = np.frombuffer(need, np.int64)
+            keys = [
+                (int(k & 0xFFFFFFFF), leaf)
+                for k in pairs.tolist()
+                for leaf in self.leaves_of[k >> 32]
+            ]
+            found = self._sections[(rep, need)] = self.sim.head(rep).sections_for(keys)
+        return found
 
     def cell_bytes(self, r: int) -> tuple[int, int]:
         """(bytes of the saved shards ``r``'s boxes overlap, bytes ``r`` needs).
@@ -742,19 +898,19 @@ class RestoreSim:
         return touched, needed
 
     def predicted(self, root_bytes: int) -> list[dict]:
-        """Every restoring process: its writers and metadata bytes (root + their indexes)."""
+        """Every restoring process: its writers and what it reads of their indexes
+        (metadata = root + heads + sections)."""
         out = []
         for r in range(self.layout.processes):
-            writers = self.writers(r)
-            index = sum(_index_nbytes(self.sim.written[w]) for w in writers)
-            out.append(
-                {
-                    "process": r,
-                    "writers": len(writers),
-                    "index_bytes": index,
-                    "metadata_bytes": root_bytes + index,
-                }
-            )
+            needs = self.needs(r)
+            row = {"process": r, "writers": len(needs)}
+            total: Counter[str] = Counter()
+            for w, need in needs.items():
+                total.update(self.index_reads(w, need))
+            row.update({k: total[k] for k in PREDICTED})
+            row["index_bytes"] = row["head_bytes"] + row["section_bytes"]
+            row["metadata_bytes"] = root_bytes + row["index_bytes"]
+            out.append(row)
         return out
 
     def sample(self, predicted: list[dict], count: int) -> list[int]:
@@ -765,15 +921,18 @@ class RestoreSim:
         return sorted({*spread, worst["process"]})
 
     def read(self, r: int, manifest: Manifest, server: IndexServer) -> dict:
-        """Finds the chunk records of every box ``r`` needs with the real ``ChunkTable``."""
+        """Finds the chunk records of every box ``r`` needs with the real ``ChunkTable``,
+        as restore does: ``prefetch`` of every (leaf, box), then the lookups."""
         table = _chunks.ChunkTable(manifest, server, server.display)
         wanted = [(leaf, self.boxes(r, leaf)) for leaf in range(len(self.sim.specs))]
-        server.reads.clear()
+        server.log.clear()
         before = _chunks.metadata_bytes_read()
         with _runtime.paused_gc():
             began = time.process_time()
+            table.prefetch((leaf, box) for leaf, boxes in wanted for box in boxes)
+            fetched = time.process_time()
             found = [[table.overlapping(leaf, box) for box in boxes] for leaf, boxes in wanted]
-            cpu = time.process_time() - began
+            cpu = time.process_time() - fetched
         index_bytes = _chunks.metadata_bytes_read() - before
         # What was found: every box covered exactly (ChunkTable refuses otherwise;
         # checked again here from the boxes), and what it would read.
@@ -793,23 +952,38 @@ class RestoreSim:
                     unique[(c.file, c.offset)] = c
         for c in unique.values():
             chunk_bytes += c.nbytes
-            records_bytes += _index.RECORD.itemsize + 4 * 2 * len(c.box)
+            width = self.sim.head(manifest.files[c.file]["process"]).bound_type.itemsize
+            records_bytes += _index.RECORD.itemsize + width * 2 * len(c.box)
+        heads = {
+            name: n
+            for name, offset, n in server.log
+            if offset == 0 and n == self.sim.head(server.names[name]).ref.head_bytes
+        }
         return {
             "process": r,
-            "indexes_read": len(server.reads),
+            "indexes_read": len(heads),
+            "reads": len(server.log),
             "index_bytes": index_bytes,
+            "head_bytes": sum(heads.values()),
+            "section_bytes": index_bytes - sum(heads.values()),
             "index_bytes_of_found_records": records_bytes,
             "records_found": len(unique),
             "data_bytes_needed": needed,
             "chunk_bytes_to_read": chunk_bytes,
+            "prefetch_cpu_s": fetched - began,
             "lookup_cpu_s": cpu,
-            "writers_read": sorted(server.names[n] for n in server.reads),
+            "writers_read": sorted({server.names[name] for name, _, _ in server.log}),
         }
 
 
+# What the prediction sums over a restoring process's writers (RestoreSim.index_reads).
+PREDICTED = ("head_bytes", "section_bytes", "sections", "records_read", "reads")
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def _owners_in(grid: Grid, box: Box) -> tuple[int, ...]:
-    return tuple(grid.owners_in(box))
+def _cells_in(grid: Grid, box: Box) -> np.ndarray:
+    """``grid.cells_in(box)`` as an int64 array of (owner, rank) rows."""
+    return np.asarray(grid.cells_in(box), np.int64).reshape(-1, 2)
 
 
 def _index_nbytes(w: Written) -> int:
@@ -1216,9 +1390,10 @@ def run(
         "processes"
     )
 
-    # Restore plans: whose indexes each restoring process reads (all of them, by the
-    # grids); the sampled ones' writers are planned and encoded for real before the
-    # commit, so that the indexes they read carry real checksums.
+    # Restore plans: what of whose indexes each restoring process reads (all of them,
+    # by the grids and the index heads); the sampled ones' writers are planned and
+    # encoded for real before the commit, so that the indexes they read carry real
+    # checksums (and their heads are the decoded ones, checked against the derived).
     restores = [RestoreSim(sim, layout) for layout in cfg.restores]
     plans = []
     for rs in restores:
@@ -1236,6 +1411,8 @@ def run(
 
     real = [sim.written[p] for p in range(sim.processes) if sim.written[p].real]
     index_sizes = [_index_nbytes(sim.written[p]) for p in range(sim.processes)]
+    head_sizes = [sim.head(p).ref.head_bytes for p in range(sim.processes) if index_sizes[p]]
+    sections = [sim.written[p].sections for p in range(sim.processes)]
     records = [sim.written[p].records for p in range(sim.processes)]
     data = [sum(sim.written[p].report.files.values()) for p in range(sim.processes)]
 
@@ -1263,7 +1440,8 @@ def run(
             for r in chosen:
                 m = rs.read(r, manifest, server)
                 expect = predicted[r]
-                if m["index_bytes"] != expect["index_bytes"] or m["writers_read"] != sorted(
+                compared = ("index_bytes", "head_bytes", "section_bytes", "reads")
+                if any(m[k] != expect[k] for k in compared) or m["writers_read"] != sorted(
                     rs.writers(r)
                 ):
                     raise AssertionError(
@@ -1287,6 +1465,7 @@ def run(
                     np.mean([row["metadata_bytes"] for row in predicted])
                 ),
                 "writers_max": max(row["writers"] for row in predicted),
+                "reads_max": max(row["reads"] for row in predicted),
             }
         )
         log(
@@ -1349,6 +1528,8 @@ def run(
             "p0": index_sizes[0],
             "total": sum(index_sizes),
         },
+        "index_head_bytes_per_process": {"min": min(head_sizes), "max": max(head_sizes)},
+        "index_sections_per_process": {"min": min(sections), "max": max(sections)},
         "data_bytes_per_process": {"min": min(data), "max": max(data)},
         "files": sum(len(sim.written[p].report.files) for p in range(sim.processes)),
         "planning_cpu_s_per_real_process": cpu_real,
@@ -1426,6 +1607,7 @@ def _value(t: dict, key: str) -> str:
 
 def report_lines(res: dict) -> list[str]:
     rec, idx = res["records_per_process"], res["index_bytes_per_process"]
+    head, sec = res["index_head_bytes_per_process"], res["index_sections_per_process"]
     out = [
         f"distckpt scale simulation ({res['config']}): save on {res['save']}",
         f"state: {res['leaves']} leaves, {res['params'] / 1e9:.2f} B params, "
@@ -1435,7 +1617,8 @@ def report_lines(res: dict) -> list[str]:
         f"{res['groups']} group(s) of alike ones; {res['real_plans']} planned and encoded for real",
         f"per writing process: {rec['min']}-{rec['max']} chunk records (p0 {rec['p0']}), "
         f"index {idx['min']}-{idx['max']} B (all {res['writing_processes']}: "
-        f"{_mb(idx['total'])}), data up to {_mb(res['data_bytes_per_process']['max'])}; "
+        f"{_mb(idx['total'])}; head {head['min']}-{head['max']} B, {sec['min']}-{sec['max']} "
+        f"sections), data up to {_mb(res['data_bytes_per_process']['max'])}; "
         f"{res['files']} data files",
         "planning CPU per writing process (mean of real ones): "
         + ", ".join(f"{k} {v:.3f} s" for k, v in res["planning_cpu_s_per_real_process"].items())
@@ -1460,8 +1643,9 @@ def report_lines(res: dict) -> list[str]:
         f"a restoring process's check and parse of the root (_commit.load): "
         f"{res['root_load_cpu_s']:.3f} s CPU",
         "",
-        f"{'restore layout':<20} {'how':<9} {'writers':>7} {'metadata max':>13} "
-        f"{'of which idx':>12} {'idx needed':>10} {'read/needed':>11} {'lookup CPU':>10}",
+        f"{'restore layout':<15} {'how':<9} {'writers':>7} {'metadata max':>12} "
+        f"{'heads':>9} {'sections':>9} {'needed':>9} {'reads':>5} {'read/needed':>11} "
+        f"{'lookup CPU':>10}",
     ]
     for row in res["restore"]:
         m, worst = row["measured"], row["predicted_max"]
@@ -1469,19 +1653,21 @@ def report_lines(res: dict) -> list[str]:
             needed = _mb(max(x["index_bytes_of_found_records"] for x in m))
             amp = max(x["chunk_bytes_to_read"] / x["data_bytes_needed"] for x in m)
             ratio = f"{amp:.2f}x"
-            cpu = f"{max(x['lookup_cpu_s'] for x in m):.2f} s"
+            cpu = f"{max(x['prefetch_cpu_s'] + x['lookup_cpu_s'] for x in m):.2f} s"
         else:
             needed, cpu = "-", "-"
             ratio = f"<={worst['shard_bytes_overlapped'] / worst['data_bytes_needed']:.0f}x"
         out.append(
-            f"{row['layout']:<20} {('measured' if m else 'predicted'):<9} {row['writers_max']:>7} "
-            f"{_mb(worst['metadata_bytes']):>13} {_mb(worst['index_bytes']):>12} {needed:>10} "
-            f"{ratio:>11} {cpu:>10}"
+            f"{row['layout']:<15} {('measured' if m else 'predicted'):<9} "
+            f"{row['writers_max']:>7} {_mb(worst['metadata_bytes']):>12} "
+            f"{_mb(worst['head_bytes']):>9} {_mb(worst['section_bytes']):>9} {needed:>9} "
+            f"{row['reads_max']:>5} {ratio:>11} {cpu:>10}"
         )
     out.append(
-        "  metadata = root + indexes, max over every restoring process (by the grids); "
-        "'measured': the sample read them through ChunkTable, as predicted; idx needed: "
-        "bytes of the records found; read/needed: chunk bytes to read over data bytes needed "
+        "  metadata = root + index heads + index sections, of the restoring process that "
+        "reads the most (by the grids and heads); 'measured': the sample read them through "
+        "ChunkTable.prefetch, as predicted; needed: bytes of the records found; reads: index "
+        "reads per process, at most; read/needed: chunk bytes to read over data bytes needed "
         "('<=': shard bytes overlapped, a bound)"
     )
     out.append("")

@@ -3,9 +3,10 @@
 Timings are never asserted: the full simulation (``make scale-sim``) reports
 them. What is checked here is that the stand-ins behave like what they
 replace (device boxes like ``NamedSharding``, the coordination stand-in
-like JAX's client on the paths ``Collective`` takes), that index sizes
-follow the formula, and that the 16-process run finds every box covered,
-reads the indexes the grids predict, and keeps the root record and the
+like JAX's client on the paths ``Collective`` takes), that index and head
+sizes follow the formula, and that the 16-process run (also with a section
+per (cell, leaf)) finds every box covered, reads the index heads and
+sections the grids and heads predict, and keeps the root record and the
 coordination calls within their bounds.
 """
 
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from distckpt import _layout
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "scale_sim.py"
 
@@ -34,6 +37,19 @@ def sim():
 @pytest.fixture(scope="module")
 def small(sim):
     return sim.run(sim.SMALL, coord=(4, 8, 16), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def sectioned(sim):
+    """The small run with a section per (cell, leaf) and one read per run of adjacent
+    sections: many sections, read in many runs (process 0's replicated leaves lie
+    between the records of its first cells)."""
+    from distckpt import _chunks, _index
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_index, "SECTION_BYTES", 1)
+        mp.setattr(_chunks, "GAP_BYTES", 0)
+        return sim.run(sim.SMALL, coord=(), log=lambda _: None)
 
 
 MESHES = [((8,), ("x",)), ((4, 2), ("x", "y")), ((2, 4), ("x", "y")), ((2, 2, 2), ("a", "b", "c"))]
@@ -100,47 +116,121 @@ def test_first_writers_give_the_grid_a_save_builds_from_real_devices(sim, mesh_s
         assert got.edges == expected.edges and (got.owners == expected.owners).all(), spec
 
 
-def test_the_index_size_formula_matches_the_encoder(sim):
+def _index_records(process, leaves):
+    """Chunk records of ``process`` and the grids of their leaves: ``leaves`` gives, per
+    leaf, its shape, its cells' boxes (all written by ``process``) and chunks per cell
+    (cut along the first dimension)."""
     from distckpt import _index
     from distckpt._plan import ChunkRecord
 
-    records = [
-        ChunkRecord(0, "p00003.s000.bin", 0, 4, 1, ()),
-        ChunkRecord(1, "p00003.s000.bin", 4, 24, 2, ((0, 2), (0, 3))),
-        ChunkRecord(2, "p00003.s001.bin", 0, 48, 3, ((0, 2), (1, 3), (0, 3))),
-    ]
-    wide = [*records, ChunkRecord(3, "p00003.s001.bin", 48, 8, 4, ((1 << 31, (1 << 31) + 2),))]
-    for recs, is_wide in ((records, False), (wide, True)):
-        files = sorted({c.file for c in recs})
-        bounds = sum(2 * len(c.box) for c in recs)
-        raw = _index.encode_index(3, recs)
-        assert sim.index_size(3, files, len(recs), bounds, is_wide) == len(raw)
+    grids, records = [], []
+    for leaf, (shape, cells, per_cell) in enumerate(leaves):
+        grids.append(_index.build_grid(shape, [(box, process) for box in cells]))
+        for cell, box in enumerate(cells):
+            for k in range(per_cell if box else 1):
+                part = box
+                if box:
+                    (lo, hi), *rest = box
+                    step = (hi - lo) // per_cell
+                    part = ((lo + k * step, lo + (k + 1) * step), *rest)
+                name = f"p{process:05d}.s00{(leaf + cell) % 2}.bin"
+                records.append(ChunkRecord(leaf, name, 64 * len(records), 8, leaf + k, part))
+    return records, grids
+
+
+INDEX_CASES = {
+    "narrow": [
+        ((), [()], 1),
+        ((4, 3), [((0, 2), (0, 3)), ((2, 4), (0, 3))], 2),
+        ((2, 4, 3), [((0, 2), (0, 4), (0, 3))], 2),
+        ((8, 6), [((0, 4), (0, 3)), ((0, 4), (3, 6)), ((4, 8), (0, 3)), ((4, 8), (3, 6))], 4),
+    ],
+    "wide": [((1 << 32,), [((0, 1 << 31),), ((1 << 31, 1 << 32),)], 4)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_CASES))
+@pytest.mark.parametrize("section_bytes", [4096, 100, 1])
+def test_the_index_size_formula_matches_the_encoder(sim, monkeypatch, case, section_bytes):
+    # One section (the default here), sections of a few (cell, leaf) groups, a
+    # section per group: the encoder decides the count, the formula takes it.
+    from distckpt import _index
+
+    monkeypatch.setattr(_index, "SECTION_BYTES", section_bytes)
+    wide = case == "wide"
+    counts = set()
+    for process in (3, 12345678):  # the process number is in the header, and its length
+        records, grids = _index_records(process, INDEX_CASES[case])
+        files = sorted({c.file for c in records})
+        bounds = sum(2 * len(c.box) for c in records)
+        raw = _index.encode_index(process, records, grids)
+        ref = _index.make_ref(process, _layout.index_file(process), raw)
+        head = _index.decode_head(raw[: ref.head_bytes], ref, {f: 1 << 40 for f in files})
+        count = len(head.sections)
+        counts.add(count)
+        groups = {(c.leaf, grids[c.leaf].cells_in(c.box)[0][1]) for c in records}
+        assert count == {4096: 1, 1: len(groups)}.get(section_bytes, count)
+        assert sim.head_size(process, files, len(records), wide, count) == ref.head_bytes
+        assert sim.index_size(process, files, len(records), bounds, wide, count) == len(raw)
+    assert len(counts) == 1  # the same records per (cell, leaf): the same sections
+    if section_bytes == 100 and not wide:
+        assert 1 < counts.pop() < len(groups)
 
 
 def test_every_writer_is_planned_for_real_and_matches_its_group(small):
     # Every small-run writer's index is read by the transposed layout, so all
     # are planned and encoded for real; SaveSim raised if any differed from
-    # what its group's representative predicted.
+    # what its group's representative predicted (files, sizes, head, section table).
     assert small["real_plans"] == 16
     assert small["groups"] >= 2  # the primary also writes the replicated leaves
     assert small["writing_processes"] == 16
     assert small["index_bytes_per_process"]["max"] == small["index_bytes_per_process"]["p0"]
+    heads = small["index_head_bytes_per_process"]
+    assert 16 + 20 <= heads["min"] <= heads["max"] < small["index_bytes_per_process"]["min"]
 
 
-def test_every_restoring_process_reads_what_the_grids_predict_and_finds_its_boxes(small):
-    assert [r["layout"] for r in small["restore"]] == ["fsdp8-tp8", "fsdp4-tp16", "fsdp8-tp8-T"]
-    for row in small["restore"]:
+def _check_restores(res):
+    assert [r["layout"] for r in res["restore"]] == ["fsdp8-tp8", "fsdp4-tp16", "fsdp8-tp8-T"]
+    for row in res["restore"]:
         assert row["real"]
         assert [m["process"] for m in row["measured"]] == list(range(8))
         for m in row["measured"]:
-            # run() raised if the indexes read differed from the prediction, and
+            # run() raised unless the sample read the heads, section bytes and
+            # number of reads predicted, of the writers predicted, and
             # RestoreSim.read if a box was not covered exactly.
             assert m["metadata_bytes"] <= row["predicted_max"]["metadata_bytes"]
-            assert 0 < m["index_bytes_of_found_records"] <= m["index_bytes"]
+            assert m["index_bytes"] == m["head_bytes"] + m["section_bytes"]
+            assert m["indexes_read"] == len(m["writers_read"])
+            assert m["reads"] > m["indexes_read"]  # a head, then at least one run of sections
+            assert 0 < m["index_bytes_of_found_records"] <= m["section_bytes"]
             assert m["chunk_bytes_to_read"] >= m["data_bytes_needed"] > 0
             assert 0 in m["writers_read"]  # the replicated leaves were written by process 0
-    same, wider, transposed = (row["writers_max"] for row in small["restore"])
+        worst = row["predicted_max"]
+        assert worst["reads"] <= row["reads_max"]
+        assert worst["records_read"] * 32 <= worst["section_bytes"]
+    same, wider, transposed = (row["writers_max"] for row in res["restore"])
     assert same == 3 and wider == 5 and transposed == 16  # 2 or 4 FSDP neighbours + process 0
+
+
+def test_every_restoring_process_reads_what_the_grids_predict_and_finds_its_boxes(small):
+    _check_restores(small)
+    for row in small["restore"]:
+        for m in row["measured"]:  # 4 KiB sections 64 KiB apart at most: one run per index
+            assert m["reads"] == 2 * m["indexes_read"]
+
+
+def test_sections_are_read_as_the_heads_predict_when_there_are_many(sectioned, small):
+    # A section per (cell, leaf), runs broken by any gap: the prediction
+    # from the grids and the (derived) heads must still match every read.
+    _check_restores(sectioned)
+    per_index = sectioned["index_sections_per_process"]
+    assert per_index["min"] > 10 * small["index_sections_per_process"]["max"]
+    for row, before in zip(sectioned["restore"], small["restore"], strict=True):
+        assert max(m["reads"] for m in row["measured"]) > 2 * row["writers_max"]
+        # Reading less of each index: the sections of the cells needed, no more.
+        fewer = row["predicted_max"]["section_bytes"] - before["predicted_max"]["section_bytes"]
+        if row["layout"] == "fsdp4-tp16":  # half of each neighbour's cells
+            assert fewer < 0
 
 
 def test_the_root_record_grows_with_leaves_files_and_processes_only(small, sim):
