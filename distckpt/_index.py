@@ -555,48 +555,55 @@ def decode_section(
             f"{int(table['offset'][bad])}..{int(ends[bad])} past the end of the file"
         )
     starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
-    out: dict[tuple[int, int], list[ChunkRecord]] = {}
-    flat = bounds.tolist()
-    group_starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-    for lo, hi in zip(group_starts.tolist(), [*group_starts[1:].tolist(), n], strict=True):
-        value, cell = int(leaf[lo]), int(table["cell"][lo])
-        rank = int(record_ranks[lo])
-        b0 = int(starts[lo])
-        boxes = bounds[b0 : b0 + 2 * rank * (hi - lo)].reshape(hi - lo, rank, 2)
-        grid = grids[value]
-        if grid is None:
-            raise ValueError(f"{where} has chunk records of leaf {value}, which has no grid")
+    # Every box inside the cell its record names, one check per grid: leaves saved
+    # alike share their Grid, so a section of many leaves needs few.
+    if any(grids[v] is None for v in np.unique(leaf).tolist()):
+        raise ValueError(f"{where} has chunk records of a leaf that has no grid")
+    by_grid: dict[int, list[int]] = {}
+    for i, value in enumerate(leaf.tolist()):
+        by_grid.setdefault(id(grids[value]), []).append(i)
+    for members in by_grid.values():
+        idx = np.asarray(members)
+        grid = grids[int(leaf[idx[0]])]
+        assert grid is not None
+        rank = len(grid.shape)
+        if rank:
+            columns = starts[idx][:, None] + np.arange(2 * rank)
+            boxes = bounds[columns].reshape(len(idx), rank, 2)
+        else:
+            boxes = np.zeros((len(idx), 0, 2), np.int64)
         owner, got = _containing_cells(grid, boxes)
-        if ((owner != head.ref.process) | (got != cell)).any():
+        outside = (owner != head.ref.process) | (got != table["cell"][idx])
+        if outside.any():
+            at = int(idx[int(np.argmax(outside))])
             raise ValueError(
-                f"{where} has a chunk box of leaf {value} outside its cell {cell} of process "
-                f"{head.ref.process} (or inverted)"
+                f"{where} has a chunk box of leaf {int(leaf[at])} outside its cell "
+                f"{int(table['cell'][at])} of process {head.ref.process}"
             )
         if rank and (boxes[..., 1] <= boxes[..., 0]).any():
-            raise ValueError(f"{where} has an empty or inverted chunk box of leaf {value}")
-        part = table[lo:hi]
-        out[(cell, value)] = [
-            ChunkRecord(
-                value,
-                head.files[f],
-                off,
-                size,
-                crc,
-                tuple(
-                    (flat[j], flat[j + 1])
-                    for j in range(b0 + k * 2 * rank, b0 + (k + 1) * 2 * rank, 2)
-                ),
-            )
-            for k, (f, off, size, crc) in enumerate(
-                zip(
-                    part["file"].tolist(),
-                    part["offset"].tolist(),
-                    part["nbytes"].tolist(),
-                    part["crc32c"].tolist(),
-                    strict=True,
-                )
-            )
-        ]
+            at = int(idx[int(np.argmax((boxes[..., 1] <= boxes[..., 0]).any(axis=1)))])
+            raise ValueError(f"{where} has an empty or inverted chunk box of leaf {int(leaf[at])}")
+    out: dict[tuple[int, int], list[ChunkRecord]] = {}
+    flat = bounds.tolist()
+    files = [head.files[f] for f in table["file"].tolist()]
+    offsets, sizes, crcs = (table[k].tolist() for k in ("offset", "nbytes", "crc32c"))
+    leaves, cells, ranks_list, begin = (
+        leaf.tolist(),
+        table["cell"].tolist(),
+        record_ranks.tolist(),
+        starts.tolist(),
+    )
+    for k in range(n):
+        b0, rank = begin[k], ranks_list[k]
+        record = ChunkRecord(
+            leaves[k],
+            files[k],
+            offsets[k],
+            sizes[k],
+            crcs[k],
+            tuple((flat[j], flat[j + 1]) for j in range(b0, b0 + 2 * rank, 2)),
+        )
+        out.setdefault((cells[k], leaves[k]), []).append(record)
     return out
 
 

@@ -117,11 +117,12 @@ class Manifest:
             names = [f["name"] for f in doc["files"]]
             indexed = version >= 3
             tables = [OwnerTable.from_json(t) for t in doc["owners"]] if indexed else []
+            alike: dict[tuple, Grid] = {}
             leaves, chunks, grids = [], [], []
             for i, e in enumerate(doc["leaves"]):
                 leaves.append(parse_leaf(e, compression=version >= 2))
                 if indexed:
-                    grids.append(_grid(leaves[-1], e, tables))
+                    grids.append(_grid(leaves[-1], e, tables, alike))
                     continue
                 chunks.append(
                     [
@@ -192,7 +193,9 @@ def parse_leaf(entry: dict, *, compression: bool = True) -> LeafSpec:
     )
 
 
-def _grid(spec: LeafSpec, entry: dict, tables: list[OwnerTable]) -> Grid | None:
+def _grid(
+    spec: LeafSpec, entry: dict, tables: list[OwnerTable], alike: dict[tuple, Grid]
+) -> Grid | None:
     """A version-3 leaf's shard grid (None for a leaf without stored data, or whose shape
     is not one: ``_commit`` refuses those)."""
     if not spec.stored:
@@ -206,10 +209,14 @@ def _grid(spec: LeafSpec, entry: dict, tables: list[OwnerTable]) -> Grid | None:
     owners = record["owners"]
     if not isinstance(owners, int) or not 0 <= owners < len(tables):
         raise ValueError(f"{spec.display}: grid names owner table {owners!r}, there is none")
-    try:
-        return Grid.from_json(shape, record["edges"], tables[owners])
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{spec.display}: {e}") from None
+    # Leaves saved alike share one Grid: parsed once, and checked once per index section.
+    key = (shape, json.dumps(record["edges"]), owners)
+    if key not in alike:
+        try:
+            alike[key] = Grid.from_json(shape, record["edges"], tables[owners])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{spec.display}: {e}") from None
+    return alike[key]
 
 
 def _structure(record: Any) -> list | None:
