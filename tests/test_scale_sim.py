@@ -176,6 +176,17 @@ def test_coordination_calls_per_process_do_not_grow_with_the_process_count(small
     assert abs(runs[-1]["primary_commit"]["root_bytes"] - small["root_bytes"]) <= 64
 
 
+def test_the_commit_phase_shares_a_summary_that_does_not_grow_with_the_process_count(small):
+    # In the commit phase every process reads the primary's SaveStats once:
+    # a summary (total, largest process, files, timings) of the same size at
+    # 4 and 16 processes but for the digits of its numbers, not a list of N
+    # byte counts (N x N numbers in all). The 16-process run shares what the
+    # real commit built, the others a summary of the reports' sizes.
+    runs = small["coordination"]
+    each = [c["phases"]["commit"]["received_bytes"] / c["processes"] for c in runs]
+    assert max(each) - min(each) <= 16, each
+
+
 def test_the_result_is_json_and_names_every_target(small):
     json.dumps(small)
     names = [t["target"] for t in small["targets"]]
