@@ -278,7 +278,10 @@ class SaveJob:
         assert self.prepared is not None and self.staged is not None, "start() first"
         prepared, staged = self.prepared, self.staged
         try:
-            self.coll.run("write", lambda: self._write(prepared, staged))
+            # The primary's listing after the write barrier also brings every
+            # report (and pipeline state): the commit phase reads none of them
+            # again, one call fewer there (3N + 2, not 3N + 3).
+            self.coll.run("write", lambda: self._write(prepared, staged), collect_blobs=True)
             stats = self.coll.run(
                 "commit", lambda: self._commit(prepared, staged.grids), last=True, share=True
             )

@@ -1117,7 +1117,7 @@ def coordinate_save(
             disagree=disagree,
         )
         assert shared["attempt"] == attempt
-        coll.run("write", _phased(client, "write", write))
+        coll.run("write", _phased(client, "write", write), collect_blobs=True)
         stats = coll.run("commit", _phased(client, "commit", commit), last=True, share=True)
         _save.SaveStats(**stats)  # the summary every process returns, whatever n
 
