@@ -274,7 +274,16 @@ def test_a_phase_costs_at_most_4n_calls_at_the_coordination_service(tmp_path, pr
     # At most 4N per phase (issue 15), at 2 processes too.
     totals = {ph: sum(c) for ph, c in count.items()}
     assert totals == {"prepare": 3 * n + 1, "write": 4 * n, "commit": 3 * n + 2, "restore": 4 * n}
-    # Nothing reads every process's status, nor waits on a key.
+    # Every listing is of the agreement counters or of the failures (the
+    # primary's payload sits in the same directory); the primary's one
+    # other listing is of its own operation, for the reports. Nothing reads
+    # every process's status, nor waits on a key.
+    for r in results:
+        calls = r.value["save"] + r.value["restore"]
+        listed = [
+            key.rstrip("/").rsplit("/", 1)[-1] for m, key in calls if m == "key_value_dir_get"
+        ]
+        assert set(listed) <= {"agree", "outcome"}, listed
     for p in phases:
         methods = [m for calls in p.values() for m in calls]
         assert "blocking_key_value_get" not in methods and "key_value_try_get" not in methods
