@@ -7,7 +7,8 @@ primary's payload, an agreement counter), then makes one listing that says
 whether any process failed and, if so, raises the *same* error, naming the
 process(es) at fault. So no process fails alone, nothing waits forever, and
 no process reads every other's status: at most 4 calls per process per
-phase, O(processes) at the coordination service (docs/protocol.md, Phases).
+phase, and at most 4N at the coordination service for N processes, the
+primary's extra calls and clean-up included (docs/protocol.md, Phases).
 
 Barriers and keys are namespaced by an operation counter. All processes call
 collective operations in the same order (SPMD), so the counters agree.
@@ -87,6 +88,8 @@ class Collective:
         # versions tested); without it every payload is read to compare.
         self._counting = hasattr(self.client, "key_value_increment")
         self._local_blobs: dict[str, bytes] = {}  # blobs of a single-process run
+        # The blobs the primary's listing of a ``collect_blobs`` phase found, by key.
+        self._listed_blobs: dict[str, bytes] | None = None
 
     @property
     def is_primary(self) -> bool:
@@ -101,6 +104,7 @@ class Collective:
         share: bool = False,
         agree: Callable[[Any], Any] | None = None,
         disagree: Callable[[list[Any]], None] | None = None,
+        collect_blobs: bool = False,
     ) -> Any:
         """Runs ``fn`` here, then waits for every process to finish the phase.
 
@@ -118,13 +122,24 @@ class Collective:
         after the barrier, the value is shared iff its counter equals the
         process count, which every process learns with one read. Only when
         they differ are all payloads read, and ``disagree(payloads)`` raises
-        the error that names who differs (the same on every process).
+        the error that names who differs (the same on every process). The
+        one process whose increment brings the counter to the process count
+        knows that without the listing, and skips it unless ``share`` (the
+        listing brings the primary's payload).
+
+        ``collect_blobs``: the primary's listing after the barrier is of the
+        whole operation (this phase's failures and every blob put so far),
+        so that ``get_blobs`` in a later phase needs no call of its own.
 
         Cost per process in the common path: the barrier and one listing
         (of the agreement counters with ``agree``, else of the failures, with
         the primary's payload in it when ``share``), an increment with
         ``agree``, the read barrier with ``last``; the primary also writes
-        its payload. Never every other process's status.
+        its payload and, with ``last``, deletes the operation's keys. Never
+        every other process's status. So a phase costs at most 4N calls at
+        the coordination service for N processes: with ``agree`` and
+        ``last`` (a restore), the listing one process skips pays for the
+        primary's clean-up.
 
         Returns:
           With ``share``, the primary's return value of ``fn`` (JSON-able),
@@ -154,13 +169,14 @@ class Collective:
         # Nothing is written on success but what others must read: the
         # primary's payload (``share``) and the agreement counters; a failure
         # is written where everyone looks for the outcome.
+        votes = 0  # with counters: this process's agreement counter, once it added to it
         if local_error is None:
             if self.is_primary and share:
                 self.client.key_value_set(
                     f"{base}/{self._shared_dir(agree)}/shared", json.dumps(payload)
                 )
             if agree is not None and self._counting:
-                self.client.key_value_increment(self._agree_key(phase, agree(payload)), 1)
+                votes = self.client.key_value_increment(self._agree_key(phase, agree(payload)), 1)
             elif agree is not None:  # no counters: every payload is compared after the barrier
                 self.client.key_value_set(f"{base}/payload/{self.pid}", json.dumps(payload))
         else:
@@ -198,11 +214,20 @@ class Collective:
         shared: Any = None
         clean = False
         if agree is not None and local_error is None and self._counting:
-            counters = dict(self.client.key_value_dir_get(f"{base}/agree/"))
-            clean = int(counters.get(self._agree_key(phase, agree(payload)), 0)) == self.count
-            shared = counters.get(f"{base}/agree/shared")
+            if int(votes) == self.count and not share:
+                # This process cast the last of N votes for one value: every
+                # process succeeded (a failed one votes for nothing) and all
+                # agree. It needs no listing (unless for the primary's
+                # payload); in the common path exactly one process skips it,
+                # which pays for the primary's clean-up at the end of a last
+                # phase (a restore: 4N calls, not 4N + 1).
+                clean = True
+            else:
+                counters = dict(self.client.key_value_dir_get(f"{base}/agree/"))
+                clean = int(counters.get(self._agree_key(phase, agree(payload)), 0)) == self.count
+                shared = counters.get(f"{base}/agree/shared")
         if not clean:
-            failed, shared_here = self._outcome(base)
+            failed, shared_here = self._outcome(base, collect_blobs and self.is_primary)
             shared = shared if shared is not None else shared_here
             if failed:
                 outcome = self._combined(phase, failed)
@@ -236,11 +261,25 @@ class Collective:
         (the agreement counters, else the failures)."""
         return "agree" if agree is not None and self._counting else "outcome"
 
-    def _outcome(self, base: str) -> tuple[dict[int, dict], str | None]:
-        """The failures of a phase, by process, and the primary's payload if it is there."""
+    def _outcome(
+        self, base: str, collect_blobs: bool = False
+    ) -> tuple[dict[int, dict], str | None]:
+        """The failures of a phase, by process, and the primary's payload if it is there.
+
+        ``collect_blobs``: list the whole operation instead, in one call, and
+        keep the blobs found for ``get_blobs``.
+        """
         assert self.client is not None  # run() returns before this in a single process
+        outcome = f"{base}/outcome/"
+        if collect_blobs:
+            listed = self.client.key_value_dir_get_bytes(f"{self.ns}/")
+            blobs = f"{self.ns}/blob/"
+            self._listed_blobs = {k: v for k, v in listed if k.startswith(blobs)}
+            entries = [(k, v.decode()) for k, v in listed if k.startswith(outcome)]
+        else:
+            entries = self.client.key_value_dir_get(outcome)
         failed, shared = {}, None
-        for k, v in self.client.key_value_dir_get(f"{base}/outcome/"):
+        for k, v in entries:
             name = k.rsplit("/", 1)[-1]
             if name == "shared":
                 shared = v
@@ -362,14 +401,21 @@ class Collective:
         """Blob ``<family>/<p>`` of every process ``p``, in one listing.
 
         For the primary, after the barrier of the phase in which every
-        process put its blob: one round trip for all N, not 2N. A blob not
+        process put its blob: one round trip for all N, not 2N, or none if
+        a ``collect_blobs`` phase's listing already brought them. A blob not
         wholly there yet is waited for, with the timeout.
         """
         if self.client is None:
             return [self._local_blobs[f"{family}/{p}"] for p in range(self.count)]
         prefix = f"{self.ns}/blob/{family}/"
+        if self._listed_blobs is not None:
+            listed = [(k, v) for k, v in self._listed_blobs.items() if k.startswith(prefix)]
+            for key, _ in listed:  # each family is read once: let it go
+                del self._listed_blobs[key]
+        else:
+            listed = self.client.key_value_dir_get_bytes(prefix)
         found: dict[int, dict[str, bytes]] = {}
-        for key, value in self.client.key_value_dir_get_bytes(prefix):
+        for key, value in listed:
             process, _, part = key.rpartition(f"blob/{family}/")[2].partition("/")
             found.setdefault(int(process), {})[part] = value
         out = []

@@ -709,17 +709,9 @@ def commit(sim: SaveSim, blobs: Sequence[bytes]) -> Commit:
             versions=_save._versions(),
             structure=sim.structure,
         )
-        per_process = [0] * save.processes
-        for info in manifest.files.values():
-            per_process[info["process"]] += info["bytes"]
-        timings = [r.timing for r in reports]
-        manifest.save_stats = _save.SaveStats(
-            blocking_s=max(t["stage_s"] for t in timings),
-            write_s=max(t["write_s"] for t in timings),
-            commit_s=0.123456789,
-            bytes_per_process=tuple(per_process),
-            files=len(manifest.files),
-        ).to_json()
+        _, manifest.save_stats = _save.save_stats(
+            manifest, [r.timing for r in reports], commit_s=0.123456789
+        )
         manifest.manager = {"step": 100000, "metrics": {"loss": 1.6180339887}}
         t2 = time.thread_time()
         raw = manifest.to_json()
@@ -1275,15 +1267,19 @@ def coordinate_save(
                 done = build(blobs)
                 primary_cpu.update(cpu_s=time.thread_time() - began, root_bytes=len(done.raw))
                 assert done.manifest.save_stats is not None
-                return done.manifest.save_stats
+                # What SaveJob._commit shares: the summary; the manifest alone
+                # keeps each process's bytes.
+                shared = dict(done.manifest.save_stats)
+                del shared["bytes_per_process"]
+                return shared
             decoded = [_commit.Report.from_json(b) for b in blobs]
             per_process = [sum(r.files.values()) for r in decoded]
             primary_cpu.update(cpu_s=time.thread_time() - began)
-            return _save.SaveStats(
+            return _save.SaveStats.summarise(
+                per_process,
                 blocking_s=max(r.timing["stage_s"] for r in decoded),
                 write_s=max(r.timing["write_s"] for r in decoded),
                 commit_s=0.123456789,
-                bytes_per_process=tuple(per_process),
                 files=sum(len(r.files) for r in decoded),
             ).to_json()
 
@@ -1295,9 +1291,9 @@ def coordinate_save(
             disagree=disagree,
         )
         assert shared["attempt"] == attempt
-        coll.run("write", _phased(client, "write", write))
+        coll.run("write", _phased(client, "write", write), collect_blobs=True)
         stats = coll.run("commit", _phased(client, "commit", commit), last=True, share=True)
-        assert len(stats["bytes_per_process"]) == n
+        _save.SaveStats(**stats)  # the summary every process returns, whatever n
 
     out = _tally(n, run_processes(n, body, timeout_s))
     out["primary_commit"] = primary_cpu

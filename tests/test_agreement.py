@@ -179,25 +179,21 @@ def test_deleting_different_steps_deletes_nothing(tmp_path):
 
 
 def _w_coordination_reads(tmp: str) -> dict:
-    from collections import Counter
-
     from jax._src.distributed import global_state
 
     import distckpt
 
     class Counting:
-        """The coordination client, counting what this process asks of it."""
+        """The coordination client, recording what this process asks of it."""
 
         def __init__(self, inner):
-            self.inner, self.calls, self.listed = inner, Counter(), []
+            self.inner, self.calls = inner, []
 
         def __getattr__(self, name):
             method = getattr(self.inner, name)
 
             def call(*args, **kwargs):
-                self.calls[name] += 1
-                if name == "key_value_dir_get":
-                    self.listed.append(args[0].rstrip("/").rsplit("/", 1)[-1])
+                self.calls.append((name, args[0]))
                 return method(*args, **kwargs)
 
             return call
@@ -208,41 +204,90 @@ def _w_coordination_reads(tmp: str) -> dict:
     global_state.client = counting
     try:
         distckpt.save(f"{tmp}/c", state)
+        saved = len(counting.calls)
         distckpt.restore(f"{tmp}/c", target)
     finally:
         global_state.client = counting.inner
-    return {"calls": dict(counting.calls), "listed": counting.listed}
+    return {"save": counting.calls[:saved], "restore": counting.calls[saved:]}
+
+
+def _by_phase(calls: list[list[str]]) -> dict[str, list[str]]:
+    """Each call's method, by the phase it belongs to.
+
+    Keys and barriers are named ``distckpt/<op>/<phase>/...``; a blob's part
+    (``distckpt/<op>/blob/...``) belongs to the phase whose barrier follows,
+    a call on the whole operation (``distckpt/<op>/``: the primary's listing
+    after the write barrier, the final clean-up) to the phase before it.
+    """
+    named = [(key.split("/") + [""])[2] or None for _, key in calls]
+    phases: list[str | None] = []
+    for i, phase in enumerate(named):
+        if phase == "blob":
+            phase = next(p for p in named[i:] if p not in (None, "blob"))
+        elif phase is None:
+            phase = phases[-1]
+        phases.append(phase)
+    out: dict[str, list[str]] = {}
+    for (method, _), phase in zip(calls, phases, strict=True):
+        out.setdefault(phase, []).append(method)
+    return out
 
 
 @pytest.mark.parametrize("processes", [2, 4])
-def test_a_process_never_reads_every_other_process_s_status(tmp_path, processes):
+def test_a_phase_costs_at_most_4n_calls_at_the_coordination_service(tmp_path, processes):
+    n = processes
     results = run_processes(
         f"{HERE}:_w_coordination_reads",
-        processes,
+        n,
         devices_per_process=1,
         args={"tmp": str(tmp_path)},
     )
-    for r in results:
-        # One listing per phase: of the agreement counters (save: prepare;
-        # restore), which also say that no process failed, or of the failures
-        # (save: write, commit); the primary's payload sits in the same
-        # directory. Nothing lists the statuses of all.
-        assert r.value["listed"] == ["agree", "outcome", "outcome", "agree"], r.value
-    calls = [r.value["calls"] for r in results]
+    phases = [{**_by_phase(r.value["save"]), **_by_phase(r.value["restore"])} for r in results]
+    assert all(list(p) == ["prepare", "write", "commit", "restore"] for p in phases), phases
+    count = {ph: [len(p[ph]) for p in phases] for ph in phases[0]}
     # What a process asks of the coordination service does not depend on
-    # how many processes there are: the same counts at 2 and at 4 processes,
-    # and at most 4 per phase (issue 15's bound: 4N per phase in all).
-    others = calls[1]
-    assert others["key_value_dir_get"] == 4
-    assert "blocking_key_value_get" not in others and "key_value_try_get" not in others
-    assert others["key_value_increment"] == 2  # agreements: prepare, restore
-    assert others["key_value_set"] == others["key_value_set_bytes"] == 1  # the write report
-    # prepare 3 (increment, barrier, listing), write 4 (report, count, barrier,
-    # listing), commit 3 (barrier, listing, read barrier), restore 4.
-    assert sum(others.values()) == 14, others
-    # The primary reads every process's write report in one listing.
-    assert calls[0]["key_value_dir_get_bytes"] == 1
-    assert "blocking_key_value_get_bytes" not in calls[0]
+    # how many processes there are. prepare: increment, barrier, listing of
+    # the agreement counters (which also say that no process failed, and
+    # hold the primary's payload); the primary also writes its payload.
+    assert count["prepare"] == [4] + [3] * (n - 1)
+    # write: the report's part and part count, barrier, listing of the
+    # failures; the primary's listing is of the whole operation, every
+    # report included.
+    assert count["write"] == [4] * n
+    assert phases[0]["write"].count("key_value_dir_get_bytes") == 1
+    # commit: barrier, listing of the failures (with the primary's summary),
+    # read barrier; the primary also writes the summary and deletes the
+    # operation's keys, and reads no report (it has them all already).
+    assert count["commit"] == [5] + [3] * (n - 1)
+    assert sorted(phases[0]["commit"]) == sorted(
+        ["key_value_set", "wait_at_barrier", "key_value_dir_get"]
+        + ["wait_at_barrier", "key_value_delete"]
+    )
+    # restore: increment, barrier, listing of the counters, read barrier;
+    # the one process whose increment completed the count knows that all
+    # agree without the listing, which pays for the primary's clean-up.
+    restore = count["restore"]
+    assert sum(restore) == 4 * n
+    assert [p["restore"].count("key_value_dir_get") for p in phases].count(0) == 1
+    assert restore[0] in (4, 5) and all(c in (3, 4) for c in restore[1:])
+    assert phases[0]["restore"][-1] == "key_value_delete"
+    # At most 4N per phase (issue 15), at 2 processes too.
+    totals = {ph: sum(c) for ph, c in count.items()}
+    assert totals == {"prepare": 3 * n + 1, "write": 4 * n, "commit": 3 * n + 2, "restore": 4 * n}
+    # Every listing is of the agreement counters or of the failures (the
+    # primary's payload sits in the same directory); the primary's one
+    # other listing is of its own operation, for the reports. Nothing reads
+    # every process's status, nor waits on a key.
+    for r in results:
+        calls = r.value["save"] + r.value["restore"]
+        listed = [
+            key.rstrip("/").rsplit("/", 1)[-1] for m, key in calls if m == "key_value_dir_get"
+        ]
+        assert set(listed) <= {"agree", "outcome"}, listed
+    for p in phases:
+        methods = [m for calls in p.values() for m in calls]
+        assert "blocking_key_value_get" not in methods and "key_value_try_get" not in methods
+        assert "blocking_key_value_get_bytes" not in methods
 
 
 def _w_without_counters(tmp: str) -> dict:

@@ -91,15 +91,23 @@ def test_best_step_and_metadata(tmp_path):
     info = mgr.metadata(3)
     assert info.leaves["['x']"].shape == (4,)
     assert info.step == 3 and info.metrics == {"loss": 7}
+    # The manifest keeps each process's bytes beside the summary every process gets.
     assert set(info.save_stats) == {
         "blocking_s",
         "write_s",
         "commit_s",
-        "bytes_per_process",
+        "total_bytes",
+        "max_process_bytes",
+        "max_process",
         "files",
+        "bytes_per_process",
     }
+    assert info.save_stats["bytes_per_process"] == [16]
     stats = mgr.last_save_stats
-    assert stats.total_bytes == 16 and stats.files == 1 and stats.write_s >= 0
+    assert stats.total_bytes == stats.max_process_bytes == 16 and stats.max_process == 0
+    assert stats.files == 1 and stats.write_s >= 0
+    last = mgr.metadata(5).save_stats
+    assert stats.to_json() == {k: v for k, v in last.items() if k != "bytes_per_process"}
 
 
 def test_missing_step_lists_the_steps_that_exist(tmp_path):

@@ -102,7 +102,14 @@ def test_one_leaf_rows_and_targets(result):
         assert 0 < r["floor_3_phases_s"] < 10 and 0 < r["save_s"] < 10 and 0 < r["restore_s"] < 10
         # a non-primary reads O(1) values per operation, whatever N is
         assert 0 < r["calls_per_op"]["wait_at_barrier"]
-    assert one[2]["calls_per_op"] == one[4]["calls_per_op"]
+    # ... the same calls at 2 and 4 processes, but for a restore's listing:
+    # the process whose vote completes the agreement count skips it
+    # (docs/protocol.md, Phases), in any share of the repetitions.
+    two, four = one[2]["calls_per_op"], one[4]["calls_per_op"]
+    assert two.keys() == four.keys()
+    for k in two:
+        skipped = k in ("key_value_dir_get", "dir_entries_read")
+        assert abs(two[k] - four[k]) <= (0.5 if skipped else 0), (k, two, four)
     targets = data["targets"]
     assert len(targets) == 5  # time and CPU of save and restore; the one-leaf latency
     for t in targets:
