@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,17 @@ class LocalTier:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, tree: Any, *, extra: dict, pipeline_state: str | None) -> None:
-        """Saves ``tree`` as local step ``step`` on every process; collective."""
+    def save(
+        self, step: int, tree: Any, *, extra: dict, pipeline_state: str | None
+    ) -> Callable[[], None]:
+        """Starts saving ``tree`` as local step ``step`` on every process; collective.
+
+        Returns once every block this process keeps is in host memory (the
+        agreement, the copies to peers and the host copies are done): the
+        caller may then change its arrays. The returned ``finish`` writes the
+        step and waits for every process to have written it (collective too:
+        run it now, or in the background as the manager does).
+        """
         coll = _multihost.Collective("local save", self.directory, self.timeout_s)
         items, structure = _tree.walk(tree)
         specs, layouts, problems = [], [], []
@@ -148,23 +158,28 @@ class LocalTier:
             "copied": copied,
             "pipeline_states": states,
         }
-        coll.run(
-            "write",
-            lambda: _local.write(
-                self.directory,
-                step,
-                process=coll.pid,
-                process_count=coll.count,
-                leaves=specs,
-                structure=structure,
-                layouts=layouts,
-                blocks=[*own, *copies],
-                values=values,
-                extra=record,
-            ),
-            last=True,
-        )
-        _local.remove_older(self.directory, self.keep)
+
+        def finish() -> None:
+            coll.run(
+                "write",
+                lambda: _local.write(
+                    self.directory,
+                    step,
+                    process=coll.pid,
+                    process_count=coll.count,
+                    leaves=specs,
+                    structure=structure,
+                    layouts=layouts,
+                    blocks=[*own, *copies],
+                    values=values,
+                    extra=record,
+                ),
+                last=True,
+            )
+            # Only once every process has written it is an older step not needed.
+            _local.remove_older(self.directory, self.keep)
+
+        return finish
 
     def steps(self) -> list[int]:
         """The steps this process's directory holds."""

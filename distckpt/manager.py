@@ -95,8 +95,9 @@ class CheckpointManager:
         ``local_copies`` hosts (peers get copies through the job's
         collectives), the newest ``local_max_to_keep`` steps; ``restore()``
         without a step resumes from it when it holds a whole step newer than
-        the persistent tier's latest (docs/local_tier.md). Local saves block
-        until written (no async yet).
+        the persistent tier's latest (docs/local_tier.md). With
+        ``async_save``, a local save returns once its blocks are in host
+        memory (copies to peers included) and writes in the background.
       local_host: which host this process runs on, as the local tier tells
         hosts apart (default: ``DISTCKPT_HOST``, SLURM's node index, or the
         host name).
@@ -171,6 +172,7 @@ class CheckpointManager:
         )
         self._preemption = _preemption.Preemption()
         self._thread: threading.Thread | None = None
+        self._local_thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
         self._pool = _stage.HostPool()  # host buffers reused by consecutive async saves
@@ -270,14 +272,15 @@ class CheckpointManager:
         step = _retention.check_step(step)
         metrics = _retention.check_metrics(metrics)  # before anything is written
         local = self._local is not None and (force or step % self.local_save_interval_steps == 0)
+        background = self.async_save if blocking is None else not blocking
         if not force and not self.should_save(step):
             if local:
                 self.wait_until_finished()
-                self._save_local(step, tree, metadata, metrics, pipeline)
+                self._save_local(step, tree, metadata, metrics, pipeline, background)
             return local
         self.wait_until_finished()
         if local:
-            self._save_local(step, tree, metadata, metrics, pipeline)
+            self._save_local(step, tree, metadata, metrics, pipeline, background)
         if step in self._steps and not overwrite:
             raise CheckpointExistsError(
                 f"step {step} is already committed in {self.directory} (steps: {self.all_steps()}); "
@@ -305,7 +308,6 @@ class CheckpointManager:
             timeout_s=self.timeout_s,
             manager=record,
         )
-        background = self.async_save if blocking is None else not blocking
         with _runtime.paused_gc():
             job.start(copy=background, pool=self._pool if background else None)
         committed = (job.record or {}).get("metrics")  # the primary's, on every process
@@ -332,27 +334,52 @@ class CheckpointManager:
         return True
 
     def _save_local(
-        self, step: int, tree: Any, metadata: Any, metrics: dict | None, pipeline: Any
+        self,
+        step: int,
+        tree: Any,
+        metadata: Any,
+        metrics: dict | None,
+        pipeline: Any,
+        background: bool,
     ) -> None:
-        """The local tier's save of ``step`` (blocking: host copies and local writes)."""
+        """The local tier's save of ``step``: host copies now, the writes in the background
+        when ``background``."""
         assert self._local is not None
         state = None
         if pipeline is not None:
             state = _procstate.capture(pipeline, _multihost.process_index()).decode()
         with _runtime.paused_gc():
-            self._local.save(
+            finish = self._local.save(
                 step,
                 tree,
                 extra={"user_metadata": metadata, "metrics": metrics},
                 pipeline_state=state,
             )
-        log.info("saved step %d to the local tier at %s", step, self._local.directory)
+
+        def write() -> None:
+            try:
+                finish()
+                log.info("saved step %d to the local tier", step)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+        if background:
+            self._local_thread = threading.Thread(
+                target=write, name=f"distckpt-local-save-{step}", daemon=True
+            )
+            self._local_thread.start()
+        else:
+            write()
+            self._raise_pending()
 
     def wait_until_finished(self) -> None:
-        """Blocks until the background save is committed; raises its error, if any."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        """Blocks until the background saves (persistent and local) are done; raises the
+        error of one that failed, if any."""
+        for name in ("_local_thread", "_thread"):
+            thread = getattr(self, name)
+            setattr(self, name, None)
+            if thread is not None:
+                thread.join()
         self._raise_pending()
 
     def close(self) -> None:

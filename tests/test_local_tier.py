@@ -39,7 +39,10 @@ def _w_save(tmp: str, mesh_kind: str, steps: list) -> dict:
     tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
     for step in steps:
         state = jax.tree.map(lambda x: x + 1 if hasattr(x, "sharding") else x, state)
-        tier.save(step, state, extra={"user_metadata": {"step": step}}, pipeline_state=None)
+        finish = tier.save(
+            step, state, extra={"user_metadata": {"step": step}}, pipeline_state=None
+        )
+        finish()
     return {"steps": tier.steps()}
 
 
@@ -151,7 +154,6 @@ def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
         save_interval_steps=4,
         local_directory=f"{tmp}/local{jax.process_index()}",
         local_save_interval_steps=1,
-        async_save=False,
     )
     if phase == "save":
         for step in range(1, 7):
