@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from distckpt import _index, _layout, _plan, _reshard
 from distckpt._index import IndexHead, IndexRef
 from distckpt._manifest import Manifest
@@ -87,6 +89,8 @@ class ChunkTable:
         self._groups: dict[tuple[int, tuple], tuple[list[ChunkRecord], ChunkIndex]] = {}
         self._covered: dict[tuple[int, Box], list[str]] = {}  # (ChunkIndex id, box) -> problems
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
+        self._ranks: np.ndarray | None = None  # each leaf's rank, for checking boxes
+        self._cells_memo: dict[tuple[int, Box], tuple[tuple[int, int], ...]] = {}
         self._lock = threading.RLock()
 
     def prefetch(self, wanted: Iterable[tuple[int, Box]]) -> None:
@@ -96,7 +100,7 @@ class ChunkTable:
             return
         keys: dict[int, set[tuple[int, int]]] = {}
         for leaf, box in wanted:
-            for process, cell in self._grid(leaf).cells_in(box):
+            for process, cell in self._cells_in(leaf, box):
                 keys.setdefault(process, set()).add((cell, leaf))
         for process in sorted(keys):
             self._read_sections(process, self._head(process).sections_for(keys[process]))
@@ -110,7 +114,7 @@ class ChunkTable:
                 _check(self.where, _plan.chunk_table_problems(spec, chunks))
                 self._inline[leaf] = chunk_index(tuple(c.box for c in chunks))
             return [chunks[i] for i in self._inline[leaf].overlapping(box)]
-        records, index = self._group(leaf, tuple(self._grid(leaf).cells_in(box)))
+        records, index = self._group(leaf, self._cells_in(leaf, box))
         found = [records[i] for i in index.overlapping(box)]
         # Whether the records found cover the box exactly depends on their boxes
         # only: leaves saved alike share the answer (and the ChunkIndex).
@@ -185,6 +189,15 @@ class ChunkTable:
         """First-dimension boundaries of the saved chunks of ``leaf`` (for cutting slabs)."""
         return sorted({e for c in self.leaf(leaf) if c.box for e in c.box[0]})
 
+    def _cells_in(self, leaf: int, box: Box) -> tuple[tuple[int, int], ...]:
+        """``Grid.cells_in``, once per grid and box (leaves saved alike share both)."""
+        grid = self._grid(leaf)
+        key = (id(grid), box)
+        found = self._cells_memo.get(key)
+        if found is None:
+            found = self._cells_memo[key] = tuple(grid.cells_in(box))
+        return found
+
     def _grid(self, leaf: int) -> _index.Grid:
         assert self.manifest.grids is not None  # format 3
         grid = self.manifest.grids[leaf]
@@ -218,8 +231,11 @@ class ChunkTable:
         with self._lock:
             head = self._head(process)
             numbers = [n for n in numbers if (process, n) not in self._sections]
-            shapes = [s.shape if s.stored else None for s in self.manifest.leaves]
-            grids = self.manifest.grids or []
+            if self._ranks is None:
+                self._ranks = _index.leaf_ranks(
+                    [s.shape if s.stored else None for s in self.manifest.leaves]
+                )
+            ranks, grids = self._ranks, self.manifest.grids or []
             sizes = head.sections["nbytes"]
             for run in _runs(numbers, head.starts, sizes):
                 begin = int(head.starts[run[0]])
@@ -231,7 +247,7 @@ class ChunkTable:
                     part = raw[at : at + int(sizes[n])]
                     decoded = self._decoded(
                         head.ref,
-                        functools.partial(_index.decode_section, part, head, n, shapes, grids),
+                        functools.partial(_index.decode_section, part, head, n, ranks, grids),
                     )
                     for (cell, leaf), records in decoded.items():
                         self._cells[(process, cell, leaf)] = records

@@ -79,12 +79,16 @@ class Grid:
 
     def edges_json(self) -> list:
         """Per dimension: the shard size when every shard but the last has it, else the edges."""
+        return list(self._edges_json)
+
+    @functools.cached_property
+    def _edges_json(self) -> tuple:
         out: list = []
         for n, e in zip(self.shape, self.edges, strict=True):
             block = e[1] if len(e) > 1 else max(n, 1)
             regular = list(e) == [*range(0, n, block), n] if n else list(e) == [0]
             out.append(block if regular else list(e))
-        return out
+        return tuple(out)
 
     @classmethod
     def from_json(cls, shape: tuple[int, ...], edges: list, owners: OwnerTable) -> Grid:
@@ -199,15 +203,20 @@ def check_own_writes(
     for leaf, box, _ in shards:
         mine.setdefault(leaf, []).append(box)
     problems = []
+    checked: dict[tuple[int, tuple[Box, ...]], bool] = {}  # leaves saved alike: one check
     for leaf, grid in enumerate(grids):
         if grid is None:
             continue
         boxes = [b for b in mine.pop(leaf, []) if _reshard.box_size(b) > 0 or not grid.shape]
-        planned = grid.cells_of(process) if process in grid.writers else []
-        covered = sum(_reshard.box_size(b) for b in boxes)
-        expected = sum(_reshard.box_size(b) for b in planned)
-        outside = [b for b in boxes if (grid.owners[grid.cell_ranges(b)] != process).any()]
-        if outside or covered != expected or len(set(boxes)) != len(boxes):
+        key = (id(grid), tuple(boxes))
+        if key not in checked:
+            planned = grid.cells_of(process) if process in grid.writers else []
+            covered = sum(_reshard.box_size(b) for b in boxes)
+            expected = sum(_reshard.box_size(b) for b in planned)
+            outside = [b for b in boxes if (grid.owners[grid.cell_ranges(b)] != process).any()]
+            checked[key] = not outside and covered == expected and len(set(boxes)) == len(boxes)
+        if not checked[key]:
+            planned = grid.cells_of(process) if process in grid.writers else []
             problems.append(
                 (
                     leaf,
@@ -222,12 +231,16 @@ def check_own_writes(
 def plan_digest(grids: Sequence[Grid | None]) -> str:
     """A digest of a save's grids: processes that share it planned the same writes."""
     h = hashlib.sha256()
+    described: dict[int, bytes] = {}  # leaves saved alike share a Grid: described once
     for grid in grids:
         if grid is None:
             h.update(b"-;")
-        else:
-            h.update(json.dumps(grid.edges_json()).encode() + grid.owners.astype("<i4").tobytes())
-            h.update(b";")
+            continue
+        if id(grid) not in described:
+            described[id(grid)] = (
+                json.dumps(grid.edges_json()).encode() + grid.owners.astype("<i4").tobytes() + b";"
+            )
+        h.update(described[id(grid)])
     return h.hexdigest()
 
 
@@ -371,18 +384,21 @@ def _cells_of(
 ) -> list[int]:
     """The rank of each record's grid cell among ``process``'s cells of its leaf."""
     out = [0] * len(records)
-    by_leaf: dict[int, list[int]] = {}
+    by_grid: dict[int, list[int]] = {}  # leaves saved alike share a Grid: one check each
     for i, c in enumerate(records):
-        by_leaf.setdefault(c.leaf, []).append(i)
-    for leaf, positions in by_leaf.items():
-        grid = grids[leaf] if leaf < len(grids) else None
+        grid = grids[c.leaf] if c.leaf < len(grids) else None
         if grid is None:
-            raise ValueError(f"chunk records of leaf {leaf}, which has no grid")
+            raise ValueError(f"chunk records of leaf {c.leaf}, which has no grid")
+        by_grid.setdefault(id(grid), []).append(i)
+    for positions in by_grid.values():
+        grid = grids[records[positions[0]].leaf]
+        assert grid is not None
         boxes = np.asarray([records[i].box for i in positions], np.int64).reshape(
             len(positions), len(grid.shape), 2
         )
         owner, rank = _containing_cells(grid, boxes)
         if (owner != process).any():
+            leaf = records[positions[int(np.argmax(owner != process))]].leaf
             raise ValueError(f"a chunk of leaf {leaf} lies outside the cells of process {process}")
         for i, r in zip(positions, rank.tolist(), strict=True):
             out[i] = r
@@ -491,18 +507,23 @@ def decode_head(raw: bytes | np.ndarray, ref: IndexRef, file_bytes: dict[str, in
     )
 
 
+def leaf_ranks(shapes: Sequence[tuple[int, ...] | None]) -> np.ndarray:
+    """Each leaf's rank, -1 for leaves without data: what ``decode_section`` checks boxes by."""
+    return np.asarray([len(s) if s is not None else -1 for s in shapes], np.int64)
+
+
 def decode_section(
     raw: bytes | np.ndarray,
     head: IndexHead,
     number: int,
-    shapes: Sequence[tuple[int, ...] | None],
+    ranks: np.ndarray,
     grids: Sequence[Grid | None],
 ) -> dict[tuple[int, int], list[ChunkRecord]]:
     """Checks and decodes section ``number`` of an index, read as ``raw``: its records
     by ``(cell, leaf)``.
 
-    ``shapes`` gives each leaf's stored shape (None for leaves without data)
-    and ``grids`` each leaf's grid. Raises ValueError naming what is wrong: a
+    ``ranks`` gives each leaf's rank, -1 for leaves without data
+    (``leaf_ranks``), and ``grids`` each leaf's grid. Raises ValueError naming what is wrong: a
     checksum that does not match, a record of an unknown leaf or file, one
     out of order, a box outside its cell or a chunk past the end of its file.
     A damaged or hostile index gives this error, never a read elsewhere or a
@@ -535,9 +556,8 @@ def decode_section(
         or (last is not None and key[-1] >= last)
     ):
         raise ValueError(f"{where} has records out of order or outside its key range")
-    if leaf.max() >= len(shapes):
+    if leaf.max() >= len(ranks):
         raise ValueError(f"{where} has records of leaves the checkpoint does not have")
-    ranks = np.asarray([len(s) if s is not None else -1 for s in shapes], np.int64)
     record_ranks = ranks[leaf]
     if (record_ranks < 0).any():
         raise ValueError(f"{where} has chunk records for leaves that store no data")
@@ -618,10 +638,11 @@ def decode_index(
     if len(raw) != ref.nbytes:
         raise ValueError(f"holds {len(raw)} bytes, the commit record says {ref.nbytes}")
     head = decode_head(raw[: ref.head_bytes], ref, file_bytes)
+    ranks = leaf_ranks(shapes)
     out: list[ChunkRecord] = []
     for i, start in enumerate(head.starts.tolist()):
         part = decode_section(
-            raw[start : start + int(head.sections["nbytes"][i])], head, i, shapes, grids
+            raw[start : start + int(head.sections["nbytes"][i])], head, i, ranks, grids
         )
         out += [c for records in part.values() for c in records]
     return sorted(out, key=lambda c: (c.leaf, c.box))

@@ -210,10 +210,11 @@ def _grid(
     if not isinstance(owners, int) or not 0 <= owners < len(tables):
         raise ValueError(f"{spec.display}: grid names owner table {owners!r}, there is none")
     # Leaves saved alike share one Grid: parsed once, and checked once per index section.
-    key = (shape, json.dumps(record["edges"]), owners)
+    edges = record["edges"]
+    key = (shape, tuple(tuple(e) if isinstance(e, list) else e for e in edges), owners)
     if key not in alike:
         try:
-            alike[key] = Grid.from_json(shape, record["edges"], tables[owners])
+            alike[key] = Grid.from_json(shape, edges, tables[owners])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{spec.display}: {e}") from None
     return alike[key]

@@ -82,7 +82,7 @@ class LeafSpec:
         """Bytes of the whole value in data files (0 for values kept in the manifest)."""
         if not self.stored:
             return 0
-        return int(np.prod(self.array_shape, dtype=np.int64)) * self.itemsize
+        return math.prod(self.array_shape) * self.itemsize
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def test_a_reader_reads_only_the_sections_of_the_cells_it_needs(monkeypatch):
     def section(n: int, data: bytes = raw) -> dict:
         start = int(head.starts[n])
         part = data[start : start + int(head.sections["nbytes"][n])]
-        return _index.decode_section(part, head, n, shapes, grids)
+        return _index.decode_section(part, head, n, _index.leaf_ranks(shapes), grids)
 
     assert section(2) == {(1, 2): [records[3]]}
     assert section(1) == {(0, 2): records[:2]}
@@ -160,7 +160,7 @@ def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
         ref, head.files, head.file_bytes, head.bound_type, sections, head.starts, head.keys
     )
     with pytest.raises(ValueError, match="outside its cell 0 of process 1"):
-        _index.decode_section(bytes(body), bad_head, 0, shapes, grids)
+        _index.decode_section(bytes(body), bad_head, 0, _index.leaf_ranks(shapes), grids)
 
 
 # --------------------------------------------------------------------------- real processes

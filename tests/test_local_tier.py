@@ -227,3 +227,49 @@ def test_a_lost_pair_of_hosts_falls_back_to_the_persistent_tier(tmp_path):
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(4, "persistent", True)] * 2
     assert [r["position"] for r in back] == [400, 401]
     assert all(r["persistent"] > 0 and r["local"] == 0 for r in back)
+
+
+# --------------------------------------------------------------------------- 4 processes, 2 hosts
+
+
+def _w_four(tmp: str, phase: str) -> dict:
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from distckpt._localtier import LocalTier
+
+    # Processes 0 and 1 on host a, 2 and 3 on host b. Rows split over "model"; the
+    # "data" replicas of a row block are on one host, so they do not count as copies.
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("model", "data"))
+    full = np.arange(8 * 4, dtype=np.int32).reshape(8, 4)
+    x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("model")), lambda i: full[i])
+    tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
+    if phase == "save":
+        tier.save(1, {"x": x}, extra={}, pipeline_state=None)()
+        return {}
+    got = tier.recover(
+        {"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}, newer_than=None
+    )
+    assert got is not None
+    exact = all(
+        np.array_equal(np.asarray(s.data), full[s.index]) for s in got[1]["x"].addressable_shards
+    )
+    return {"step": got[0], "exact": exact, "peer": tier.last_recovery.peer_bytes}
+
+
+def test_four_processes_on_two_hosts_keep_copies_on_the_other_host(tmp_path):
+    env = {p: {"DISTCKPT_HOST": "ab"[p // 2]} for p in range(4)}
+    kw = dict(num_processes=4, devices_per_process=1, per_process_env=env, timeout=120)
+    run_processes(f"{HERE}:_w_four", args={"tmp": str(tmp_path), "phase": "save"}, **kw)
+    shutil.rmtree(tmp_path / "local0")  # host a lost: both its processes' directories
+    shutil.rmtree(tmp_path / "local1")
+    back = [
+        r.value
+        for r in run_processes(
+            f"{HERE}:_w_four", args={"tmp": str(tmp_path), "phase": "recover"}, **kw
+        )
+    ]
+    assert all(r["step"] == 1 and r["exact"] for r in back), back
+    assert back[0]["peer"] > 0 and back[1]["peer"] > 0 and back[2]["peer"] == back[3]["peer"] == 0
