@@ -14,8 +14,6 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
 from distckpt import _index, _layout, _plan, _reshard
 from distckpt._index import IndexHead, IndexRef
 from distckpt._manifest import Manifest
@@ -89,7 +87,7 @@ class ChunkTable:
         self._groups: dict[tuple[int, tuple], tuple[list[ChunkRecord], ChunkIndex]] = {}
         self._covered: dict[tuple[int, Box], list[str]] = {}  # (ChunkIndex id, box) -> problems
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
-        self._ranks: np.ndarray | None = None  # each leaf's rank, for checking boxes
+        self._facts: _index.LeafFacts | None = None  # what index records are checked by
         self._cells_memo: dict[tuple[int, Box], tuple[tuple[int, int], ...]] = {}
         self._lock = threading.RLock()
 
@@ -138,13 +136,8 @@ class ChunkTable:
         their ChunkIndex."""
         key = (leaf, cells)
         found = self._groups.get(key)
-        if found is None:
+        if found is None:  # sizes were checked with the section (decode_section)
             records = [c for p, cell in cells for c in self._cell_records(p, cell, leaf)]
-            spec = self.manifest.leaves[leaf]
-            _check(
-                self.where,
-                [f"{spec.display}: {p}" for p in _plan.chunk_size_problems(spec, records)],
-            )
             found = self._groups[key] = (records, chunk_index(tuple(c.box for c in records)))
         return found
 
@@ -231,11 +224,9 @@ class ChunkTable:
         with self._lock:
             head = self._head(process)
             numbers = [n for n in numbers if (process, n) not in self._sections]
-            if self._ranks is None:
-                self._ranks = _index.leaf_ranks(
-                    [s.shape if s.stored else None for s in self.manifest.leaves]
-                )
-            ranks, grids = self._ranks, self.manifest.grids or []
+            if self._facts is None:
+                self._facts = leaf_facts(self.manifest)
+            facts, grids = self._facts, self.manifest.grids or []
             sizes = head.sections["nbytes"]
             for run in _runs(numbers, head.starts, sizes):
                 begin = int(head.starts[run[0]])
@@ -247,7 +238,7 @@ class ChunkTable:
                     part = raw[at : at + int(sizes[n])]
                     decoded = self._decoded(
                         head.ref,
-                        functools.partial(_index.decode_section, part, head, n, ranks, grids),
+                        functools.partial(_index.decode_section, part, head, n, facts, grids),
                     )
                     for (cell, leaf), records in decoded.items():
                         self._cells[(process, cell, leaf)] = records
@@ -274,6 +265,16 @@ class ChunkTable:
                 tuple((lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
             )
         return _reshard.coverage_problems(_reshard.box_shape(box), clipped)
+
+
+def leaf_facts(manifest: Manifest) -> _index.LeafFacts:
+    """What a version-3 index's records are checked against, from the commit record."""
+    return _index.leaf_facts(
+        [
+            (s.shape, s.itemsize, s.compression is not None) if s.stored else (None, 1, False)
+            for s in manifest.leaves
+        ]
+    )
 
 
 GAP_BYTES = 64 << 10  # sections closer than this are read in one read, the gap with them

@@ -507,25 +507,39 @@ def decode_head(raw: bytes | np.ndarray, ref: IndexRef, file_bytes: dict[str, in
     )
 
 
-def leaf_ranks(shapes: Sequence[tuple[int, ...] | None]) -> np.ndarray:
-    """Each leaf's rank, -1 for leaves without data: what ``decode_section`` checks boxes by."""
-    return np.asarray([len(s) if s is not None else -1 for s in shapes], np.int64)
+@dataclass(frozen=True)
+class LeafFacts:
+    """What ``decode_section`` checks records against, per leaf."""
+
+    ranks: np.ndarray  # int64: the leaf's rank, -1 for a leaf without data
+    itemsizes: np.ndarray  # int64: bytes per element
+    raw: np.ndarray  # bool: stored uncompressed, so a chunk holds exactly its box's bytes
+
+
+def leaf_facts(leaves: Sequence[tuple[tuple[int, ...] | None, int, bool]]) -> LeafFacts:
+    """``LeafFacts`` of ``(shape or None, itemsize, compressed)`` per leaf."""
+    return LeafFacts(
+        np.asarray([len(s) if s is not None else -1 for s, _, _ in leaves], np.int64),
+        np.asarray([size for _, size, _ in leaves], np.int64),
+        np.asarray([not compressed for _, _, compressed in leaves], bool),
+    )
 
 
 def decode_section(
     raw: bytes | np.ndarray,
     head: IndexHead,
     number: int,
-    ranks: np.ndarray,
+    facts: LeafFacts,
     grids: Sequence[Grid | None],
 ) -> dict[tuple[int, int], list[ChunkRecord]]:
     """Checks and decodes section ``number`` of an index, read as ``raw``: its records
     by ``(cell, leaf)``.
 
-    ``ranks`` gives each leaf's rank, -1 for leaves without data
-    (``leaf_ranks``), and ``grids`` each leaf's grid. Raises ValueError naming what is wrong: a
+    ``facts`` gives each leaf's rank (-1 for leaves without data), item size
+    and codec (``leaf_facts``), and ``grids`` each leaf's grid. Raises ValueError naming what is wrong: a
     checksum that does not match, a record of an unknown leaf or file, one
-    out of order, a box outside its cell or a chunk past the end of its file.
+    out of order, a box outside its cell, a raw chunk whose size is not its
+    box's, or a chunk past the end of its file.
     A damaged or hostile index gives this error, never a read elsewhere or a
     huge allocation.
     """
@@ -556,9 +570,9 @@ def decode_section(
         or (last is not None and key[-1] >= last)
     ):
         raise ValueError(f"{where} has records out of order or outside its key range")
-    if leaf.max() >= len(ranks):
+    if leaf.max() >= len(facts.ranks):
         raise ValueError(f"{where} has records of leaves the checkpoint does not have")
-    record_ranks = ranks[leaf]
+    record_ranks = facts.ranks[leaf]
     if (record_ranks < 0).any():
         raise ValueError(f"{where} has chunk records for leaves that store no data")
     widths = 2 * record_ranks
@@ -603,6 +617,16 @@ def decode_section(
         if rank and (boxes[..., 1] <= boxes[..., 0]).any():
             at = int(idx[int(np.argmax((boxes[..., 1] <= boxes[..., 0]).any(axis=1)))])
             raise ValueError(f"{where} has an empty or inverted chunk box of leaf {int(leaf[at])}")
+        # A raw chunk holds exactly its box's bytes; a compressed one at least one byte.
+        held = np.prod(boxes[..., 1] - boxes[..., 0], axis=1) * facts.itemsizes[leaf[idx]]
+        stored = table["nbytes"][idx].astype(np.int64)
+        wrong = np.where(facts.raw[leaf[idx]], stored != held, stored <= 0)
+        if wrong.any():
+            k = int(np.argmax(wrong))
+            raise ValueError(
+                f"{where} has a chunk of leaf {int(leaf[idx[k]])} that records {int(stored[k])} "
+                f"bytes, its box holds {int(held[k])}"
+            )
     out: dict[tuple[int, int], list[ChunkRecord]] = {}
     flat = bounds.tolist()
     files = [head.files[f] for f in table["file"].tolist()]
@@ -630,7 +654,7 @@ def decode_section(
 def decode_index(
     raw: bytes,
     ref: IndexRef,
-    shapes: Sequence[tuple[int, ...] | None],
+    facts: LeafFacts,
     grids: Sequence[Grid | None],
     file_bytes: dict[str, int],
 ) -> list[ChunkRecord]:
@@ -638,11 +662,10 @@ def decode_index(
     if len(raw) != ref.nbytes:
         raise ValueError(f"holds {len(raw)} bytes, the commit record says {ref.nbytes}")
     head = decode_head(raw[: ref.head_bytes], ref, file_bytes)
-    ranks = leaf_ranks(shapes)
     out: list[ChunkRecord] = []
     for i, start in enumerate(head.starts.tolist()):
         part = decode_section(
-            raw[start : start + int(head.sections["nbytes"][i])], head, i, ranks, grids
+            raw[start : start + int(head.sections["nbytes"][i])], head, i, facts, grids
         )
         out += [c for records in part.values() for c in records]
     return sorted(out, key=lambda c: (c.leaf, c.box))

@@ -19,7 +19,6 @@ commit's atomicity is tested through tests/wire_proxy.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.mp import free_port
-from tests.s3 import RETRY_ENV
+from tests.s3 import RETRY_ENV, patched_environ
 
 START_TIMEOUT_S = 20.0
 PORT_ATTEMPTS = 3
@@ -155,17 +154,11 @@ def server_env(endpoint: str) -> dict[str, str]:
 def gcs_server():
     process = GcsProcess()
     env = server_env(process.endpoint)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield GcsServer(process.endpoint, env, process)
+        with patched_environ(env):
+            yield GcsServer(process.endpoint, env, process)
     finally:
         process.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

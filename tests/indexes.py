@@ -9,7 +9,7 @@ from pathlib import Path
 
 import crc32c
 
-from distckpt import _commit, _index, _manifest
+from distckpt import _chunks, _commit, _index, _manifest
 from distckpt._plan import ChunkRecord
 from distckpt._storage import open_storage
 
@@ -21,9 +21,8 @@ def records(root: Path, process: int = 0) -> Records:
     m = _commit.load(open_storage(str(root)))
     ref = next(r for r in m.indexes or [] if r.process == process)
     raw = (root / m.attempt / ref.name).read_bytes()
-    shapes = [s.shape if s.stored else None for s in m.leaves]
     sizes = {name: info["bytes"] for name, info in m.files.items()}
-    return _index.decode_index(raw, ref, shapes, m.grids or [], sizes)
+    return _index.decode_index(raw, ref, _chunks.leaf_facts(m), m.grids or [], sizes)
 
 
 def index_path(root: Path, process: int = 0) -> Path:

@@ -10,14 +10,31 @@ or boto3 is missing or the server does not start.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 # Short retries: a test of a dead server must fail in well under a second.
 RETRY_ENV = {"DISTCKPT_STORAGE_RETRIES": "2", "DISTCKPT_STORAGE_RETRY_DELAY_S": "0.05"}
+
+
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` set, as it was again afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclass
@@ -42,6 +59,12 @@ class S3Server:
             self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         )
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def start_server():
@@ -84,17 +107,11 @@ def s3_server():
     except Exception as e:  # noqa: BLE001 - any failure to start means: skip, saying why
         pytest.skip(f"moto's S3 server did not start on 127.0.0.1: {e!r}")
     env = server_env(endpoint)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield S3Server(endpoint, env, server)
+        with patched_environ(env):
+            yield S3Server(endpoint, env, server)
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

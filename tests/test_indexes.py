@@ -98,23 +98,27 @@ def _index_of_process_1(monkeypatch, section_bytes: int):
     ]
     raw = _index.encode_index(1, records, grids)
     ref = _index.make_ref(1, "p00001.idx", raw)
-    shapes = [(), None, (4, 4)]
+    facts = _index.leaf_facts([((), 4, False), (None, 1, False), ((4, 4), 8, False)])
     files = {"p00001.s000.bin": 36, "p00001.s001.bin": 32}
-    return records, grids, raw, ref, shapes, files
+    return records, grids, raw, ref, facts, files
 
 
 def test_an_index_round_trips_and_is_checked(monkeypatch):
-    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 4096)
+    records, grids, raw, ref, facts, files = _index_of_process_1(monkeypatch, 4096)
     assert ref.chunks == 4 and ref.nbytes == len(raw)
-    assert _index.decode_index(raw, ref, shapes, grids, files) == sorted(
+    assert _index.decode_index(raw, ref, facts, grids, files) == sorted(
         records, key=lambda c: (c.leaf, c.box)
     )
     with pytest.raises(ValueError, match="past the end"):
-        _index.decode_index(raw, ref, shapes, grids, {**files, "p00001.s001.bin": 31})
+        _index.decode_index(raw, ref, facts, grids, {**files, "p00001.s001.bin": 31})
     with pytest.raises(ValueError, match="fails its crc32c"):
-        _index.decode_index(raw[:-1] + b"\x01", ref, shapes, grids, files)
+        _index.decode_index(raw[:-1] + b"\x01", ref, facts, grids, files)
+    no_data = _index.leaf_facts([((), 4, False), (None, 1, False), (None, 1, False)])
     with pytest.raises(ValueError, match="leaves that store no data"):
-        _index.decode_index(raw, ref, [(), None, None], grids, files)
+        _index.decode_index(raw, ref, no_data, grids, files)
+    wider = _index.leaf_facts([((), 4, False), (None, 1, False), ((4, 4), 4, False)])
+    with pytest.raises(ValueError, match="records 16 bytes, its box holds 8"):
+        _index.decode_index(raw, ref, wider, grids, files)
     with pytest.raises(ValueError, match="outside the cells of process 0"):
         _index.encode_index(0, records, grids)
 
@@ -122,7 +126,7 @@ def test_an_index_round_trips_and_is_checked(monkeypatch):
 def test_a_reader_reads_only_the_sections_of_the_cells_it_needs(monkeypatch):
     # One section per (cell, leaf): rank 0 holds the scalar and the top-left cell,
     # rank 1 the bottom-left cell.
-    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 1)
+    records, grids, raw, ref, facts, files = _index_of_process_1(monkeypatch, 1)
     head = _index.decode_head(raw[: ref.head_bytes], ref, files)
     assert [(int(s["cell"]), int(s["leaf"])) for s in head.sections] == [(0, 0), (0, 2), (1, 2)]
     grid = grids[2]
@@ -133,7 +137,7 @@ def test_a_reader_reads_only_the_sections_of_the_cells_it_needs(monkeypatch):
     def section(n: int, data: bytes = raw) -> dict:
         start = int(head.starts[n])
         part = data[start : start + int(head.sections["nbytes"][n])]
-        return _index.decode_section(part, head, n, _index.leaf_ranks(shapes), grids)
+        return _index.decode_section(part, head, n, facts, grids)
 
     assert section(2) == {(1, 2): [records[3]]}
     assert section(1) == {(0, 2): records[:2]}
@@ -147,7 +151,7 @@ def test_a_reader_reads_only_the_sections_of_the_cells_it_needs(monkeypatch):
 
 
 def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
-    records, grids, raw, ref, shapes, files = _index_of_process_1(monkeypatch, 4096)
+    records, grids, raw, ref, facts, files = _index_of_process_1(monkeypatch, 4096)
     head = _index.decode_head(raw[: ref.head_bytes], ref, files)
     # Rewrite the bottom-left chunk's cell rank from 1 to 0 and reseal the section.
     body = bytearray(raw[ref.head_bytes :])
@@ -160,7 +164,7 @@ def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
         ref, head.files, head.file_bytes, head.bound_type, sections, head.starts, head.keys
     )
     with pytest.raises(ValueError, match="outside its cell 0 of process 1"):
-        _index.decode_section(bytes(body), bad_head, 0, _index.leaf_ranks(shapes), grids)
+        _index.decode_section(bytes(body), bad_head, 0, facts, grids)
 
 
 # --------------------------------------------------------------------------- real processes
