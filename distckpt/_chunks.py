@@ -85,10 +85,10 @@ class ChunkTable:
         self._cells: dict[tuple[int, int, int], list[ChunkRecord]] = {}  # (process, cell, leaf)
         self._sections: set[tuple[int, int]] = set()  # (process, section) read
         self._groups: dict[tuple[int, tuple], tuple[list[ChunkRecord], ChunkIndex]] = {}
-        self._covered: dict[tuple[int, Box], list[str]] = {}  # (ChunkIndex id, box) -> problems
+        self._covered: dict[tuple, list[str]] = {}  # (chunk layout, box) -> problems
         self._refs = {ref.process: ref for ref in manifest.indexes or []}
         self._facts: _index.LeafFacts | None = None  # what index records are checked by
-        self._cells_memo: dict[tuple[int, Box], tuple[tuple[int, int], ...]] = {}
+        self._cells_memo: dict[tuple[int, Box], tuple[tuple[tuple[int, int], ...], bool]] = {}
         self._lock = threading.RLock()
 
     def prefetch(self, wanted: Iterable[tuple[int, Box]]) -> None:
@@ -98,7 +98,7 @@ class ChunkTable:
             return
         keys: dict[int, set[tuple[int, int]]] = {}
         for leaf, box in wanted:
-            for process, cell in self._cells_in(leaf, box):
+            for process, cell in self._cells_in(leaf, box)[0]:
                 keys.setdefault(process, set()).add((cell, leaf))
         for process in sorted(keys):
             self._read_sections(process, self._head(process).sections_for(keys[process]))
@@ -112,11 +112,17 @@ class ChunkTable:
                 _check(self.where, _plan.chunk_table_problems(spec, chunks))
                 self._inline[leaf] = chunk_index(tuple(c.box for c in chunks))
             return [chunks[i] for i in self._inline[leaf].overlapping(box)]
-        records, index = self._group(leaf, self._cells_in(leaf, box))
-        found = [records[i] for i in index.overlapping(box)]
+        cells, exact = self._cells_in(leaf, box)
+        key: tuple
+        if exact:  # the box is one saved cell (a restore onto the saved layout): all of it
+            found = list(self._cell_records(*cells[0], leaf))
+            key = (tuple(c.box for c in found), box)
+        else:
+            records, index = self._group(leaf, cells)
+            found = [records[i] for i in index.overlapping(box)]
+            key = (id(index), box)
         # Whether the records found cover the box exactly depends on their boxes
-        # only: leaves saved alike share the answer (and the ChunkIndex).
-        key = (id(index), box)
+        # only: leaves saved alike share the answer.
         if key not in self._covered:
             self._covered[key] = self._coverage(box, found)
         if self._covered[key]:
@@ -182,13 +188,17 @@ class ChunkTable:
         """First-dimension boundaries of the saved chunks of ``leaf`` (for cutting slabs)."""
         return sorted({e for c in self.leaf(leaf) if c.box for e in c.box[0]})
 
-    def _cells_in(self, leaf: int, box: Box) -> tuple[tuple[int, int], ...]:
-        """``Grid.cells_in``, once per grid and box (leaves saved alike share both)."""
+    def _cells_in(self, leaf: int, box: Box) -> tuple[tuple[tuple[int, int], ...], bool]:
+        """``Grid.cells_in``, and whether ``box`` is exactly one cell; once per grid and
+        box (leaves saved alike share both)."""
         grid = self._grid(leaf)
         key = (id(grid), box)
         found = self._cells_memo.get(key)
         if found is None:
-            found = self._cells_memo[key] = tuple(grid.cells_in(box))
+            ranges = grid.cell_ranges(box)
+            exact = bool(box) and all(r.stop - r.start == 1 for r in ranges)
+            exact = exact and grid.cell_box([r.start for r in ranges]) == box
+            found = self._cells_memo[key] = (tuple(grid.cells_in(box)), exact)
         return found
 
     def _grid(self, leaf: int) -> _index.Grid:

@@ -629,25 +629,25 @@ def decode_section(
             )
     out: dict[tuple[int, int], list[ChunkRecord]] = {}
     flat = bounds.tolist()
+    pairs = list(zip(flat[0::2], flat[1::2], strict=True))  # (start, stop) per dimension
     files = [head.files[f] for f in table["file"].tolist()]
-    offsets, sizes, crcs = (table[k].tolist() for k in ("offset", "nbytes", "crc32c"))
-    leaves, cells, ranks_list, begin = (
+    at = 0
+    for leaf_k, cell_k, rank, f, off, size, crc in zip(
         leaf.tolist(),
         table["cell"].tolist(),
         record_ranks.tolist(),
-        starts.tolist(),
-    )
-    for k in range(n):
-        b0, rank = begin[k], ranks_list[k]
-        record = ChunkRecord(
-            leaves[k],
-            files[k],
-            offsets[k],
-            sizes[k],
-            crcs[k],
-            tuple((flat[j], flat[j + 1]) for j in range(b0, b0 + 2 * rank, 2)),
-        )
-        out.setdefault((cells[k], leaves[k]), []).append(record)
+        files,
+        table["offset"].tolist(),
+        table["nbytes"].tolist(),
+        table["crc32c"].tolist(),
+        strict=True,
+    ):
+        box = tuple(pairs[at : at + rank])
+        at += rank
+        group = out.get((cell_k, leaf_k))
+        if group is None:
+            group = out[(cell_k, leaf_k)] = []
+        group.append(ChunkRecord(leaf_k, f, off, size, crc, box))
     return out
 
 
