@@ -62,7 +62,6 @@ class RecoveryStats:
     step: int
     local_bytes: int  # read from this process's own directory
     peer_bytes: int  # received through collectives (what this process lacked)
-    persistent_bytes: int = 0  # always 0 for a local recovery
 
 
 class LocalTier:
@@ -289,19 +288,19 @@ class LocalTier:
         partial: bool,
     ) -> tuple[int, Any, dict, str | None]:
         """Every array on its saved layout from the copies, then placed as ``target`` asks."""
-        description = st if st is not None else None
-        # Every process needs the tree's description; one that lost its copy gets it
-        # through a broadcast of the JSON (small: O(leaves)).
-        raw = (
-            (st.path / _local.DESCRIPTION).read_bytes()
-            if st is not None and coll.pid in available
-            else b""
-        )
-        src = min(available)
-        raw = _broadcast_bytes(raw, src)
-        if description is None or coll.pid not in available:
-            description = _local.parse(raw, step, Path(self.directory) / ".recovering")
         have = coll.pid in available
+        description = st if have else None
+        if len(available) < coll.count:
+            # A process that lost its copy gets the tree's description from the lowest
+            # whole one, through a broadcast of its JSON (small: O(leaves)).
+            source = min(available)
+            raw = b""
+            if coll.pid == source and st is not None:
+                raw = (st.path / _local.DESCRIPTION).read_bytes()
+            raw = _broadcast_bytes(raw, source)
+            if description is None:
+                description = _local.parse(raw, step, Path(self.directory) / ".recovering")
+        assert description is not None  # every process holds it, or got it above
         local_bytes = peer_bytes = 0
         by_owner: dict[tuple[int, int, Box], _local.Block] = {}
         if have:
@@ -318,7 +317,7 @@ class LocalTier:
                 continue
             sharding = _sharding(layout)
             shape = spec.array_shape
-            dtype = np.dtype(_plan_dtype(spec))
+            dtype = _plan.np_dtype(spec.array_dtype)
             shards = []
             for d, index in sharding.addressable_devices_indices_map(shape).items():
                 box = _reshard.box_from_index(_index(index), shape)
@@ -340,7 +339,7 @@ class LocalTier:
                     arr, got = _from_replicas(arr, sharding, available)
                 peer_bytes += got
             arrays[i] = arr
-        values = _values(description, by_owner if have else {}, st, available, coll.pid)
+        values = _values(description, st, available, coll.pid)
         tree = _place(description, arrays, values, target, partial)
         states = extra.get("pipeline_states")
         state = states[coll.pid] if states else None
@@ -401,10 +400,6 @@ def _sharding(layout: dict) -> NamedSharding:
     return NamedSharding(
         Mesh(devices, tuple(layout["axes"])), spec, memory_kind=layout["memory_kind"]
     )
-
-
-def _plan_dtype(spec: LeafSpec) -> Any:
-    return _plan.np_dtype(spec.array_dtype)
 
 
 def _distinct(arr: Any) -> list[tuple[Box, np.ndarray]]:
@@ -561,7 +556,7 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
 
 
 def _values(
-    st: _local.Step, by_owner: dict, mine: _local.Step | None, available: set[int], pid: int
+    st: _local.Step, mine: _local.Step | None, available: set[int], pid: int
 ) -> dict[int, np.ndarray]:
     """Every value every process kept whole: the lowest available process's, on all."""
     source = min(available)
@@ -572,7 +567,7 @@ def _values(
         if pid == source and mine is not None:
             value = mine.read(mine.blocks[mine.values[i]])
         else:
-            value = np.zeros(spec.array_shape, _plan_dtype(spec))
+            value = np.zeros(spec.array_shape, _plan.np_dtype(spec.array_dtype))
         out[i] = value
     if jax.process_count() > 1 and out:
         got = multihost_utils.broadcast_one_to_all(out, is_source=pid == source)
