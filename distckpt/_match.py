@@ -124,8 +124,9 @@ def match(
             problems.append(f"rename maps both {other} and {s.display} to {_migrate.slash(new)}")
         saved[new] = i
     wants, used, skipped, missing = [], set(), [], {}
+    matched: dict[tuple, Want] = {}
     for index, (path, t) in enumerate(items):
-        key, disp = _tree.match_key(path), _tree.display(path)
+        key = _tree.match_key(path)
         if t is None:
             skipped.append(key)
             continue
@@ -135,17 +136,48 @@ def match(
             if has:
                 wants.append(Want(index, -1, Mode.VALUE, value=value))
                 continue
-            problems.append(f"{disp}: in the target but not in the checkpoint")
+            problems.append(f"{_tree.display(path)}: in the target but not in the checkpoint")
             missing[_migrate.slash(key)] = _shape_dtype(t)
             continue
         used.add(key)
         spec = leaves[leaf]
-        want, problem = _match_leaf(index, leaf, spec, t, disp, cast)
+        # Leaves alike (same target type, shape, dtype and sharding; same saved
+        # description) match alike: one full check for each kind, then a copy.
+        alike = None
+        if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(t, "sharding", None)
+            alike = (
+                type(t),
+                t.shape,
+                t.dtype,
+                sharding,
+                spec.kind,
+                spec.shape,
+                spec.dtype,
+                spec.impl,
+            )
+            template = matched.get(alike)
+            if template is not None:
+                wants.append(
+                    Want(
+                        index,
+                        leaf,
+                        template.mode,
+                        template.dtype,
+                        template.sharding,
+                        template.device_boxes,
+                        template.boxes,
+                    )
+                )
+                continue
+        want, problem = _match_leaf(index, leaf, spec, t, _tree.display(path), cast)
         if problem:
             problems.append(problem)
         else:
             assert want is not None  # _match_leaf gives a want or a problem
             wants.append(want)
+            if alike is not None and want.mode in (Mode.ARRAY, Mode.KEY):
+                matched[alike] = want
     unused = {}
     for key, leaf in saved.items():
         if key in used or any(key[: len(p)] == p for p in skipped):

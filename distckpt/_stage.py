@@ -149,11 +149,6 @@ class DeviceShard:
         return _host_copy(self.data[within])
 
 
-def _fetch_copies(data: Any) -> bool:
-    """Whether ``np.asarray`` of a single-device array copies it to host memory."""
-    return any(d.platform != "cpu" for d in data.devices())
-
-
 def _host_copy(data: Any) -> np.ndarray:
     """A single-device array in host memory, as a copy that nothing else keeps.
 
@@ -191,15 +186,46 @@ def owned_shards(
         leaf = jax.random.key_data(leaf)
     if per_process and not is_primary:
         return []
+    shards = leaf.addressable_shards
     out: list[tuple[Box, np.ndarray | DeviceShard]] = []
-    for shard in leaf.addressable_shards:
-        if shard.replica_id != 0:
-            continue
-        box = _reshard.box_from_index(shard.index, leaf.shape)
-        kind_of_memory = getattr(shard.data.sharding, "memory_kind", None)
-        sliceable = kind_of_memory in (None, default_memory_kind())
-        out.append((box, DeviceShard(shard.data, box, _fetch_copies(shard.data), sliceable)))
+    for position, device, box, copies, sliceable in _device_writes(
+        leaf.sharding, tuple(leaf.shape)
+    ):
+        shard = shards[position] if position < len(shards) else None
+        if shard is None or shard.device != device:  # not in device order: look it up
+            shard = next(s for s in shards if s.device == device)
+        out.append((box, DeviceShard(shard.data, box, copies, sliceable)))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_writes(
+    sharding: Any, shape: tuple[int, ...]
+) -> tuple[tuple[int, Any, Box, bool, bool], ...]:
+    """``(position, device, box, copies, sliceable)`` for each addressable device
+    holding a ``replica_id == 0`` shard of an array of ``shape`` laid out by
+    ``sharding``; ``position`` is where the device's shard usually is in
+    ``addressable_shards`` (the sharding's device order; checked on use).
+
+    Cached: the leaves of a state repeat a few (sharding, shape) pairs, and
+    these facts are the same for every array that has them.
+    """
+    kind_of_memory = getattr(sharding, "memory_kind", None)
+    sliceable = kind_of_memory in (None, default_memory_kind())
+    me = jax.process_index()
+    copies: dict[Box, int] = {}  # JAX's replica ids: copies of a box, in device order
+    out = []
+    position = 0
+    for device, index in sharding.devices_indices_map(shape).items():
+        box = _reshard.box_from_index(index, shape)
+        replica = copies.get(box, 0)
+        copies[box] = replica + 1
+        if device.process_index != me:
+            continue
+        if replica == 0:
+            out.append((position, device, box, device.platform != "cpu", sliceable))
+        position += 1
+    return tuple(out)
 
 
 def stage(

@@ -157,10 +157,11 @@ def walk(tree: Any) -> tuple[list[tuple[Path, Any]], list[list]]:
     nodes: list[list] = []
     # (object, parent node, slot in the parent, path as a linked list)
     stack: list[tuple[Any, int, int, Any]] = [(tree, -1, 0, None)]
+    leaf_types = set(_LEAF_TYPES)  # grows with the types the registry calls leaves
     while stack:
         obj, parent, slot, link = stack.pop()
         cls = type(obj)
-        if obj is None or cls in _LEAF_TYPES:
+        if obj is None or cls in leaf_types:
             items.append((_materialise(link), obj))
             continue
         try:
@@ -168,6 +169,7 @@ def walk(tree: Any) -> tuple[list[tuple[Path, Any]], list[list]]:
         except ValueError as e:  # a dict whose keys do not sort (jax sorts them)
             raise TypeError(f"cannot flatten {display(_materialise(link))}: {e}") from None
         if flat is None:
+            leaf_types.add(cls)
             items.append((_materialise(link), obj))
             continue
         pairs, aux = flat

@@ -11,7 +11,6 @@ checkpoint, write nothing, and run no code from it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -231,7 +230,7 @@ def test_absurd_leaf(original, tmp_path, case, monkeypatch):
 # these are re-sealed so that the checks behind that checksum are exercised.
 def _first_of_w(records, **change):
     at = next(i for i, c in enumerate(records) if c.box and len(c.box) == 2)
-    return [*records[:at], dataclasses.replace(records[at], **change), *records[at + 1 :]]
+    return [*records[:at], records[at]._replace(**change), *records[at + 1 :]]
 
 
 CHUNKS = {
@@ -298,13 +297,9 @@ def test_a_self_consistent_record_bigger_than_its_files_allocates_nothing(origin
         out = []
         for c in records:
             if c.box and len(c.box) == 2:  # ['w']: one chunk of 4 GiB
-                out.append(
-                    dataclasses.replace(
-                        c, offset=0, nbytes=size, box=((0, shape[0]), (0, shape[1]))
-                    )
-                )
+                out.append(c._replace(offset=0, nbytes=size, box=((0, shape[0]), (0, shape[1]))))
             else:
-                out.append(dataclasses.replace(c, offset=size + c.offset))
+                out.append(c._replace(offset=size + c.offset))
         return out
 
     indexes.rewrite_index(work, grow_records)
