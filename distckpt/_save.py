@@ -290,9 +290,7 @@ class SaveJob:
             raise
         finally:
             if staged.pool is not None:
-                staged.pool.refill(
-                    [a for a in staged.buffers.values() if isinstance(a, np.ndarray)]
-                )
+                staged.pool.recycle()
             self.staged = None
         return SaveStats(**stats)
 

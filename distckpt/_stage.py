@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Container
+import os
+import threading
+import warnings
+from collections.abc import Callable, Container
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from distckpt import _index, _plan, _reshard, _tree
+from distckpt import _index, _knobs, _plan, _reshard, _tree
 from distckpt._index import Grid
 from distckpt._plan import LeafSpec
 from distckpt._reshard import Box
@@ -149,6 +153,12 @@ class DeviceShard:
         return _host_copy(self.data[within])
 
 
+def _fetch_copies(device: Any) -> bool:
+    """Whether fetching a shard from ``device`` copies it into host memory (accelerator
+    memory), rather than giving a view of memory that already is the host's (CPU)."""
+    return device.platform != "cpu"
+
+
 def _host_copy(data: Any) -> np.ndarray:
     """A single-device array in host memory, as a copy that nothing else keeps.
 
@@ -188,21 +198,17 @@ def owned_shards(
         return []
     shards = leaf.addressable_shards
     out: list[tuple[Box, np.ndarray | DeviceShard]] = []
-    for position, device, box, copies, sliceable in _device_writes(
-        leaf.sharding, tuple(leaf.shape)
-    ):
+    for position, device, box, sliceable in _device_writes(leaf.sharding, tuple(leaf.shape)):
         shard = shards[position] if position < len(shards) else None
         if shard is None or shard.device != device:  # not in device order: look it up
             shard = next(s for s in shards if s.device == device)
-        out.append((box, DeviceShard(shard.data, box, copies, sliceable)))
+        out.append((box, DeviceShard(shard.data, box, _fetch_copies(device), sliceable)))
     return out
 
 
 @functools.lru_cache(maxsize=1024)
-def _device_writes(
-    sharding: Any, shape: tuple[int, ...]
-) -> tuple[tuple[int, Any, Box, bool, bool], ...]:
-    """``(position, device, box, copies, sliceable)`` for each addressable device
+def _device_writes(sharding: Any, shape: tuple[int, ...]) -> tuple[tuple[int, Any, Box, bool], ...]:
+    """``(position, device, box, sliceable)`` for each addressable device
     holding a ``replica_id == 0`` shard of an array of ``shape`` laid out by
     ``sharding``; ``position`` is where the device's shard usually is in
     ``addressable_shards`` (the sharding's device order; checked on use).
@@ -223,7 +229,7 @@ def _device_writes(
         if device.process_index != me:
             continue
         if replica == 0:
-            out.append((position, device, box, device.platform != "cpu", sliceable))
+            out.append((position, device, box, sliceable))
         position += 1
     return tuple(out)
 
@@ -241,33 +247,102 @@ def stage(
 
     Returns ``(shards, staged)``: ``(leaf index, box, itemsize)`` for every
     shard this process owns, and for each its host array or a
-    ``DeviceShard``. An async save copies every shard now (``copy=True``,
-    through ``pool`` when given), so the caller may reuse its buffers at
-    once. A synchronous one leaves them on their devices, and each writer
-    thread fetches one piece of a shard at a time (``_plan.save_memory``),
-    so its host memory stays within the budget (on CPU a fetch is a view).
+    ``DeviceShard``. A synchronous save (``copy=False``) leaves shards on
+    their devices, and each writer thread fetches one piece of a shard at a
+    time (``_plan.save_memory``), so its host memory stays within the budget
+    (on CPU a fetch is a view).
+
+    An async save (``copy=True``) takes every shard off the caller's hands
+    now, so the caller may donate or overwrite its arrays at once: shards in
+    accelerator memory are copied to the host, numpy leaves are copied (into
+    ``pool``'s buffers when given), all on ``threads`` threads. Shards of
+    CPU devices are kept as views when the runtime keeps a buffer with a live
+    view from being donated (``views_outlive_donation``); the caller's
+    donating step then gets fresh buffers, and nothing is copied here.
     ``per_process``: indices of the arrays the primary alone writes (see
     ``owned_shards``), as the primary decided them (``per_process_leaves``).
     """
-    take = pool.copy if pool is not None else (lambda a: np.array(a, copy=True))
     shards: list[tuple[int, Box, int]] = []
     staged: dict[tuple[int, Box], np.ndarray | DeviceShard] = {}
+    work: list[tuple[tuple[int, Box], Callable[[], np.ndarray]]] = []
+    pool = pool if pool is not None else HostPool()
     for index, (leaf, spec) in enumerate(zip(leaves, specs, strict=True)):
         if not spec.stored:
             continue
         for box, src in owned_shards(
             leaf, spec.kind, is_primary=is_primary, per_process=index in per_process
         ):
+            key = (index, box)
             shards.append((index, box, spec.itemsize))
             if not copy:
-                staged[(index, box)] = src
-            elif isinstance(src, DeviceShard):
-                host = src.fetch(box)
-                # A copying fetch already gave a private host copy: no second one.
-                staged[(index, box)] = host if src.copies else take(host)
+                staged[key] = src
+            elif isinstance(src, DeviceShard) and src.copies:
+                work.append((key, functools.partial(src.fetch, box)))  # a private copy
+            elif isinstance(src, DeviceShard) and views_outlive_donation():
+                staged[key] = src.fetch(box)  # a view the runtime keeps from donation
             else:
-                staged[(index, box)] = take(src)
+                host = src.fetch(box) if isinstance(src, DeviceShard) else src
+                dst = pool.take(host.shape, host.dtype)
+                work += [(key, functools.partial(_copy, dst, host, part)) for part in _parts(dst)]
+    if work:
+        threads = min(len(work), _knobs.get("io_threads"), os.cpu_count() or 1)
+        with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-stage") as ex:
+            for (key, _), out in zip(work, ex.map(lambda w: w[1](), work), strict=True):
+                staged[key] = out  # the parts of one copy all give its buffer
     return shards, staged
+
+
+# A copy larger than this is cut into bands of rows, so threads share one large shard.
+_COPY_BAND_BYTES = 16 << 20
+
+
+def _parts(dst: np.ndarray) -> list[Any]:
+    """Bands of leading rows of ``dst`` (``...``, the whole array, when small or 0-d)."""
+    if dst.ndim == 0 or dst.nbytes <= _COPY_BAND_BYTES or dst.shape[0] < 2:
+        return [...]
+    rows = max(1, dst.shape[0] * _COPY_BAND_BYTES // dst.nbytes)
+    return [slice(i, i + rows) for i in range(0, dst.shape[0], rows)]
+
+
+def _copy(dst: np.ndarray, src: np.ndarray, part: Any) -> np.ndarray:
+    np.copyto(dst[part], src[part])
+    return dst
+
+
+_probe_lock = threading.Lock()  # one probe per process; a second caller waits for it
+_probe_result: list[bool] = []
+
+
+def views_outlive_donation() -> bool:
+    """Whether a numpy view of a CPU ``jax.Array`` keeps its values when a jitted
+    computation is asked to donate the array.
+
+    The runtime refuses to reuse a buffer that has a live view (an external
+    reference): on CPU the computation then writes fresh buffers and the view
+    is untouched, so an async save may keep views instead of copying. Some
+    runtimes raise instead; this asks the one in use, once per process, with
+    a 4-element array, and any other outcome makes async saves copy. The
+    manager asks in the background when it is created.
+    """
+    with _probe_lock:
+        if not _probe_result:
+            _probe_result.append(_probe_views())
+        return _probe_result[0]
+
+
+def _probe_views() -> bool:
+    try:
+        device = jax.local_devices(backend="cpu")[0]
+        expected = np.arange(4, dtype=np.float32)
+        x = jax.device_put(expected, device)
+        view = np.asarray(x)
+        overwrite = jax.jit(lambda a: a * 0 - 1, donate_argnums=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "donated buffers were not usable"
+            jax.block_until_ready(overwrite(x))
+        return bool((view == expected).all())
+    except Exception:  # noqa: BLE001 - any failure means: copy
+        return False
 
 
 def grid(leaf: Any, spec: LeafSpec, *, primary_writes: bool) -> Grid:
@@ -313,27 +388,28 @@ def per_process_leaves(leaves: list[Any], specs: list[LeafSpec]) -> list[int]:
 class HostPool:
     """Host buffers that one async save hands to the next.
 
-    An async save must copy its shards off the devices before it returns.
+    An async save must copy what it cannot keep as views before it returns.
     Fresh buffers cost a page fault per page, which on some machines costs
     more than the copy; reusing the previous save's buffers (free again once
     that save committed) leaves only the copy. The pool holds at most the
-    buffers of one save: what this process wrote last time.
+    buffers of one save: what this process copied last time.
     """
 
     def __init__(self) -> None:
         self._free: dict[tuple[tuple[int, ...], np.dtype], list[np.ndarray]] = {}
+        self._lent: list[np.ndarray] = []
 
-    def copy(self, src: Any) -> np.ndarray:
-        src = np.asarray(src)
-        bucket = self._free.get((src.shape, src.dtype))
-        if bucket:
-            dst = bucket.pop()
-            np.copyto(dst, src)
-            return dst
-        return np.array(src, copy=True)
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer of ``shape`` and ``dtype``: the last save's if it had one, else new."""
+        bucket = self._free.get((tuple(shape), np.dtype(dtype)))
+        dst = bucket.pop() if bucket else np.empty(shape, dtype)
+        self._lent.append(dst)
+        return dst
 
-    def refill(self, arrays: list[np.ndarray]) -> None:
-        """Keeps ``arrays`` (and drops anything older) for the next save."""
+    def recycle(self) -> None:
+        """The buffers taken since the last call are free again (their save is over);
+        they replace anything older."""
         self._free = {}
-        for a in arrays:
+        for a in self._lent:
             self._free.setdefault((a.shape, a.dtype), []).append(a)
+        self._lent = []

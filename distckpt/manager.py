@@ -80,7 +80,8 @@ class CheckpointManager:
         without that metric never count as best; other rules may keep them.
       save_interval_steps: ``should_save(step)`` is true every this many steps.
       async_save: ``save`` returns once this process's shards are copied to
-        host memory; writing and committing continue in the background.
+        host memory (or, on CPU devices, held as views the runtime keeps
+        from donation); writing and committing continue in the background.
       timeout_s: longest wait for the slowest process at any synchronisation point.
       clean_on_start: the primary removes leftovers of crashed saves and
         deletions of this manager when it is constructed.
@@ -176,6 +177,10 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._closed = False
         self._pool = _stage.HostPool()  # host buffers reused by consecutive async saves
+        if async_save:  # ask the runtime now what the first async save will need to know
+            threading.Thread(
+                target=_stage.views_outlive_donation, name="distckpt-probe", daemon=True
+            ).start()
         self.last_restore_stats: RestoreStats | None = None
         self._local: _localtier.LocalTier | None = None
         if local_directory is not None:
@@ -248,7 +253,8 @@ class CheckpointManager:
         """Saves ``tree`` as ``step`` if ``should_save(step)`` (or ``force``); collective.
 
         With ``async_save`` (and ``blocking`` not True) this returns once the
-        shards are copied to host memory; the caller may then donate or
+        shards are copied to host memory (on CPU devices, kept as views the
+        runtime protects from donation); the caller may then donate or
         overwrite its arrays. A new save first waits for the previous one.
         ``pipeline`` (a ``distckpt.Checkpointable``, e.g. the data iterator)
         has its state taken before this returns, and is committed with the

@@ -249,7 +249,7 @@ def memory_options(op: dict):
         from distckpt import _stage as stage
 
         saved = stage._fetch_copies, stage._host_copy
-        stage._fetch_copies = lambda data: True
+        stage._fetch_copies = lambda device: True
         stage._host_copy = lambda data: np.array(data, copy=True)
     try:
         yield

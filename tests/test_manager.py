@@ -157,6 +157,55 @@ def test_async_save_with_a_donating_train_step(tmp_path):
         assert int(out["n"]) == step
 
 
+def test_the_runtime_keeps_a_viewed_buffer_from_donation():
+    # Async saves on CPU keep views of the caller's shards instead of copying
+    # them, because the runtime refuses to reuse a buffer that has a live view.
+    # This pins that behaviour of the JAX in use; without it saves copy.
+    from distckpt import _stage
+
+    assert _stage.views_outlive_donation()
+
+
+@pytest.mark.parametrize("staging", ["views", "copies", "device"])
+def test_async_staging_survives_donation_and_reuse(tmp_path, monkeypatch, staging):
+    # Each way an async save takes shards off the caller's hands, against a
+    # donating step that overwrites the state right after save() returns:
+    # views of CPU buffers, copies into the pool's reused buffers (the runtime
+    # probe said no), and copying fetches as from accelerator memory.
+    from distckpt import _stage
+
+    if staging == "copies":
+        monkeypatch.setattr(_stage, "_probe_result", [False])
+    if staging == "device":
+        monkeypatch.setattr(_stage, "_fetch_copies", lambda device: True)
+        monkeypatch.setattr(_stage, "_host_copy", lambda data: np.array(data, copy=True))
+    monkeypatch.setattr(_stage, "_COPY_BAND_BYTES", 64 << 10)  # several bands per shard
+    mesh = jax.make_mesh((8,), ("x",))
+    rows = NamedSharding(mesh, P("x", None))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state):
+        return {"w": state["w"] * 3 + 1, "b": state["b"] - 1}
+
+    state = {
+        "w": jax.device_put(jnp.arange(512 * 256, dtype=jnp.float32).reshape(512, 256), rows),
+        "b": jnp.zeros((), jnp.int32),
+        "host": np.arange(64 * 1024, dtype=np.int64).reshape(64, 1024),
+    }
+    expected = {}
+    with distckpt.CheckpointManager(tmp_path, max_to_keep=10) as mgr:
+        for step in range(1, 5):
+            expected[step] = jax.tree.map(lambda a: np.array(a, copy=True), state)
+            mgr.save(step, state)
+            host = state["host"]
+            state = {**train_step({"w": state["w"], "b": state["b"]}), "host": host}
+            host += 1  # the saved numpy leaf changes in place
+    for step, want in expected.items():
+        got = mgr.restore(step, jax.tree.map(np.asarray, want))
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=name)
+
+
 def test_background_error_surfaces_once_and_does_not_poison(tmp_path, monkeypatch):
     mgr = distckpt.CheckpointManager(tmp_path)
     mgr.save(1, _tiny(1))
