@@ -402,6 +402,13 @@ class Distckpt:
     def async_save(self, mgr, step: int, tree: dict) -> None:
         mgr.save(step, tree)  # returns once this process's shards are copied to host
 
+    def forget_process_state(self) -> None:
+        """Forgets what a restarted process would not know: the runtime's answer on
+        views and donation, which the next manager asks again when it is created."""
+        from distckpt import _stage
+
+        _stage._probe_result.clear()
+
     def wait(self, mgr) -> None:
         mgr.wait_until_finished()
 
@@ -447,6 +454,9 @@ class Orbax:
 
     def async_save(self, mgr, step: int, tree: dict) -> None:
         mgr.save(step, args=self._ocp.args.StandardSave(tree))
+
+    def forget_process_state(self) -> None:
+        pass  # a new manager is all Orbax's first save needs
 
     def wait(self, mgr) -> None:
         mgr.wait_until_finished()
@@ -634,6 +644,9 @@ class Worker:
             state = self.get_state(op["layout"])
             sysm = self.system(op["system"])
             key = (op["system"], op["path"])
+            if op.get("fresh"):  # a new manager's first save, as in a restarted job
+                sysm.forget_process_state()
+                self.managers[key] = sysm.manager(op["path"])
             if key not in self.managers:  # construction is collective and not timed
                 self.managers[key] = sysm.manager(op["path"])
             mgr = self.managers[key]
@@ -647,7 +660,10 @@ class Worker:
                 background["save_stats"] = stats
             blocked["owned_bytes"] = background["owned_bytes"] = owned_bytes(state)
             self.emit(event="result", **common, **blocked)
-            self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
+            if op.get("background_row"):
+                self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
+            if op.get("fresh"):
+                sysm.close_manager(self.managers.pop(key))
 
         elif kind == "host_copy":
             state = self.get_state(op["layout"])

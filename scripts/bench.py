@@ -86,6 +86,7 @@ class Topology:
 
 SAVE_2x4 = Topology("2x4", 2, 4, (2, 4), ("x", "y"), ("x", "y"))
 COLS_1x8 = Topology("1x8", 1, 8, (8,), ("x",), (None, "x"))  # column stripes, not blocks
+ROWS_1x8 = Topology("1x8", 1, 8, (8,), ("x",), ("x", None))  # the single-host case
 BLOCKS_4x2 = Topology("4x2", 4, 2, (4, 2), ("x", "y"), ("x", "y"))
 REPLICATED_1x8 = Topology("1x8", 1, 8, (8,), ("x",), ())  # every device holds every leaf
 ROWS_1x2 = Topology("1x2", 1, 2, (2,), ("x",), ("x", None))  # the memory case
@@ -213,6 +214,8 @@ class Plan:
             for i in range(SAVE_2x4.processes)
         ]
         self.floor_files[-1][1] += self.large_bytes % SAVE_2x4.processes
+        # One process writes everything in the single-host case: its floor is one file.
+        self.floor_file_1 = [[str(root / "floor" / "single.bin"), self.large_bytes]]
 
     def ckpt(self, case: str, system: str, rep: int) -> str:
         return str(self.root / case / system / f"rep{rep}")
@@ -245,6 +248,23 @@ class Plan:
                 "trestore", "train state: restore 2x4 -> 2x4", "restore", self.train_bytes, False
             ),
             "ablocked": Row("ablocked", "async save 2x4: blocked", "async", self.large_bytes, True),
+            "afirst": Row(
+                "afirst", "async save 2x4: blocked, first save", "async", self.large_bytes, False
+            ),
+            "s1save": Row("s1save", f"save 1x8 ({gib:.2f} GiB)", "save", self.large_bytes, True),
+            "s1r1x8": Row("s1r1x8", "restore 1x8 -> 1x8", "restore", self.large_bytes, True),
+            "s1rcols": Row(
+                "s1rcols", "restore 1x8 -> 1x8 (cols)", "restore", self.large_bytes, True
+            ),
+            "a1blocked": Row(
+                "a1blocked", "async save 1x8: blocked", "async", self.large_bytes, True
+            ),
+            "a1first": Row(
+                "a1first", "async save 1x8: blocked, first save", "async", self.large_bytes, False
+            ),
+            "a1background": Row(
+                "a1background", "async save 1x8: background", "async", self.large_bytes, False
+            ),
             "abackground": Row(
                 "abackground", "async save 2x4: background", "async", self.large_bytes, False
             ),
@@ -268,6 +288,21 @@ class Plan:
                     BLOCKS_4x2,
                     [rows["r4x2"]],
                     lambda en: self._large_restore_ops(en, BLOCKS_4x2, "r4x2"),
+                )
+            )
+        if "single" in self.args.cases:
+            # One process with eight devices: most multi-host jobs run one such process
+            # per host, so this is the common case (save, restores, async blocking).
+            out.append(
+                Group(
+                    "single-1x8",
+                    ROWS_1x8,
+                    [
+                        rows[k]
+                        for k in ("s1save", "s1r1x8", "s1rcols", "a1blocked", "a1first")
+                        + ("a1background",)
+                    ],
+                    self._single_ops,
                 )
             )
         if "small" in self.args.cases:
@@ -360,7 +395,7 @@ class Plan:
                 Group(
                     "async-2x4",
                     SAVE_2x4,
-                    [rows["ablocked"], rows["abackground"]],
+                    [rows["ablocked"], rows["afirst"], rows["abackground"]],
                     self._async_ops,
                 )
             )
@@ -491,26 +526,83 @@ class Plan:
             ops.append({"op": "delete", "paths": [path]})
         return ops
 
-    def _async_ops(self, enabled: set) -> list[dict]:
-        lay = layout(SAVE_2x4, self.large_leaves, self.large_shape, seed=1)
+    def _single_ops(self, enabled: set) -> list[dict]:
+        lay = layout(ROWS_1x8, self.large_leaves, self.large_shape, seed=1)
+        cols = layout(COLS_1x8, self.large_leaves, self.large_shape, seed=1)
         ops = []
         for rep in range(self.total_reps):
+            order = rep_order(rep, self.systems, floor=True)
+            for s in order:
+                if s == FLOOR:
+                    ops.append(_op("floor_write", FLOOR, "s1save", rep, files=self.floor_file_1))
+                elif (s, "s1save") in enabled:
+                    path = self.ckpt("single", s, rep)
+                    ops.append(_op("save", s, "s1save", rep, layout=lay, path=path))
+            for row, target in (("s1r1x8", lay), ("s1rcols", cols)):
+                for s in order:
+                    if s == FLOOR:
+                        ops.append(
+                            _op(
+                                "floor_read",
+                                FLOOR,
+                                row,
+                                rep,
+                                files=self.floor_file_1,
+                                evict=self.args.cold,
+                            )
+                        )
+                    elif (s, row) in enabled:
+                        ops.append(self._restore(s, row, rep, target, self.ckpt("single", s, rep)))
+            ops.append(
+                {"op": "delete", "paths": [self.ckpt("single", s, rep) for s in self.systems]}
+            )
+        ops += self._async_ops(enabled, lay, ("a1blocked", "a1first", "a1background"), "async1")
+        return ops
+
+    def _async_ops(
+        self,
+        enabled: set,
+        lay: dict | None = None,
+        rows: tuple[str, str, str] = ("ablocked", "afirst", "abackground"),
+        case: str = "async",
+    ) -> list[dict]:
+        lay = lay or layout(SAVE_2x4, self.large_leaves, self.large_shape, seed=1)
+        blocked, first, background = rows
+        ops = []
+        for rep in range(self.total_reps):
+            for s in rep_order(rep, self.systems, floor=False):
+                if (s, first) in enabled:
+                    # A new manager's first save, as after a job restart: its buffers
+                    # are new, and distckpt's runtime question (asked when the manager
+                    # is created) is asked again.
+                    ops.append(
+                        _op(
+                            "async_save",
+                            s,
+                            first,
+                            rep,
+                            layout=lay,
+                            path=str(self.root / f"{case}-first" / s / f"rep{rep}"),
+                            step=1,
+                            fresh=True,
+                        )
+                    )
             for s in rep_order(rep, self.systems, floor=True):
                 if s == FLOOR:
-                    ops.append(_op("host_copy", FLOOR, "ablocked", rep, layout=lay))
-                elif (s, "ablocked") in enabled:
+                    ops.append(_op("host_copy", FLOOR, blocked, rep, layout=lay))
+                elif (s, blocked) in enabled:
                     # One manager directory per system for the whole group, a new step
                     # each repetition (as in training); max_to_keep=2 bounds the disk used.
                     ops.append(
                         _op(
                             "async_save",
                             s,
-                            "ablocked",
+                            blocked,
                             rep,
                             layout=lay,
-                            path=str(self.root / "async" / s),
+                            path=str(self.root / case / s),
                             step=rep + 1,
-                            background_row="abackground",
+                            background_row=background,
                         )
                     )
         return ops
@@ -757,9 +849,9 @@ def run_group(
         disable(system, row, res.failure, enabled, errors)
 
 
-CASES = ("large", "small", "train", "async", "s3", "compress", "memory")
+CASES = ("large", "single", "small", "train", "async", "s3", "compress", "memory")
 # s3 needs moto; memory owns 4 GiB in one process (minutes on this machine)
-DEFAULT_CASES = ("large", "small", "train", "async", "compress")
+DEFAULT_CASES = ("large", "single", "small", "train", "async", "compress")
 SLOW_LEAVES = 5000  # small cases above this many leaves give Orbax --slow-reps repetitions
 
 
@@ -1142,6 +1234,41 @@ def evaluate_targets(summaries: list[dict], plan: Plan) -> list[dict]:
         lambda v: v > 1,
         row="ablocked",
     )
+    # Issue 21: the single-host case (1 process x 8 devices) and 2x4, side by side.
+    for save, blocked, first, where in (
+        ("save", "ablocked", "afirst", "2x4"),
+        ("s1save", "a1blocked", "a1first", "1x8"),
+    ):
+        add(
+            f"{where} save throughput / fsync'd write floor (issue 21)",
+            ">= 0.85",
+            ratio(sec(save, FLOOR), sec(save, d)),
+            lambda v: v >= 0.85,
+            row=save,
+        )
+        add(
+            f"{where} async blocked: distckpt s / host-copy floor s (issue 21)",
+            "<= 1.2",
+            ratio(sec(blocked, d), sec(blocked, FLOOR)),
+            lambda v: v <= 1.2,
+            row=blocked,
+        )
+        for row, what in ((blocked, "steady state"), (first, "a manager's first save")):
+            add(
+                f"{where} async blocked, {what}: Orbax s / distckpt s (issue 21)",
+                "> 1",
+                ratio(sec(row, "orbax"), sec(row, d)),
+                lambda v: v > 1,
+                row=row,
+            )
+    for row, what in (("s1r1x8", "1x8 -> 1x8"), ("s1rcols", "1x8 -> 1x8 cols")):
+        add(
+            f"restore {what}: Orbax s / distckpt s (issue 21)",
+            ">= 3",
+            ratio(sec(row, "orbax"), sec(row, d)),
+            lambda v: v >= 3,
+            row=row,
+        )
     sizes = sorted(plan.small_sizes)
     if sizes:
         n0, n1 = (2000 if 2000 in sizes else sizes[0]), sizes[-1]
@@ -1179,7 +1306,8 @@ def evaluate_targets(summaries: list[dict], plan: Plan) -> list[dict]:
     for s in summaries:
         extra = s.get("extra_rss_mib_per_process")
         owned = s.get("owned_mib_per_process")
-        if s["system"] != d or s["row"] == "ablocked" or not extra or not owned:
+        blocked_rows = ("ablocked", "afirst", "a1blocked", "a1first")
+        if s["system"] != d or s["row"] in blocked_rows or not extra or not owned:
             continue
         memory_row = s["row"] in ("msave", "mcopy", "mrestore")
         budget = (plan.memory_budget if memory_row else memory_budget_bytes()) / MiB
@@ -1201,7 +1329,7 @@ def evaluate_targets(summaries: list[dict], plan: Plan) -> list[dict]:
 
 
 def target_lines(targets: list[dict]) -> list[str]:
-    out = ["", "targets (issue 8):"]
+    out = ["", "targets (issues 8 and 21):"]
     for t in targets:
         state = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
         value = "-" if t["measured"] is None else f"{t['measured']:.2f}"
