@@ -410,12 +410,7 @@ class Plan:
         ops = []
         for rep in range(self.total_reps):
             order = rep_order(rep, self.systems, floor=True)
-            for s in order:
-                if s == FLOOR:
-                    ops.append(_op("floor_write", FLOOR, "save", rep, files=self.floor_files))
-                elif (s, "save") in enabled:
-                    path = self.ckpt("large", s, rep)
-                    ops.append(_op("save", s, "save", rep, layout=lay, path=path))
+            ops += self._saves(enabled, rep, order, "save", "large", lay, self.floor_files)
             for s in order:
                 if s == FLOOR:
                     ops.append(self._floor_read("r2x4", rep))
@@ -532,25 +527,11 @@ class Plan:
         ops = []
         for rep in range(self.total_reps):
             order = rep_order(rep, self.systems, floor=True)
-            for s in order:
-                if s == FLOOR:
-                    ops.append(_op("floor_write", FLOOR, "s1save", rep, files=self.floor_file_1))
-                elif (s, "s1save") in enabled:
-                    path = self.ckpt("single", s, rep)
-                    ops.append(_op("save", s, "s1save", rep, layout=lay, path=path))
+            ops += self._saves(enabled, rep, order, "s1save", "single", lay, self.floor_file_1)
             for row, target in (("s1r1x8", lay), ("s1rcols", cols)):
                 for s in order:
                     if s == FLOOR:
-                        ops.append(
-                            _op(
-                                "floor_read",
-                                FLOOR,
-                                row,
-                                rep,
-                                files=self.floor_file_1,
-                                evict=self.args.cold,
-                            )
-                        )
+                        ops.append(self._floor_read(row, rep, self.floor_file_1))
                     elif (s, row) in enabled:
                         ops.append(self._restore(s, row, rep, target, self.ckpt("single", s, rep)))
             ops.append(
@@ -614,8 +595,21 @@ class Plan:
             "restore", system, row, rep, layout=lay, path=path, verify=verify, evict=self.args.cold
         )
 
-    def _floor_read(self, row: str, rep: int) -> dict:
-        return _op("floor_read", FLOOR, row, rep, files=self.floor_files, evict=self.args.cold)
+    def _floor_read(self, row: str, rep: int, files: list | None = None) -> dict:
+        files = files or self.floor_files
+        return _op("floor_read", FLOOR, row, rep, files=files, evict=self.args.cold)
+
+    def _saves(
+        self, enabled: set, rep: int, order: list[str], row: str, case: str, lay: dict, files: list
+    ) -> list[dict]:
+        """One repetition of a save row: each system in ``order``, and the write floor."""
+        ops = []
+        for s in order:
+            if s == FLOOR:
+                ops.append(_op("floor_write", FLOOR, row, rep, files=files))
+            elif (s, row) in enabled:
+                ops.append(_op("save", s, row, rep, layout=lay, path=self.ckpt(case, s, rep)))
+        return ops
 
 
 # ----------------------------------------------------------------------------
