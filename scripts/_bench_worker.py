@@ -523,6 +523,24 @@ class Worker:
         self.sync("bench-start")  # also compiles the barrier outside any timed region
         self.emit(event="ready")
 
+    def local_directory(self, op: dict) -> str:
+        return os.path.join(op["local_root"], f"process{self.pid}")
+
+    def local_manager(self, op: dict):
+        """A manager whose saves all go to the local tier (each process named its own
+        host, so every copy goes to another process, as across hosts)."""
+        import distckpt
+
+        return distckpt.CheckpointManager(
+            op["path"],
+            save_interval_steps=10**9,
+            local_directory=self.local_directory(op),
+            local_save_interval_steps=1,
+            local_max_to_keep=2,
+            local_host=f"bench-host-{self.pid}",
+            timeout_s=self.plan["op_timeout_s"],
+        )
+
     def system(self, name: str):
         if name not in self.systems:
             self.systems[name] = SYSTEMS[name](self.plan["op_timeout_s"])
@@ -664,6 +682,50 @@ class Worker:
                 self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
             if op.get("fresh"):
                 sysm.close_manager(self.managers.pop(key))
+
+        elif kind == "local_save":
+            # The local tier: every step into this process's own directory, each block
+            # also on another process ("host"); nothing into the shared directory.
+            state = self.get_state(op["layout"])
+            key = ("local", op["path"])
+            if key not in self.managers:  # construction is collective and not timed
+                self.managers[key] = self.local_manager(op)
+            mgr = self.managers[key]
+            blocked, background = self.timed_async(
+                label, lambda: mgr.save(op["step"], state), mgr.wait_until_finished
+            )
+            blocked["owned_bytes"] = background["owned_bytes"] = owned_bytes(state)
+            self.emit(event="result", **common, **blocked)
+            self.emit(event="result", **{**common, "row": op["background_row"]}, **background)
+
+        elif kind == "local_recover":
+            # A restarted job whose process ``wipe`` lost its local directory: a new
+            # manager resumes from the newest local step, that process's blocks coming
+            # from its peer's copies.
+            if self.pid == op["wipe"]:
+                shutil.rmtree(self.local_directory(op), ignore_errors=True)
+            self.sync(f"{label}-wiped")
+            mgr = self.local_manager(op)
+            target = make_target(self.jax, op["layout"])
+            tree, m = self.timed(label, lambda: mgr.restore(None, target))
+            stats = mgr.last_restore_stats
+            if stats is None or stats.tier != "local" or stats.step != op["step"]:
+                raise RuntimeError(
+                    f"recovered {stats}, expected step {op['step']} from the local tier"
+                )
+            m["restored_bytes"] = restored_bytes(tree)
+            m["result_bytes"] = result_bytes(tree)
+            m["local_tier"] = {
+                "local_bytes": stats.local_bytes,
+                "peer_bytes": stats.peer_bytes,
+                "persistent_bytes": stats.persistent_bytes,
+            }
+            if op.get("verify"):
+                check_restored(op["layout"], tree)
+                m["verified"] = True
+            del tree
+            mgr.close()
+            self.emit(event="result", **common, **m)
 
         elif kind == "host_copy":
             state = self.get_state(op["layout"])

@@ -102,6 +102,7 @@ class Row:
     kind: str  # "save", "restore" or "async"
     bytes: int  # logical bytes of the state
     has_floor: bool
+    systems: tuple[str, ...] = ()  # the systems that have this operation (empty: all)
 
 
 @dataclass
@@ -305,6 +306,16 @@ class Plan:
                     self._single_ops,
                 )
             )
+        if "local" in self.args.cases:
+            for topo in (SAVE_2x4, BLOCKS_4x2):
+                out.append(
+                    Group(
+                        f"local-{topo.name}",
+                        topo,
+                        self._local_rows(topo),
+                        functools.partial(self._local_ops, topo=topo),
+                    )
+                )
         if "small" in self.args.cases:
             small_rows = []
             for n in self.small_sizes:
@@ -519,6 +530,101 @@ class Plan:
             if ("distckpt", "mrestore") in enabled:
                 ops.append({**self._restore("distckpt", "mrestore", rep, cols, path), **budget})
             ops.append({"op": "delete", "paths": [path]})
+        return ops
+
+    def _local_rows(self, topo: Topology) -> list[Row]:
+        t, n = topo.name, self.large_bytes
+        only = ("distckpt",)  # the local tier is distckpt's; Orbax's is not public
+        return [
+            Row(f"lsave{t}", f"local tier {t}: local save, blocked", "async", n, False, only),
+            Row(f"lsavebg{t}", f"local tier {t}: local save, background", "async", n, False, only),
+            Row(f"psave{t}", f"local tier {t}: persistent save, blocked", "async", n, False, only),
+            Row(
+                f"psavebg{t}",
+                f"local tier {t}: persistent save, background",
+                "async",
+                n,
+                False,
+                only,
+            ),
+            Row(
+                f"lpeer{t}",
+                f"local tier {t}: recovery, process 1's directory wiped",
+                "restore",
+                n,
+                False,
+                only,
+            ),
+            Row(
+                f"ppersist{t}",
+                f"local tier {t}: restore from the persistent tier",
+                "restore",
+                n,
+                False,
+                only,
+            ),
+        ]
+
+    def _local_ops(self, enabled: set, topo: Topology) -> list[dict]:
+        """Local saves against persistent async saves of the same state, then recovery of
+        a job whose process 1 lost its local directory against a persistent restore."""
+        ops = []
+        t = topo.name
+        lay = layout(topo, self.large_leaves, self.large_shape, seed=1)
+        local = {
+            "path": str(self.root / f"local-{t}" / "shared"),
+            "local_root": str(self.root / f"local-{t}" / "local"),
+        }
+        persistent = str(self.root / f"local-{t}" / "persistent")
+        for rep in range(self.total_reps):
+            step = rep + 1
+            verify = rep == 0 and not self.args.no_verify
+            if ("distckpt", f"lsave{t}") in enabled:
+                ops.append(
+                    _op(
+                        "local_save",
+                        "distckpt",
+                        f"lsave{t}",
+                        rep,
+                        layout=lay,
+                        step=step,
+                        background_row=f"lsavebg{t}",
+                        **local,
+                    )
+                )
+            if ("distckpt", f"psave{t}") in enabled:
+                ops.append(
+                    _op(
+                        "async_save",
+                        "distckpt",
+                        f"psave{t}",
+                        rep,
+                        layout=lay,
+                        path=persistent,
+                        step=step,
+                        background_row=f"psavebg{t}",
+                    )
+                )
+            if ("distckpt", f"lpeer{t}") in enabled:
+                ops.append(
+                    _op(
+                        "local_recover",
+                        "distckpt",
+                        f"lpeer{t}",
+                        rep,
+                        layout=lay,
+                        step=step,
+                        wipe=1,
+                        verify=verify,
+                        **local,
+                    )
+                )
+            if ("distckpt", f"ppersist{t}") in enabled:
+                ops.append(
+                    self._restore(
+                        "distckpt", f"ppersist{t}", rep, lay, f"{persistent}/step_{step:08d}"
+                    )
+                )
         return ops
 
     def _single_ops(self, enabled: set) -> list[dict]:
@@ -843,8 +949,9 @@ def run_group(
         disable(system, row, res.failure, enabled, errors)
 
 
-CASES = ("large", "single", "small", "train", "async", "s3", "compress", "memory")
-# s3 needs moto; memory owns 4 GiB in one process (minutes on this machine)
+CASES = ("large", "single", "small", "train", "async", "local", "s3", "compress", "memory")
+# s3 needs moto; memory owns 4 GiB in one process (minutes on this machine); local is
+# distckpt's local tier alone (no Orbax counterpart), against its persistent tier
 DEFAULT_CASES = ("large", "single", "small", "train", "async", "compress")
 SLOW_LEAVES = 5000  # small cases above this many leaves give Orbax --slow-reps repetitions
 
@@ -859,6 +966,10 @@ def dependent_rows(row: str) -> tuple[str, ...]:
     return {
         "tsave": ("trestore",),
         "ablocked": ("abackground",),
+        "lsave2x4": ("lsavebg2x4", "lpeer2x4"),
+        "lsave4x2": ("lsavebg4x2", "lpeer4x2"),
+        "psave2x4": ("psavebg2x4", "ppersist2x4"),
+        "psave4x2": ("psavebg4x2", "ppersist4x2"),
         "s3save": ("s3restore",),
         "msave": ("mcopy", "mrestore"),
     }.get(row, ())
@@ -960,7 +1071,8 @@ def summarise(
         by.setdefault((e["row"], e["system"], e["rep"]), []).append(e)
     out = []
     for row in rows:
-        for system in systems + ([FLOOR] if row.has_floor else []):
+        mine = [x for x in systems if x in row.systems] if row.systems else systems
+        for system in mine + ([FLOOR] if row.has_floor else []):
             all_reps = [
                 rep_record(rep, evs, warmup)
                 for (r, s, rep), evs in sorted(by.items(), key=lambda kv: kv[0][2])
@@ -1486,7 +1598,8 @@ def parse_args(argv=None):
         "--cases",
         default=",".join(DEFAULT_CASES),
         help="comma-separated subset of " + ",".join(CASES) + " (s3: against moto's S3 "
-        "emulator on loopback; s3 and memory are not in the default set)",
+        "emulator on loopback; local: distckpt's local tier; s3, local and memory are not in "
+        "the default set)",
     )
     p.add_argument(
         "--memory-size",

@@ -60,7 +60,67 @@ def main(mode: str, directory: str) -> int:
             os._exit(0)  # the coordination service cannot shut down cleanly now
         _say(process=jax.process_index(), saved=2)
         return 0
+    if mode in ("local_train", "local_resume"):
+        return _local_tier(mode, directory, state, sharding, values)
     raise SystemExit(f"unknown mode {mode}")
+
+
+def _local_tier(mode: str, directory: str, state, sharding, values) -> int:
+    """The local tier across hosts: every step in each host's own directory (a copy
+    of each block on another host), every second step in the shared one."""
+    import os
+
+    import jax
+    import numpy as np
+
+    import distckpt
+
+    class Data:
+        position = 0
+
+        def get_state(self):
+            return {"position": self.position}
+
+        def set_state(self, saved):
+            self.position = saved["position"]
+
+    me = jax.process_index()
+    data = Data()
+    mgr = distckpt.CheckpointManager(
+        directory,
+        save_interval_steps=2,
+        local_directory=os.environ["TEST_LOCAL_DIRECTORY"],
+        local_save_interval_steps=1,
+        timeout_s=10,
+    )
+    if mode == "local_train":
+        for step in (1, 2, 3):
+            data.position = 100 * step + me
+            mgr.save(step, state(step), pipeline=data)
+        mgr.wait_until_finished()
+        _say(process=me, trained=3, persistent=mgr.all_steps())
+        time.sleep(600)  # until the test kills the job, as a lost host ends it
+        return 0
+    target = {"w": jax.ShapeDtypeStruct((12, 8), np.float32, sharding=sharding), "step": 0}
+    got = mgr.restore(None, target, pipeline=data)
+    stats = mgr.last_restore_stats
+    step = mgr.last_restored_step
+    exact = all(
+        np.array_equal(np.asarray(s.data), values[s.index] * step)
+        for s in got["w"].addressable_shards
+    )
+    _say(
+        process=me,
+        step=step,
+        exact=exact,
+        position=data.position,
+        tier=stats.tier,
+        local=stats.local_bytes,
+        peer=stats.peer_bytes,
+        persistent=stats.persistent_bytes,
+    )
+    mgr.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -122,3 +122,19 @@ def test_the_memory_case_holds_save_and_restore_to_its_budget(bench, tmp_path):
     met = {t["target"].split(",")[1].split(":")[0].strip(): t["met"] for t in targets}
     # The async save's copy of what it owns (512 MiB) is its contract, not extra.
     assert met == {"msave": True, "mrestore": True, "mcopy": False, "abackground": True}
+
+
+def test_the_local_tier_case_plans_distckpt_alone(bench, tmp_path):
+    args = bench.parse_args(["--quick", "--reps", "2", "--cases", "local"])
+    plan = bench.Plan(args, tmp_path)
+    groups = plan.groups()
+    assert [g.name for g in groups] == ["local-2x4", "local-4x2"]
+    for g in groups:
+        rows = [r.key for r in g.rows]
+        ops = g.build_ops({(s, r) for s in plan.systems for r in rows})
+        assert {op["system"] for op in ops} == {"distckpt"}
+        kinds = [op["op"] for op in ops if op["rep"] == 0]
+        assert kinds == ["local_save", "async_save", "local_recover", "restore"]
+        recover = next(op for op in ops if op["op"] == "local_recover")
+        assert recover["wipe"] == 1 and recover["step"] == 1
+        assert all(r.systems == ("distckpt",) for r in g.rows)

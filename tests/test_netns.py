@@ -78,8 +78,17 @@ class Hosts:
         for kind, name in reversed(self.made):
             _ip(kind, "del", name, check=False)
 
-    def run(self, n: int, mode: str, directory: Path, devices: int, env: dict | None = None):
-        """Starts ``n`` workers, worker i in namespace i; returns the Popen objects."""
+    def run(
+        self,
+        n: int,
+        mode: str,
+        directory: Path,
+        devices: int,
+        env: dict | None = None,
+        env_of=None,
+    ):
+        """Starts ``n`` workers, worker i in namespace i (with ``env`` and ``env_of(i)``
+        in its environment); returns the Popen objects."""
         port = random.randrange(20000, 30000)
         procs = []
         for i in range(n):
@@ -96,6 +105,7 @@ class Hosts:
                 DISTCKPT_NUM_PROCESSES=str(n),
                 DISTCKPT_PROCESS_ID=str(i),
                 **(env or {}),
+                **(env_of(i) if env_of else {}),
             )
             cmd = [
                 "ip",
@@ -177,3 +187,33 @@ def test_save_restore_elsewhere_then_lose_a_host_mid_save(hosts, tmp_path):
     mgr = distckpt.CheckpointManager(ckpt)
     assert mgr.all_steps() == [1]
     distckpt.verify(ckpt / "step_00000001")
+
+
+@pytest.mark.timeout(240)
+def test_local_tier_recovers_a_killed_host_with_a_wiped_directory(hosts, tmp_path):
+    # Three hosts train with the local tier (each block also on another host),
+    # host 1 dies and the job is torn down, host 1 comes back with an empty
+    # local directory, and the restarted job resumes from the newest local step
+    # (3, newer than the shared directory's 2), host 1's blocks and pipeline
+    # state coming from its peers' copies through the job's collectives.
+    ckpt = tmp_path / "ckpt"
+
+    def env(i: int) -> dict:
+        # Namespaces share a hostname: each names its host, as SLURM_NODEID would.
+        return {"DISTCKPT_HOST": f"h{i}", "TEST_LOCAL_DIRECTORY": str(tmp_path / f"local{i}")}
+
+    procs = hosts.run(3, "local_train", ckpt, devices=2, env_of=env)
+    try:
+        trained = [json.loads(p.stdout.readline()) for p in procs]
+    finally:
+        hosts.kill_all()  # host 1 is lost; the scheduler ends the whole job
+        for p in procs:
+            p.wait(timeout=30)
+    assert [t.get("trained") for t in trained] == [3, 3, 3], trained
+    assert trained[0]["persistent"] == [2]
+    shutil.rmtree(tmp_path / "local1")  # the replacement host starts empty
+    back = _finish(hosts.run(3, "local_resume", ckpt, devices=2, env_of=env))
+    assert [(b["step"], b["exact"], b["tier"]) for b in back] == [(3, True, "local")] * 3, back
+    assert [b["position"] for b in back] == [300, 301, 302]
+    assert back[1]["peer"] > 0 and back[1]["local"] == 0, back
+    assert all(b["persistent"] == 0 for b in back), back
