@@ -137,7 +137,7 @@ class LocalTier:
             if layout is None:
                 values[i] = np.array(data, copy=True)
                 continue
-            own += [(i, coll.pid, box, a) for box, a in _distinct(data)]
+            own += [(i, coll.pid, box, a) for box, a in _distinct(data, copy=not _views_ok(data))]
             sharding = data.sharding
             assert isinstance(sharding, NamedSharding)  # _layout_of refuses others
             if not _replicate.needs_copies(sharding, data.shape, hosts, self.copies):
@@ -147,7 +147,9 @@ class LocalTier:
                 ring = tuple(p[k - 1] for p in peers)
                 sender = ring.index(coll.pid)
                 moved = jax.device_put(data, _replicate.peer_sharding(data.sharding, ring))
-                copies += [(i, sender, box, a) for box, a in _distinct(moved)]
+                # ``moved`` is this save's own array: its blocks are kept as they are
+                # (views on CPU, host copies from accelerator memory), never copied again.
+                copies += [(i, sender, box, a) for box, a in _distinct(moved, copy=False)]
                 del moved
         states = _all_states(pipeline_state)
         record = {
@@ -402,14 +404,22 @@ def _sharding(layout: dict) -> NamedSharding:
     )
 
 
-def _distinct(arr: Any) -> list[tuple[Box, np.ndarray]]:
-    """The distinct blocks this process holds of ``arr``, as host copies."""
+def _distinct(arr: Any, *, copy: bool) -> list[tuple[Box, np.ndarray]]:
+    """The distinct blocks this process holds of ``arr`` in host memory: copies, or
+    (``copy=False``) what ``np.asarray`` gives (a view of a CPU buffer)."""
     out: dict[Box, np.ndarray] = {}
     for s in arr.addressable_shards:
         box = _reshard.box_from_index(s.index, arr.shape)
         if box not in out:
-            out[box] = np.array(s.data, copy=True)
+            out[box] = np.array(s.data, copy=True) if copy else np.asarray(s.data)
     return list(out.items())
+
+
+def _views_ok(arr: Any) -> bool:
+    """Whether the caller's ``arr`` may be kept as views until the write: CPU buffers,
+    which the runtime keeps from donation while a view lives (as an async save does,
+    ``_stage.views_outlive_donation``)."""
+    return all(d.platform == "cpu" for d in arr.devices()) and _stage.views_outlive_donation()
 
 
 def _all_states(state: str | None) -> list[str | None] | None:
@@ -515,6 +525,10 @@ def _from_copies(
             shards.append(jax.device_put(data, d))
         held = jax.make_array_from_single_device_arrays(shape, moved_sharding, shards)
         back = jax.device_put(held, sharding)  # the collective: every block home again
+        # One cross-process collective in flight at a time: left to run asynchronously,
+        # the reshards of successive leaves overlapped, and with 4 processes x 2 CPU
+        # devices they deadlocked in the runtime (scripts/bench.py --cases local).
+        jax.block_until_ready(back)
         if not have and ring[pid] in available and result is arr:
             result = back
             received = sum(s.data.nbytes for s in back.addressable_shards)
@@ -547,6 +561,7 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
             check_vma=False,  # every replica picks the same block: replicated by construction
         )
     )(arr, flags)
+    jax.block_until_ready(fixed)  # one collective in flight at a time (see _from_copies)
     received = (
         0
         if jax.process_index() in available

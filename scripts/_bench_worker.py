@@ -687,7 +687,7 @@ class Worker:
             # The local tier: every step into this process's own directory, each block
             # also on another process ("host"); nothing into the shared directory.
             state = self.get_state(op["layout"])
-            key = ("local", op["path"])
+            key = ("distckpt", f"local:{op['path']}")
             if key not in self.managers:  # construction is collective and not timed
                 self.managers[key] = self.local_manager(op)
             mgr = self.managers[key]
@@ -808,7 +808,7 @@ class Worker:
                 )
                 raise
         for (name, _), mgr in self.managers.items():
-            self.systems[name].close_manager(mgr)
+            self.system(name).close_manager(mgr)
         for sysm in self.systems.values():
             sysm.close()
         self.sync("bench-done")

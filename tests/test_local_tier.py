@@ -273,3 +273,46 @@ def test_four_processes_on_two_hosts_keep_copies_on_the_other_host(tmp_path):
     ]
     assert all(r["step"] == 1 and r["exact"] for r in back), back
     assert back[0]["peer"] > 0 and back[1]["peer"] > 0 and back[2]["peer"] == back[3]["peer"] == 0
+
+
+def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
+    # The local save keeps views of the caller's CPU buffers (as an async save
+    # does); a step that donates them right after save() must not change what
+    # the local tier holds.
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import distckpt
+
+    rows = NamedSharding(jax.make_mesh((8,), ("x",)), P("x", None))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state):
+        return {"w": state["w"] * 3 + 1}
+
+    def manager():
+        return distckpt.CheckpointManager(
+            tmp_path / "persistent",
+            save_interval_steps=100,
+            local_directory=tmp_path / "local",
+            local_save_interval_steps=1,
+            local_copies=1,
+        )
+
+    state = {"w": jax.device_put(jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16), rows)}
+    saved = {}
+    mgr = manager()
+    for step in (1, 2):
+        saved[step] = np.asarray(state["w"]).copy()
+        mgr.save(step, state)
+        state = train_step(state)  # donates the buffers the local save just took
+    mgr.close()
+    back = manager()
+    got = back.restore(None, distckpt.abstract_like(state))
+    assert back.last_restore_stats.tier == "local" and back.last_restored_step == 2
+    np.testing.assert_array_equal(np.asarray(got["w"]), saved[2])

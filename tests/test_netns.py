@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,15 @@ class Hosts:
             _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            # `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts: the machine's
+            # name resolves to the namespace's own address there, which is where the
+            # CPU collectives (gloo) of a process in it listen and are reached.
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            self.made.append(("etc", str(etc)))
+            (etc / "hosts").write_text(
+                f"127.0.0.1 localhost\n{self.address(i)} {socket.gethostname()}\n"
+            )
 
     def address(self, i: int) -> str:
         return f"{self.net}.{10 + i}"
@@ -76,7 +86,10 @@ class Hosts:
     def remove(self) -> None:
         self.kill_all()
         for kind, name in reversed(self.made):
-            _ip(kind, "del", name, check=False)
+            if kind == "etc":
+                shutil.rmtree(name, ignore_errors=True)
+            else:
+                _ip(kind, "del", name, check=False)
 
     def run(
         self,
@@ -127,6 +140,14 @@ class Hosts:
                 )
             )
         return procs
+
+
+def _first_record(proc) -> dict:
+    """The first JSON line a worker prints (the CPU collectives print their own lines)."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"exited": proc.wait(timeout=30), "stderr": proc.stderr.read()[-3000:]}
 
 
 def _finish(procs, timeout: float = 90) -> list[dict]:
@@ -204,7 +225,7 @@ def test_local_tier_recovers_a_killed_host_with_a_wiped_directory(hosts, tmp_pat
 
     procs = hosts.run(3, "local_train", ckpt, devices=2, env_of=env)
     try:
-        trained = [json.loads(p.stdout.readline()) for p in procs]
+        trained = [_first_record(p) for p in procs]
     finally:
         hosts.kill_all()  # host 1 is lost; the scheduler ends the whole job
         for p in procs:
