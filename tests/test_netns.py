@@ -74,6 +74,11 @@ class Hosts:
     def cut(self, i: int) -> None:
         _ip("link", "set", self.peers[i], "down")
 
+    def heal(self) -> None:
+        """Every host's link up again (after ``cut``)."""
+        for peer in self.peers:
+            _ip("link", "set", peer, "up")
+
     def kill_all(self) -> None:
         for ns in self.names:
             pids = _ip("netns", "pids", ns, check=False).stdout.split()
@@ -198,6 +203,7 @@ def test_save_restore_elsewhere_then_lose_a_host_mid_save(hosts, tmp_path):
         took = time.monotonic() - cut_at
     finally:
         hosts.kill_all()
+        hosts.heal()
     lines = [json.loads(s) for s in stdout.strip().splitlines() if s.startswith("{")]
     error = next((r for r in lines if "error" in r), None)
     assert error is not None, stdout + stderr[-3000:]
@@ -210,7 +216,7 @@ def test_save_restore_elsewhere_then_lose_a_host_mid_save(hosts, tmp_path):
     distckpt.verify(ckpt / "step_00000001")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(150)
 def test_local_tier_recovers_a_killed_host_with_a_wiped_directory(hosts, tmp_path):
     # Three hosts train with the local tier (each block also on another host),
     # host 1 dies and the job is torn down, host 1 comes back with an empty
@@ -218,6 +224,7 @@ def test_local_tier_recovers_a_killed_host_with_a_wiped_directory(hosts, tmp_pat
     # (3, newer than the shared directory's 2), host 1's blocks and pipeline
     # state coming from its peers' copies through the job's collectives.
     ckpt = tmp_path / "ckpt"
+    hosts.heal()  # whatever an earlier test cut
 
     def env(i: int) -> dict:
         # Namespaces share a hostname: each names its host, as SLURM_NODEID would.
