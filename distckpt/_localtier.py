@@ -341,7 +341,8 @@ class LocalTier:
                     arr, got = _from_replicas(arr, sharding, available)
                 peer_bytes += got
             arrays[i] = arr
-        values = _values(description, st, available, coll.pid)
+        values, read_here, received = _values(description, st, available, coll.pid)
+        local_bytes, peer_bytes = local_bytes + read_here, peer_bytes + received
         tree = _place(description, arrays, values, target, partial)
         states = extra.get("pipeline_states")
         state = states[coll.pid] if states else None
@@ -572,8 +573,11 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
 
 def _values(
     st: _local.Step, mine: _local.Step | None, available: set[int], pid: int
-) -> dict[int, np.ndarray]:
-    """Every value every process kept whole: the lowest available process's, on all."""
+) -> tuple[dict[int, np.ndarray], int, int]:
+    """Every value every process kept whole: the lowest available process's, on all.
+
+    Returns ``(values, bytes read here, bytes received from the source)``.
+    """
     source = min(available)
     out: dict[int, np.ndarray] = {}
     for i, spec in enumerate(st.leaves):
@@ -584,10 +588,11 @@ def _values(
         else:
             value = np.zeros(spec.array_shape, _plan.np_dtype(spec.array_dtype))
         out[i] = value
+    nbytes = sum(v.nbytes for v in out.values())
     if jax.process_count() > 1 and out:
         got = multihost_utils.broadcast_one_to_all(out, is_source=pid == source)
         out = {int(k): np.asarray(v) for k, v in got.items()}
-    return out
+    return out, (nbytes if pid == source else 0), (0 if pid == source else nbytes)
 
 
 def _put_host(host: np.ndarray, sharding: Any) -> Any:
