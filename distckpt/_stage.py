@@ -219,19 +219,28 @@ def _device_writes(sharding: Any, shape: tuple[int, ...]) -> tuple[tuple[int, An
     kind_of_memory = getattr(sharding, "memory_kind", None)
     sliceable = kind_of_memory in (None, default_memory_kind())
     me = jax.process_index()
-    copies: dict[Box, int] = {}  # JAX's replica ids: copies of a box, in device order
     out = []
     position = 0
-    for device, index in sharding.devices_indices_map(shape).items():
-        box = _reshard.box_from_index(index, shape)
-        replica = copies.get(box, 0)
-        copies[box] = replica + 1
+    for device, box, replica in _replicas(sharding, shape):
         if device.process_index != me:
             continue
         if replica == 0:
             out.append((position, device, box, sliceable))
         position += 1
     return tuple(out)
+
+
+def _replicas(sharding: Any, shape: tuple[int, ...]) -> list[tuple[Any, Box, int]]:
+    """``(device, box, replica id)`` for every device of ``sharding``, in its device
+    order. JAX's rule: the devices holding one box count 0, 1, ... in that order, and
+    the process of replica 0 writes the box (``owned_shards``, ``grid``)."""
+    copies: dict[Box, int] = {}
+    out = []
+    for device, index in sharding.devices_indices_map(shape).items():
+        box = _reshard.box_from_index(index, shape)
+        out.append((device, box, copies.get(box, 0)))
+        copies[box] = copies.get(box, 0) + 1
+    return out
 
 
 def stage(
@@ -361,13 +370,11 @@ def grid(leaf: Any, spec: LeafSpec, *, primary_writes: bool) -> Grid:
 
 @functools.lru_cache(maxsize=1024)
 def _sharding_grid(sharding: Any, shape: tuple[int, ...], writer: int | None) -> Grid:
-    # JAX's replica ids: the first device (in the sharding's device order)
-    # holding a box has replica 0, and its process writes it.
-    writers: dict[Box, int] = {}
-    for device, index in sharding.devices_indices_map(shape).items():
-        box = _reshard.box_from_index(index, shape)
-        if box not in writers:
-            writers[box] = device.process_index if writer is None else writer
+    writers = {
+        box: device.process_index if writer is None else writer
+        for device, box, replica in _replicas(sharding, shape)
+        if replica == 0
+    }
     return _index.build_grid(shape, writers.items())
 
 
