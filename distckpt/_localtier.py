@@ -19,6 +19,7 @@ gives None: the caller restores the persistent tier. See docs/local_tier.md.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ class LocalTier:
         copies: list[tuple[int, int, Box, np.ndarray]] = []
         values: dict[int, np.ndarray] = {}
         copied: list[int] = []
+        to_copy: list[Any] = []  # the arrays of ``copied``
         for i, (leaf, spec, layout) in enumerate(zip(leaves, specs, layouts, strict=True)):
             if not spec.stored:
                 continue
@@ -143,15 +145,24 @@ class LocalTier:
             if not _replicate.needs_copies(sharding, data.shape, hosts, self.copies):
                 continue
             copied.append(i)
-            for k in range(1, self.copies):
-                ring = tuple(p[k - 1] for p in peers)
-                sender = ring.index(coll.pid)
-                moved = jax.device_put(data, _replicate.peer_sharding(data.sharding, ring))
-                # ``moved`` is this save's own array: its blocks are kept as they are
-                # (views on CPU, host copies from accelerator memory), never copied again.
-                copies += [(i, sender, box, a) for box, a in _distinct(moved, copy=False)]
-                del moved
-        states = _all_states(pipeline_state)
+            to_copy.append(data)
+        for k in range(1, self.copies):
+            ring = tuple(p[k - 1] for p in peers)
+            sender = ring.index(coll.pid)
+            # All the leaves in one program per mesh, waited for here: left in flight
+            # beside the caller's next steps, collectives deadlocked in the CPU runtime
+            # (docs/local_tier.md, "What is kept where").
+            moved = _multihost.bounded(
+                functools.partial(_send, to_copy, ring),
+                timeout_s=self.timeout_s,
+                what=f"local save of step {step}: the copies to peers",
+            )
+            # ``moved`` are this save's own arrays: their blocks are kept as they are
+            # (views on CPU, host copies from accelerator memory), never copied again.
+            for i, m in zip(copied, moved, strict=True):
+                copies += [(i, sender, box, a) for box, a in _distinct(m, copy=False)]
+            del moved
+        states = _all_states(pipeline_state, self.timeout_s)
         record = {
             **extra,
             "hosts": hosts,
@@ -299,7 +310,7 @@ class LocalTier:
             raw = b""
             if coll.pid == source and st is not None:
                 raw = (st.path / _local.DESCRIPTION).read_bytes()
-            raw = _broadcast_bytes(raw, source)
+            raw = _broadcast_bytes(raw, source, self.timeout_s)
             if description is None:
                 description = _local.parse(raw, step, Path(self.directory) / ".recovering")
         assert description is not None  # every process holds it, or got it above
@@ -335,15 +346,25 @@ class LocalTier:
             if len(available) < coll.count:
                 if i in copied:
                     arr, got = _from_copies(
-                        arr, i, sharding, shape, dtype, peers, available, by_owner, st, coll.pid
+                        arr,
+                        i,
+                        sharding,
+                        shape,
+                        dtype,
+                        peers,
+                        available,
+                        by_owner,
+                        st,
+                        coll.pid,
+                        self.timeout_s,
                     )
                 else:
-                    arr, got = _from_replicas(arr, sharding, available)
+                    arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
                 peer_bytes += got
             arrays[i] = arr
-        values, read_here, received = _values(description, st, available, coll.pid)
+        values, read_here, received = _values(description, st, available, coll.pid, self.timeout_s)
         local_bytes, peer_bytes = local_bytes + read_here, peer_bytes + received
-        tree = _place(description, arrays, values, target, partial)
+        tree = _place(description, arrays, values, target, partial, self.timeout_s)
         states = extra.get("pipeline_states")
         state = states[coll.pid] if states else None
         self.last_recovery = RecoveryStats(step, local_bytes, peer_bytes)
@@ -423,8 +444,14 @@ def _views_ok(arr: Any) -> bool:
     return all(d.platform == "cpu" for d in arr.devices()) and _stage.views_outlive_donation()
 
 
-def _all_states(state: str | None) -> list[str | None] | None:
+def _all_states(state: str | None, timeout_s: float) -> list[str | None] | None:
     """Every process's pipeline state (JSON text), gathered through a collective."""
+    return _multihost.bounded(
+        lambda: _gather_states(state), timeout_s=timeout_s, what="gathering pipeline states"
+    )
+
+
+def _gather_states(state: str | None) -> list[str | None] | None:
     flag = multihost_utils.process_allgather(np.asarray([state is not None], np.int32))
     if not np.asarray(flag).any():
         return None
@@ -440,10 +467,18 @@ def _all_states(state: str | None) -> list[str | None] | None:
     ]
 
 
-def _broadcast_bytes(raw: bytes, source: int) -> bytes:
+def _broadcast_bytes(raw: bytes, source: int, timeout_s: float) -> bytes:
     """``raw`` of process ``source``, on every process (through a collective)."""
     if jax.process_count() == 1:
         return raw
+    return _multihost.bounded(
+        lambda: _broadcast(raw, source),
+        timeout_s=timeout_s,
+        what=f"sending process {source}'s description of the step",
+    )
+
+
+def _broadcast(raw: bytes, source: int) -> bytes:
     is_source = jax.process_index() == source
     size = multihost_utils.broadcast_one_to_all(
         np.asarray([len(raw)], np.int64), is_source=is_source
@@ -505,6 +540,7 @@ def _from_copies(
     by_owner: dict,
     st: _local.Step | None,
     pid: int,
+    timeout_s: float,
 ) -> tuple[Any, int]:
     """``arr`` with the blocks of processes that lost their copy taken from their peers'."""
     result = arr
@@ -525,18 +561,24 @@ def _from_copies(
             )
             shards.append(jax.device_put(data, d))
         held = jax.make_array_from_single_device_arrays(shape, moved_sharding, shards)
-        back = jax.device_put(held, sharding)  # the collective: every block home again
-        # One cross-process collective in flight at a time: left to run asynchronously,
-        # the reshards of successive leaves overlapped, and with 4 processes x 2 CPU
-        # devices they deadlocked in the runtime (scripts/bench.py --cases local).
-        jax.block_until_ready(back)
+        # The collective: every block home again. One cross-process collective in flight
+        # at a time: left to run asynchronously, the reshards of successive leaves
+        # overlapped, and with 4 processes x 2 CPU devices they deadlocked in the runtime
+        # (scripts/bench.py --cases local).
+        back = _multihost.bounded(
+            functools.partial(_reshard_now, held, sharding),
+            timeout_s=timeout_s,
+            what=f"recovering leaf {leaf} from the peers' copies",
+        )
         if not have and ring[pid] in available and result is arr:
             result = back
             received = sum(s.data.nbytes for s in back.addressable_shards)
     return result, received
 
 
-def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tuple[Any, int]:
+def _from_replicas(
+    arr: Any, sharding: NamedSharding, available: set[int], timeout_s: float
+) -> tuple[Any, int]:
     """``arr`` with the blocks of processes that lost their copy taken from a replica on a
     process that kept its own (all-gather over the mesh axes the layout leaves unused)."""
     mesh = sharding.mesh
@@ -553,7 +595,7 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
         fs = jax.lax.all_gather(f.reshape(()), free).reshape(-1)
         return xs.reshape(-1, *x.shape)[jnp.argmax(fs)]
 
-    fixed = jax.jit(
+    gather = jax.jit(
         jax.shard_map(
             pick,
             mesh=mesh,
@@ -561,8 +603,12 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
             out_specs=sharding.spec,
             check_vma=False,  # every replica picks the same block: replicated by construction
         )
-    )(arr, flags)
-    jax.block_until_ready(fixed)  # one collective in flight at a time (see _from_copies)
+    )
+    fixed = _multihost.bounded(  # one collective in flight at a time (see _from_copies)
+        lambda: jax.block_until_ready(gather(arr, flags)),
+        timeout_s=timeout_s,
+        what="recovering blocks from replicas",
+    )
     received = (
         0
         if jax.process_index() in available
@@ -572,7 +618,7 @@ def _from_replicas(arr: Any, sharding: NamedSharding, available: set[int]) -> tu
 
 
 def _values(
-    st: _local.Step, mine: _local.Step | None, available: set[int], pid: int
+    st: _local.Step, mine: _local.Step | None, available: set[int], pid: int, timeout_s: float
 ) -> tuple[dict[int, np.ndarray], int, int]:
     """Every value every process kept whole: the lowest available process's, on all.
 
@@ -590,9 +636,25 @@ def _values(
         out[i] = value
     nbytes = sum(v.nbytes for v in out.values())
     if jax.process_count() > 1 and out:
-        got = multihost_utils.broadcast_one_to_all(out, is_source=pid == source)
+        got = _multihost.bounded(
+            lambda: multihost_utils.broadcast_one_to_all(out, is_source=pid == source),
+            timeout_s=timeout_s,
+            what=f"sending process {source}'s whole values",
+        )
         out = {int(k): np.asarray(v) for k, v in got.items()}
     return out, (nbytes if pid == source else 0), (0 if pid == source else nbytes)
+
+
+def _send(arrays: list[Any], ring: tuple[int, ...]) -> list[Any]:
+    return jax.block_until_ready(_replicate.send_to_peers(arrays, ring))
+
+
+def _reshard_now(arr: Any, sharding: Any) -> Any:
+    return jax.block_until_ready(jax.device_put(arr, sharding))
+
+
+def _gather_host(arr: Any) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
 
 
 def _put_host(host: np.ndarray, sharding: Any) -> Any:
@@ -605,6 +667,7 @@ def _place(
     values: dict[int, np.ndarray],
     target: Any,
     partial: bool,
+    timeout_s: float,
 ) -> Any:
     """The restored tree: ``target``'s leaves from the saved ones (as ``restore`` matches)."""
     if target is None:
@@ -624,9 +687,17 @@ def _place(
         if w.leaf in arrays:
             arr = arrays[w.leaf]
             if w.sharding is None:  # a host value
-                arr = np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+                arr = _multihost.bounded(
+                    functools.partial(_gather_host, arr),
+                    timeout_s=timeout_s,
+                    what=f"gathering {spec.display} onto every process",
+                )
             elif arr.sharding != w.sharding:
-                arr = jax.device_put(arr, w.sharding)
+                arr = _multihost.bounded(
+                    functools.partial(_reshard_now, arr, w.sharding),
+                    timeout_s=timeout_s,
+                    what=f"placing {spec.display} on the target's sharding",
+                )
         else:
             host = values[w.leaf]
             arr = host if w.sharding is None else _put_host(host, w.sharding)

@@ -21,9 +21,10 @@ import hashlib
 import itertools
 import json
 import re
+import threading
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 
@@ -31,6 +32,7 @@ from distckpt import _faults, errors
 from distckpt.errors import BarrierTimeoutError, DistckptError, OutOfSpaceError, ProcessFailure
 
 _op_counter = itertools.count()
+T = TypeVar("T")
 _BLOB_PART = 1 << 20  # stay well under the coordination service's message limit
 
 
@@ -67,6 +69,42 @@ def _late_tasks(message: str) -> list[int]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def bounded(fn: Callable[[], T], *, timeout_s: float, what: str) -> T:
+    """``fn()`` (a collective through the job's devices), or ``BarrierTimeoutError`` after
+    ``timeout_s``.
+
+    A device collective waits for every process with no deadline of its own; a
+    process that is stopped, or in another collective, would hold the others
+    forever. ``fn`` runs on a helper thread while this one waits with the
+    deadline (the caller's thread issues nothing meanwhile, so collectives stay
+    in the same order on every process). After a timeout the collective may
+    still be pending in the runtime: the job cannot go on and must be restarted.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="distckpt-collective", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise BarrierTimeoutError(
+            f"{what}: the collective did not finish within {timeout_s:g} s on process "
+            f"{process_index()}; some process is not taking part (it stopped, or waits in "
+            "another collective: look at its log). The job cannot go on: restart it (steps "
+            "already written are intact)."
+        )
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 class Collective:

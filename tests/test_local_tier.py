@@ -320,3 +320,36 @@ def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
     assert stats.tier == "local" and back.last_restored_step == 2
     assert stats.local_bytes == saved[2].nbytes and stats.peer_bytes == 0
     np.testing.assert_array_equal(np.asarray(got["w"]), saved[2])
+
+
+def _w_collective_with_a_deadline() -> dict:
+    import time
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from distckpt import _multihost
+    from distckpt.errors import BarrierTimeoutError
+
+    def gather() -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(np.arange(4) + jax.process_index()))
+
+    if jax.process_index() == 1:
+        time.sleep(6)  # late: process 0 gives up first, then this joins its pending gather
+        return {"late": gather().tolist()}
+    start = time.monotonic()
+    try:
+        _multihost.bounded(gather, timeout_s=1.5, what="a test gather")
+    except BarrierTimeoutError as e:
+        return {"error": str(e), "waited": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_a_collective_that_a_process_does_not_join_times_out():
+    """The local tier's device collectives have the manager's deadline (``_multihost.bounded``)."""
+    first, second = (r.value for r in run_processes(f"{HERE}:_w_collective_with_a_deadline"))
+    assert first["error"] is not None and 1.5 <= first["waited"] < 5
+    assert "a test gather" in first["error"] and "process 0" in first["error"]
+    assert "restart" in first["error"]
+    assert second["late"] == [[0, 1, 2, 3], [1, 2, 3, 4]]
