@@ -41,6 +41,7 @@ from distckpt._reshard import Box
 from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
 
 log = logging.getLogger("distckpt")
+_VERIFY_BATCH = 64  # blocks of peers' copies checked at a time (read, checked, dropped)
 
 
 def host_name() -> str:
@@ -85,6 +86,7 @@ class LocalTier:
         self.copies, self.keep, self.timeout_s = copies, keep, timeout_s
         self.host = host if host is not None else host_name()
         self.last_recovery: RecoveryStats | None = None
+        self._kept: dict[_local.Block, np.ndarray] = {}  # own blocks read by ``_verify``
 
     # ------------------------------------------------------------------ save
 
@@ -228,48 +230,71 @@ class LocalTier:
             ),
             share=True,
         )
-        for cand in candidates:
-            step, holders = cand["step"], cand["holders"]
-            decision = self._agree_on(coll, step, holders, mine.get(step))
-            if not decision["recover"]:
-                log.warning("local step %d cannot be recovered: %s", step, decision["reason"])
-                continue
-            return self._assemble(
-                coll, mine.get(step), step, set(decision["available"]), target, partial
-            )
+        try:
+            for cand in candidates:
+                step, holders = cand["step"], cand["holders"]
+                decision = self._agree_on(coll, step, holders, mine.get(step))
+                if not decision["recover"]:
+                    log.warning("local step %d cannot be recovered: %s", step, decision["reason"])
+                    continue
+                return self._assemble(
+                    coll, mine.get(step), step, set(decision["available"]), target, partial
+                )
+        finally:
+            self._kept = {}
         coll.run("done", lambda: None, last=True)
         return None
 
     def _agree_on(self, coll: Any, step: int, holders: list[int], st: _local.Step | None) -> dict:
-        """Three phases: each holder checks its copy; the lowest holder hands the primary
-        the step's description if the primary has none; the primary decides."""
-        good = self._verify(st if coll.pid in holders else None)
-
-        def report() -> None:
-            coll.put_blob(f"verified/{coll.pid}", b"1" if good else b"0")
-
-        coll.run("verify", report)
+        """Each holder checks its own blocks. Only if some process lacks its own do the
+        holders also check the copies they keep for their peers (two more phases). Then
+        the lowest holder hands the primary the step's description if the primary has
+        none, and the primary decides."""
+        mine = st if coll.pid in holders else None
+        own = self._verify(mine)
+        coll.run(
+            f"verify {step}", lambda: coll.put_blob(f"own/{step}/{coll.pid}", b"1" if own else b"0")
+        )
+        everyone = coll.run(
+            f"verified {step}",
+            lambda: (
+                all(b == b"1" for b in coll.get_blobs(f"own/{step}")) if coll.is_primary else None
+            ),
+            share=True,
+        )
+        family = f"own/{step}"
+        if not everyone:  # the copies are needed: they count only if they are whole too
+            whole = own and self._verify_copies(mine)
+            family = f"whole/{step}"
+            coll.run(
+                f"verify copies {step}",
+                lambda: coll.put_blob(f"whole/{step}/{coll.pid}", b"1" if whole else b"0"),
+            )
         if coll.count > 1:
 
             def describe() -> None:
                 if coll.pid == min(holders) and not coll.is_primary and st is not None:
-                    coll.put_blob("description", (st.path / _local.DESCRIPTION).read_bytes())
+                    coll.put_blob(
+                        f"description/{step}", (st.path / _local.DESCRIPTION).read_bytes()
+                    )
 
-            coll.run("describe", describe)
+            coll.run(f"describe {step}", describe)
 
         def decide() -> dict | None:
-            return self._decide(coll, step, st) if coll.is_primary else None
+            return self._decide(coll, step, st, family) if coll.is_primary else None
 
-        return coll.run("decide", decide, share=True)
+        return coll.run(f"decide {step}", decide, share=True)
 
     def _verify(self, st: _local.Step | None) -> bool:
-        """Whether this process's copy of the step is whole: every block reads back and
-        matches its CRC-32C, and the layouts name devices this job has."""
+        """Whether this process's own blocks of the step are whole (each reads back and
+        matches its CRC-32C) and its layouts name devices this job has. The blocks are
+        kept for the assembly, so each is read once."""
+        self._kept = {}
         if st is None:
             return False
         try:
-            for b in st.blocks:
-                st.read(b)
+            own = [b for b in st.blocks if b.owner == st.process]
+            self._kept = dict(zip(own, st.read_many(own), strict=True))
             ids = {d.id for d in jax.devices()}
             return st.process_count == jax.process_count() and all(
                 layout is None or set(layout["devices"]) <= ids for layout in st.layouts
@@ -280,13 +305,38 @@ class LocalTier:
             )
             return False
 
-    def _decide(self, coll: Any, step: int, st: _local.Step | None) -> dict:
-        """The primary's decision: which processes' copies are good, and whether they cover."""
-        available = [p for p, b in enumerate(coll.get_blobs("verified")) if b == b"1"]
+    def _verify_copies(self, st: _local.Step | None) -> bool:
+        """Whether the copies this process keeps for its peers are whole: read and
+        checked a batch at a time, and dropped (read again if a peer needs them)."""
+        if st is None:
+            return False
+        others = [b for b in st.blocks if b.owner != st.process]
+        try:
+            for n in range(0, len(others), _VERIFY_BATCH):
+                st.read_many(others[n : n + _VERIFY_BATCH])
+        except CorruptCheckpointError as e:
+            log.warning(
+                "local step %d on process %d: a copy kept for a peer is damaged: %s",
+                st.step,
+                jax.process_index(),
+                e,
+            )
+            return False
+        return True
+
+    def _read(self, st: _local.Step, block: _local.Block) -> np.ndarray:
+        """A block of this process's step: as ``_verify`` read it, or read now."""
+        kept = self._kept.get(block)
+        return kept if kept is not None else st.read(block)
+
+    def _decide(self, coll: Any, step: int, st: _local.Step | None, family: str) -> dict:
+        """The primary's decision: which processes' copies are good (the flags ``family``
+        of blobs says), and whether they cover."""
+        available = [p for p, b in enumerate(coll.get_blobs(family)) if b == b"1"]
         if not available:
             return {"recover": False, "reason": "no process holds a whole copy", "available": []}
         if st is None or st.process != coll.pid:
-            raw = coll.get_blob("description")
+            raw = coll.get_blob(f"description/{step}")
             path = Path(self.directory) / ".recovering"
             st = _local.parse(raw, step, path)
         return {"available": available, **_coverage(st, set(available))}
@@ -336,7 +386,7 @@ class LocalTier:
                 box = _reshard.box_from_index(_index(index), shape)
                 block = by_owner.get((i, coll.pid, box)) if have else None
                 data = (
-                    st.read(block)
+                    self._read(st, block)
                     if block is not None and st is not None
                     else np.zeros(_reshard.box_shape(box), dtype)
                 )
@@ -362,7 +412,9 @@ class LocalTier:
                     arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
                 peer_bytes += got
             arrays[i] = arr
-        values, read_here, received = _values(description, st, available, coll.pid, self.timeout_s)
+        values, read_here, received = _values(
+            description, st, available, coll.pid, self.timeout_s, self._read
+        )
         local_bytes, peer_bytes = local_bytes + read_here, peer_bytes + received
         tree = _place(description, arrays, values, target, partial, self.timeout_s)
         states = extra.get("pipeline_states")
@@ -618,7 +670,12 @@ def _from_replicas(
 
 
 def _values(
-    st: _local.Step, mine: _local.Step | None, available: set[int], pid: int, timeout_s: float
+    st: _local.Step,
+    mine: _local.Step | None,
+    available: set[int],
+    pid: int,
+    timeout_s: float,
+    read: Callable[[_local.Step, _local.Block], np.ndarray],
 ) -> tuple[dict[int, np.ndarray], int, int]:
     """Every value every process kept whole: the lowest available process's, on all.
 
@@ -630,7 +687,7 @@ def _values(
         if not spec.stored or st.layouts[i] is not None:
             continue
         if pid == source and mine is not None:
-            value = mine.read(mine.blocks[mine.values[i]])
+            value = read(mine, mine.blocks[mine.values[i]])
         else:
             value = np.zeros(spec.array_shape, _plan.np_dtype(spec.array_dtype))
         out[i] = value

@@ -121,3 +121,25 @@ def test_a_flipped_bit_in_the_description_is_refused(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpointError, match="local step at .* is damaged"):
         _local.load(tmp_path, 7)
+
+
+def test_many_blocks_written_and_read_on_threads_keep_their_places(tmp_path):
+    """``write`` and ``read_many`` work on ``io_threads`` threads: every block where its
+    record says, aligned for the devices, and a truncated file is refused."""
+    from distckpt import _knobs
+    from distckpt._storage.interface import ALIGN
+
+    rows = [np.full((3, 6), n, np.float32) for n in range(40)]
+    blocks = [(0, n % 2, ((0, 3), (0, 6)), r) for n, r in enumerate(rows)]
+    with _knobs.override(io_threads=4):
+        path = _write(tmp_path, blocks=blocks)
+        step = _local.load(tmp_path, 7)
+        got = step.read_many(step.blocks[:40])
+    assert all(np.array_equal(g, r) for g, r in zip(got, rows, strict=True))
+    assert all(g.ctypes.data % ALIGN == 0 for g in got)
+    offsets = [b.offset for b in step.blocks]
+    assert offsets == sorted(offsets) and offsets[1] - offsets[0] == rows[0].nbytes
+    with open(path / _local.DATA, "r+b") as f:
+        f.truncate(step.blocks[30].offset + 5)
+    with pytest.raises(CorruptCheckpointError, match="is short"):
+        step.read_many(step.blocks[:40])

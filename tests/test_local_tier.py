@@ -221,6 +221,29 @@ def test_a_damaged_local_copy_is_not_used(tmp_path):
     assert [r["position"] for r in back] == [600, 601]
 
 
+def test_a_damaged_copy_kept_for_a_peer_is_not_read_while_the_peer_has_its_own(tmp_path):
+    from distckpt import _local
+
+    _run("_w_manager", tmp_path, phase="save")
+    step = _local.load(tmp_path / "local0", 6)
+    copy = next(b for b in step.blocks if b.owner == 1)  # host 0's copy of a host-1 block
+    blocks = tmp_path / "local0" / "step_6" / "blocks.bin"
+    raw = bytearray(blocks.read_bytes())
+    raw[copy.offset] ^= 0x20
+    blocks.write_bytes(bytes(raw))
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    # Both hosts have their own blocks: the copies are not needed, so not read. (Process
+    # 1 receives only the 8 bytes of the whole value every process keeps, from process 0.)
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
+    assert [(r["local"] > 0, r["peer"]) for r in back] == [(True, 0), (True, 8)]
+    # Host 1 lost its directory: now host 0's copies are needed, and checked: step 6 is
+    # not covered, so the next older local step (5, whole on host 0) is recovered.
+    shutil.rmtree(tmp_path / "local1")
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(5, "local", True)] * 2
+    assert [r["position"] for r in back] == [500, 501] and back[1]["peer"] > 0
+
+
 def test_a_lost_pair_of_hosts_falls_back_to_the_persistent_tier(tmp_path):
     _run("_w_manager", tmp_path, phase="save")
     shutil.rmtree(tmp_path / "local0")
