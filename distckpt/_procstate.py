@@ -13,6 +13,7 @@ a typed key on the default device).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -58,6 +59,22 @@ class CheckpointableIterator(Checkpointable, Protocol[T]):
     def __iter__(self) -> Iterator[T]: ...
 
     def __next__(self) -> T: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """Where an array of a state went: leaf ``leaf`` of the saved tree (``_statetree``).
+
+    ``kind`` is what to give back: ``"jax"`` (a ``jax.Array``), ``"numpy"``
+    or ``"key"`` (a typed PRNG key of implementation ``impl``, stored as its
+    key data). ``digest`` fingerprints the value of a global state's array,
+    so that the processes' agreement check covers it ("" for per-process).
+    """
+
+    leaf: int
+    kind: str
+    impl: str | None = None
+    digest: str = ""
 
 
 def is_global(obj: Any) -> bool:
@@ -158,6 +175,8 @@ def restore_into(obj: Any, raw: str) -> None:
 def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, Ref):
+        return {_TAG: "ref", **dataclasses.asdict(value)}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and _TAG not in value:
             return {k: _encode(v, f"{where}[{k!r}]") for k, v in value.items()}
@@ -214,6 +233,8 @@ def _decode(value: Any) -> Any:
         return base64.b64decode(value["data"])
     if tag == "key":
         return jax.random.wrap_key_data(_decode(value["data"]), impl=value["impl"])
+    if tag == "ref":
+        return Ref(value["leaf"], value["kind"], value.get("impl"), value.get("digest", ""))
     if tag in ("array", "scalar"):
         arr = np.frombuffer(base64.b64decode(value["data"]), np.dtype(value["dtype"]))
         arr = arr.reshape(value["shape"]).copy()

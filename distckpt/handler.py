@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from distckpt import _location, _procstate
+from distckpt import _location, _procstate, _statetree
 from distckpt._inspect import CheckpointInfo, is_committed, metadata
 from distckpt._location import Location
 from distckpt._procstate import Checkpointable
@@ -38,8 +38,11 @@ class CheckpointHandler:
 
     ``target`` may be a pytree (arrays, numpy, Python scalars and strings,
     PRNG keys) or a ``distckpt.Checkpointable``: then ``get_state()`` is
-    saved, *per process* (or once, if it declares ``checkpoint_global``),
-    and ``restore`` calls ``set_state`` on it and returns it.
+    saved, *per process* (or once, if it declares ``checkpoint_global``):
+    its arrays in the data files like any leaf, the rest in the commit
+    record. ``restore`` calls ``set_state`` on it and returns it; restored
+    without a target, such a checkpoint gives back the state dict, arrays
+    as the types ``get_state`` gave (docs/training_state.md).
 
     Example::
 
@@ -75,14 +78,18 @@ class CheckpointHandler:
         keep: int | None = None,
         overwrite: bool = False,
         metadata: Any = None,
-    ) -> None:
+    ) -> str:
         """Saves ``target`` as ``step`` (or, without a step, as ``directory`` itself).
 
         ``keep`` keeps the latest N steps; older ones are deleted only after
         this step is committed. ``overwrite`` replaces a committed step; the
-        old one stays readable until the new one commits.
+        old one stays readable until the new one commits. Returns where the
+        checkpoint is (its path, or URL).
         """
-        tree, pipeline = ({}, target) if _is_checkpointable(target) else (target, None)
+        pipeline: Any = None
+        tree = target
+        if _is_checkpointable(target):
+            tree, pipeline = _statetree.split(target)
         if step is None:
             if keep is not None:
                 raise ValueError("keep= needs step=: it keeps the latest N numbered steps")
@@ -94,13 +101,15 @@ class CheckpointHandler:
                 pipeline=pipeline,
                 timeout_s=self.timeout_s,
             )
-            return
+            return _location.parse(directory).display
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep must be a positive int or None, got {keep!r}")
         mgr = self._manager(directory)
         # Retention is a frozen, validated value: this save applies its own.
         mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
         mgr.save(step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite)
+        where = mgr.path(step)
+        return where if isinstance(where, str) else _location.parse(where).display
 
     save_to_directory = save
 
@@ -109,14 +118,20 @@ class CheckpointHandler:
 
         With a pytree ``target`` the result has its structure, types,
         shapes and shardings; without one, host numpy arrays and Python
-        values in the containers they were saved in (see ``distckpt.restore``). A ``Checkpointable`` target gets
-        ``set_state`` and is returned. A missing step is an error that
-        lists the steps there are; no other step is restored instead.
+        values in the containers they were saved in (see
+        ``distckpt.restore``). A checkpoint of a ``Checkpointable`` gives
+        this process's saved state (the dict ``get_state`` returned). A
+        ``Checkpointable`` target gets ``set_state`` with that state (or
+        with the saved tree) and is returned. A missing step is an error
+        that lists the steps there are; no other step is restored instead.
         """
         path = self._step_path(directory, step)
+        state = _statetree.restore(path, timeout_s=self.timeout_s)
         if _is_checkpointable(target):
-            _restore(path, {}, partial=True, pipeline=target, timeout_s=self.timeout_s)
+            target.set_state(_restore(path, timeout_s=self.timeout_s) if state is None else state)
             return target
+        if state is not None:
+            return state
         want = None if target is None else abstract_like(target)
         return _restore(path, want, timeout_s=self.timeout_s)
 
@@ -211,9 +226,10 @@ class PipelineCheckpoint:
         metadata: Any = None,
         keep: int | None = None,
         overwrite: bool = False,
-    ) -> None:
+    ) -> str:
+        """Saves ``pipeline.get_state()`` as ``step``; returns the checkpoint's path."""
         _procstate.check(pipeline)
-        self._handler.save(
+        return self._handler.save(
             self.directory, pipeline, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 

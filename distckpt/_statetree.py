@@ -1,0 +1,200 @@
+"""A ``Checkpointable``'s state saved as data: its arrays in the data files, the rest in the commit record.
+
+The handler APIs (``distckpt.CheckpointHandler``, ``distckpt.compat.datarax``)
+save a ``Checkpointable`` target through this module. ``get_state()`` is
+split in two:
+
+- its arrays (numpy arrays of numbers and booleans, ``jax.Array``\\ s, typed
+  PRNG keys as their key data) become the leaves of the saved tree
+  ``{ARRAYS: [a0, a1, ...]}``, written, checksummed and read like any leaf;
+- the rest, with a ``_procstate.Ref`` in place of each array, is the small
+  pipeline state committed in the manifest (``_procstate``).
+
+A per-process state's array ``a`` of shape ``s`` is saved as one global
+array of shape ``(process_count, *s)`` whose row ``p`` process ``p`` wrote
+(so every process's arrays must have the same shapes and dtypes: the save's
+agreement check names the difference otherwise); on restore each process
+reads its own row only. A global state's arrays (``checkpoint_global``) are
+host arrays, stored once, and their digests are part of the state every
+process must agree on.
+
+Restore gives each array back as the type ``get_state`` gave: a
+``jax.Array`` on this process's first device, a numpy array, a typed key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distckpt import _commit, _multihost, _plan, _procstate
+from distckpt._location import Location
+from distckpt._procstate import Ref
+from distckpt._restore import restore as _restore
+from distckpt._storage import open_storage
+
+ARRAYS = "checkpointable_arrays"  # the one key of the tree saved for a Checkpointable
+
+_DATA_KINDS = frozenset("biufc")  # numpy dtype kinds stored as data; others stay in the record
+
+
+class _Holder:
+    """Stands for the object in ``save(..., pipeline=)``: gives the split state, keeps what comes back."""
+
+    def __init__(self, state: dict[str, Any] | None = None, is_global: bool = False):
+        self.state, self.checkpoint_global = state, is_global
+        self.received: dict[str, Any] | None = None
+
+    def get_state(self) -> dict[str, Any]:
+        assert self.state is not None
+        return self.state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.received = state
+
+
+def split(obj: Any) -> tuple[dict[str, Any], _Holder]:
+    """The tree and the ``pipeline=`` stand-in to save ``obj`` (a ``Checkpointable``) with."""
+    _procstate.check(obj)
+    process = _multihost.process_index()
+    state = obj.get_state()
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"{type(obj).__name__}.get_state() on process {process} returned "
+            f"{type(state).__name__}; it must return a dict"
+        )
+    is_global = _procstate.is_global(obj)
+    arrays: list[np.ndarray] = []
+    skeleton = _split(state, arrays, is_global)
+    if not arrays:
+        return {}, _Holder(skeleton, is_global)
+    if is_global:
+        leaves: list[Any] = arrays
+    else:
+        sharding = _process_sharding()
+        mine = sharding.mesh.devices.flat[process]
+        leaves = [
+            jax.make_array_from_single_device_arrays(
+                (sharding.mesh.size, *a.shape), sharding, [jax.device_put(a[None], mine)]
+            )
+            for a in arrays
+        ]
+    return {ARRAYS: leaves}, _Holder(skeleton, is_global)
+
+
+def _split(value: Any, arrays: list[np.ndarray], is_global: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: _split(v, arrays, is_global) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_split(v, arrays, is_global) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_split(v, arrays, is_global) for v in value)
+    if isinstance(value, jax.Array) and value.is_fully_addressable:
+        impl = None
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            kind, impl = "key", str(jax.random.key_impl(value))
+            data = np.asarray(jax.random.key_data(value))
+        else:
+            kind, data = "jax", np.asarray(value)
+        return _ref(data, kind, impl, arrays, is_global)
+    if (
+        isinstance(value, np.ndarray)
+        and value.dtype.kind in _DATA_KINDS
+        and value.dtype.fields is None
+    ):
+        return _ref(value, "numpy", None, arrays, is_global)
+    return value  # Python values, numpy scalars, other dtypes: encoded in the record
+
+
+def _ref(
+    data: np.ndarray, kind: str, impl: str | None, arrays: list[np.ndarray], is_global: bool
+) -> Ref:
+    data = np.ascontiguousarray(data)
+    digest = ""
+    if is_global:  # the agreement check compares the record: let it see the values
+        h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
+        h.update(data.data.cast("B") if data.size else b"")
+        digest = h.hexdigest()
+    arrays.append(data)
+    return Ref(len(arrays) - 1, kind, impl, digest)
+
+
+def _process_sharding() -> NamedSharding:
+    """One device per process (its first), processes in order, along axis ``process``."""
+    first: dict[int, Any] = {}
+    for d in jax.devices():
+        if d.process_index not in first or d.id < first[d.process_index].id:
+            first[d.process_index] = d
+    devices = np.array([first[p] for p in sorted(first)])
+    return NamedSharding(Mesh(devices, ("process",)), PartitionSpec("process"))
+
+
+def is_state(directory: Location) -> bool:
+    """Whether the committed checkpoint at ``directory`` holds a Checkpointable's state."""
+    return _state_manifest(directory) is not None
+
+
+def _state_manifest(directory: Location) -> Any:
+    storage = open_storage(directory)
+    manifest = _commit.load(storage)
+    if manifest.process_state is None:
+        return None
+    if any(spec.path[:1] != (("key", ARRAYS),) for spec in manifest.leaves):
+        return None  # a tree saved with pipeline=: not the state alone
+    return manifest
+
+
+def restore(directory: Location, *, timeout_s: float | None = None) -> dict[str, Any] | None:
+    """The state a handler saved at ``directory`` for this process, its arrays as they
+    were given; None if the checkpoint holds a tree, not a Checkpointable's state."""
+    manifest = _state_manifest(directory)
+    if manifest is None:
+        return None
+    count = _multihost.process_count()
+    # Refuses a per-process state saved by another process count, before any read.
+    _procstate.saved_state(
+        manifest.process_state, _multihost.process_index(), count, str(directory)
+    )
+    per_process = manifest.process_state["mode"] != "global"
+    specs = sorted(manifest.leaves, key=lambda spec: spec.path[1][1])
+    want: list[Any] = []
+    for spec in specs:
+        dtype = _plan.np_dtype(spec.dtype)
+        if per_process:
+            sharding = _process_sharding()
+            want.append(jax.ShapeDtypeStruct(spec.shape, dtype, sharding=sharding))
+        else:
+            want.append(np.empty(spec.shape, dtype))
+    holder = _Holder()
+    tree = _restore(directory, {ARRAYS: want} if want else {}, pipeline=holder, timeout_s=timeout_s)
+    arrays: list[np.ndarray] = []
+    for a in tree.get(ARRAYS, []):
+        if per_process:
+            (shard,) = a.addressable_shards
+            arrays.append(np.asarray(shard.data)[0])
+        else:
+            arrays.append(a)
+    assert holder.received is not None
+    return _join(holder.received, arrays)
+
+
+def _join(value: Any, arrays: list[np.ndarray]) -> Any:
+    if isinstance(value, Ref):
+        data = arrays[value.leaf]
+        if value.kind == "numpy":
+            return data
+        device = jax.local_devices()[0]
+        if value.kind == "key":
+            return jax.random.wrap_key_data(jax.device_put(data, device), impl=value.impl)
+        return jax.device_put(data, device)
+    if isinstance(value, dict):
+        return {k: _join(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, arrays) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_join(v, arrays) for v in value)
+    return value
