@@ -58,16 +58,21 @@ class CheckpointHandler:
 
     def _manager(self, directory: Location) -> CheckpointManager:
         key = _location.parse(directory).display  # one manager per location, however spelled
-        if key not in self._managers:
-            # Queries open a manager too, and a query must never delete: the
-            # leftovers of crashed saves are left to a CheckpointManager's
-            # start-up or ``distckpt gc`` (a commit cleans its own step).
-            self._managers[key] = CheckpointManager(
-                directory,
-                async_save=self.async_checkpointing,
-                timeout_s=self.timeout_s,
-                clean_on_start=False,
-            )
+        # Every call sees the directory as it is now (another handler or job
+        # may have saved or deleted since): a fresh manager scans it, once
+        # the previous one's background save is done (its error raised here).
+        old = self._managers.pop(key, None)
+        if old is not None:
+            old.close()
+        # Queries open a manager too, and a query must never delete: the
+        # leftovers of crashed saves are left to a CheckpointManager's
+        # start-up or ``distckpt gc`` (a commit cleans its own step).
+        self._managers[key] = CheckpointManager(
+            directory,
+            async_save=self.async_checkpointing,
+            timeout_s=self.timeout_s,
+            clean_on_start=False,
+        )
         return self._managers[key]
 
     def save(
@@ -138,9 +143,7 @@ class CheckpointHandler:
     def _step_path(self, directory: Location, step: int | None) -> Location:
         if step is None and is_committed(directory):
             return directory  # saved without a step
-        mgr = self._manager(directory)
-        mgr.wait_until_finished()
-        steps = mgr.all_steps()
+        mgr, steps = self._committed(directory)
         if step is None:
             if not steps:
                 raise NotCommittedError(f"no committed checkpoints in {directory}")
@@ -152,11 +155,15 @@ class CheckpointHandler:
             )
         return mgr.path(step)
 
-    def get_checkpoint_steps(self, directory: Location) -> list[int]:
-        """The committed steps, ascending."""
+    def _committed(self, directory: Location) -> tuple[CheckpointManager, list[int]]:
+        """The directory's manager, its background save done, and its committed steps."""
         mgr = self._manager(directory)
         mgr.wait_until_finished()
-        return mgr.all_steps()
+        return mgr, mgr.all_steps()
+
+    def get_checkpoint_steps(self, directory: Location) -> list[int]:
+        """The committed steps, ascending."""
+        return self._committed(directory)[1]
 
     def latest_step(self, directory: Location) -> int | None:
         steps = self.get_checkpoint_steps(directory)
@@ -164,8 +171,8 @@ class CheckpointHandler:
 
     def list_checkpoints(self, directory: Location) -> list[CheckpointInfo]:
         """What each committed step holds (``distckpt.metadata`` of each), ascending."""
-        mgr = self._manager(directory)
-        return [metadata(mgr.path(s)) for s in self.get_checkpoint_steps(directory)]
+        mgr, steps = self._committed(directory)
+        return [metadata(mgr.path(s)) for s in steps]
 
     def wait_until_finished(self) -> None:
         for mgr in self._managers.values():
