@@ -1,0 +1,157 @@
+"""``distckpt.compat.datarax`` in a job of real processes: datarax's examples, multi-host.
+
+The examples are tests/test_compat_datarax.py's verbatim copies of datarax's
+documentation, run on every process of a 2-process job with only their
+imports changed; each process's pipeline walks its own shard (a seed of its
+own), and must get exactly its own position back. One run covers the
+examples, per-process and global Checkpointable state with arrays, and a
+checkpoint datarax wrote, read by every process.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.mp import run_processes
+
+pytestmark = pytest.mark.multiprocess
+
+HERE = "tests.test_compat_datarax_mp"
+
+
+class _Global:
+    checkpoint_global = True
+
+    def __init__(self, state=None):
+        self.state, self.received = state, None
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.received = state
+
+
+class _PerProcess(_Global):
+    checkpoint_global = False
+
+
+def _w_examples(directory: str, datarax_dir: str) -> dict:
+    import contextlib
+    import io
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distckpt.compat import datarax as compat
+    from tests import test_compat_datarax as t
+
+    pid = jax.process_index()
+    out: dict = {}
+
+    # The quickref, each process its own pipeline (its own seed and data).
+    ns: dict = {"jax": jax}
+    simple = t.pipeline_class(ns)
+    ns["data"] = np.arange(1500, dtype=np.float32) + 10_000 * pid
+    ns["pipeline"] = pipeline = simple(ns["data"], seed=40 + pid)
+    ckpt_dir = os.path.join(directory, "quickref")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        t.run_example(t.QUICKREF_SETUP, ns, ckpt_dir)
+        t.run_example(t.QUICKREF_SAVE, ns, ckpt_dir)
+        saved_rng = np.asarray(jax.random.key_data(pipeline.rng)).tolist()
+        t.run_example(t.QUICKREF_RESTORE, ns, ckpt_dir)
+    out["printed"] = printed.getvalue().splitlines()
+    new = ns["new_pipeline"]
+    out["rng_back"] = np.asarray(jax.random.key_data(new.rng)).tolist() == saved_rng
+    out["steps"] = sorted(ns["checkpointer"].list_checkpoints())
+
+    # The guide's PRNG example and a dict of arrays: the same on every process.
+    os.chdir(os.path.join(directory))
+    ns = t.run_example("from datarax.checkpoint import OrbaxCheckpointHandler\n", {}, "")
+    t.run_example(t.GUIDE_PRNG, ns, "")
+    key_back = ns["restored"]["split_keys"]
+    out["keys"] = bool(
+        np.array_equal(
+            jax.random.key_data(key_back), jax.random.key_data(ns["state"]["split_keys"])
+        )
+    )
+
+    # Per-process and global Checkpointable state with arrays.
+    mine = {
+        "w": jnp.arange(12.0).reshape(3, 4) + pid,
+        "order": np.arange(5, dtype=np.int32) * (pid + 1),
+        "key": jax.random.key(pid),
+        "position": 100 + pid,
+    }
+    shared = {"table": np.arange(8, dtype=np.int64), "epoch": 2}
+    with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
+        handler.save(os.path.join(directory, "pp"), _PerProcess(mine), step=1)
+        handler.save(os.path.join(directory, "gl"), _Global(shared), step=1)
+        back = handler.restore(os.path.join(directory, "pp"))
+        target = _Global()
+        handler.restore(os.path.join(directory, "gl"), target)
+        out["per_process"] = (
+            type(back["w"]) is type(mine["w"])
+            and bool(np.array_equal(np.asarray(back["w"]), np.asarray(mine["w"])))
+            and back["order"].dtype == np.int32
+            and bool(np.array_equal(back["order"], mine["order"]))
+            and bool(
+                np.array_equal(jax.random.key_data(back["key"]), jax.random.key_data(mine["key"]))
+            )
+            and back["position"] == 100 + pid
+        )
+        out["global"] = (
+            target.received["epoch"] == 2
+            and bool(np.array_equal(target.received["table"], shared["table"]))
+            and target.received["table"].dtype == np.int64
+        )
+        # A checkpoint datarax wrote (before the job), read by every process.
+        out["datarax_steps"] = handler.get_checkpoint_steps(datarax_dir)
+        old = handler.restore(datarax_dir)
+        out["datarax_state"] = {"position": old["position"], "source": old["source"]}
+        # Identity: each process's shard_count is checked against its own saved state.
+        it_ckpt = compat.IteratorCheckpoint(os.path.join(directory, "it"), handler=handler)
+        it_ckpt.save(t.Sharded(2, position=pid + 1), step=1)
+        try:
+            it_ckpt.restore(t.Sharded(3))
+            out["identity"] = "restored"
+        except ValueError as e:
+            out["identity"] = "shard_count" in str(e)
+        out["forced"] = it_ckpt.restore(t.Sharded(3), force=True).position
+    return out
+
+
+def test_datarax_examples_and_state_on_two_processes(tmp_path):
+    from tests import test_compat_datarax as t
+
+    datarax_dir = tmp_path / "written_by_datarax"
+    t.write_like_datarax(datarax_dir, {"position": 9, "source": "mnist"}, step=7)
+    results = run_processes(
+        f"{HERE}:_w_examples",
+        2,
+        2,
+        args={"directory": str(tmp_path), "datarax_dir": str(datarax_dir)},
+        timeout=120,
+    )
+    for pid, r in enumerate(results):
+        assert r.value == {
+            "printed": [
+                "Checkpoint directory: " + str(tmp_path / "quickref"),
+                "Saved checkpoint at step 100",
+                "Saved checkpoint at step 200",
+                "Saved checkpoint at step 300",
+                "Before restore: position=0",
+                "After restore: position=1500",
+            ],
+            "rng_back": True,
+            "steps": [100, 200, 300],
+            "keys": True,
+            "per_process": True,
+            "global": True,
+            "datarax_steps": [7],
+            "datarax_state": {"position": 9, "source": "mnist"},
+            "identity": True,
+            "forced": pid + 1,
+        }, pid
