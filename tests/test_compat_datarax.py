@@ -671,3 +671,14 @@ def test_a_datarax_checkpoint_without_a_step(tmp_path):
         assert handler.get_checkpoint_steps(tmp_path) == []
         assert handler.restore(tmp_path) == [1, 2]
         assert handler.restore(tmp_path, metadata_only=True) == {"kind": "list"}
+
+
+def test_an_nnx_module_is_saved_as_its_state_and_updated_in_place(tmp_path):
+    from flax import nnx
+
+    saved, other = nnx.Linear(3, 2, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    with compat.OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, saved, step=1)
+        assert handler.restore(tmp_path, other) is other
+    np.testing.assert_array_equal(np.asarray(other.kernel[...]), np.asarray(saved.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(other.bias[...]), np.asarray(saved.bias[...]))
