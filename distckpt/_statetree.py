@@ -31,11 +31,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distckpt import _commit, _multihost, _plan, _procstate
+from distckpt import _commit, _multihost, _plan, _procstate, _sources
 from distckpt._location import Location
 from distckpt._procstate import Ref
 from distckpt._restore import restore as _restore
 from distckpt._storage import open_storage
+from distckpt.errors import TreeMismatchError
 
 ARRAYS = "checkpointable_arrays"  # the one key of the tree saved for a Checkpointable
 
@@ -48,6 +49,7 @@ class _Holder:
     def __init__(self, state: dict[str, Any] | None = None, is_global: bool = False):
         self.state, self.checkpoint_global = state, is_global
         self.received: dict[str, Any] | None = None
+        self.arrays: list[str] = []  # each saved array, as people read it: where, dtype, shape
 
     def get_state(self) -> dict[str, Any]:
         assert self.state is not None
@@ -69,9 +71,12 @@ def split(obj: Any) -> tuple[dict[str, Any], _Holder]:
         )
     is_global = _procstate.is_global(obj)
     arrays: list[np.ndarray] = []
-    skeleton = _split(state, arrays, is_global)
+    names: list[str] = []
+    skeleton = _split(state, arrays, is_global, "state", names)
+    holder = _Holder(skeleton, is_global)
+    holder.arrays = [f"{n}: {a.dtype} {list(a.shape)}" for n, a in zip(names, arrays, strict=True)]
     if not arrays:
-        return {}, _Holder(skeleton, is_global)
+        return {}, holder
     if is_global:
         leaves: list[Any] = arrays
     else:
@@ -83,16 +88,45 @@ def split(obj: Any) -> tuple[dict[str, Any], _Holder]:
             )
             for a in arrays
         ]
-    return {ARRAYS: leaves}, _Holder(skeleton, is_global)
+    return {ARRAYS: leaves}, holder
 
 
-def _split(value: Any, arrays: list[np.ndarray], is_global: bool) -> Any:
+def explain(error: TreeMismatchError, holder: _Holder) -> TreeMismatchError:
+    """``error`` (the processes saved different trees) said in terms of the state's arrays."""
+    if holder.checkpoint_global or not holder.arrays:
+        return error
+    mine = "\n  ".join(holder.arrays)
+    return TreeMismatchError(
+        f"{error}\nThe tree is made of each process's get_state() arrays, saved as one array "
+        "with a process axis: every process's state must hold arrays of the same shapes and "
+        f"dtypes, in the same places. This process ({_multihost.process_index()}) has:\n  "
+        f"{mine}\nPad them to one shape, or keep such values out of the state.",
+        error.problems,
+    )
+
+
+def _split(
+    value: Any, arrays: list[np.ndarray], is_global: bool, where: str, names: list[str]
+) -> Any:
     if isinstance(value, dict):
-        return {k: _split(v, arrays, is_global) for k, v in value.items()}
+        return {k: _split(v, arrays, is_global, f"{where}[{k!r}]", names) for k, v in value.items()}
     if isinstance(value, list):
-        return [_split(v, arrays, is_global) for v in value]
+        return [_split(v, arrays, is_global, f"{where}[{i}]", names) for i, v in enumerate(value)]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_split(v, arrays, is_global) for v in value)
+        return tuple(
+            _split(v, arrays, is_global, f"{where}[{i}]", names) for i, v in enumerate(value)
+        )
+    if isinstance(value, jax.Array | np.ndarray):
+        names.append(where)  # dropped again below if it stays in the record
+        ref = _array(value, arrays, is_global)
+        if ref is None:
+            names.pop()
+            return value
+        return ref
+    return value  # Python values, numpy scalars: encoded in the record
+
+
+def _array(value: Any, arrays: list[np.ndarray], is_global: bool) -> Ref | None:
     if isinstance(value, jax.Array) and value.is_fully_addressable:
         impl = None
         if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
@@ -107,7 +141,7 @@ def _split(value: Any, arrays: list[np.ndarray], is_global: bool) -> Any:
         and value.dtype.fields is None
     ):
         return _ref(value, "numpy", None, arrays, is_global)
-    return value  # Python values, numpy scalars, other dtypes: encoded in the record
+    return None  # other dtypes, arrays over several processes: left to the record's encoder
 
 
 def _ref(
@@ -139,6 +173,8 @@ def is_state(directory: Location) -> bool:
 
 
 def _state_manifest(directory: Location) -> Any:
+    if _sources.format_of(directory) != _sources.DISTCKPT:
+        return None  # another format (Orbax) holds no distckpt pipeline state
     storage = open_storage(directory)
     manifest = _commit.load(storage)
     if manifest.process_state is None:

@@ -155,3 +155,30 @@ def test_datarax_examples_and_state_on_two_processes(tmp_path):
             "identity": True,
             "forced": pid + 1,
         }, pid
+
+
+def _w_mismatch(directory: str) -> str:
+    import jax
+    import numpy as np
+
+    from distckpt.compat import datarax as compat
+
+    pid = jax.process_index()
+    state = {"order": np.arange(3 + pid), "position": pid}  # process 1's array is longer
+    with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
+        try:
+            handler.save(directory, _PerProcess(state), step=1)
+        except ValueError as e:
+            return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_per_process_arrays_of_different_shapes_are_refused_on_every_process(tmp_path):
+    results = run_processes(f"{HERE}:_w_mismatch", 2, 1, args={"directory": str(tmp_path)})
+    for r in results:
+        assert r.value.startswith("TreeMismatchError"), r.value
+        assert "same shapes" in r.value, r.value
+        assert f"state['order']: int64 [{3 + r.process_id}]" in r.value, r.value
+    from distckpt.compat import datarax as compat
+
+    assert compat.OrbaxCheckpointHandler().get_checkpoint_steps(tmp_path) == []  # none committed
