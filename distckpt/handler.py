@@ -131,21 +131,23 @@ class CheckpointHandler:
         With a pytree ``target`` the result has its structure, types,
         shapes and shardings; without one, host numpy arrays and Python
         values in the containers they were saved in (see
-        ``distckpt.restore``). A checkpoint of a ``Checkpointable`` gives
-        this process's saved state (the dict ``get_state`` returned). A
-        ``Checkpointable`` target gets ``set_state`` with that state (or
-        with the saved tree) and is returned. A missing step is an error
-        that lists the steps there are; no other step is restored instead.
+        ``distckpt.restore``). Without a target, a checkpoint of a
+        ``Checkpointable`` gives this process's saved state (the dict
+        ``get_state`` returned). A ``Checkpointable`` target gets
+        ``set_state`` with that state (or with the saved tree) and is
+        returned. A missing step is an error that lists the steps there
+        are; no other step is restored instead.
         """
         path = self._step_path(directory, step)
+        if target is not None and not _is_checkpointable(target):
+            return _restore(path, abstract_like(target), timeout_s=self.timeout_s)
         state = _statetree.restore(path, timeout_s=self.timeout_s)
-        if _is_checkpointable(target):
-            target.set_state(_restore(path, timeout_s=self.timeout_s) if state is None else state)
-            return target
-        if state is not None:
+        if state is None:
+            state = _restore(path, timeout_s=self.timeout_s)
+        if target is None:
             return state
-        want = None if target is None else abstract_like(target)
-        return _restore(path, want, timeout_s=self.timeout_s)
+        target.set_state(state)
+        return target
 
     def _step_path(self, directory: Location, step: int | None) -> Location:
         if step is None and is_committed(directory):
