@@ -67,14 +67,18 @@ class Ref:
 
     ``kind`` is what to give back: ``"jax"`` (a ``jax.Array``), ``"numpy"``
     or ``"key"`` (a typed PRNG key of implementation ``impl``, stored as its
-    key data). ``digest`` fingerprints the value of a global state's array,
-    so that the processes' agreement check covers it ("" for per-process).
+    key data). ``dtype`` and ``shape`` are the stored array's (a per-process
+    array is stored as its bytes). ``digest`` fingerprints the value of a
+    global state's array, so that the processes' agreement check covers it
+    ("" for per-process).
     """
 
     leaf: int
     kind: str
     impl: str | None = None
     digest: str = ""
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
 
 
 def is_global(obj: Any) -> bool:
@@ -234,7 +238,14 @@ def _decode(value: Any) -> Any:
     if tag == "key":
         return jax.random.wrap_key_data(_decode(value["data"]), impl=value["impl"])
     if tag == "ref":
-        return Ref(value["leaf"], value["kind"], value.get("impl"), value.get("digest", ""))
+        return Ref(
+            value["leaf"],
+            value["kind"],
+            value.get("impl"),
+            value.get("digest", ""),
+            value.get("dtype", ""),
+            tuple(value.get("shape", ())),
+        )
     if tag in ("array", "scalar"):
         arr = np.frombuffer(base64.b64decode(value["data"]), np.dtype(value["dtype"]))
         arr = arr.reshape(value["shape"]).copy()

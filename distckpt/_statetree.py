@@ -10,11 +10,13 @@ split in two:
 - the rest, with a ``_procstate.Ref`` in place of each array, is the small
   pipeline state committed in the manifest (``_procstate``).
 
-A per-process state's array ``a`` of shape ``s`` is saved as one global
-array of shape ``(process_count, *s)`` whose row ``p`` process ``p`` wrote
-(so every process's arrays must have the same shapes and dtypes: the save's
-agreement check names the difference otherwise); on restore each process
-reads its own row only. A global state's arrays (``checkpoint_global``) are
+A per-process state's array ``a`` of shape ``s`` is saved as its bytes, one
+global ``uint8`` array of shape ``(process_count, *s, itemsize)`` whose row
+``p`` process ``p`` wrote (bytes, so that no dtype is narrowed on the way
+through a device: an ``int64`` stays ``int64`` without ``jax_enable_x64``).
+Every process's arrays must therefore have the same shapes and dtypes (the
+save's agreement check names the difference otherwise); on restore each
+process reads its own row only. A global state's arrays (``checkpoint_global``) are
 host arrays, stored once, and their digests are part of the state every
 process must agree on.
 
@@ -82,12 +84,14 @@ def split(obj: Any) -> tuple[dict[str, Any], _Holder]:
     else:
         sharding = _process_sharding()
         mine = sharding.mesh.devices.flat[process]
-        leaves = [
-            jax.make_array_from_single_device_arrays(
-                (sharding.mesh.size, *a.shape), sharding, [jax.device_put(a[None], mine)]
+        leaves = []
+        for a in arrays:
+            raw = _as_bytes(a)
+            leaves.append(
+                jax.make_array_from_single_device_arrays(
+                    (sharding.mesh.size, *raw.shape), sharding, [jax.device_put(raw[None], mine)]
+                )
             )
-            for a in arrays
-        ]
     return {ARRAYS: leaves}, holder
 
 
@@ -147,14 +151,23 @@ def _array(value: Any, arrays: list[np.ndarray], is_global: bool) -> Ref | None:
 def _ref(
     data: np.ndarray, kind: str, impl: str | None, arrays: list[np.ndarray], is_global: bool
 ) -> Ref:
-    data = np.ascontiguousarray(data)
+    data = np.asarray(data, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
     digest = ""
     if is_global:  # the agreement check compares the record: let it see the values
         h = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode())
-        h.update(data.data.cast("B") if data.size else b"")
+        h.update(data.tobytes())
         digest = h.hexdigest()
     arrays.append(data)
-    return Ref(len(arrays) - 1, kind, impl, digest)
+    return Ref(len(arrays) - 1, kind, impl, digest, data.dtype.name, tuple(data.shape))
+
+
+def _as_bytes(a: np.ndarray) -> np.ndarray:
+    """``a``'s elements as bytes: shape ``(*a.shape, a.itemsize)``, dtype uint8."""
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8).reshape(*a.shape, a.itemsize)
+
+
+def _from_bytes(raw: np.ndarray, ref: Ref) -> np.ndarray:
+    return np.ascontiguousarray(raw).reshape(-1).view(_plan.np_dtype(ref.dtype)).reshape(ref.shape)
 
 
 def _process_sharding() -> NamedSharding:
@@ -215,12 +228,12 @@ def restore(directory: Location, *, timeout_s: float | None = None) -> dict[str,
         else:
             arrays.append(a)
     assert holder.received is not None
-    return _join(holder.received, arrays)
+    return _join(holder.received, arrays, per_process)
 
 
-def _join(value: Any, arrays: list[np.ndarray]) -> Any:
+def _join(value: Any, arrays: list[np.ndarray], as_bytes: bool) -> Any:
     if isinstance(value, Ref):
-        data = arrays[value.leaf]
+        data = _from_bytes(arrays[value.leaf], value) if as_bytes else arrays[value.leaf]
         if value.kind == "numpy":
             return data
         device = jax.local_devices()[0]
@@ -228,9 +241,9 @@ def _join(value: Any, arrays: list[np.ndarray]) -> Any:
             return jax.random.wrap_key_data(jax.device_put(data, device), impl=value.impl)
         return jax.device_put(data, device)
     if isinstance(value, dict):
-        return {k: _join(v, arrays) for k, v in value.items()}
+        return {k: _join(v, arrays, as_bytes) for k, v in value.items()}
     if isinstance(value, list):
-        return [_join(v, arrays) for v in value]
+        return [_join(v, arrays, as_bytes) for v in value]
     if isinstance(value, tuple):
-        return tuple(_join(v, arrays) for v in value)
+        return tuple(_join(v, arrays, as_bytes) for v in value)
     return value

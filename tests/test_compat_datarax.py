@@ -682,3 +682,34 @@ def test_an_nnx_module_is_saved_as_its_state_and_updated_in_place(tmp_path):
         assert handler.restore(tmp_path, other) is other
     np.testing.assert_array_equal(np.asarray(other.kernel[...]), np.asarray(saved.kernel[...]))
     np.testing.assert_array_equal(np.asarray(other.bias[...]), np.asarray(saved.bias[...]))
+
+
+class GlobalRecorder(Recorder):
+    checkpoint_global = True
+
+
+@pytest.mark.parametrize("cls", [Recorder, GlobalRecorder], ids=["per-process", "global"])
+def test_every_kind_of_array_in_a_state_keeps_its_dtype_shape_and_type(tmp_path, cls):
+    state = {
+        "empty": np.zeros((0, 3), np.float32),
+        "flags": np.array([True, False]),
+        "zero_d": np.array(5),  # int64: not narrowed to int32 on its way through a device
+        "wide": np.array([2**40, -1], np.int64),
+        "doubles": np.array([0.1, 1e300]),
+        "complex": np.array([1 + 2j]),
+        "half": jnp.ones(3, jnp.bfloat16),
+        "text": np.array(["ab", "c"]),  # not numbers: kept in the record, as before
+        "keys": jax.random.split(jax.random.key(0, impl="rbg"), 3),
+    }
+    with compat.OrbaxCheckpointHandler(async_checkpointing=True) as handler:
+        handler.save(tmp_path, cls(state), step=1)
+        back = handler.restore(tmp_path)
+    for name, want in state.items():
+        got = back[name]
+        if name == "keys":
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+            continue
+        assert type(got) is type(want), name
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)

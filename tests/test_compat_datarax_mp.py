@@ -81,7 +81,7 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
     # Per-process and global Checkpointable state with arrays.
     mine = {
         "w": jnp.arange(12.0).reshape(3, 4) + pid,
-        "order": np.arange(5, dtype=np.int32) * (pid + 1),
+        "order": np.arange(5, dtype=np.int64) * (pid + 1) + 2**40,
         "key": jax.random.key(pid),
         "position": 100 + pid,
     }
@@ -95,7 +95,7 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
         out["per_process"] = (
             type(back["w"]) is type(mine["w"])
             and bool(np.array_equal(np.asarray(back["w"]), np.asarray(mine["w"])))
-            and back["order"].dtype == np.int32
+            and back["order"].dtype == np.int64
             and bool(np.array_equal(back["order"], mine["order"]))
             and bool(
                 np.array_equal(jax.random.key_data(back["key"]), jax.random.key_data(mine["key"]))
