@@ -713,3 +713,18 @@ def test_every_kind_of_array_in_a_state_keeps_its_dtype_shape_and_type(tmp_path,
         assert type(got) is type(want), name
         assert (got.dtype, got.shape) == (want.dtype, want.shape), name
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+def test_orbax_checkpoint_manager_steps_are_listed_too(tmp_path):
+    """datarax versions that keep steps with an Orbax CheckpointManager: ``N/<item>/``."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path, item_names=("data_iterator",)) as manager:
+        item = ocp.args.StandardSave({"position": 3, "order": np.arange(3)})
+        manager.save(5, args=ocp.args.Composite(data_iterator=item))
+        manager.wait_until_finished()
+    handler = compat.OrbaxCheckpointHandler()
+    assert handler.list_checkpoints(tmp_path) == {5: str(tmp_path / "5")}
+    back = handler.restore(tmp_path)
+    assert back["position"] == 3
+    np.testing.assert_array_equal(back["order"], np.arange(3))

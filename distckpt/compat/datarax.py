@@ -82,7 +82,8 @@ IDENTITY_FIELDS: tuple[str, ...] = (
 )
 
 UNSTEPPED = "checkpoint"  # where a save without a step goes, as with datarax
-_ORBAX_STEP = re.compile(r"^(?:ckpt-)?(\d+)$")  # datarax's step directories: ckpt-N (or N)
+# datarax's step directories: ckpt-N; N and step_N (Orbax CheckpointManager layouts) too.
+_ORBAX_STEP = re.compile(r"^(?:ckpt-|step_)?(\d+)$")
 
 
 class CheckpointNotFoundError(errors.NotCommittedError, ValueError):
@@ -580,7 +581,8 @@ def _key_part(key: Any) -> tuple[str, Any]:
 
 
 def _datarax_steps(where: ParsedLocation) -> dict[int, str]:
-    """The Orbax step directories datarax wrote in ``where`` (``ckpt-N``, else ``N``)."""
+    """The Orbax step directories datarax wrote in ``where``: ``ckpt-N`` first, else ``N``
+    or ``step_N`` (a step directory with one item inside, such as ``default/``, counts)."""
     if where.path is None or not os.path.isdir(where.path):
         return {}
     out: dict[int, str] = {}
