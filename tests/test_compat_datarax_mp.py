@@ -67,9 +67,30 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
     out["rng_back"] = np.asarray(jax.random.key_data(new.rng)).tolist() == saved_rng
     out["steps"] = sorted(ns["checkpointer"].list_checkpoints())
 
-    # The guide's PRNG example and a dict of arrays: the same on every process.
-    os.chdir(os.path.join(directory))
-    ns = t.run_example("from datarax.checkpoint import OrbaxCheckpointHandler\n", {}, "")
+    # The guide's examples, in order, in directories of their own (./checkpoints in each).
+    def enter(name: str) -> None:
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
+        os.chdir(os.path.join(directory, name))
+
+    enter("guide")
+    ns = {"state": {"position": 3, "epoch": 1}}
+    t.run_example(t.GUIDE_CORE, ns, "")
+    compat.OrbaxCheckpointHandler().save("./checkpoints", {"position": 50}, step=50, keep=None)
+    t.run_example(t.GUIDE_SAVING, ns, "")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        t.run_example(t.GUIDE_RESTORING, ns, "")
+        t.run_example(t.GUIDE_ERRORS, ns, "")
+    out["guide"] = printed.getvalue().splitlines()
+    enter("multiple")
+    with contextlib.redirect_stdout(io.StringIO()):
+        t.run_example(t.GUIDE_MULTIPLE, ns, "")
+    out["multiple"] = sorted(ns["checkpoints"])
+    enter("overwrite")
+    t.run_example(t.GUIDE_OVERWRITE, ns, "")
+    out["overwritten"] = compat.OrbaxCheckpointHandler().restore("./checkpoints")
+
+    # The guide's PRNG example: keys the same on every process.
+    enter("prng")
     t.run_example(t.GUIDE_PRNG, ns, "")
     key_back = ns["restored"]["split_keys"]
     out["keys"] = bool(
@@ -148,6 +169,13 @@ def test_datarax_examples_and_state_on_two_processes(tmp_path):
             "rng_back": True,
             "steps": [100, 200, 300],
             "keys": True,
+            "guide": [
+                "Available steps: [1, 50, 100]",
+                "Latest step: 100",
+                "Restored from step 100",
+            ],
+            "multiple": [50, 60, 70, 80, 90],
+            "overwritten": {"v": 2},
             "per_process": True,
             "global": True,
             "datarax_steps": [7],
