@@ -728,3 +728,25 @@ def test_orbax_checkpoint_manager_steps_are_listed_too(tmp_path):
     back = handler.restore(tmp_path)
     assert back["position"] == 3
     np.testing.assert_array_equal(back["order"], np.arange(3))
+
+
+def test_a_module_that_is_checkpointable_is_saved_through_get_state(tmp_path):
+    from flax import nnx
+
+    class Counter(nnx.Module):
+        def __init__(self):
+            self.count = nnx.Variable(jnp.array(0))
+
+        def get_state(self):
+            return {"count": int(self.count[...]), "kind": "counter"}
+
+        def set_state(self, state):
+            self.count[...] = jnp.array(state["count"])
+
+    saved, other = Counter(), Counter()
+    saved.count[...] = jnp.array(4)
+    with compat.OrbaxCheckpointHandler() as handler:
+        handler.save(tmp_path, saved, step=1)
+        assert handler.restore(tmp_path) == {"count": 4, "kind": "counter"}
+        handler.restore(tmp_path, other)
+    assert int(other.count[...]) == 4

@@ -522,8 +522,8 @@ def _is_module(obj: Any) -> bool:
 
 
 def _module_state(target: Any) -> Any:
-    if not _is_module(target):
-        return target
+    if isinstance(target, Checkpointable) or not _is_module(target):
+        return target  # a module with get_state/set_state is saved through them
     from flax import nnx
 
     return nnx.to_pure_dict(nnx.state(target))
