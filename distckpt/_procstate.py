@@ -81,6 +81,49 @@ class Ref:
     shape: tuple[int, ...] = ()
 
 
+# State fields that say which data an iterator walks (as grain and datarax
+# record them). A saved state is given only to an iterator whose state has
+# the same values for the fields both have; ``shard_index`` may differ.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "sampler_repr",
+    "data_source_repr",
+    "shard_count",
+    "worker_count",
+)
+
+
+def has_identity(state: Any) -> bool:
+    return isinstance(state, dict) and any(f in state for f in IDENTITY_FIELDS)
+
+
+def check_identity(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Raises TreeMismatchError naming each ``IDENTITY_FIELDS`` field whose saved value
+    differs from the iterator's (``current``: its ``get_state()``)."""
+    if not isinstance(current, dict) or not isinstance(saved, dict):
+        return  # nothing to compare
+    differ = [
+        f"{field}: the checkpoint has {saved[field]!r}, this iterator has {current[field]!r}"
+        for field in IDENTITY_FIELDS
+        if field in current and field in saved and not _same(current[field], saved[field])
+    ]
+    if differ:
+        raise TreeMismatchError(
+            f"the saved iterator state on process {jax.process_index()} was recorded for "
+            "other data than this iterator walks; resuming it would not continue the same "
+            "sequence:\n  "
+            + "\n  ".join(differ)
+            + "\nBuild the iterator as it was when saved, restore another checkpoint, or pass "
+            "force=True to apply the state anyway.",
+            differ,
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray | jax.Array) or isinstance(b, np.ndarray | jax.Array):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return bool(a == b)
+
+
 def is_global(obj: Any) -> bool:
     return bool(getattr(obj, "checkpoint_global", False))
 

@@ -125,7 +125,14 @@ class CheckpointHandler:
 
     save_to_directory = save
 
-    def restore(self, directory: Location, target: Any = None, step: int | None = None) -> Any:
+    def restore(
+        self,
+        directory: Location,
+        target: Any = None,
+        step: int | None = None,
+        *,
+        force: bool = False,
+    ) -> Any:
         """Restores ``step`` (default: the latest) into ``target``'s layout.
 
         With a pytree ``target`` the result has its structure, types,
@@ -135,8 +142,13 @@ class CheckpointHandler:
         ``Checkpointable`` gives this process's saved state (the dict
         ``get_state`` returned). A ``Checkpointable`` target gets
         ``set_state`` with that state (or with the saved tree) and is
-        returned. A missing step is an error that lists the steps there
-        are; no other step is restored instead.
+        returned; a state that records what identifies its data
+        (``sampler_repr``, ``data_source_repr``, ``shard_count``,
+        ``worker_count``) is given only to a target whose ``get_state()``
+        has the same values there, unless ``force=True`` (otherwise
+        ``TreeMismatchError``, a ``ValueError``, naming each field). A
+        missing step is an error that lists the steps there are; no other
+        step is restored instead.
         """
         path = self._step_path(directory, step)
         if target is not None and not _is_checkpointable(target):
@@ -146,6 +158,8 @@ class CheckpointHandler:
             state = _restore(path, timeout_s=self.timeout_s)
         if target is None:
             return state
+        if not force and _procstate.has_identity(state):
+            _procstate.check_identity(target.get_state(), state)
         target.set_state(state)
         return target
 
@@ -249,15 +263,18 @@ class PipelineCheckpoint:
             self.directory, pipeline, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 
-    def restore(self, pipeline: P, step: int) -> P:
-        """Restores ``step`` into ``pipeline`` (an error if it is not committed); returns it."""
-        return self._handler.restore(self.directory, pipeline, step=step)
+    def restore(self, pipeline: P, step: int, *, force: bool = False) -> P:
+        """Restores ``step`` into ``pipeline`` (an error if it is not committed); returns it.
 
-    def restore_latest(self, pipeline: Checkpointable) -> int | None:
+        ``force``: apply a state recorded for other data (see ``CheckpointHandler.restore``).
+        """
+        return self._handler.restore(self.directory, pipeline, step=step, force=force)
+
+    def restore_latest(self, pipeline: Checkpointable, *, force: bool = False) -> int | None:
         """Restores the latest step into ``pipeline``; returns it, or None if there is none."""
         step = self.latest_step()
         if step is not None:
-            self._handler.restore(self.directory, pipeline, step=step)
+            self._handler.restore(self.directory, pipeline, step=step, force=force)
         return step
 
     def latest_step(self) -> int | None:

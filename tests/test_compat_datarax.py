@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import distckpt
 from distckpt import errors
 from distckpt.compat import datarax as compat
 
@@ -590,6 +591,16 @@ def test_an_iterator_state_recorded_for_other_data_is_refused_unless_forced(tmp_
     assert other.position == 0
     assert ckpt.restore(other, force=True).position == 9
     assert ckpt.restore_latest(Sharded(4)).position == 9
+    # The handler checks a Checkpointable target too; the native API the same way.
+    with pytest.raises(ValueError, match="shard_count"):
+        ckpt.handler.restore(tmp_path, Sharded(8))
+    assert ckpt.handler.restore(tmp_path, Sharded(8), force=True).position == 9
+    native = distckpt.PipelineCheckpoint(tmp_path)
+    with pytest.raises(errors.TreeMismatchError, match="data_source_repr"):
+        native.restore_latest(Sharded(4, source="cifar"))
+    assert native.restore(Sharded(4, source="cifar"), 1, force=True).position == 9
+    # An iterator that records no identity is not checked.
+    assert ckpt.restore(Recorder()).received["position"] == 9
 
 
 # --------------------------------------------------------------------------- checkpoints datarax wrote

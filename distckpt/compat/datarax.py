@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from distckpt import _location, _multihost, _procstate, _sources, _statetree, _tree, errors
+from distckpt import _location, _procstate, _sources, _statetree, _tree, errors
 from distckpt._inspect import is_committed
 from distckpt._inspect import metadata as _metadata
 from distckpt._location import Location, ParsedLocation
@@ -71,15 +71,7 @@ __all__ = [
 
 T_co = TypeVar("T_co", covariant=True)
 
-# State fields that say which data an iterator walks. A saved state is
-# restored only into an iterator whose state has the same values for the
-# fields both have (``shard_index`` may differ: each process its own).
-IDENTITY_FIELDS: tuple[str, ...] = (
-    "sampler_repr",
-    "data_source_repr",
-    "shard_count",
-    "worker_count",
-)
+IDENTITY_FIELDS = _procstate.IDENTITY_FIELDS
 
 UNSTEPPED = "checkpoint"  # where a save without a step goes, as with datarax
 # datarax's step directories: ckpt-N; N and step_N (Orbax CheckpointManager layouts) too.
@@ -126,36 +118,13 @@ def validate_restore_compatibility(
     """Refuses a saved iterator state recorded for other data than the iterator's.
 
     Compares the ``IDENTITY_FIELDS`` present in both states (an iterator
-    that records none is not checked).
+    that records none is not checked; ``shard_index`` may differ).
 
     Raises:
       TreeMismatchError (a ``ValueError``): names every differing field,
         with the saved and the current value.
     """
-    differ = [
-        f"{field}: the checkpoint has {saved_state[field]!r}, this iterator has "
-        f"{current_state[field]!r}"
-        for field in IDENTITY_FIELDS
-        if field in current_state
-        and field in saved_state
-        and not _same(current_state[field], saved_state[field])
-    ]
-    if differ:
-        raise errors.TreeMismatchError(
-            f"the saved iterator state on process {_multihost.process_index()} was recorded "
-            "for other data than this iterator walks; resuming it would not continue the "
-            "same sequence:\n  "
-            + "\n  ".join(differ)
-            + "\nBuild the iterator as it was when saved, restore another checkpoint, or pass "
-            "force=True to apply the state anyway.",
-            differ,
-        )
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, np.ndarray | jax.Array) or isinstance(b, np.ndarray | jax.Array):
-        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-    return bool(a == b)
+    _procstate.check_identity(current_state, saved_state)
 
 
 class OrbaxCheckpointHandler:
@@ -233,6 +202,8 @@ class OrbaxCheckpointHandler:
         step: int | None = None,
         metadata_only: bool = False,
         restore_args: Any | None = None,
+        *,
+        force: bool = False,
     ) -> Any:
         """Restores ``step`` of ``directory`` (default: the latest).
 
@@ -243,7 +214,10 @@ class OrbaxCheckpointHandler:
         ``nnx.Module`` is updated and returned; a pytree target gives a tree
         of its structure and types. ``metadata_only=True`` returns the
         ``metadata`` saved with the checkpoint (None if there was none).
-        ``restore_args`` is accepted for compatibility and ignored.
+        ``restore_args`` is accepted for compatibility and ignored. A
+        ``Checkpointable`` target whose state records what identifies its
+        data (``IDENTITY_FIELDS``) gets only a state recorded for the same
+        data, unless ``force=True`` (datarax does not check here).
 
         Raises:
           CheckpointNotFoundError (a ``ValueError``): no such directory, no
@@ -255,11 +229,11 @@ class OrbaxCheckpointHandler:
         with _datarax_errors():
             path, foreign = self._resolve(directory, step)
             if foreign:
-                return _restore_datarax(path, target, metadata_only)
+                return _restore_datarax(path, target, metadata_only, force)
             if metadata_only:
                 return _metadata(path).user_metadata
             if isinstance(target, Checkpointable):
-                return self._native.restore(path, target)
+                return self._native.restore(path, target, force=force)
             state = _statetree.restore(path, timeout_s=self.timeout_s)
             if _is_module(target):
                 return _update_module(target, path, state, self.timeout_s)
@@ -596,7 +570,7 @@ def _datarax_steps(where: ParsedLocation) -> dict[int, str]:
     return out
 
 
-def _restore_datarax(path: Location, target: Any, metadata_only: bool) -> Any:
+def _restore_datarax(path: Location, target: Any, metadata_only: bool, force: bool) -> Any:
     """A checkpoint datarax wrote: its state, with datarax's encodings undone."""
     state = _decode(_read_orbax(path))
     meta = None
@@ -607,6 +581,8 @@ def _restore_datarax(path: Location, target: Any, metadata_only: bool) -> Any:
     if metadata_only:
         return meta
     if isinstance(target, Checkpointable):
+        if not force and _procstate.has_identity(state):
+            _procstate.check_identity(target.get_state(), state)
         target.set_state(state)
         return target
     if _is_module(target):
