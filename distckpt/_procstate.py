@@ -13,6 +13,7 @@ a typed key on the default device).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -58,6 +59,69 @@ class CheckpointableIterator(Checkpointable, Protocol[T]):
     def __iter__(self) -> Iterator[T]: ...
 
     def __next__(self) -> T: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """Where an array of a state went: leaf ``leaf`` of the saved tree (``_statetree``).
+
+    ``kind`` is what to give back: ``"jax"`` (a ``jax.Array``), ``"numpy"``
+    or ``"key"`` (a typed PRNG key of implementation ``impl``, stored as its
+    key data). ``dtype`` and ``shape`` are the stored array's (a per-process
+    array is stored as its bytes). ``digest`` fingerprints the value of a
+    global state's array, so that the processes' agreement check covers it
+    ("" for per-process).
+    """
+
+    leaf: int
+    kind: str
+    impl: str | None = None
+    digest: str = ""
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+
+# State fields that say which data an iterator walks (as grain and datarax
+# record them). A saved state is given only to an iterator whose state has
+# the same values for the fields both have; ``shard_index`` may differ.
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "sampler_repr",
+    "data_source_repr",
+    "shard_count",
+    "worker_count",
+)
+
+
+def has_identity(state: Any) -> bool:
+    return isinstance(state, dict) and any(f in state for f in IDENTITY_FIELDS)
+
+
+def check_identity(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Raises TreeMismatchError naming each ``IDENTITY_FIELDS`` field whose saved value
+    differs from the iterator's (``current``: its ``get_state()``)."""
+    if not isinstance(current, dict) or not isinstance(saved, dict):
+        return  # nothing to compare
+    differ = [
+        f"{field}: the checkpoint has {saved[field]!r}, this iterator has {current[field]!r}"
+        for field in IDENTITY_FIELDS
+        if field in current and field in saved and not _same(current[field], saved[field])
+    ]
+    if differ:
+        raise TreeMismatchError(
+            f"the saved iterator state on process {jax.process_index()} was recorded for "
+            "other data than this iterator walks; resuming it would not continue the same "
+            "sequence:\n  "
+            + "\n  ".join(differ)
+            + "\nBuild the iterator as it was when saved, restore another checkpoint, or pass "
+            "force=True to apply the state anyway.",
+            differ,
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray | jax.Array) or isinstance(b, np.ndarray | jax.Array):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    return bool(a == b)
 
 
 def is_global(obj: Any) -> bool:
@@ -158,6 +222,8 @@ def restore_into(obj: Any, raw: str) -> None:
 def _encode(value: Any, where: str) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, Ref):
+        return {_TAG: "ref", **dataclasses.asdict(value)}
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value) and _TAG not in value:
             return {k: _encode(v, f"{where}[{k!r}]") for k, v in value.items()}
@@ -214,6 +280,15 @@ def _decode(value: Any) -> Any:
         return base64.b64decode(value["data"])
     if tag == "key":
         return jax.random.wrap_key_data(_decode(value["data"]), impl=value["impl"])
+    if tag == "ref":
+        return Ref(
+            value["leaf"],
+            value["kind"],
+            value.get("impl"),
+            value.get("digest", ""),
+            value.get("dtype", ""),
+            tuple(value.get("shape", ())),
+        )
     if tag in ("array", "scalar"):
         arr = np.frombuffer(base64.b64decode(value["data"]), np.dtype(value["dtype"]))
         arr = arr.reshape(value["shape"]).copy()

@@ -17,14 +17,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from distckpt import _location, _procstate
+from distckpt import _location, _procstate, _statetree
 from distckpt._inspect import CheckpointInfo, is_committed, metadata
 from distckpt._location import Location
 from distckpt._procstate import Checkpointable
 from distckpt._restore import restore as _restore
 from distckpt._save import save as _save
 from distckpt._target import abstract_like
-from distckpt.errors import NotCommittedError
+from distckpt.errors import NotCommittedError, TreeMismatchError
 from distckpt.manager import CheckpointManager
 
 
@@ -38,8 +38,11 @@ class CheckpointHandler:
 
     ``target`` may be a pytree (arrays, numpy, Python scalars and strings,
     PRNG keys) or a ``distckpt.Checkpointable``: then ``get_state()`` is
-    saved, *per process* (or once, if it declares ``checkpoint_global``),
-    and ``restore`` calls ``set_state`` on it and returns it.
+    saved, *per process* (or once, if it declares ``checkpoint_global``):
+    its arrays in the data files like any leaf, the rest in the commit
+    record. ``restore`` calls ``set_state`` on it and returns it; restored
+    without a target, such a checkpoint gives back the state dict, arrays
+    as the types ``get_state`` gave (docs/training_state.md).
 
     Example::
 
@@ -55,16 +58,21 @@ class CheckpointHandler:
 
     def _manager(self, directory: Location) -> CheckpointManager:
         key = _location.parse(directory).display  # one manager per location, however spelled
-        if key not in self._managers:
-            # Queries open a manager too, and a query must never delete: the
-            # leftovers of crashed saves are left to a CheckpointManager's
-            # start-up or ``distckpt gc`` (a commit cleans its own step).
-            self._managers[key] = CheckpointManager(
-                directory,
-                async_save=self.async_checkpointing,
-                timeout_s=self.timeout_s,
-                clean_on_start=False,
-            )
+        # Every call sees the directory as it is now (another handler or job
+        # may have saved or deleted since): a fresh manager scans it, once
+        # the previous one's background save is done (its error raised here).
+        old = self._managers.pop(key, None)
+        if old is not None:
+            old.close()
+        # Queries open a manager too, and a query must never delete: the
+        # leftovers of crashed saves are left to a CheckpointManager's
+        # start-up or ``distckpt gc`` (a commit cleans its own step).
+        self._managers[key] = CheckpointManager(
+            directory,
+            async_save=self.async_checkpointing,
+            timeout_s=self.timeout_s,
+            clean_on_start=False,
+        )
         return self._managers[key]
 
     def save(
@@ -75,57 +83,90 @@ class CheckpointHandler:
         keep: int | None = None,
         overwrite: bool = False,
         metadata: Any = None,
-    ) -> None:
+    ) -> str:
         """Saves ``target`` as ``step`` (or, without a step, as ``directory`` itself).
 
         ``keep`` keeps the latest N steps; older ones are deleted only after
         this step is committed. ``overwrite`` replaces a committed step; the
-        old one stays readable until the new one commits.
+        old one stays readable until the new one commits. Returns where the
+        checkpoint is (its path, or URL).
         """
-        tree, pipeline = ({}, target) if _is_checkpointable(target) else (target, None)
-        if step is None:
-            if keep is not None:
-                raise ValueError("keep= needs step=: it keeps the latest N numbered steps")
-            _save(
-                directory,
-                tree,
-                overwrite=overwrite,
-                metadata=metadata,
-                pipeline=pipeline,
-                timeout_s=self.timeout_s,
-            )
-            return
+        pipeline: Any = None
+        tree = target
+        if _is_checkpointable(target):
+            tree, pipeline = _statetree.split(target)
+        if keep is not None and step is None:
+            raise ValueError("keep= needs step=: it keeps the latest N numbered steps")
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep must be a positive int or None, got {keep!r}")
-        mgr = self._manager(directory)
-        # Retention is a frozen, validated value: this save applies its own.
-        mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
-        mgr.save(step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite)
+        try:
+            if step is None:
+                _save(
+                    directory,
+                    tree,
+                    overwrite=overwrite,
+                    metadata=metadata,
+                    pipeline=pipeline,
+                    timeout_s=self.timeout_s,
+                )
+                return _location.parse(directory).display
+            mgr = self._manager(directory)
+            # Retention is a frozen, validated value: this save applies its own.
+            mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
+            mgr.save(
+                step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite
+            )
+        except TreeMismatchError as e:
+            if pipeline is None:
+                raise
+            raise _statetree.explain(e, pipeline) from e
+        where = mgr.path(step)
+        return where if isinstance(where, str) else _location.parse(where).display
 
     save_to_directory = save
 
-    def restore(self, directory: Location, target: Any = None, step: int | None = None) -> Any:
+    def restore(
+        self,
+        directory: Location,
+        target: Any = None,
+        step: int | None = None,
+        *,
+        force: bool = False,
+    ) -> Any:
         """Restores ``step`` (default: the latest) into ``target``'s layout.
 
         With a pytree ``target`` the result has its structure, types,
         shapes and shardings; without one, host numpy arrays and Python
-        values in the containers they were saved in (see ``distckpt.restore``). A ``Checkpointable`` target gets
-        ``set_state`` and is returned. A missing step is an error that
-        lists the steps there are; no other step is restored instead.
+        values in the containers they were saved in (see
+        ``distckpt.restore``). Without a target, a checkpoint of a
+        ``Checkpointable`` gives this process's saved state (the dict
+        ``get_state`` returned). A ``Checkpointable`` target gets
+        ``set_state`` with that state (or with the saved tree) and is
+        returned; a state that records what identifies its data
+        (``sampler_repr``, ``data_source_repr``, ``shard_count``,
+        ``worker_count``) is given only to a target whose ``get_state()``
+        has the same values there, unless ``force=True`` (otherwise
+        ``TreeMismatchError``, a ``ValueError``, naming each field). A
+        missing step is an error that lists the steps there are; no other
+        step is restored instead.
         """
         path = self._step_path(directory, step)
-        if _is_checkpointable(target):
-            _restore(path, {}, partial=True, pipeline=target, timeout_s=self.timeout_s)
-            return target
-        want = None if target is None else abstract_like(target)
-        return _restore(path, want, timeout_s=self.timeout_s)
+        if target is not None and not _is_checkpointable(target):
+            return _restore(path, abstract_like(target), timeout_s=self.timeout_s)
+        state = _statetree.restore(path, timeout_s=self.timeout_s)
+        if state is None:
+            state = _restore(path, timeout_s=self.timeout_s)
+        if target is None:
+            return state
+        if not force and _procstate.has_identity(state):
+            _procstate.check_identity(target.get_state(), state)
+        target.set_state(state)
+        return target
 
     def _step_path(self, directory: Location, step: int | None) -> Location:
         if step is None and is_committed(directory):
             return directory  # saved without a step
-        mgr = self._manager(directory)
-        mgr.wait_until_finished()
-        steps = mgr.all_steps()
+        mgr, steps = self._committed(directory)
         if step is None:
             if not steps:
                 raise NotCommittedError(f"no committed checkpoints in {directory}")
@@ -137,11 +178,15 @@ class CheckpointHandler:
             )
         return mgr.path(step)
 
-    def get_checkpoint_steps(self, directory: Location) -> list[int]:
-        """The committed steps, ascending."""
+    def _committed(self, directory: Location) -> tuple[CheckpointManager, list[int]]:
+        """The directory's manager, its background save done, and its committed steps."""
         mgr = self._manager(directory)
         mgr.wait_until_finished()
-        return mgr.all_steps()
+        return mgr, mgr.all_steps()
+
+    def get_checkpoint_steps(self, directory: Location) -> list[int]:
+        """The committed steps, ascending."""
+        return self._committed(directory)[1]
 
     def latest_step(self, directory: Location) -> int | None:
         steps = self.get_checkpoint_steps(directory)
@@ -149,8 +194,8 @@ class CheckpointHandler:
 
     def list_checkpoints(self, directory: Location) -> list[CheckpointInfo]:
         """What each committed step holds (``distckpt.metadata`` of each), ascending."""
-        mgr = self._manager(directory)
-        return [metadata(mgr.path(s)) for s in self.get_checkpoint_steps(directory)]
+        mgr, steps = self._committed(directory)
+        return [metadata(mgr.path(s)) for s in steps]
 
     def wait_until_finished(self) -> None:
         for mgr in self._managers.values():
@@ -211,21 +256,25 @@ class PipelineCheckpoint:
         metadata: Any = None,
         keep: int | None = None,
         overwrite: bool = False,
-    ) -> None:
+    ) -> str:
+        """Saves ``pipeline.get_state()`` as ``step``; returns the checkpoint's path."""
         _procstate.check(pipeline)
-        self._handler.save(
+        return self._handler.save(
             self.directory, pipeline, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 
-    def restore(self, pipeline: P, step: int) -> P:
-        """Restores ``step`` into ``pipeline`` (an error if it is not committed); returns it."""
-        return self._handler.restore(self.directory, pipeline, step=step)
+    def restore(self, pipeline: P, step: int, *, force: bool = False) -> P:
+        """Restores ``step`` into ``pipeline`` (an error if it is not committed); returns it.
 
-    def restore_latest(self, pipeline: Checkpointable) -> int | None:
+        ``force``: apply a state recorded for other data (see ``CheckpointHandler.restore``).
+        """
+        return self._handler.restore(self.directory, pipeline, step=step, force=force)
+
+    def restore_latest(self, pipeline: Checkpointable, *, force: bool = False) -> int | None:
         """Restores the latest step into ``pipeline``; returns it, or None if there is none."""
         step = self.latest_step()
         if step is not None:
-            self._handler.restore(self.directory, pipeline, step=step)
+            self._handler.restore(self.directory, pipeline, step=step, force=force)
         return step
 
     def latest_step(self) -> int | None:

@@ -1,0 +1,212 @@
+"""``distckpt.compat.datarax`` in a job of real processes: datarax's examples, multi-host.
+
+The examples are tests/test_compat_datarax.py's verbatim copies of datarax's
+documentation, run on every process of a 2-process job with only their
+imports changed; each process's pipeline walks its own shard (a seed of its
+own), and must get exactly its own position back. One run covers the
+examples, per-process and global Checkpointable state with arrays, and a
+checkpoint datarax wrote, read by every process.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.mp import run_processes
+
+pytestmark = pytest.mark.multiprocess
+
+HERE = "tests.test_compat_datarax_mp"
+
+
+class _Global:
+    checkpoint_global = True
+
+    def __init__(self, state=None):
+        self.state, self.received = state, None
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.received = state
+
+
+class _PerProcess(_Global):
+    checkpoint_global = False
+
+
+def _w_examples(directory: str, datarax_dir: str) -> dict:
+    import contextlib
+    import io
+    import os
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distckpt.compat import datarax as compat
+    from tests import test_compat_datarax as t
+
+    pid = jax.process_index()
+    out: dict = {}
+
+    # The quickref, each process its own pipeline (its own seed and data).
+    ns: dict = {"jax": jax}
+    simple = t.pipeline_class(ns)
+    ns["data"] = np.arange(1500, dtype=np.float32) + 10_000 * pid
+    ns["pipeline"] = pipeline = simple(ns["data"], seed=40 + pid)
+    ckpt_dir = os.path.join(directory, "quickref")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        t.run_example(t.QUICKREF_SETUP, ns, ckpt_dir)
+        t.run_example(t.QUICKREF_SAVE, ns, ckpt_dir)
+        saved_rng = np.asarray(jax.random.key_data(pipeline.rng)).tolist()
+        t.run_example(t.QUICKREF_RESTORE, ns, ckpt_dir)
+    out["printed"] = printed.getvalue().splitlines()
+    new = ns["new_pipeline"]
+    out["rng_back"] = np.asarray(jax.random.key_data(new.rng)).tolist() == saved_rng
+    out["steps"] = sorted(ns["checkpointer"].list_checkpoints())
+
+    # The guide's examples, in order, in directories of their own (./checkpoints in each).
+    def enter(name: str) -> None:
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
+        os.chdir(os.path.join(directory, name))
+
+    enter("guide")
+    ns = {"state": {"position": 3, "epoch": 1}}
+    t.run_example(t.GUIDE_CORE, ns, "")
+    compat.OrbaxCheckpointHandler().save("./checkpoints", {"position": 50}, step=50, keep=None)
+    t.run_example(t.GUIDE_SAVING, ns, "")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        t.run_example(t.GUIDE_RESTORING, ns, "")
+        t.run_example(t.GUIDE_ERRORS, ns, "")
+    out["guide"] = printed.getvalue().splitlines()
+    enter("multiple")
+    with contextlib.redirect_stdout(io.StringIO()):
+        t.run_example(t.GUIDE_MULTIPLE, ns, "")
+    out["multiple"] = sorted(ns["checkpoints"])
+    enter("overwrite")
+    t.run_example(t.GUIDE_OVERWRITE, ns, "")
+    out["overwritten"] = compat.OrbaxCheckpointHandler().restore("./checkpoints")
+
+    # The guide's PRNG example: keys the same on every process.
+    enter("prng")
+    t.run_example(t.GUIDE_PRNG, ns, "")
+    key_back = ns["restored"]["split_keys"]
+    out["keys"] = bool(
+        np.array_equal(
+            jax.random.key_data(key_back), jax.random.key_data(ns["state"]["split_keys"])
+        )
+    )
+
+    # Per-process and global Checkpointable state with arrays.
+    mine = {
+        "w": jnp.arange(12.0).reshape(3, 4) + pid,
+        "order": np.arange(5, dtype=np.int64) * (pid + 1) + 2**40,
+        "key": jax.random.key(pid),
+        "position": 100 + pid,
+    }
+    shared = {"table": np.arange(8, dtype=np.int64), "epoch": 2}
+    with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
+        handler.save(os.path.join(directory, "pp"), _PerProcess(mine), step=1)
+        handler.save(os.path.join(directory, "gl"), _Global(shared), step=1)
+        back = handler.restore(os.path.join(directory, "pp"))
+        target = _Global()
+        handler.restore(os.path.join(directory, "gl"), target)
+        out["per_process"] = (
+            type(back["w"]) is type(mine["w"])
+            and bool(np.array_equal(np.asarray(back["w"]), np.asarray(mine["w"])))
+            and back["order"].dtype == np.int64
+            and bool(np.array_equal(back["order"], mine["order"]))
+            and bool(
+                np.array_equal(jax.random.key_data(back["key"]), jax.random.key_data(mine["key"]))
+            )
+            and back["position"] == 100 + pid
+        )
+        out["global"] = (
+            target.received["epoch"] == 2
+            and bool(np.array_equal(target.received["table"], shared["table"]))
+            and target.received["table"].dtype == np.int64
+        )
+        # A checkpoint datarax wrote (before the job), read by every process.
+        out["datarax_steps"] = handler.get_checkpoint_steps(datarax_dir)
+        old = handler.restore(datarax_dir)
+        out["datarax_state"] = {"position": old["position"], "source": old["source"]}
+        # Identity: each process's shard_count is checked against its own saved state.
+        it_ckpt = compat.IteratorCheckpoint(os.path.join(directory, "it"), handler=handler)
+        it_ckpt.save(t.Sharded(2, position=pid + 1), step=1)
+        try:
+            it_ckpt.restore(t.Sharded(3))
+            out["identity"] = "restored"
+        except ValueError as e:
+            out["identity"] = "shard_count" in str(e)
+        out["forced"] = it_ckpt.restore(t.Sharded(3), force=True).position
+    return out
+
+
+def test_datarax_examples_and_state_on_two_processes(tmp_path):
+    from tests import test_compat_datarax as t
+
+    datarax_dir = tmp_path / "written_by_datarax"
+    t.write_like_datarax(datarax_dir, {"position": 9, "source": "mnist"}, step=7)
+    results = run_processes(
+        f"{HERE}:_w_examples",
+        2,
+        2,
+        args={"directory": str(tmp_path), "datarax_dir": str(datarax_dir)},
+        timeout=120,
+    )
+    for pid, r in enumerate(results):
+        assert r.value == {
+            "printed": [
+                "Checkpoint directory: " + str(tmp_path / "quickref"),
+                "Saved checkpoint at step 100",
+                "Saved checkpoint at step 200",
+                "Saved checkpoint at step 300",
+                "Before restore: position=0",
+                "After restore: position=1500",
+            ],
+            "rng_back": True,
+            "steps": [100, 200, 300],
+            "keys": True,
+            "guide": [
+                "Available steps: [1, 50, 100]",
+                "Latest step: 100",
+                "Restored from step 100",
+            ],
+            "multiple": [50, 60, 70, 80, 90],
+            "overwritten": {"v": 2},
+            "per_process": True,
+            "global": True,
+            "datarax_steps": [7],
+            "datarax_state": {"position": 9, "source": "mnist"},
+            "identity": True,
+            "forced": pid + 1,
+        }, pid
+
+
+def _w_mismatch(directory: str) -> str:
+    import jax
+    import numpy as np
+
+    from distckpt.compat import datarax as compat
+
+    pid = jax.process_index()
+    state = {"order": np.arange(3 + pid), "position": pid}  # process 1's array is longer
+    with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
+        try:
+            handler.save(directory, _PerProcess(state), step=1)
+        except ValueError as e:
+            return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_per_process_arrays_of_different_shapes_are_refused_on_every_process(tmp_path):
+    results = run_processes(f"{HERE}:_w_mismatch", 2, 1, args={"directory": str(tmp_path)})
+    for r in results:
+        assert r.value.startswith("TreeMismatchError"), r.value
+        assert "same shapes" in r.value, r.value
+        assert f"state['order']: int64 [{3 + r.process_id}]" in r.value, r.value
+    from distckpt.compat import datarax as compat
+
+    assert compat.OrbaxCheckpointHandler().get_checkpoint_steps(tmp_path) == []  # none committed
