@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from distckpt._reshard import Box
 from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
 
 log = logging.getLogger("distckpt")
+_MARK = ".process-"  # a process's mark in its local directory: which run last saved there
 _VERIFY_BATCH = 64  # blocks of peers' copies checked at a time (read, checked, dropped)
 
 
@@ -87,6 +89,7 @@ class LocalTier:
         self.host = host if host is not None else host_name()
         self.last_recovery: RecoveryStats | None = None
         self._kept: dict[_local.Block, np.ndarray] = {}  # own blocks read by ``_verify``
+        self._claimed = False  # whether the first save checked that no process shares it
 
     # ------------------------------------------------------------------ save
 
@@ -120,13 +123,17 @@ class LocalTier:
         shared = coll.run(
             "prepare",
             lambda: (
-                {"hosts": [b.decode() for b in coll.get_blobs("host")]} if coll.is_primary else None
+                {"hosts": [b.decode() for b in coll.get_blobs("host")], "run": uuid.uuid4().hex}
+                if coll.is_primary
+                else None
             ),
             share=True,
             agree=lambda _: digest,
             disagree=lambda _: _differ("save", step),
         )
         hosts: list[str] = shared["hosts"]
+        if not self._claimed:
+            self._claim(coll, shared["run"], hosts)
         peers = _replicate.peers(hosts, self.copies)  # ValueError: the same on every process
         # The collectives: every process runs them, in leaf order, after the agreement.
         own: list[tuple[int, int, Box, np.ndarray]] = []
@@ -194,6 +201,41 @@ class LocalTier:
             _local.remove_older(self.directory, self.keep)
 
         return finish
+
+    def _claim(self, coll: Any, run: str, hosts: list[str]) -> None:
+        """Checks, on the first save, that no two processes were given one directory:
+        each leaves a mark naming this run in its directory, then looks for another
+        process's mark of the same run (two phases). Steps of two processes in one
+        directory would overwrite each other."""
+        os.makedirs(self.directory, exist_ok=True)
+
+        def mark() -> None:
+            path = os.path.join(self.directory, f"{_MARK}{coll.pid}")
+            with open(path, "w") as f:
+                f.write(run)
+
+        coll.run("claim", mark)
+
+        def check() -> None:
+            for name in os.listdir(self.directory):
+                if not name.startswith(_MARK) or name == f"{_MARK}{coll.pid}":
+                    continue
+                try:
+                    with open(os.path.join(self.directory, name)) as f:
+                        other = f.read()
+                except OSError:
+                    continue
+                if other == run:
+                    q = int(name[len(_MARK) :])
+                    raise ValueError(
+                        f"local_directory {self.directory} of process {coll.pid} (host "
+                        f"{hosts[coll.pid]!r}) is also process {q}'s (host {hosts[q]!r}): their "
+                        "steps would overwrite each other. Give every process its own, e.g. "
+                        "local_directory=f'/dev/shm/run1/{jax.process_index()}'"
+                    )
+
+        coll.run("directories", check)
+        self._claimed = True
 
     def steps(self) -> list[int]:
         """The steps this process's directory holds."""

@@ -376,3 +376,29 @@ def test_a_collective_that_a_process_does_not_join_times_out():
     assert "a test gather" in first["error"] and "process 0" in first["error"]
     assert "restart" in first["error"]
     assert second["late"] == [[0, 1, 2, 3], [1, 2, 3, 4]]
+
+
+def _w_shared_directory(tmp: str) -> dict:
+    import distckpt
+
+    state, _ = _state("fsdp")
+    mgr = distckpt.CheckpointManager(
+        f"{tmp}/persistent", save_interval_steps=100, local_directory=f"{tmp}/one_for_all"
+    )
+    try:
+        mgr.save(1, state)
+        mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - the test reports what was raised
+        return {"type": type(e).__name__, "message": str(e)}
+    finally:
+        mgr.close()
+    return {"type": None}
+
+
+def test_two_processes_given_one_local_directory_are_refused(tmp_path):
+    """Their steps would overwrite each other: the first local save says so on every process."""
+    back = _run("_w_shared_directory", tmp_path)
+    for r in back:
+        assert r["type"] == "ProcessFailure", r
+        assert "is also process" in r["message"] and "its own" in r["message"], r
+    assert not list((tmp_path / "one_for_all").glob("step_*"))
