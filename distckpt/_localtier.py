@@ -280,7 +280,13 @@ class LocalTier:
                     log.warning("local step %d cannot be recovered: %s", step, decision["reason"])
                     continue
                 return self._assemble(
-                    coll, mine.get(step), step, set(decision["available"]), target, partial
+                    coll,
+                    mine.get(step),
+                    step,
+                    set(decision["available"]),
+                    set(decision["senders"]),
+                    target,
+                    partial,
                 )
         finally:
             self._kept = {}
@@ -289,28 +295,28 @@ class LocalTier:
 
     def _agree_on(self, coll: Any, step: int, holders: list[int], st: _local.Step | None) -> dict:
         """Each holder checks its own blocks. Only if some process lacks its own do the
-        holders also check the copies they keep for their peers (two more phases). Then
-        the lowest holder hands the primary the step's description if the primary has
-        none, and the primary decides."""
+        holders also check the copies they keep of the blocks of those processes (one
+        more phase). Then the lowest holder hands the primary the step's description if
+        the primary has none, and the primary decides."""
         mine = st if coll.pid in holders else None
         own = self._verify(mine)
         coll.run(
             f"verify {step}", lambda: coll.put_blob(f"own/{step}/{coll.pid}", b"1" if own else b"0")
         )
-        everyone = coll.run(
+        lost: list[int] = coll.run(
             f"verified {step}",
             lambda: (
-                all(b == b"1" for b in coll.get_blobs(f"own/{step}")) if coll.is_primary else None
+                [p for p, b in enumerate(coll.get_blobs(f"own/{step}")) if b != b"1"]
+                if coll.is_primary
+                else None
             ),
             share=True,
         )
-        family = f"own/{step}"
-        if not everyone:  # the copies are needed: they count only if they are whole too
-            whole = own and self._verify_copies(mine)
-            family = f"whole/{step}"
+        if lost:  # the copies of their blocks are needed: they count only if whole
+            whole = self._verify_copies(mine, set(lost))
             coll.run(
                 f"verify copies {step}",
-                lambda: coll.put_blob(f"whole/{step}/{coll.pid}", b"1" if whole else b"0"),
+                lambda: coll.put_blob(f"copies/{step}/{coll.pid}", b"1" if whole else b"0"),
             )
         if coll.count > 1:
 
@@ -323,7 +329,7 @@ class LocalTier:
             coll.run(f"describe {step}", describe)
 
         def decide() -> dict | None:
-            return self._decide(coll, step, st, family) if coll.is_primary else None
+            return self._decide(coll, step, st, lost) if coll.is_primary else None
 
         return coll.run(f"decide {step}", decide, share=True)
 
@@ -347,15 +353,17 @@ class LocalTier:
             )
             return False
 
-    def _verify_copies(self, st: _local.Step | None) -> bool:
-        """Whether the copies this process keeps for its peers are whole: read and
-        checked a batch at a time, and dropped (read again if a peer needs them)."""
+    def _verify_copies(self, st: _local.Step | None, lost: set[int]) -> bool:
+        """Whether the copies this process keeps of the blocks of the processes in
+        ``lost`` are whole (each reads back and matches its CRC-32C). They are kept for
+        the assembly, which sends them back."""
         if st is None:
             return False
-        others = [b for b in st.blocks if b.owner != st.process]
+        needed = [b for b in st.blocks if b.owner in lost and b.owner != st.process]
         try:
-            for n in range(0, len(others), _VERIFY_BATCH):
-                st.read_many(others[n : n + _VERIFY_BATCH])
+            for n in range(0, len(needed), _VERIFY_BATCH):
+                batch = needed[n : n + _VERIFY_BATCH]
+                self._kept.update(zip(batch, st.read_many(batch), strict=True))
         except CorruptCheckpointError as e:
             log.warning(
                 "local step %d on process %d: a copy kept for a peer is damaged: %s",
@@ -371,17 +379,29 @@ class LocalTier:
         kept = self._kept.get(block)
         return kept if kept is not None else st.read(block)
 
-    def _decide(self, coll: Any, step: int, st: _local.Step | None, family: str) -> dict:
-        """The primary's decision: which processes' copies are good (the flags ``family``
-        of blobs says), and whether they cover."""
-        available = [p for p, b in enumerate(coll.get_blobs(family)) if b == b"1"]
+    def _decide(self, coll: Any, step: int, st: _local.Step | None, lost: list[int]) -> dict:
+        """The primary's decision: whose own blocks are good (``available``), whose copies
+        of the lost processes' blocks are (``senders``), and whether together they cover."""
+        available = [p for p in range(coll.count) if p not in lost]
+        senders = (
+            [p for p, b in enumerate(coll.get_blobs(f"copies/{step}")) if b == b"1"] if lost else []
+        )
         if not available:
-            return {"recover": False, "reason": "no process holds a whole copy", "available": []}
+            return {
+                "recover": False,
+                "reason": "no process holds its own blocks",
+                "available": [],
+                "senders": [],
+            }
         if st is None or st.process != coll.pid:
             raw = coll.get_blob(f"description/{step}")
             path = Path(self.directory) / ".recovering"
             st = _local.parse(raw, step, path)
-        return {"available": available, **_coverage(st, set(available))}
+        return {
+            "available": available,
+            "senders": senders,
+            **_coverage(st, set(available), set(senders)),
+        }
 
     def _assemble(
         self,
@@ -389,10 +409,13 @@ class LocalTier:
         st: _local.Step | None,
         step: int,
         available: set[int],
+        senders: set[int],
         target: Any,
         partial: bool,
     ) -> tuple[int, Any, dict, str | None]:
-        """Every array on its saved layout from the copies, then placed as ``target`` asks."""
+        """Every array on its saved layout from the copies, then placed as ``target`` asks:
+        each process in ``available`` gives its own blocks, each in ``senders`` the copies
+        it keeps of the others'."""
         have = coll.pid in available
         description = st if have else None
         if len(available) < coll.count:
@@ -408,8 +431,7 @@ class LocalTier:
         assert description is not None  # every process holds it, or got it above
         local_bytes = peer_bytes = 0
         by_owner: dict[tuple[int, int, Box], _local.Block] = {}
-        if have:
-            assert st is not None
+        if st is not None:
             by_owner = {(b.leaf, b.owner, b.box): b for b in st.blocks}
         extra = description.extra
         peers: list[list[int]] = extra["peers"]
@@ -445,10 +467,12 @@ class LocalTier:
                         dtype,
                         peers,
                         available,
+                        senders,
                         by_owner,
                         st,
                         coll.pid,
                         self.timeout_s,
+                        self._read,
                     )
                 else:
                     arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
@@ -598,27 +622,29 @@ def _candidates(inventories: list[dict[str, str]]) -> list[dict]:
     return out
 
 
-def _coverage(st: _local.Step, available: set[int]) -> dict:
-    """Whether the processes in ``available`` hold every block of every array."""
+def _coverage(st: _local.Step, available: set[int], senders: set[int]) -> dict:
+    """Whether every block of every array is held: by a process in ``available`` (its own
+    blocks are whole), or as a copy by one in ``senders`` (its copies are whole)."""
     peers: list[list[int]] = st.extra["peers"]
     copied = set(st.extra["copied"])
     for i, (spec, layout) in enumerate(zip(st.leaves, st.layouts, strict=True)):
         if layout is None or not spec.stored:
             continue
         sharding = _sharding(layout)
-        holders: dict[Box, set[int]] = {}
+        had: dict[Box, set[int]] = {}  # every process that held the block at save time
+        held: dict[Box, bool] = {}
         for d, index in sharding.devices_indices_map(spec.array_shape).items():
             box = _reshard.box_from_index(index, spec.array_shape)
             p = d.process_index  # type: ignore[attr-defined]
-            holders.setdefault(box, set()).add(p)
-            if i in copied:
-                holders[box].update(peers[p])
-        for box, who in holders.items():
-            if not who & available:
+            copies = set(peers[p]) if i in copied else set()
+            had.setdefault(box, set()).update({p} | copies)
+            held[box] = held.get(box, False) or p in available or bool(copies & senders)
+        for box, ok in held.items():
+            if not ok:
                 return {
                     "recover": False,
                     "reason": f"{spec.display} box {[list(r) for r in box]}: every copy was on "
-                    f"processes {sorted(who)}, none of which has it now",
+                    f"processes {sorted(had[box])}, none of which has it whole now",
                 }
     return {"recover": True, "reason": ""}
 
@@ -631,15 +657,18 @@ def _from_copies(
     dtype: np.dtype,
     peers: list[list[int]],
     available: set[int],
+    senders: set[int],
     by_owner: dict,
     st: _local.Step | None,
     pid: int,
     timeout_s: float,
+    read: Callable[[_local.Step, _local.Block], np.ndarray],
 ) -> tuple[Any, int]:
-    """``arr`` with the blocks of processes that lost their copy taken from their peers'."""
+    """``arr`` with the blocks of the processes not in ``available`` taken from the copies
+    the processes in ``senders`` keep."""
     result = arr
     received = 0
-    have = pid in available
+    holds = pid in senders
     for k in range(1, len(peers[0]) + 1):
         ring = tuple(p[k - 1] for p in peers)
         moved_sharding = _replicate.peer_sharding(sharding, ring)
@@ -647,9 +676,9 @@ def _from_copies(
         shards = []
         for d, index in moved_sharding.addressable_devices_indices_map(shape).items():
             box = _reshard.box_from_index(_index(index), shape)
-            block = by_owner.get((leaf, sender, box)) if have else None
+            block = by_owner.get((leaf, sender, box)) if holds and sender not in available else None
             data = (
-                st.read(block)
+                read(st, block)
                 if block is not None and st is not None
                 else np.zeros(_reshard.box_shape(box), dtype)
             )
@@ -664,7 +693,7 @@ def _from_copies(
             timeout_s=timeout_s,
             what=f"recovering leaf {leaf} from the peers' copies",
         )
-        if not have and ring[pid] in available and result is arr:
+        if pid not in available and ring[pid] in senders and result is arr:
             result = back
             received = sum(s.data.nbytes for s in back.addressable_shards)
     return result, received

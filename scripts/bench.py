@@ -177,9 +177,12 @@ def _op(kind: str, system: str, row: str, rep: int, **fields) -> dict:
 class Plan:
     """Builds the groups (process launches) and their operation lists."""
 
-    def __init__(self, args, root: Path):
+    def __init__(self, args, root: Path, memory_root: Path | None = None):
         self.args = args
         self.root = root
+        # Host memory (tmpfs) for the local tier's directories, as docs/local_tier.md
+        # advises (/dev/shm); None: they go under ``root`` with everything else.
+        self.memory_root = memory_root
         self.reps = args.reps
         self.warmup = args.warmup
         # Warm-up repetitions run first and are left out of the medians: a process's first
@@ -573,7 +576,7 @@ class Plan:
         lay = layout(topo, self.large_leaves, self.large_shape, seed=1)
         local = {
             "path": str(self.root / f"local-{t}" / "shared"),
-            "local_root": str(self.root / f"local-{t}" / "local"),
+            "local_root": str((self.memory_root or self.root) / f"local-{t}" / "local"),
         }
         persistent = str(self.root / f"local-{t}" / "persistent")
         for rep in range(self.total_reps):
@@ -1790,6 +1793,18 @@ def start_s3():
     return server, f"s3://{bucket}"
 
 
+def local_tier_memory(args) -> Path | None:
+    """A directory in /dev/shm for the local tier's case, if it has room for its steps
+    (each process keeps two steps of its share and of its peer's: 4x the state), else None."""
+    if "local" not in args.cases or not os.path.isdir("/dev/shm"):
+        return None
+    free = shutil.disk_usage("/dev/shm").free
+    if free < 5 * args.size * GiB:
+        print(f"/dev/shm has {free / GiB:.1f} GiB free: the local tier's directories go on disk")
+        return None
+    return Path(tempfile.mkdtemp(prefix="distckpt-bench-local-", dir="/dev/shm"))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     parent = Path(args.dir or tempfile.gettempdir())
@@ -1806,8 +1821,9 @@ def main(argv=None) -> int:
             flush=True,
         )
     root = Path(tempfile.mkdtemp(prefix="distckpt-bench-", dir=parent))
+    memory_root = local_tier_memory(args)
     try:
-        plan = Plan(args, root)
+        plan = Plan(args, root, memory_root)
         groups = plan.groups()
         print(
             f"checkpoints under {root}; large case {plan.large_leaves} x {plan.large_shape} "
@@ -1828,6 +1844,8 @@ def main(argv=None) -> int:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+        if memory_root is not None:
+            shutil.rmtree(memory_root, ignore_errors=True)
 
     rows = [r for g in groups for r in g.rows]
     nprocs = {r.key: g.topology.processes for g in groups for r in g.rows}
