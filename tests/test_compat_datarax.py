@@ -27,6 +27,7 @@ import pytest
 import distckpt
 from distckpt import errors
 from distckpt.compat import datarax as compat
+from tests.recorder import GlobalRecorder, Recorder
 
 # --------------------------------------------------------------------------- the examples, verbatim
 
@@ -430,19 +431,6 @@ def test_guide_keep_and_overwrite(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- the gaps, one by one
 
 
-class Recorder:
-    """A Checkpointable whose state is whatever the test gives it."""
-
-    def __init__(self, state=None):
-        self.state, self.received = state, None
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.received = state
-
-
 def test_save_returns_the_path_of_the_committed_checkpoint(tmp_path):
     with compat.OrbaxCheckpointHandler() as handler:
         path = handler.save(tmp_path, {"x": 1}, step=3)
@@ -693,10 +681,6 @@ def test_an_nnx_module_is_saved_as_its_state_and_updated_in_place(tmp_path):
         assert handler.restore(tmp_path, other) is other
     np.testing.assert_array_equal(np.asarray(other.kernel[...]), np.asarray(saved.kernel[...]))
     np.testing.assert_array_equal(np.asarray(other.bias[...]), np.asarray(saved.bias[...]))
-
-
-class GlobalRecorder(Recorder):
-    checkpoint_global = True
 
 
 @pytest.mark.parametrize("cls", [Recorder, GlobalRecorder], ids=["per-process", "global"])

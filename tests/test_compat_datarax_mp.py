@@ -13,27 +13,11 @@ from __future__ import annotations
 import pytest
 
 from tests.mp import run_processes
+from tests.recorder import GlobalRecorder, Recorder
 
 pytestmark = pytest.mark.multiprocess
 
 HERE = "tests.test_compat_datarax_mp"
-
-
-class _Global:
-    checkpoint_global = True
-
-    def __init__(self, state=None):
-        self.state, self.received = state, None
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.received = state
-
-
-class _PerProcess(_Global):
-    checkpoint_global = False
 
 
 def _w_examples(directory: str, datarax_dir: str) -> dict:
@@ -108,10 +92,10 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
     }
     shared = {"table": np.arange(8, dtype=np.int64), "epoch": 2}
     with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
-        handler.save(os.path.join(directory, "pp"), _PerProcess(mine), step=1)
-        handler.save(os.path.join(directory, "gl"), _Global(shared), step=1)
+        handler.save(os.path.join(directory, "pp"), Recorder(mine), step=1)
+        handler.save(os.path.join(directory, "gl"), GlobalRecorder(shared), step=1)
         back = handler.restore(os.path.join(directory, "pp"))
-        target = _Global()
+        target = GlobalRecorder()
         handler.restore(os.path.join(directory, "gl"), target)
         out["per_process"] = (
             type(back["w"]) is type(mine["w"])
@@ -195,7 +179,7 @@ def _w_mismatch(directory: str) -> str:
     state = {"order": np.arange(3 + pid), "position": pid}  # process 1's array is longer
     with compat.OrbaxCheckpointHandler(timeout_s=30) as handler:
         try:
-            handler.save(directory, _PerProcess(state), step=1)
+            handler.save(directory, Recorder(state), step=1)
         except ValueError as e:
             return f"{type(e).__name__}: {e}"
     return "saved"

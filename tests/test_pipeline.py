@@ -13,19 +13,7 @@ import pytest
 import distckpt
 from distckpt.errors import CheckpointExistsError, NotCommittedError, TreeMismatchError
 from distckpt.pipeline import ShuffledIterator
-
-
-class Recorder:
-    """A Checkpointable whose state is whatever the test puts in it."""
-
-    def __init__(self, state=None):
-        self.state, self.received = state, None
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.received = state
+from tests.recorder import Recorder
 
 
 def _jitter(indices, rng):
