@@ -36,7 +36,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distckpt import _local, _match, _multihost, _plan, _replicate, _reshard, _stage, _tree
+from distckpt import (
+    _knobs,
+    _local,
+    _match,
+    _multihost,
+    _plan,
+    _replicate,
+    _reshard,
+    _stage,
+    _tree,
+)
 from distckpt._plan import LeafSpec
 from distckpt._reshard import Box
 from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
@@ -437,6 +447,8 @@ class LocalTier:
         peers: list[list[int]] = extra["peers"]
         copied = set(extra["copied"])
         arrays: dict[int, Any] = {}
+        # Arrays whose lost blocks come back from the peers' copies, all at once (batches).
+        pending: dict[int, tuple[Any, NamedSharding, np.dtype]] = {}
         for i, (spec, layout) in enumerate(
             zip(description.leaves, description.layouts, strict=True)
         ):
@@ -457,27 +469,18 @@ class LocalTier:
                 local_bytes += data.nbytes if block is not None else 0
                 shards.append(jax.device_put(data, d))
             arr = jax.make_array_from_single_device_arrays(shape, sharding, shards)
-            if len(available) < coll.count:
-                if i in copied:
-                    arr, got = _from_copies(
-                        arr,
-                        i,
-                        sharding,
-                        shape,
-                        dtype,
-                        peers,
-                        available,
-                        senders,
-                        by_owner,
-                        st,
-                        coll.pid,
-                        self.timeout_s,
-                        self._read,
-                    )
-                else:
-                    arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
+            if len(available) < coll.count and i in copied:
+                pending[i] = (arr, sharding, dtype)
+            elif len(available) < coll.count:
+                arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
                 peer_bytes += got
             arrays[i] = arr
+        for batch in _batches(pending, _knobs.get("memory_bytes") // 2):
+            for i, (arr, got) in _from_copies(
+                batch, peers, available, senders, by_owner, st, coll.pid, self.timeout_s, self._read
+            ).items():
+                arrays[i] = arr
+                peer_bytes += got
         values, read_here, received = _values(
             description, st, available, coll.pid, self.timeout_s, self._read
         )
@@ -649,12 +652,24 @@ def _coverage(st: _local.Step, available: set[int], senders: set[int]) -> dict:
     return {"recover": True, "reason": ""}
 
 
+def _batches(
+    pending: dict[int, tuple[Any, NamedSharding, np.dtype]], budget: int
+) -> list[dict[int, tuple[Any, NamedSharding, np.dtype]]]:
+    """``pending`` in batches of about ``budget`` bytes held here (a larger array alone)."""
+    out: list[dict] = []
+    size = budget
+    for i, item in pending.items():
+        nbytes = sum(s.data.nbytes for s in item[0].addressable_shards)
+        if size + nbytes > budget:
+            out.append({})
+            size = 0
+        out[-1][i] = item
+        size += nbytes
+    return out
+
+
 def _from_copies(
-    arr: Any,
-    leaf: int,
-    sharding: NamedSharding,
-    shape: tuple[int, ...],
-    dtype: np.dtype,
+    pending: dict[int, tuple[Any, NamedSharding, np.dtype]],
     peers: list[list[int]],
     available: set[int],
     senders: set[int],
@@ -663,40 +678,54 @@ def _from_copies(
     pid: int,
     timeout_s: float,
     read: Callable[[_local.Step, _local.Block], np.ndarray],
-) -> tuple[Any, int]:
-    """``arr`` with the blocks of the processes not in ``available`` taken from the copies
-    the processes in ``senders`` keep."""
-    result = arr
-    received = 0
+) -> dict[int, tuple[Any, int]]:
+    """Each array of ``pending`` (leaf -> array, its layout, dtype) with the blocks of the
+    processes not in ``available`` taken from the copies the processes in ``senders``
+    keep, and the bytes this process received for it.
+
+    Per copy ring, one program moves the blocks of all the arrays back
+    (``_replicate.send_to_peers`` with the ring reversed); each process puts the
+    copies it keeps in the place of the process they belong to (zeros for the
+    others) on the peer layout first.
+    """
+    out = {i: (arr, 0) for i, (arr, _, _) in pending.items()}
     holds = pid in senders
     for k in range(1, len(peers[0]) + 1):
         ring = tuple(p[k - 1] for p in peers)
-        moved_sharding = _replicate.peer_sharding(sharding, ring)
+        back_ring = tuple(ring.index(q) for q in range(len(ring)))
         sender = ring.index(pid)
-        shards = []
-        for d, index in moved_sharding.addressable_devices_indices_map(shape).items():
-            box = _reshard.box_from_index(_index(index), shape)
-            block = by_owner.get((leaf, sender, box)) if holds and sender not in available else None
-            data = (
-                read(st, block)
-                if block is not None and st is not None
-                else np.zeros(_reshard.box_shape(box), dtype)
-            )
-            shards.append(jax.device_put(data, d))
-        held = jax.make_array_from_single_device_arrays(shape, moved_sharding, shards)
-        # The collective: every block home again. One cross-process collective in flight
-        # at a time: left to run asynchronously, the reshards of successive leaves
-        # overlapped, and with 4 processes x 2 CPU devices they deadlocked in the runtime
-        # (scripts/bench.py --cases local).
-        back = _multihost.bounded(
-            functools.partial(_reshard_now, held, sharding),
+        held = []
+        for leaf, (arr, sharding, dtype) in pending.items():
+            moved_sharding = _replicate.peer_sharding(sharding, ring)
+            shards = []
+            for d, index in moved_sharding.addressable_devices_indices_map(arr.shape).items():
+                box = _reshard.box_from_index(_index(index), arr.shape)
+                block = (
+                    by_owner.get((leaf, sender, box)) if holds and sender not in available else None
+                )
+                data = (
+                    read(st, block)
+                    if block is not None and st is not None
+                    else np.zeros(_reshard.box_shape(box), dtype)
+                )
+                shards.append(jax.device_put(data, d))
+            held.append(jax.make_array_from_single_device_arrays(arr.shape, moved_sharding, shards))
+        # Waited for here: one cross-process collective in flight at a time (left to run
+        # asynchronously, successive ones deadlocked in the CPU runtime at 4 x 2).
+        backs = _multihost.bounded(
+            functools.partial(_send, held, back_ring),
             timeout_s=timeout_s,
-            what=f"recovering leaf {leaf} from the peers' copies",
+            what=f"recovering {len(held)} arrays from the peers' copies",
         )
-        if pid not in available and ring[pid] in senders and result is arr:
-            result = back
-            received = sum(s.data.nbytes for s in back.addressable_shards)
-    return result, received
+        del held
+        if pid in available or ring[pid] not in senders:
+            continue
+        for (leaf, (arr, sharding, _)), back in zip(pending.items(), backs, strict=True):
+            if out[leaf][0] is arr:  # the first ring whose holder has it
+                shards = [s.data for s in back.addressable_shards]
+                home = jax.make_array_from_single_device_arrays(arr.shape, sharding, shards)
+                out[leaf] = (home, sum(s.nbytes for s in shards))
+    return out
 
 
 def _from_replicas(

@@ -27,7 +27,10 @@ def _state(mesh_kind: str):
     full = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
     w = jax.make_array_from_callback(full.shape, NamedSharding(mesh, w_spec), lambda i: full[i])
     b = jax.device_put(jnp.arange(8, dtype=jnp.bfloat16), NamedSharding(mesh, b_spec))
-    return {"w": w, "b": b, "step": np.int64(7), "name": "run"}, full
+    state = {"w": w, "b": b, "step": np.int64(7), "name": "run"}
+    if mesh_kind == "fsdp":  # a second array to copy: recovery moves several in one program
+        state["v"] = jax.device_put(jnp.arange(32, dtype=jnp.int32), NamedSharding(mesh, w_spec))
+    return state, full
 
 
 def _w_save(tmp: str, mesh_kind: str, steps: list) -> dict:
@@ -70,10 +73,14 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
         )
         for s in tree["b"].addressable_shards
     )
+    exact_v = "v" not in tree or all(
+        np.array_equal(np.asarray(s.data), (np.arange(32) + bump)[s.index])
+        for s in tree["v"].addressable_shards
+    )
     stats = tier.last_recovery
     return {
         "step": step,
-        "exact": exact_w and exact_b,
+        "exact": exact_w and exact_b and exact_v,
         "extra": extra,
         "host_values": [int(tree["step"]), tree["name"]],
         "local": stats.local_bytes,
@@ -81,15 +88,16 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
     }
 
 
-def _run(fn, tmp, **kw):
-    env = {0: {"DISTCKPT_HOST": "host0"}, 1: {"DISTCKPT_HOST": "host1"}}
+def _run(fn, tmp, env=None, **kw):
+    hosts = {0: {"DISTCKPT_HOST": "host0"}, 1: {"DISTCKPT_HOST": "host1"}}
     return [
         r.value
         for r in run_processes(
             f"{HERE}:{fn}",
             args={"tmp": str(tmp), **kw},
             devices_per_process=2,
-            per_process_env=env,
+            per_process_env=hosts,
+            env=env,
         )
     ]
 
@@ -107,6 +115,11 @@ def test_fsdp_state_recovers_after_a_host_lost_its_directory(tmp_path):
     assert [r["step"] for r in back] == [3, 3] and all(r["exact"] for r in back), back
     assert back[1]["peer"] > 0 and back[1]["local"] == 0
     assert back[0]["host_values"] == back[1]["host_values"] == [7, "run"]
+    # A memory budget of a few bytes: the arrays come back one per program, the same.
+    tiny = _run("_w_recover", tmp_path, {"DISTCKPT_MEMORY_BYTES": "2"}, mesh_kind="fsdp", last=3)
+    assert [(r["step"], r["exact"], r["peer"]) for r in tiny] == [
+        (r["step"], r["exact"], r["peer"]) for r in back
+    ]
 
 
 def test_data_parallel_state_recovers_from_replicas(tmp_path):
