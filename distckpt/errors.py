@@ -20,6 +20,7 @@ __all__ = [
     "ProcessFailure",
     "StorageUnavailableError",
     "TreeMismatchError",
+    "UnsupportedCheckpointError",
 ]
 
 
@@ -45,6 +46,14 @@ class InconsistentProcessesError(DistckptError, ValueError):
 
 class NotCommittedError(DistckptError):
     """The path holds no committed checkpoint (wrong path, or an interrupted save)."""
+
+
+class UnsupportedCheckpointError(DistckptError, ValueError):
+    """A checkpoint of another format uses something distckpt does not read.
+
+    An Orbax layout that is not zarr, a safetensors dtype without a numpy
+    counterpart: the message names it and says how to get around it.
+    """
 
 
 class CheckpointExistsError(DistckptError):

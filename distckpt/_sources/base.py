@@ -66,6 +66,9 @@ class Source(abc.ABC):
     leaves: list[LeafSpec]
     user_metadata: Any = None
     info: dict  # format-specific facts for ``inspect`` (versions, processes, ...)
+    # What every process of a restore must find alike (a digest of the headers
+    # or metadata it read): they read one checkpoint, not one each.
+    identity: str = ""
 
     @abc.abstractmethod
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
