@@ -6,15 +6,18 @@ zarr array per leaf, in an OCDBT kvstore or one directory per leaf). Reading
 needs only TensorStore; writing (``distckpt convert --to orbax``) needs
 orbax-checkpoint (``pip install 'distckpt[orbax]'``), imported only then.
 
-Limits: ``distckpt.restore`` of an Orbax checkpoint runs in a single
-process; leaves are read with TensorStore's zarr driver, so an Orbax layout
-that is not zarr (older msgpack-only checkpoints) is refused with a message
-saying so.
+``distckpt.restore`` reads one in a job of any size, each process only the
+boxes its devices hold (``_source_restore``). Leaves are read with
+TensorStore's zarr drivers, so an Orbax layout that is not zarr (older
+msgpack-only checkpoints) is refused with a message saying so. Data that
+TensorStore cannot read (a truncated or missing file) is a
+``CorruptCheckpointError`` naming the leaf.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from typing import Any
@@ -25,9 +28,12 @@ from distckpt import _reshard, _tree
 from distckpt._layout import MANIFEST_NAME
 from distckpt._plan import LeafSpec
 from distckpt._sources.base import Rows, Source, rows_box
-from distckpt.errors import DistckptError, NotCommittedError
+from distckpt.errors import CorruptCheckpointError, NotCommittedError, UnsupportedCheckpointError
 
 METADATA_NAME = "_METADATA"
+# TensorStore status codes that mean stored bytes are missing or damaged
+# (rather than a layout it cannot read).
+_DAMAGED = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
 _SEQUENCE_KEY, _DICT_KEY = 1, 2  # orbax's KeyType values in tree_metadata
 
 
@@ -101,8 +107,10 @@ class OrbaxSource(Source):
         self.root = self.display = root
         meta_path = os.path.join(root, METADATA_NAME)
         try:
-            with open(meta_path) as f:
-                doc = json.load(f)
+            with open(meta_path, "rb") as f:
+                raw = f.read()
+            self.identity = hashlib.sha256(raw).hexdigest()
+            doc = json.loads(raw)
             tree = doc["tree_metadata"]
         except (OSError, ValueError, KeyError) as e:
             raise NotCommittedError(
@@ -191,10 +199,12 @@ class OrbaxSource(Source):
         try:
             store = ts.open(spec, open=True, read=True).result()
         except ValueError as e:
-            raise DistckptError(
+            if str(e).startswith(_DAMAGED):
+                raise self._damaged(name, "open its array", e) from e
+            raise UnsupportedCheckpointError(
                 f"{self.root}: cannot open the Orbax array of leaf {name!r} ({e}). The checkpoint "
-                "is incomplete or was written in a layout distckpt does not read; read it with "
-                "orbax-checkpoint instead."
+                "was written in a layout distckpt does not read; read it with orbax-checkpoint "
+                "instead."
             ) from e
         self._stores = {index: store}  # keep one open array: memory stays per-leaf
         return store
@@ -209,7 +219,18 @@ class OrbaxSource(Source):
         name = self.names[index]
         assert name is not None, "a None leaf has no array to read"
         store = self._open(index, name)
-        if not box:
-            return np.asarray(store.read().result())
-        sl = tuple(slice(a, b) for a, b in box)
-        return np.asarray(store[sl].read().result())
+        try:
+            if not box:
+                return np.asarray(store.read().result())
+            sl = tuple(slice(a, b) for a, b in box)
+            return np.asarray(store[sl].read().result())
+        except ValueError as e:
+            raise self._damaged(name, f"read box {list(box)} of its array", e) from e
+
+    def _damaged(self, name: str, what: str, e: Exception) -> CorruptCheckpointError:
+        problem = f"{self.root}: leaf {name!r}: TensorStore could not {what} ({e})"
+        return CorruptCheckpointError(
+            f"{problem}. The checkpoint is damaged or incomplete (a data file truncated or "
+            "missing); restore an earlier step or a copy. Nothing was restored from it.",
+            [problem],
+        )
