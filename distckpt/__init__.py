@@ -21,6 +21,7 @@ from distckpt._restore import restore as restore
 from distckpt._save import SaveStats as SaveStats
 from distckpt._save import save as save
 from distckpt._target import abstract_like as abstract_like
+from distckpt._tools.convert import convert as convert
 from distckpt.handler import CheckpointHandler as CheckpointHandler
 from distckpt.handler import PipelineCheckpoint as PipelineCheckpoint
 from distckpt.manager import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -41,6 +42,7 @@ __all__ = [
     "SaveStats",
     "VerifyReport",
     "abstract_like",
+    "convert",
     "copy",
     "errors",
     "pipeline",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -809,26 +810,40 @@ def _print_audit(doc: dict) -> None:
     help="Format to write.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
-    """Convert the checkpoint SRC (distckpt or Orbax, detected) into DST.
+@click.option(
+    "--max-shard-size",
+    "max_shard_size",
+    default=None,
+    metavar="SIZE",
+    help="Sharded safetensors: most tensor bytes per file (5GB, 500MB, 2GiB; default 5GB).",
+)
+def convert_command(
+    src: str, dst: str, to: str, overwrite: bool, max_shard_size: str | None
+) -> int:
+    """Convert the checkpoint SRC (distckpt, Orbax or safetensors, detected) into DST.
 
     \b
-    --to distckpt     an Orbax StandardCheckpointer/PyTree checkpoint (or a distckpt one)
+    --to distckpt     a distckpt checkpoint (from Orbax, safetensors, or distckpt)
     --to orbax        an Orbax checkpoint written with orbax's StandardCheckpointer
     --to npz          one uncompressed .npz file, streamed leaf by leaf
-    --to safetensors  one safetensors file, streamed leaf by leaf
+    --to safetensors  DST ending in .safetensors: one file, names like params/layer_0/w;
+                      else the directory DST in Hugging Face's sharded layout
+                      (model-0000k-of-0000N.safetensors + model.safetensors.index.json,
+                      names like params.layer_0.w), streamed leaf by leaf
 
-    Key paths become flat names like params/layer_0/w (docs/cli.md). npz and
-    safetensors are written a slab at a time, so memory stays bounded; the
-    distckpt and Orbax targets hold the whole tree in host memory. Writes
-    only DST.
+    npz and safetensors are written a slab at a time, so memory stays
+    bounded; the distckpt and Orbax targets hold the whole tree in host
+    memory. Writes only DST (docs/cli.md, docs/formats.md).
     """
     from distckpt._tools import convert as _convert
     from distckpt.errors import DistckptError
 
     began = time.perf_counter()
     try:
-        summary = _convert.convert(src, dst, to=to, overwrite=overwrite)
+        max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+        summary = _convert.convert(
+            src, dst, to=to, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+        )
     except (DistckptError, OSError, ValueError, ImportError) as e:
         raise _error(e) from e
     from distckpt._tools.scan import format_bytes
@@ -839,6 +854,21 @@ def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
         f"{time.perf_counter() - began:.2f} s"
     )
     return EXIT_OK
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5 * 10**9, ``2GiB`` -> 2 * 2**30, ``1000`` -> 1000 (ValueError otherwise)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise ValueError(
+            f"--max-shard-size must be a positive size such as 5GB, 500MB or 2GiB, got {text!r}"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 # --------------------------------------------------------------------------- gc

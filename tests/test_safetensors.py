@@ -383,3 +383,131 @@ def test_processes_reading_different_files_all_refuse(files, tmp_path):
     for r in results:
         assert r.value["type"] == "InconsistentProcessesError", r.value
         assert "did not read the same checkpoint" in r.value["message"]
+
+
+# --------------------------------------------------------------------------- Hugging Face layout out
+
+
+def _state() -> dict:
+    mesh = jax.make_mesh((2, 4), ("x", "y"))
+    w = np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32)
+    return {
+        "params": {
+            "w": jax.device_put(w, NamedSharding(mesh, P("x", "y"))),
+            "b": jnp.arange(32, dtype=jnp.bfloat16),
+            "layers": [np.arange(6, dtype=np.int16).reshape(2, 3), np.ones(3, np.float16)],
+        },
+        "rng": jax.random.key(3),
+        "step": 42,
+        "lr": 0.125,
+        "name": "run",
+        "skip": None,
+    }
+
+
+def test_distckpt_to_hf_shards_and_back_is_exact(tmp_path, capsys):
+    from distckpt.cli import main
+
+    state = _state()
+    distckpt.save(tmp_path / "d", state)
+    hf = tmp_path / "hf"
+    code = main(
+        ["convert", str(tmp_path / "d"), str(hf), "--to", "safetensors"]
+        + ["--max-shard-size", "4KiB"]
+    )
+    assert code == 0, capsys.readouterr().err
+    index = json.load(open(hf / _st.INDEX_NAME))
+    files = sorted(os.listdir(hf))
+    n = len(files) - 1
+    assert n == 3 and files[:n] == [
+        f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)
+    ]
+    assert index["weight_map"]["params.w"] == "model-00002-of-00003.safetensors"  # 8 KiB: alone
+    assert set(index["weight_map"]) == {
+        "params.w",
+        "params.b",
+        "params.layers.0",
+        "params.layers.1",
+        "rng",
+    }
+    # Every file as the safetensors library reads it.
+    loaded = {}
+    for f in files[:n]:
+        loaded.update(st.load_file(str(hf / f)))
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in loaded.values())
+    np.testing.assert_array_equal(loaded["params.w"], np.asarray(state["params"]["w"]))
+    np.testing.assert_array_equal(loaded["params.b"], np.asarray(state["params"]["b"]))
+    np.testing.assert_array_equal(loaded["rng"], np.asarray(jax.random.key_data(state["rng"])))
+
+    # Back: the export record gives the exact tree (lists, PRNG key, Python values, None).
+    back = distckpt.restore(hf)
+    assert back["step"] == 42 and back["lr"] == 0.125 and back["name"] == "run"
+    assert back["skip"] is None and isinstance(back["params"]["layers"], list)
+    np.testing.assert_array_equal(back["params"]["layers"][1], state["params"]["layers"][1])
+    assert distckpt.convert(str(hf), str(tmp_path / "d2"), to="distckpt")["from"] == "safetensors"
+    assert main(["diff", str(tmp_path / "d"), str(tmp_path / "d2"), "--values"]) == 0
+    assert "0 different" in capsys.readouterr().out
+    got = distckpt.restore(tmp_path / "d2", distckpt.abstract_like(state))
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), np.asarray(state["params"]["w"]))
+    assert got["params"]["w"].sharding == state["params"]["w"].sharding
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(got["rng"])), np.asarray(jax.random.key_data(state["rng"]))
+    )
+
+
+def test_hf_shards_without_the_record_split_names_at_dots(tmp_path):
+    distckpt.save(tmp_path / "d", {"a": {"b": np.arange(4.0)}, "c": [np.ones(2, np.int8)]})
+    distckpt.convert(str(tmp_path / "d"), str(tmp_path / "hf"), to="safetensors")
+    index_path = tmp_path / "hf" / _st.INDEX_NAME
+    index = json.load(open(index_path))
+    del index["metadata"]["distckpt"]
+    json.dump(index, open(index_path, "w"))
+    got = distckpt.restore(tmp_path / "hf")
+    assert list(got) == ["a", "c"] and list(got["c"]) == ["0"]
+    np.testing.assert_array_equal(got["a"]["b"], np.arange(4.0))
+    np.testing.assert_array_equal(got["c"]["0"], np.ones(2, np.int8))
+
+
+def test_hf_export_refuses_clashing_names_and_bad_sizes(tmp_path, capsys):
+    from distckpt.cli import main
+
+    distckpt.save(tmp_path / "d", {"a.b": np.ones(2), "a": {"b": np.zeros(2)}})
+    with pytest.raises(ValueError, match="both map to the safetensors name 'a.b'"):
+        distckpt.convert(str(tmp_path / "d"), str(tmp_path / "hf"), to="safetensors")
+    assert not os.path.exists(tmp_path / "hf")
+    args = ["convert", str(tmp_path / "d"), str(tmp_path / "hf2"), "--to", "safetensors"]
+    assert main([*args, "--max-shard-size", "lots"]) == 2
+    assert "--max-shard-size must be a positive size" in capsys.readouterr().err
+
+
+def test_hf_export_streams_with_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from distckpt._tools import export as _export
+
+    big = np.arange(4 << 20, dtype=np.float64).reshape(4096, 1024)  # 32 MiB
+    distckpt.save(tmp_path / "d", {"big": big, "small": np.ones(8)})
+    del big
+    with _sources.open_source(tmp_path / "d") as src:
+        tracemalloc.start()
+        _export.to_hf_safetensors(
+            src, str(tmp_path / "hf"), max_shard_bytes=8 << 20, slab_bytes=1 << 20
+        )
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak} bytes for a 32 MiB leaf"
+    with _sources.open_source(tmp_path / "hf") as src:
+        i = [s.display for s in src.leaves].index("['big']")
+        assert src.read_box(i, ((4095, 4096), (1023, 1024)))[0, 0] == (4 << 20) - 1
+    assert sorted(os.listdir(tmp_path / "hf"))[:2] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+
+
+def test_shard_plan_keeps_order_and_bound():
+    from distckpt._tools.export import shard_plan
+
+    assert shard_plan([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
+    assert shard_plan([], 6) == []
+    assert shard_plan([7], 6) == [[0]]

@@ -1,7 +1,8 @@
 """``distckpt convert``: between distckpt, Orbax, npz and safetensors.
 
 The source format is detected (an Orbax PyTree directory has ``_METADATA``;
-a distckpt checkpoint has ``manifest.json``). npz and safetensors are
+a distckpt checkpoint has ``manifest.json``; safetensors files end in
+``.safetensors``). npz and safetensors are
 written slab by slab (``_export``); distckpt and Orbax destinations are
 written by ``distckpt.save`` and Orbax's ``StandardCheckpointer``, which take
 a whole tree, so those hold the checkpoint in host memory, read one leaf at
@@ -47,8 +48,28 @@ def load_tree(source: _sources.Source) -> Any:
     return _tree.unflatten_plain(items)
 
 
-def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
+def convert(
+    src: str,
+    dst: str,
+    *,
+    to: str,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> dict:
     """Converts ``src`` into ``dst`` in format ``to``; returns a summary.
+
+    One process reads ``src`` (any format ``distckpt.restore`` reads) and
+    writes ``dst``. ``to="safetensors"`` writes one file if ``dst`` ends in
+    ``.safetensors`` (names joined with ``/``, docs/cli.md), else the
+    Hugging Face sharded layout in the directory ``dst``
+    (``model-0000k-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``; names joined with ``.``; shards of at
+    most ``max_shard_bytes``, default 5 GB).
+
+    Example::
+
+      distckpt.convert("/ckpt/step_1000", "hf_weights", to="safetensors",
+                       max_shard_bytes=2 * 10**9)
 
     Raises:
       NotCommittedError: ``src`` is neither a committed distckpt checkpoint
@@ -58,6 +79,11 @@ def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
     """
     if to not in FORMATS:
         raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
+    if max_shard_bytes is not None and (to != "safetensors" or dst.endswith(".safetensors")):
+        raise ValueError(
+            "a maximum shard size applies to the sharded safetensors layout only "
+            "(--to safetensors with a DST directory not ending in .safetensors)"
+        )
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"SRC and DST are the same path ({src}); write to another path")
     with _sources.open_source(src) as source:
@@ -70,8 +96,15 @@ def convert(src: str, dst: str, *, to: str, overwrite: bool = False) -> dict:
         }
         if to == "npz":
             _export.to_npz(source, dst, overwrite=overwrite)
-        elif to == "safetensors":
+        elif to == "safetensors" and dst.endswith(".safetensors"):
             _export.to_safetensors(source, dst, overwrite=overwrite)
+        elif to == "safetensors":
+            _export.to_hf_safetensors(
+                source,
+                dst,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes or _export.HF_DEFAULT_SHARD_BYTES,
+            )
         elif to == "orbax":
             _write_orbax(source, dst, overwrite=overwrite)
         else:
