@@ -185,7 +185,7 @@ def _fmt_layout(sharding: dict) -> str:
 def ls_command(
     directory: str, as_json: bool, best_metric: str | None, best_mode: str, min_age: float
 ) -> int:
-    """List the steps of a CheckpointManager DIRECTORY.
+    """List the steps of a CheckpointManager DIRECTORY (distckpt's or Orbax's).
 
     For each step: committed or not (and why not), size, processes, commit
     time, metrics and the best marker. Leftovers (interrupted saves,
@@ -195,7 +195,8 @@ def ls_command(
     from distckpt._tools import scan as _scan
 
     try:
-        scan = _scan.scan(directory, min_age_s=min_age)
+        orbax = _scan.scan_orbax(directory)
+        scan = orbax or _scan.scan(directory, min_age_s=min_age)
     except OSError as e:
         raise _error(e) from e
     metric, best = _scan.best_step(scan.steps, best_metric, best_mode)
@@ -203,6 +204,7 @@ def ls_command(
         _emit_json(
             {
                 "directory": scan.directory,
+                "format": "orbax" if orbax else "distckpt",
                 "is_checkpoint": scan.is_checkpoint,
                 "best": {"metric": metric, "mode": best_mode, "step": best},
                 "steps": [s.to_json() for s in scan.steps],
@@ -211,6 +213,11 @@ def ls_command(
             }
         )
         return EXIT_OK
+    if orbax:
+        click.echo(
+            f"{scan.directory}: an Orbax CheckpointManager directory (distckpt.restore reads "
+            "its step directories)"
+        )
     if scan.is_checkpoint:
         click.echo(f"{scan.directory} is a single checkpoint (not a manager directory)")
     elif not scan.steps:
@@ -268,12 +275,24 @@ def inspect_command(path: str, as_json: bool) -> int:
     Key path, global shape, dtype, sharding at save time (mesh axes and
     PartitionSpec), bytes; user metadata; format and library versions; the
     save timings and, for a manager's step, its step and metrics. An Orbax
-    checkpoint is described too.
+    checkpoint (or the latest step of an Orbax CheckpointManager directory)
+    and safetensors (a file, or a sharded directory: every tensor, its file)
+    are described too.
     """
     from distckpt import _sources
+    from distckpt._sources import orbax as _orbax
     from distckpt.errors import DistckptError
 
     try:
+        steps = _orbax.manager_steps(path)
+        if steps:
+            latest = [s for s in steps if s.committed][-1]
+            if not as_json:
+                click.echo(
+                    f"{path}: an Orbax CheckpointManager directory, steps "
+                    f"{', '.join(str(s.step) for s in steps if s.committed)}; the latest:"
+                )
+            path = latest.path
         with _sources.open_source(path) as src:
             doc = _describe_source(src)
     except (DistckptError, OSError, ValueError) as e:
@@ -286,7 +305,7 @@ def inspect_command(path: str, as_json: bool) -> int:
 
 
 def _describe_source(src: Source) -> dict:
-    leaves = []
+    leaves: list[dict[str, Any]] = []
     for spec in src.leaves:
         entry: dict[str, Any] = {"path": spec.display, "key_path": [list(p) for p in spec.path]}
         entry["kind"] = spec.kind
@@ -299,6 +318,9 @@ def _describe_source(src: Source) -> dict:
             )
         if spec.impl:
             entry["prng_impl"] = spec.impl
+        tensor = src.tensor_of(len(leaves))
+        if tensor is not None:
+            entry["tensor"], entry["file"] = tensor
         if spec.kind == "python":
             entry["value"] = spec.value
         leaves.append(entry)
@@ -333,6 +355,32 @@ def _print_description(doc: dict) -> None:
                 f"save: blocking {stats.get('blocking_s', 0):.3f} s, write "
                 f"{stats.get('write_s', 0):.3f} s, commit {stats.get('commit_s', 0):.3f} s"
             )
+    elif doc["format"] == "safetensors":
+        click.echo(
+            f"{doc['path']}: safetensors, {doc['tensors']} tensor(s) in {doc['files']} "
+            f"file(s), {format_bytes(doc['total_bytes'])}; tree paths: {doc['names']}"
+        )
+        rows = [
+            [
+                leaf["tensor"],
+                str(tuple(leaf["shape"])),
+                leaf["dtype"],
+                format_bytes(leaf["bytes"]),
+                leaf["file"],
+                leaf["path"],
+            ]
+            for leaf in doc["leaves"]
+            if "tensor" in leaf
+        ]
+        click.echo(f"{len(rows)} tensors:")
+        _table(rows, ["TENSOR", "SHAPE", "DTYPE", "BYTES", "FILE", "TREE PATH"])
+        others = [leaf for leaf in doc["leaves"] if "tensor" not in leaf]
+        if others:
+            click.echo(
+                "values in the export record: "
+                + ", ".join(f"{leaf['path']}={leaf.get('value')!r}" for leaf in others)
+            )
+        return
     else:
         click.echo(
             f"{doc['path']}: Orbax checkpoint ({doc.get('layout')}), "

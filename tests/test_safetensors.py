@@ -511,3 +511,21 @@ def test_shard_plan_keeps_order_and_bound():
     assert shard_plan([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
     assert shard_plan([], 6) == []
     assert shard_plan([7], 6) == [[0]]
+
+
+def test_inspect_lists_the_tensors_and_their_files(files, capsys):
+    from distckpt.cli import main
+
+    assert main(["inspect", files["sharded"]]) == 0
+    out = capsys.readouterr().out
+    assert "safetensors, 6 tensor(s) in 3 file(s)" in out and "split at '.'" in out
+    row = next(line for line in out.splitlines() if line.startswith("model.embed_tokens.weight"))
+    assert "(512, 256)" in row and "bfloat16" in row and "model-00001-of-00003" in row
+    assert main(["inspect", files["one"], "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "safetensors" and doc["files"] == 1
+    by_name = {leaf["tensor"]: leaf for leaf in doc["leaves"]}
+    assert by_name["model.norm.step"]["shape"] == [] and by_name["model.mask"]["dtype"] == "bool"
+    assert by_name["model.layers.0.self_attn.q_proj.bias"]["key_path"] == [
+        ["key", p] for p in ["model", "layers", "0", "self_attn", "q_proj", "bias"]
+    ]

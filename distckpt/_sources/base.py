@@ -74,6 +74,10 @@ class Source(abc.ABC):
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
         """The stored data of leaf ``index`` (key data for PRNG keys) inside ``box``."""
 
+    def tensor_of(self, index: int) -> tuple[str, str] | None:
+        """(stored name, file) of leaf ``index`` in formats that name tensors; else None."""
+        return None
+
     def read(self, index: int, rows: Rows = None) -> np.ndarray:
         """The stored data of leaf ``index`` (key data for PRNG keys), rows ``rows``."""
         return self.read_box(index, rows_box(self.leaves[index].array_shape, rows))

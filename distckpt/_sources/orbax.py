@@ -20,6 +20,8 @@ import base64
 import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,75 @@ def find_root(path: str) -> str | None:
         if len(items) == 1:
             return os.path.abspath(os.path.join(path, items[0]))
     return None
+
+
+_STEP_NAME = re.compile(r"(?:.*_)?(\d+)")  # "<n>", or "<prefix>_<n>" (step_prefix)
+_TMP_MARK = ".orbax-checkpoint-tmp"  # an Orbax save in progress (or interrupted)
+
+
+@dataclass
+class ManagerStep:
+    """One step directory of an Orbax CheckpointManager (``distckpt ls``)."""
+
+    step: int
+    path: str
+    committed: bool  # False: Orbax's temporary directory of an unfinished save
+    items: list[str]
+    created_ns: int | None = None  # _CHECKPOINT_METADATA's commit_timestamp_nsecs
+    metrics: dict | None = None
+    process_count: int | None = None  # processes that wrote it (OCDBT sub-databases)
+
+
+def manager_steps(path: str) -> list[ManagerStep] | None:
+    """The steps of the Orbax CheckpointManager directory ``path``, sorted; None if it
+    is not one (no subdirectory is an Orbax step: ``_CHECKPOINT_METADATA``, or a
+    temporary directory of a save in progress)."""
+    if "://" in path or not os.path.isdir(path) or find_root(path) is not None:
+        return None
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return None
+    steps = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        name, _, tmp = entry.partition(_TMP_MARK)
+        m = _STEP_NAME.fullmatch(name)
+        if m is None or not os.path.isdir(full):
+            continue
+        meta_path = os.path.join(full, "_CHECKPOINT_METADATA")
+        if not tmp and not os.path.isfile(meta_path):
+            continue
+        meta = _read_json(meta_path)
+        meta = meta if isinstance(meta, dict) else {}
+        items = sorted(e for e in os.listdir(full) if os.path.isdir(os.path.join(full, e)))
+        metrics = meta.get("metrics") or _read_json(os.path.join(full, "metrics", "metrics"))
+        writers = [
+            e
+            for item in items
+            for e in os.listdir(os.path.join(full, item))
+            if e.startswith("ocdbt.process_")
+        ]
+        steps.append(
+            ManagerStep(
+                int(m.group(1)),
+                full,
+                committed=not tmp,
+                items=items,
+                created_ns=meta.get("commit_timestamp_nsecs"),
+                metrics=metrics if isinstance(metrics, dict) and metrics else None,
+                process_count=len(set(writers)) or None,
+            )
+        )
+    if not any(s.committed for s in steps):
+        return None
+    return sorted(steps, key=lambda s: (s.step, s.committed))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def import_orbax() -> Any:
@@ -180,11 +251,7 @@ class OrbaxSource(Source):
         }
 
     def _json_file(self, rel: str) -> Any:
-        try:
-            with open(os.path.join(self.root, rel)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return _read_json(os.path.join(self.root, rel))
 
     def _open(self, index: int, name: str) -> Any:
         import tensorstore as ts

@@ -379,6 +379,12 @@ class SafetensorsSource(Source):
             raise ValueError(f"{spec.display} is a {spec.kind} leaf; it has no stored data")
         return self._by_name[name]
 
+    def tensor_of(self, index: int) -> tuple[str, str] | None:
+        name = self._tensor_of[index]
+        if name is None:
+            return None
+        return name, os.path.basename(self._by_name[name].file)
+
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
