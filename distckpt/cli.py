@@ -865,8 +865,14 @@ def _print_audit(doc: dict) -> None:
     metavar="SIZE",
     help="Sharded safetensors: most tensor bytes per file (5GB, 500MB, 2GiB; default 5GB).",
 )
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="--to distckpt in a multi-process job (distckpt launch, srun, ...): join it with "
+    "distckpt.initialize(); each process reads and writes its part.",
+)
 def convert_command(
-    src: str, dst: str, to: str, overwrite: bool, max_shard_size: str | None
+    src: str, dst: str, to: str, overwrite: bool, max_shard_size: str | None, distributed: bool
 ) -> int:
     """Convert the checkpoint SRC (distckpt, Orbax or safetensors, detected) into DST.
 
@@ -881,13 +887,20 @@ def convert_command(
 
     npz and safetensors are written a slab at a time, so memory stays
     bounded; the distckpt and Orbax targets hold the whole tree in host
-    memory. Writes only DST (docs/cli.md, docs/formats.md).
+    memory, or with --distributed (--to distckpt) each process its part.
+    Writes only DST (docs/cli.md, docs/formats.md).
     """
     from distckpt._tools import convert as _convert
     from distckpt.errors import DistckptError
 
     began = time.perf_counter()
     try:
+        if distributed:
+            if to != "distckpt":
+                raise ValueError("--distributed converts --to distckpt only")
+            from distckpt._cluster import initialize
+
+            initialize()
         max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
         summary = _convert.convert(
             src, dst, to=to, overwrite=overwrite, max_shard_bytes=max_shard_bytes
@@ -896,12 +909,21 @@ def convert_command(
         raise _error(e) from e
     from distckpt._tools.scan import format_bytes
 
+    if summary.get("processes", 1) > 1 and _process_index() != 0:
+        return EXIT_OK  # one line per job, from process 0
+    by = f" by {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
     click.echo(
         f"converted {summary['leaves']} leaves ({format_bytes(summary['bytes'])}) from "
-        f"{summary['from']} {summary['src']} to {to} {summary['dst']} in "
+        f"{summary['from']} {summary['src']} to {to} {summary['dst']}{by} in "
         f"{time.perf_counter() - began:.2f} s"
     )
     return EXIT_OK
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

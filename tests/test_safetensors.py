@@ -529,3 +529,21 @@ def test_inspect_lists_the_tensors_and_their_files(files, capsys):
     assert by_name["model.layers.0.self_attn.q_proj.bias"]["key_path"] == [
         ["key", p] for p in ["model", "layers", "0", "self_attn", "q_proj", "bias"]
     ]
+
+
+def _w_convert(src: str, dst: str) -> int:
+    import jax
+
+    import distckpt
+
+    assert distckpt.convert(src, dst, to="distckpt")["processes"] == 2
+    return jax.process_index()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_convert_hf_shards_to_distckpt(files, tmp_path):
+    dst = str(tmp_path / "d")
+    results = run_processes(f"{HERE}:_w_convert", 2, 2, args={"src": files["sharded"], "dst": dst})
+    assert [r.value for r in results] == [0, 1]
+    assert distckpt.metadata(dst).process_count == 2
+    _same(distckpt.restore(dst), _nested(files["weights"]))
