@@ -547,3 +547,35 @@ def test_two_processes_convert_hf_shards_to_distckpt(files, tmp_path):
     assert [r.value for r in results] == [0, 1]
     assert distckpt.metadata(dst).process_count == 2
     _same(distckpt.restore(dst), _nested(files["weights"]))
+
+
+def _w_restore_timed(path: str, timeout_s: float) -> dict:
+    import time
+
+    import distckpt
+
+    start = time.monotonic()
+    try:
+        distckpt.restore(path, timeout_s=timeout_s)
+    except distckpt.errors.DistckptError as e:
+        return {
+            "type": type(e).__name__,
+            "missing": getattr(e, "missing", None),
+            "seconds": time.monotonic() - start,
+        }
+    return {"type": None}
+
+
+@pytest.mark.multiprocess
+def test_a_stalled_process_times_out_on_every_process(files):
+    results = run_processes(
+        f"{HERE}:_w_restore_timed",
+        2,
+        2,
+        args={"path": files["one"], "timeout_s": 1.5},
+        env={"DISTCKPT_FAULT": "restore.restore:stall=4@1"},
+    )
+    first = results[0].value
+    assert first["type"] == "BarrierTimeoutError" and first["missing"] == [1], first
+    assert first["seconds"] < 1.5 + 3, first
+    assert results[1].value["type"] == "BarrierTimeoutError", results[1].value

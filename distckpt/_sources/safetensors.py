@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -236,12 +237,10 @@ def box_runs(shape: tuple[int, ...], itemsize: int, box: _reshard.Box) -> tuple[
 
 def coalesce(starts: np.ndarray, run: int, gap: int = _PAGE) -> Iterator[tuple[int, int, int]]:
     """Groups consecutive runs into ranges: (first run, end run, byte span). Pure."""
-    n = len(starts)
-    first = 0
-    for i in range(1, n + 1):
-        if i == n or starts[i] - (starts[i - 1] + run) > gap:
-            yield first, i, int(starts[i - 1] + run - starts[first])
-            first = i
+    gaps = starts[1:] - (starts[:-1] + run)
+    cuts = [0, *(np.nonzero(gaps > gap)[0] + 1).tolist(), len(starts)]
+    for first, stop in zip(cuts, cuts[1:], strict=False):
+        yield first, stop, int(starts[stop - 1] + run - starts[first])
 
 
 class SafetensorsSource(Source):
@@ -263,11 +262,13 @@ class SafetensorsSource(Source):
         else:
             files, weight_map, base = [os.path.basename(entry)], None, os.path.dirname(entry)
         digest = hashlib.sha256()
+        self._sizes: dict[str, int] = {}  # file -> its size when its header was read
         tensors: dict[str, Tensor] = {}
         metadata: dict = {}
         for rel in files:
             file = os.path.join(base, rel)
             header, raw, size = read_header(file)
+            self._sizes[file] = size
             found = tensors_of(file, header, len(raw), size)
             meta = header.get("__metadata__")
             if isinstance(meta, dict) and weight_map is None:
@@ -299,7 +300,14 @@ class SafetensorsSource(Source):
         raw_record = (index or {}).get("metadata", {}).get(RECORD_KEY) if index else None
         raw_record = raw_record if raw_record is not None else metadata.get(RECORD_KEY)
         if raw_record is not None:
-            record = json.loads(raw_record) if isinstance(raw_record, str) else raw_record
+            try:
+                record = json.loads(raw_record) if isinstance(raw_record, str) else raw_record
+            except ValueError as e:
+                raise _corrupt(
+                    self.display, f"the distckpt export record is not JSON ({e})"
+                ) from None
+            if not isinstance(record, dict):
+                raise _corrupt(self.display, "the distckpt export record is not a JSON object")
         self.leaves, self._tensor_of = (
             self._from_record(record, tensors) if record else self._from_names(tensors)
         )
@@ -311,6 +319,7 @@ class SafetensorsSource(Source):
             "names": "distckpt export record" if record else "split at '.'",
         }
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def _read_index(entry: str) -> dict:
@@ -386,9 +395,21 @@ class SafetensorsSource(Source):
         return name, os.path.basename(self._by_name[name].file)
 
     def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        with self._lock:  # boxes are read on several threads: one descriptor per file
+            return self._fds.get(file) or self._open_file(file)
+
+    def _open_file(self, file: str) -> int:
+        fd = os.open(file, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size != self._sizes[file]:
+            os.close(fd)
+            raise _corrupt(
+                file,
+                f"the file changed while being read: {self._sizes[file]} bytes when its "
+                f"header was read, {size} bytes now",
+                "Something rewrote it during the restore; restore again once it is complete.",
+            )
+        self._fds[file] = fd
         return fd
 
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
