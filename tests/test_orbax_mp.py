@@ -178,33 +178,27 @@ def test_damaged_data_seen_by_one_process_fails_every_process(saved, tmp_path):
         assert r.value["processes"] == [1] and "TensorStore could not" in r.value["message"]
 
 
-def _w_convert(src: str, dst: str, cli: bool) -> dict:
+def _w_convert(src: str, dst: str) -> dict:
     import jax
 
     import distckpt
     from distckpt.cli import main
 
-    if cli:
-        assert main(["convert", src, dst, "--to", "distckpt", "--distributed"]) == 0
-    else:
-        summary = distckpt.convert(src, dst, to="distckpt")
-        assert summary["processes"] == 2 and summary["from"] == "orbax"
+    # The command line, as under `distckpt launch`; the Python call is
+    # distckpt.convert (tests/test_safetensors.py).
+    assert main(["convert", src, dst, "--to", "distckpt", "--distributed"]) == 0
     return {"process": jax.process_index(), "committed": distckpt.is_committed(dst)}
 
 
-@pytest.mark.parametrize("cli", [False, True])
-def test_two_processes_convert_an_orbax_checkpoint_each_its_part(saved, tmp_path, cli):
+def test_two_processes_convert_an_orbax_checkpoint_each_its_part(saved, tmp_path):
     import jax
 
     import distckpt
 
     dst = str(tmp_path / "converted")
-    results = run_processes(
-        f"{HERE}:_w_convert", 2, 4, args={"src": saved["zarr3"], "dst": dst, "cli": cli}
-    )
+    results = run_processes(f"{HERE}:_w_convert", 2, 4, args={"src": saved["zarr3"], "dst": dst})
     assert [r.value for r in results] == [{"process": p, "committed": True} for p in (0, 1)]
-    if cli:
-        assert "by 2 processes" in results[0].stdout and "converted" not in results[1].stdout
+    assert "by 2 processes" in results[0].stdout and "converted" not in results[1].stdout
     info = distckpt.metadata(dst)
     assert info.process_count == 2
     # Each process wrote its half of every array (each leaf split across the processes).
