@@ -8,6 +8,7 @@ job has now.
 from distckpt import errors as errors
 from distckpt import pipeline as pipeline
 from distckpt._cluster import initialize as initialize
+from distckpt._convert import convert as convert
 from distckpt._copy import copy as copy
 from distckpt._inspect import CheckpointInfo as CheckpointInfo
 from distckpt._inspect import LeafInfo as LeafInfo
@@ -21,7 +22,6 @@ from distckpt._restore import restore as restore
 from distckpt._save import SaveStats as SaveStats
 from distckpt._save import save as save
 from distckpt._target import abstract_like as abstract_like
-from distckpt._tools.convert import convert as convert
 from distckpt.handler import CheckpointHandler as CheckpointHandler
 from distckpt.handler import PipelineCheckpoint as PipelineCheckpoint
 from distckpt.manager import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE

@@ -890,7 +890,7 @@ def convert_command(
     memory, or with --distributed (--to distckpt) each process its part.
     Writes only DST (docs/cli.md, docs/formats.md).
     """
-    from distckpt._tools import convert as _convert
+    from distckpt import _convert
     from distckpt.errors import DistckptError
 
     began = time.perf_counter()

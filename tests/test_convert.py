@@ -16,9 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _sources
-from distckpt._tools import convert as _convert
-from distckpt._tools import export as _export
+from distckpt import _convert, _export, _sources
 from distckpt.cli import main
 from distckpt.errors import CheckpointExistsError, TreeMismatchError
 

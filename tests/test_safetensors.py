@@ -485,7 +485,7 @@ def test_hf_export_refuses_clashing_names_and_bad_sizes(tmp_path, capsys):
 def test_hf_export_streams_with_bounded_memory(tmp_path):
     import tracemalloc
 
-    from distckpt._tools import export as _export
+    from distckpt import _export
 
     big = np.arange(4 << 20, dtype=np.float64).reshape(4096, 1024)  # 32 MiB
     distckpt.save(tmp_path / "d", {"big": big, "small": np.ones(8)})
@@ -508,7 +508,7 @@ def test_hf_export_streams_with_bounded_memory(tmp_path):
 
 
 def test_shard_plan_keeps_order_and_bound():
-    from distckpt._tools.export import shard_plan
+    from distckpt._export import shard_plan
 
     assert shard_plan([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
     assert shard_plan([], 6) == []

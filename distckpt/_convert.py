@@ -1,12 +1,15 @@
-"""``distckpt convert``: between distckpt, Orbax, npz and safetensors.
+"""``distckpt.convert`` (and ``distckpt convert``): between distckpt, Orbax, npz and safetensors.
+
+In the engine rather than among the one-process tools: it is public, and
+``--to distckpt`` in a multi-process job is collective (``convert_collectively``).
 
 The source format is detected (an Orbax PyTree directory has ``_METADATA``;
 a distckpt checkpoint has ``manifest.json``; safetensors files end in
-``.safetensors``). npz and safetensors are
-written slab by slab (``_export``); distckpt and Orbax destinations are
-written by ``distckpt.save`` and Orbax's ``StandardCheckpointer``, which take
-a whole tree, so those hold the checkpoint in host memory, read one leaf at
-a time.
+``.safetensors``). npz and safetensors are written slab by slab
+(``_export``); distckpt and Orbax destinations are written by
+``distckpt.save`` and Orbax's ``StandardCheckpointer``, which take a whole
+tree, so those hold the checkpoint in host memory, read one leaf at a time
+(or, collectively, each process its share).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from distckpt import _plan, _put, _sources, _storage, _tree
+from distckpt import _export, _plan, _put, _sources, _storage, _tree
 from distckpt._plan import LeafSpec
 from distckpt._sources import orbax as _orbax
-from distckpt._tools import export as _export
 from distckpt.errors import CheckpointExistsError
 
 FORMATS = ("distckpt", "orbax", "npz", "safetensors")
