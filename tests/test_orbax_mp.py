@@ -105,7 +105,7 @@ def _w_restore(directory: str, mesh_shape: list, names: list, w_spec: list, emb_
 def saved(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("orbax_mp")
     out = {}
-    for how in ("std", "mgr", "zarr3"):
+    for how in ("mgr", "zarr3"):  # the manager saves with StandardCheckpointer's defaults
         directory = str(base / how)
         results = run_processes(f"{HERE}:_w_save", 2, 4, args={"directory": directory, "how": how})
         assert [r.value for r in results] == [0, 1]
@@ -117,18 +117,17 @@ def test_the_save_is_what_orbax_writes_by_default(saved):
     """OCDBT (zarr, or zarr3), one OCDBT sub-tree per process, the manager's step layout."""
     import json
 
-    for which, zarr3 in (("std", False), ("zarr3", True)):
-        meta = json.load(open(os.path.join(saved[which], "_METADATA")))
+    for item, zarr3 in ((os.path.join(saved["mgr"], "default"), False), (saved["zarr3"], True)):
+        meta = json.load(open(os.path.join(item, "_METADATA")))
         assert meta["use_zarr3"] is zarr3 and meta["use_ocdbt"] is True
-        entries = set(os.listdir(saved[which]))
+        entries = set(os.listdir(item))
         assert {"ocdbt.process_0", "ocdbt.process_1", "manifest.ocdbt"} <= entries, entries
-    assert os.path.isfile(os.path.join(saved["mgr"], "default", "_METADATA"))
 
 
 @pytest.mark.parametrize(
     "which, procs, devices, mesh_shape, names, w_spec, emb_spec",
     [
-        ("std", 2, 4, [4, 2], ["a", "b"], ["b", "a"], ["a", None]),
+        ("mgr", 2, 4, [4, 2], ["a", "b"], ["b", "a"], ["a", None]),
         ("zarr3", 3, 2, [3, 2], ["a", "b"], ["a", "b"], [None, ["a", "b"]]),
         ("mgr", 3, 2, [6], ["z"], [None, "z"], ["z"]),
     ],
@@ -143,7 +142,7 @@ def test_restore_on_other_process_counts_and_meshes(
     assert [r.value["process"] for r in results] == list(range(procs))
 
 
-@pytest.mark.parametrize("which", ["std", "zarr3", "mgr"])
+@pytest.mark.parametrize("which", ["zarr3", "mgr"])
 def test_restore_in_one_process_onto_another_mesh(saved, which):
     out = _w_restore(saved[which], [8], ["z"], ["z", None], ["z", None])
     assert out["shards"] == 8 + 8 + 8
@@ -165,13 +164,13 @@ def test_damaged_data_seen_by_one_process_fails_every_process(saved, tmp_path):
     import shutil
 
     damaged = str(tmp_path / "damaged")
-    shutil.copytree(saved["std"], damaged)
+    shutil.copytree(saved["zarr3"], damaged)
     for root, _, names in os.walk(damaged):
         if os.path.basename(root) == "d":  # OCDBT's data files
             for name in names:
                 os.truncate(os.path.join(root, name), 16)
     results = run_processes(
-        f"{HERE}:_w_restore_each", 2, 2, args={"paths": [saved["std"], damaged]}
+        f"{HERE}:_w_restore_each", 2, 2, args={"paths": [saved["zarr3"], damaged]}
     )
     for r in results:
         assert r.value["type"] == "CorruptCheckpointError", r.value

@@ -311,7 +311,7 @@ def _read_bytes() -> int:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
-def _w_restore(path: str, weights_path: str) -> dict:
+def _w_restore(paths: list[str], weights_path: str) -> list[int]:
     import jax
 
     import distckpt
@@ -321,13 +321,15 @@ def _w_restore(path: str, weights_path: str) -> dict:
         ml_dtypes.bfloat16
     )
     mesh = jax.make_mesh((2, 4), ("x", "y"))  # x spans the two processes
-    before = _read_bytes()
-    got = distckpt.restore(
-        path, _target(mesh), rename=_RENAME, drop=[r"model/mask"], cast=True, timeout_s=30
-    )
-    read = _read_bytes() - before
-    _check_target(got, weights)
-    return {"read": read}
+    reads = []
+    for path in paths:
+        before = _read_bytes()
+        got = distckpt.restore(
+            path, _target(mesh), rename=_RENAME, drop=[r"model/mask"], cast=True, timeout_s=30
+        )
+        reads.append(_read_bytes() - before)
+        _check_target(got, weights)
+    return reads
 
 
 @pytest.fixture(scope="module")
@@ -340,37 +342,55 @@ def weights_npz(files, tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("which", ["one", "sharded"])
-def test_two_processes_each_read_their_shards(files, weights_npz, which):
+def test_two_processes_each_read_their_shards(files, weights_npz):
+    paths = [files["one"], files["sharded"]]
     results = run_processes(
-        f"{HERE}:_w_restore", 2, 4, args={"path": files[which], "weights_path": weights_npz}
+        f"{HERE}:_w_restore", 2, 4, args={"paths": paths, "weights_path": weights_npz}
     )
     total = sum(w.nbytes for w in files["weights"].values())
     for r in results:
         # Each process holds half of the two large weights (x spans the
         # processes); what it reads is that half, the headers and the small ones.
-        assert r.value["read"] < 0.55 * total, (r.value, total)
+        for read in r.value:
+            assert read < 0.55 * total, (r.value, total)
 
 
 def _w_restore_each(cases: list[list[str]]) -> list[dict]:
-    """Restores ``paths[process]`` for each case in turn; what each raised."""
+    """Restores ``paths[process]`` for each case in turn; what each raised. Last,
+    process 1 stalls in the restore past the timeout."""
+    import time
+
     import jax
 
     import distckpt
 
     out = []
-    for paths in cases:
+    for i, paths in enumerate([*cases, cases[-1]]):
+        timeout_s = 30.0
+        if i == len(cases):
+            timeout_s = 1.5
+            if jax.process_index() == 1:
+                os.environ["DISTCKPT_FAULT"] = "restore.restore:stall=4"
+        start = time.monotonic()
         try:
-            distckpt.restore(paths[jax.process_index()], timeout_s=30)
+            distckpt.restore(paths[jax.process_index()], timeout_s=timeout_s)
         except distckpt.errors.DistckptError as e:
-            out.append({"type": type(e).__name__, "message": str(e), "processes": e.processes})
+            out.append(
+                {
+                    "type": type(e).__name__,
+                    "message": str(e),
+                    "processes": e.processes,
+                    "missing": getattr(e, "missing", None),
+                    "seconds": time.monotonic() - start,
+                }
+            )
         else:
             out.append({"type": None})
     return out
 
 
 @pytest.mark.multiprocess
-def test_one_process_failing_or_reading_another_file_fails_every_process(files, tmp_path):
+def test_one_process_failing_reading_another_file_or_stalling_fails_every_process(files, tmp_path):
     bad = str(tmp_path / "bad.safetensors")
     shutil.copy(files["one"], bad)
     os.truncate(bad, os.path.getsize(bad) - 10)
@@ -379,12 +399,15 @@ def test_one_process_failing_or_reading_another_file_fails_every_process(files, 
     cases = [[files["one"], bad], [files["one"], other], [files["one"], files["one"]]]
     results = run_processes(f"{HERE}:_w_restore_each", 2, 2, args={"cases": cases})
     for r in results:
-        damaged, different, fine = r.value
+        damaged, different, fine, stalled = r.value
         assert damaged["type"] == "CorruptCheckpointError", damaged
         assert damaged["processes"] == [1] and bad in damaged["message"]
         assert different["type"] == "InconsistentProcessesError", different
         assert "did not read the same checkpoint" in different["message"]
         assert fine["type"] is None  # the job goes on after both
+        assert stalled["type"] == "BarrierTimeoutError", stalled  # nothing waits forever
+    first = results[0].value[-1]
+    assert first["missing"] == [1] and first["seconds"] < 1.5 + 3, first
 
 
 # --------------------------------------------------------------------------- Hugging Face layout out
@@ -549,35 +572,3 @@ def test_two_processes_convert_hf_shards_to_distckpt(files, tmp_path):
     assert [r.value for r in results] == [0, 1]
     assert distckpt.metadata(dst).process_count == 2
     _same(distckpt.restore(dst), _nested(files["weights"]))
-
-
-def _w_restore_timed(path: str, timeout_s: float) -> dict:
-    import time
-
-    import distckpt
-
-    start = time.monotonic()
-    try:
-        distckpt.restore(path, timeout_s=timeout_s)
-    except distckpt.errors.DistckptError as e:
-        return {
-            "type": type(e).__name__,
-            "missing": getattr(e, "missing", None),
-            "seconds": time.monotonic() - start,
-        }
-    return {"type": None}
-
-
-@pytest.mark.multiprocess
-def test_a_stalled_process_times_out_on_every_process(files):
-    results = run_processes(
-        f"{HERE}:_w_restore_timed",
-        2,
-        2,
-        args={"path": files["one"], "timeout_s": 1.5},
-        env={"DISTCKPT_FAULT": "restore.restore:stall=4@1"},
-    )
-    first = results[0].value
-    assert first["type"] == "BarrierTimeoutError" and first["missing"] == [1], first
-    assert first["seconds"] < 1.5 + 3, first
-    assert results[1].value["type"] == "BarrierTimeoutError", results[1].value
