@@ -118,7 +118,7 @@ def read_into(
     threads = _knobs.get("io_threads")
     with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool:
         for batch in _batches(source, wants, _budget(threads)):
-            reads = plan_reads(batch)
+            reads = plan_reads(batch, merge=source.merge_boxes)
             blocks: dict[tuple[int, Box], np.ndarray] = {}
             for (leaf, outer, inner), block in zip(
                 reads, pool.map(lambda r: source.read_box(r[0], r[1]), reads), strict=True
@@ -133,12 +133,12 @@ def read_into(
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def plan_reads(wants: list[Want]) -> list[tuple[int, Box, list[Box]]]:
+def plan_reads(wants: list[Want], merge: bool = True) -> list[tuple[int, Box, list[Box]]]:
     """What to read for ``wants``: (leaf, box to read, the boxes cut from it). Pure.
 
-    The distinct boxes a process needs of one leaf (one per device, or
-    fewer) are read as their bounding box, once, when they fill at least
-    half of it: the shards of a process's devices usually tile one block,
+    With ``merge``, the distinct boxes a process needs of one leaf (one per
+    device, or fewer) are read as their bounding box, once, when they fill
+    at least half of it: the shards of a process's devices usually tile one block,
     which is then read in one pass rather than one pass per device (a
     source reads whole pages or chunks, so small boxes read apart would
     each read much the same bytes). Otherwise each box is read alone.
@@ -151,8 +151,10 @@ def plan_reads(wants: list[Want]) -> list[tuple[int, Box, list[Box]]]:
     out: list[tuple[int, Box, list[Box]]] = []
     for leaf, need in boxes.items():
         outer = _bounding(need)
-        if len(need) > 1 and 2 * sum(_reshard.box_size(b) for b in need) >= _reshard.box_size(
-            outer
+        if (
+            merge
+            and len(need) > 1
+            and 2 * sum(_reshard.box_size(b) for b in need) >= _reshard.box_size(outer)
         ):
             out.append((leaf, outer, need))
         else:

@@ -69,6 +69,10 @@ class Source(abc.ABC):
     # What every process of a restore must find alike (a digest of the headers
     # or metadata it read): they read one checkpoint, not one each.
     identity: str = ""
+    # Whether restore reads the boxes a process needs of one leaf as their
+    # bounding block when they fill at least half of it (``_source_restore``):
+    # right for byte-range reads, where boxes apart would each read whole pages.
+    merge_boxes: bool = True
 
     @abc.abstractmethod
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:

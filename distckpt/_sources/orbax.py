@@ -173,6 +173,10 @@ class OrbaxSource(Source):
     """An Orbax PyTree checkpoint, read one leaf (or slab of rows) at a time."""
 
     format = "orbax"
+    # TensorStore reads whole chunks, which a multi-process save cuts along its
+    # shards: reading each box on its own decodes just its chunks (as Orbax
+    # does), without the copies out of a merged block.
+    merge_boxes = False
 
     def __init__(self, root: str):
         self.root = self.display = root
