@@ -8,6 +8,7 @@ job has now.
 from distckpt import errors as errors
 from distckpt import pipeline as pipeline
 from distckpt._cluster import initialize as initialize
+from distckpt._convert import convert as convert
 from distckpt._copy import copy as copy
 from distckpt._inspect import CheckpointInfo as CheckpointInfo
 from distckpt._inspect import LeafInfo as LeafInfo
@@ -41,6 +42,7 @@ __all__ = [
     "SaveStats",
     "VerifyReport",
     "abstract_like",
+    "convert",
     "copy",
     "errors",
     "pipeline",

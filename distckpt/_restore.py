@@ -14,8 +14,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import jax
-
 from distckpt import (
     _chunks,
     _commit,
@@ -36,8 +34,9 @@ from distckpt._manifest import Manifest
 from distckpt._match import Mode, Want, match, mismatch, place, want_host
 from distckpt._plan import ChunkRecord
 from distckpt._reshard import Box
+from distckpt._source_restore import restore_source
 from distckpt._storage import open_storage
-from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
+from distckpt.errors import CorruptCheckpointError, TreeMismatchError
 
 
 def restore(
@@ -57,8 +56,11 @@ def restore(
 
     Args:
       directory: where the checkpoint was saved (a path, an ``s3://``,
-        ``gs://`` or ``memory://`` URL, or a TensorStore kvstore spec), or a
-        local Orbax checkpoint.
+        ``gs://`` or ``memory://`` URL, or a TensorStore kvstore spec); or a
+        local Orbax checkpoint (a PyTree directory or a CheckpointManager
+        step directory), a ``.safetensors`` file, or a directory of
+        safetensors shards with its ``model.safetensors.index.json``
+        (docs/formats.md: how names map to paths, what is read).
       target: a pytree saying what to return at each leaf:
         ``jax.ShapeDtypeStruct`` with ``.sharding`` (or a ``jax.Array``): a
         ``jax.Array`` with that shape, dtype and sharding, whatever mesh it
@@ -112,14 +114,20 @@ def restore(
       state = distckpt.restore("/ckpt/step_1", want, partial=True)
     """
     kind = _sources.format_of(directory)
-    if kind != _sources.DISTCKPT:  # read another format directly (docs/cli.md)
+    if kind != _sources.DISTCKPT:  # Orbax, safetensors: read directly (docs/formats.md)
         if pipeline is not None:
             raise TreeMismatchError(
-                f"restore of {directory}: pipeline= was given but this is an {kind} "
+                f"restore of {directory}: pipeline= was given but this is a {kind} "
                 "checkpoint, which holds no distckpt pipeline state; restore without pipeline="
             )
-        with _sources.open_source(directory) as source:
-            return _restore_source(source, target, partial=partial, cast=cast)
+        return restore_source(
+            directory,
+            target,
+            partial=partial,
+            cast=cast,
+            migration=_migrate.Migration.build(rename, drop, init),
+            timeout_s=timeout_s,
+        )
     if pipeline is not None:
         _procstate.check(pipeline)
     storage = open_storage(directory)
@@ -278,35 +286,3 @@ def _execute(storage: Any, manifest: Manifest, wants: list[Want], count: int) ->
                 raise _read.corrupt(storage.display, problems)
             place(batch, manifest.leaves, assembler.outputs, values)
     return values
-
-
-def _restore_source(source: _sources.Source, target: Any, *, partial: bool, cast: bool) -> Any:
-    """``restore`` of a checkpoint of another format, in a single process.
-
-    The same matching and placing as a distckpt restore; each needed box of
-    each leaf is read through the source.
-    """
-    what = f"{source.format.capitalize()} checkpoint"
-    if jax.process_count() > 1:
-        raise DistckptError(
-            f"{source.display} is an {what}; distckpt restores those in a "
-            "single process only. Convert it first with `distckpt convert SRC DST --to "
-            "distckpt`, then restore the copy in the multi-process job."
-        )
-    if target is None:
-        wants = [want_host(i, i, spec) for i, spec in enumerate(source.leaves)]
-        count = len(wants)
-    else:
-        items, treedef = _tree.flatten(target)
-        wants, problems = match(source.leaves, items, partial=partial, cast=cast)
-        if problems:
-            raise mismatch(source.display, problems, what=what)
-        count = len(items)
-    blocks = {(w.leaf, box): source.read_box(w.leaf, box) for w in wants for box in w.boxes}
-    values: list[Any] = [None] * count
-    place(wants, source.leaves, blocks, values)
-    if target is None:
-        return _tree.unflatten_plain(
-            [(spec.path, v) for spec, v in zip(source.leaves, values, strict=True)]
-        )
-    return jax.tree_util.tree_unflatten(treedef, values)

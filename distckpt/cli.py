@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,7 @@ def _fmt_layout(sharding: dict) -> str:
 def ls_command(
     directory: str, as_json: bool, best_metric: str | None, best_mode: str, min_age: float
 ) -> int:
-    """List the steps of a CheckpointManager DIRECTORY.
+    """List the steps of a CheckpointManager DIRECTORY (distckpt's or Orbax's).
 
     For each step: committed or not (and why not), size, processes, commit
     time, metrics and the best marker. Leftovers (interrupted saves,
@@ -194,7 +195,8 @@ def ls_command(
     from distckpt._tools import scan as _scan
 
     try:
-        scan = _scan.scan(directory, min_age_s=min_age)
+        orbax = _scan.scan_orbax(directory)
+        scan = orbax or _scan.scan(directory, min_age_s=min_age)
     except OSError as e:
         raise _error(e) from e
     metric, best = _scan.best_step(scan.steps, best_metric, best_mode)
@@ -202,6 +204,7 @@ def ls_command(
         _emit_json(
             {
                 "directory": scan.directory,
+                "format": "orbax" if orbax else "distckpt",
                 "is_checkpoint": scan.is_checkpoint,
                 "best": {"metric": metric, "mode": best_mode, "step": best},
                 "steps": [s.to_json() for s in scan.steps],
@@ -210,6 +213,11 @@ def ls_command(
             }
         )
         return EXIT_OK
+    if orbax:
+        click.echo(
+            f"{scan.directory}: an Orbax CheckpointManager directory (distckpt.restore reads "
+            "its step directories)"
+        )
     if scan.is_checkpoint:
         click.echo(f"{scan.directory} is a single checkpoint (not a manager directory)")
     elif not scan.steps:
@@ -267,12 +275,24 @@ def inspect_command(path: str, as_json: bool) -> int:
     Key path, global shape, dtype, sharding at save time (mesh axes and
     PartitionSpec), bytes; user metadata; format and library versions; the
     save timings and, for a manager's step, its step and metrics. An Orbax
-    checkpoint is described too.
+    checkpoint (or the latest step of an Orbax CheckpointManager directory)
+    and safetensors (a file, or a sharded directory: every tensor, its file)
+    are described too.
     """
     from distckpt import _sources
+    from distckpt._sources import orbax as _orbax
     from distckpt.errors import DistckptError
 
     try:
+        steps = _orbax.manager_steps(path)
+        if steps:
+            latest = [s for s in steps if s.committed][-1]
+            if not as_json:
+                click.echo(
+                    f"{path}: an Orbax CheckpointManager directory, steps "
+                    f"{', '.join(str(s.step) for s in steps if s.committed)}; the latest:"
+                )
+            path = latest.path
         with _sources.open_source(path) as src:
             doc = _describe_source(src)
     except (DistckptError, OSError, ValueError) as e:
@@ -285,7 +305,7 @@ def inspect_command(path: str, as_json: bool) -> int:
 
 
 def _describe_source(src: Source) -> dict:
-    leaves = []
+    leaves: list[dict[str, Any]] = []
     for spec in src.leaves:
         entry: dict[str, Any] = {"path": spec.display, "key_path": [list(p) for p in spec.path]}
         entry["kind"] = spec.kind
@@ -298,6 +318,9 @@ def _describe_source(src: Source) -> dict:
             )
         if spec.impl:
             entry["prng_impl"] = spec.impl
+        tensor = src.tensor_of(len(leaves))
+        if tensor is not None:
+            entry["tensor"], entry["file"] = tensor
         if spec.kind == "python":
             entry["value"] = spec.value
         leaves.append(entry)
@@ -332,6 +355,32 @@ def _print_description(doc: dict) -> None:
                 f"save: blocking {stats.get('blocking_s', 0):.3f} s, write "
                 f"{stats.get('write_s', 0):.3f} s, commit {stats.get('commit_s', 0):.3f} s"
             )
+    elif doc["format"] == "safetensors":
+        click.echo(
+            f"{doc['path']}: safetensors, {doc['tensors']} tensor(s) in {doc['files']} "
+            f"file(s), {format_bytes(doc['total_bytes'])}; tree paths: {doc['names']}"
+        )
+        rows = [
+            [
+                leaf["tensor"],
+                str(tuple(leaf["shape"])),
+                leaf["dtype"],
+                format_bytes(leaf["bytes"]),
+                leaf["file"],
+                leaf["path"],
+            ]
+            for leaf in doc["leaves"]
+            if "tensor" in leaf
+        ]
+        click.echo(f"{len(rows)} tensors:")
+        _table(rows, ["TENSOR", "SHAPE", "DTYPE", "BYTES", "FILE", "TREE PATH"])
+        others = [leaf for leaf in doc["leaves"] if "tensor" not in leaf]
+        if others:
+            click.echo(
+                "values in the export record: "
+                + ", ".join(f"{leaf['path']}={leaf.get('value')!r}" for leaf in others)
+            )
+        return
     else:
         click.echo(
             f"{doc['path']}: Orbax checkpoint ({doc.get('layout')}), "
@@ -809,36 +858,87 @@ def _print_audit(doc: dict) -> None:
     help="Format to write.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def convert_command(src: str, dst: str, to: str, overwrite: bool) -> int:
-    """Convert the checkpoint SRC (distckpt or Orbax, detected) into DST.
+@click.option(
+    "--max-shard-size",
+    "max_shard_size",
+    default=None,
+    metavar="SIZE",
+    help="Sharded safetensors: most tensor bytes per file (5GB, 500MB, 2GiB; default 5GB).",
+)
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="--to distckpt in a multi-process job (distckpt launch, srun, ...): join it with "
+    "distckpt.initialize(); each process reads and writes its part.",
+)
+def convert_command(
+    src: str, dst: str, to: str, overwrite: bool, max_shard_size: str | None, distributed: bool
+) -> int:
+    """Convert the checkpoint SRC (distckpt, Orbax or safetensors, detected) into DST.
 
     \b
-    --to distckpt     an Orbax StandardCheckpointer/PyTree checkpoint (or a distckpt one)
+    --to distckpt     a distckpt checkpoint (from Orbax, safetensors, or distckpt)
     --to orbax        an Orbax checkpoint written with orbax's StandardCheckpointer
     --to npz          one uncompressed .npz file, streamed leaf by leaf
-    --to safetensors  one safetensors file, streamed leaf by leaf
+    --to safetensors  DST ending in .safetensors: one file, names like params/layer_0/w;
+                      else the directory DST in Hugging Face's sharded layout
+                      (model-0000k-of-0000N.safetensors + model.safetensors.index.json,
+                      names like params.layer_0.w), streamed leaf by leaf
 
-    Key paths become flat names like params/layer_0/w (docs/cli.md). npz and
-    safetensors are written a slab at a time, so memory stays bounded; the
-    distckpt and Orbax targets hold the whole tree in host memory. Writes
-    only DST.
+    npz and safetensors are written a slab at a time, so memory stays
+    bounded; the distckpt and Orbax targets hold the whole tree in host
+    memory, or with --distributed (--to distckpt) each process its part.
+    Writes only DST (docs/cli.md, docs/formats.md).
     """
-    from distckpt._tools import convert as _convert
+    from distckpt import _convert
     from distckpt.errors import DistckptError
 
     began = time.perf_counter()
     try:
-        summary = _convert.convert(src, dst, to=to, overwrite=overwrite)
+        if distributed:
+            if to != "distckpt":
+                raise ValueError("--distributed converts --to distckpt only")
+            from distckpt._cluster import initialize
+
+            initialize()
+        max_shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+        summary = _convert.convert(
+            src, dst, to=to, overwrite=overwrite, max_shard_bytes=max_shard_bytes
+        )
     except (DistckptError, OSError, ValueError, ImportError) as e:
         raise _error(e) from e
     from distckpt._tools.scan import format_bytes
 
+    if summary.get("processes", 1) > 1 and _process_index() != 0:
+        return EXIT_OK  # one line per job, from process 0
+    by = f" by {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
     click.echo(
         f"converted {summary['leaves']} leaves ({format_bytes(summary['bytes'])}) from "
-        f"{summary['from']} {summary['src']} to {to} {summary['dst']} in "
+        f"{summary['from']} {summary['src']} to {to} {summary['dst']}{by} in "
         f"{time.perf_counter() - began:.2f} s"
     )
     return EXIT_OK
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40})
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5 * 10**9, ``2GiB`` -> 2 * 2**30, ``1000`` -> 1000 (ValueError otherwise)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise ValueError(
+            f"--max-shard-size must be a positive size such as 5GB, 500MB or 2GiB, got {text!r}"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 # --------------------------------------------------------------------------- gc

@@ -14,6 +14,7 @@ for the same kind of failure, so ``except FileNotFoundError`` or
 ``TreeMismatchError``                 ``ValueError``
 ``CorruptCheckpointError``            ``ValueError``
 ``InconsistentProcessesError``        ``ValueError``
+``UnsupportedCheckpointError``        ``ValueError``
 ``BarrierTimeoutError``               ``TimeoutError`` (an ``OSError``)
 ``OutOfSpaceError``                   ``OSError`` (``errno.ENOSPC``)
 ``StorageUnavailableError``           ``ConnectionError`` (an ``OSError``)
@@ -41,6 +42,7 @@ __all__ = [
     "ProcessFailure",
     "StorageUnavailableError",
     "TreeMismatchError",
+    "UnsupportedCheckpointError",
 ]
 
 
@@ -70,6 +72,14 @@ class NotCommittedError(DistckptError, FileNotFoundError):
     Also a ``FileNotFoundError``: what was asked for is not there, as for
     ``open`` of a missing file. ``str(e)`` is the message alone (``e.errno``
     is None).
+    """
+
+
+class UnsupportedCheckpointError(DistckptError, ValueError):
+    """A checkpoint of another format uses something distckpt does not read.
+
+    An Orbax layout that is not zarr, a safetensors dtype without a numpy
+    counterpart: the message names it and says how to get around it.
     """
 
 

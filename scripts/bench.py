@@ -23,6 +23,11 @@ What it measures (docs/benchmarks.md explains every number and its caveats):
   owning ``--memory-size`` GiB (4 leaves, rows sharded) with ``DISTCKPT_MEMORY_BYTES`` =
   ``--memory-budget`` MiB: a save, a save whose fetches copy as from an accelerator's
   memory, and a restore onto columns; the target is extra peak RSS within the budget;
+* formats case (``--cases formats``, not in the default set; scripts/_bench_formats.py):
+  2 processes x 4 devices restore a ``--size`` GiB Orbax checkpoint (distckpt against
+  Orbax) and a Hugging Face sharded safetensors directory (distckpt against
+  ``safetensors.numpy.load_file`` + ``jax.device_put``), both written by their own
+  libraries in the same run;
 * physical floors for the large case on the same filesystem: fsync'd sequential
   write and sequential read of the same number of bytes, by the same number of
   processes;
@@ -952,9 +957,22 @@ def run_group(
         disable(system, row, res.failure, enabled, errors)
 
 
-CASES = ("large", "single", "small", "train", "async", "local", "s3", "compress", "memory")
+CASES = (
+    "large",
+    "single",
+    "small",
+    "train",
+    "async",
+    "local",
+    "s3",
+    "compress",
+    "memory",
+    "formats",
+)
 # s3 needs moto; memory owns 4 GiB in one process (minutes on this machine); local is
-# distckpt's local tier alone (no Orbax counterpart), against its persistent tier
+# distckpt's local tier alone (no Orbax counterpart), against its persistent tier;
+# formats restores other formats' checkpoints (Orbax, safetensors) and needs the
+# safetensors package
 DEFAULT_CASES = ("large", "single", "small", "train", "async", "compress")
 SLOW_LEAVES = 5000  # small cases above this many leaves give Orbax --slow-reps repetitions
 
@@ -1734,6 +1752,43 @@ def run_compress(args) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_formats(args) -> dict | None:
+    """The formats case: 2 processes, its own script; None (and a message) if it fails."""
+    cmd = [sys.executable, str(Path(__file__).with_name("_bench_formats.py")), str(args.size)]
+    cmd += [str(args.reps)]
+    env = worker_env(4, args.import_root)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print("formats case: timed out", flush=True)
+        return None
+    if done.returncode != 0:
+        print(f"formats case failed:\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def formats_lines(result: dict) -> list[str]:
+    gib = result["bytes"] / GiB
+    lines = [
+        "",
+        f"formats (restore 2x4 -> 2x4 of {gib:.2f} GiB written by the format's own library; "
+        f"median of {result['reps']}; read = rchar per process, mmap not counted):",
+        f"  {'checkpoint':<34} {'restored by':<24} {'s':>7} {'GiB/s':>6} {'read MiB':>15}",
+    ]
+    what = {
+        "orbax": "Orbax (StandardCheckpointer)",
+        "safetensors": f"HF safetensors, {result['files']} shards",
+    }
+    for r in result["rows"]:
+        read = "/".join(f"{b / MiB:.0f}" for b in r["read_per_process"])
+        lines.append(
+            f"  {what[r['format']]:<34} {r['system']:<24} {r['seconds']:>7.3f} "
+            f"{gib / r['seconds']:>6.2f} {read:>15}"
+        )
+    return lines
+
+
 def compress_lines(result: dict) -> list[str]:
     lines = [
         "",
@@ -1836,6 +1891,7 @@ def main(argv=None) -> int:
         args.import_root = snapshot_distckpt(root) if has_source else REPO
         results, errors = run_all(plan, groups, args)
         compress = run_compress(args) if "compress" in args.cases else None
+        formats = run_formats(args) if "formats" in args.cases else None
     except KeyboardInterrupt:
         print("interrupted; workers were killed", flush=True)
         return 130
@@ -1856,6 +1912,8 @@ def main(argv=None) -> int:
     print("\n".join(target_lines(targets)))
     if compress is not None:
         print("\n".join(compress_lines(compress)))
+    if formats is not None:
+        print("\n".join(formats_lines(formats)))
     print(
         f"total wall time {time.monotonic() - t_start:.0f} s; distckpt {revision}; "
         f"load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
@@ -1868,6 +1926,7 @@ def main(argv=None) -> int:
     if args.json:
         doc = {
             "compression": compress,
+            "formats": formats,
             "config": {
                 "reps": args.reps,
                 "warmup": args.warmup,

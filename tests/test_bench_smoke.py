@@ -138,3 +138,31 @@ def test_the_local_tier_case_plans_distckpt_alone(bench, tmp_path):
         recover = next(op for op in ops if op["op"] == "local_recover")
         assert recover["wipe"] == 1 and recover["step"] == 1
         assert all(r.systems == ("distckpt",) for r in g.rows)
+
+
+def test_the_formats_case_is_extra_and_its_table_renders(bench):
+    assert "formats" in bench.CASES and "formats" not in bench.DEFAULT_CASES
+    result = {
+        "bytes": 1 << 30,
+        "files": 4,
+        "reps": 3,
+        "rows": [
+            {
+                "format": "orbax",
+                "system": "distckpt",
+                "seconds": 2.0,
+                "read_per_process": [473 << 20, 473 << 20],
+            },
+            {
+                "format": "safetensors",
+                "system": "safetensors+device_put",
+                "seconds": 4.0,
+                "read_per_process": [0, 0],
+            },
+        ],
+    }
+    lines = bench.formats_lines(result)
+    assert (
+        "Orbax (StandardCheckpointer)" in lines[3] and "0.50" in lines[3] and "473/473" in lines[3]
+    )
+    assert "HF safetensors, 4 shards" in lines[4] and "0.25" in lines[4]

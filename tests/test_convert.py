@@ -16,9 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import distckpt
-from distckpt import _sources
-from distckpt._tools import convert as _convert
-from distckpt._tools import export as _export
+from distckpt import _convert, _export, _sources
 from distckpt.cli import main
 from distckpt.errors import CheckpointExistsError, TreeMismatchError
 
@@ -332,3 +330,29 @@ def test_orbax_manager_step_directory_is_found(tmp_path):
         mgr.wait_until_finished()
     got = distckpt.restore(tmp_path / "mgr" / "7")
     np.testing.assert_array_equal(got["w"], tree["w"])
+
+
+def test_ls_and_inspect_understand_an_orbax_manager_directory(tmp_path, capsys):
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
+    with ocp.CheckpointManager(tmp_path / "mgr", options=options) as mgr:
+        for step in (3, 7):
+            tree = {"w": np.full(4, step, np.float32)}
+            mgr.save(step, args=ocp.args.StandardSave(tree), metrics={"loss": 1.0 / step})
+        mgr.wait_until_finished()
+    (tmp_path / "mgr" / "9.orbax-checkpoint-tmp-123").mkdir()  # a save that did not finish
+    assert main(["ls", str(tmp_path / "mgr")]) == 0
+    out = capsys.readouterr().out
+    assert "an Orbax CheckpointManager directory" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
+    assert "committed" in lines["3"] and "loss=0.3333" in lines["3"]
+    assert "*best" in lines["7"] and "uncommitted" in lines["9"]
+    assert main(["ls", str(tmp_path / "mgr"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "orbax" and doc["best"]["step"] == 7
+    assert [s["step"] for s in doc["steps"]] == [3, 7, 9] and doc["steps"][0]["process_count"] == 1
+
+    assert main(["inspect", str(tmp_path / "mgr")]) == 0
+    out = capsys.readouterr().out
+    assert "steps 3, 7; the latest:" in out and "/mgr/7/default: Orbax checkpoint" in out
+    got = distckpt.restore(tmp_path / "mgr" / "7")
+    np.testing.assert_array_equal(got["w"], np.full(4, 7, np.float32))

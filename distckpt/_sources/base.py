@@ -66,10 +66,21 @@ class Source(abc.ABC):
     leaves: list[LeafSpec]
     user_metadata: Any = None
     info: dict  # format-specific facts for ``inspect`` (versions, processes, ...)
+    # What every process of a restore must find alike (a digest of the headers
+    # or metadata it read): they read one checkpoint, not one each.
+    identity: str = ""
+    # Whether restore reads the boxes a process needs of one leaf as their
+    # bounding block when they fill at least half of it (``_source_restore``):
+    # right for byte-range reads, where boxes apart would each read whole pages.
+    merge_boxes: bool = True
 
     @abc.abstractmethod
     def read_box(self, index: int, box: _reshard.Box) -> np.ndarray:
         """The stored data of leaf ``index`` (key data for PRNG keys) inside ``box``."""
+
+    def tensor_of(self, index: int) -> tuple[str, str] | None:
+        """(stored name, file) of leaf ``index`` in formats that name tensors; else None."""
+        return None
 
     def read(self, index: int, rows: Rows = None) -> np.ndarray:
         """The stored data of leaf ``index`` (key data for PRNG keys), rows ``rows``."""

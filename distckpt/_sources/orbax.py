@@ -6,17 +6,22 @@ zarr array per leaf, in an OCDBT kvstore or one directory per leaf). Reading
 needs only TensorStore; writing (``distckpt convert --to orbax``) needs
 orbax-checkpoint (``pip install 'distckpt[orbax]'``), imported only then.
 
-Limits: ``distckpt.restore`` of an Orbax checkpoint runs in a single
-process; leaves are read with TensorStore's zarr driver, so an Orbax layout
-that is not zarr (older msgpack-only checkpoints) is refused with a message
-saying so.
+``distckpt.restore`` reads one in a job of any size, each process only the
+boxes its devices hold (``_source_restore``). Leaves are read with
+TensorStore's zarr drivers, so an Orbax layout that is not zarr (older
+msgpack-only checkpoints) is refused with a message saying so. Data that
+TensorStore cannot read (a truncated or missing file) is a
+``CorruptCheckpointError`` naming the leaf.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,9 +30,12 @@ from distckpt import _reshard, _tree
 from distckpt._layout import MANIFEST_NAME
 from distckpt._plan import LeafSpec
 from distckpt._sources.base import Rows, Source, rows_box
-from distckpt.errors import DistckptError, NotCommittedError
+from distckpt.errors import CorruptCheckpointError, NotCommittedError, UnsupportedCheckpointError
 
 METADATA_NAME = "_METADATA"
+# TensorStore status codes that mean stored bytes are missing or damaged
+# (rather than a layout it cannot read).
+_DAMAGED = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
 _SEQUENCE_KEY, _DICT_KEY = 1, 2  # orbax's KeyType values in tree_metadata
 
 
@@ -53,6 +61,75 @@ def find_root(path: str) -> str | None:
         if len(items) == 1:
             return os.path.abspath(os.path.join(path, items[0]))
     return None
+
+
+_STEP_NAME = re.compile(r"(?:.*_)?(\d+)")  # "<n>", or "<prefix>_<n>" (step_prefix)
+_TMP_MARK = ".orbax-checkpoint-tmp"  # an Orbax save in progress (or interrupted)
+
+
+@dataclass
+class ManagerStep:
+    """One step directory of an Orbax CheckpointManager (``distckpt ls``)."""
+
+    step: int
+    path: str
+    committed: bool  # False: Orbax's temporary directory of an unfinished save
+    items: list[str]
+    created_ns: int | None = None  # _CHECKPOINT_METADATA's commit_timestamp_nsecs
+    metrics: dict | None = None
+    process_count: int | None = None  # processes that wrote it (OCDBT sub-databases)
+
+
+def manager_steps(path: str) -> list[ManagerStep] | None:
+    """The steps of the Orbax CheckpointManager directory ``path``, sorted; None if it
+    is not one (no subdirectory is an Orbax step: ``_CHECKPOINT_METADATA``, or a
+    temporary directory of a save in progress)."""
+    if "://" in path or not os.path.isdir(path) or find_root(path) is not None:
+        return None
+    if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+        return None
+    steps = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        name, _, tmp = entry.partition(_TMP_MARK)
+        m = _STEP_NAME.fullmatch(name)
+        if m is None or not os.path.isdir(full):
+            continue
+        meta_path = os.path.join(full, "_CHECKPOINT_METADATA")
+        if not tmp and not os.path.isfile(meta_path):
+            continue
+        meta = _read_json(meta_path)
+        meta = meta if isinstance(meta, dict) else {}
+        items = sorted(e for e in os.listdir(full) if os.path.isdir(os.path.join(full, e)))
+        metrics = meta.get("metrics") or _read_json(os.path.join(full, "metrics", "metrics"))
+        writers = [
+            e
+            for item in items
+            for e in os.listdir(os.path.join(full, item))
+            if e.startswith("ocdbt.process_")
+        ]
+        steps.append(
+            ManagerStep(
+                int(m.group(1)),
+                full,
+                committed=not tmp,
+                items=items,
+                created_ns=meta.get("commit_timestamp_nsecs"),
+                metrics=metrics if isinstance(metrics, dict) and metrics else None,
+                process_count=len(set(writers)) or None,
+            )
+        )
+    if not any(s.committed for s in steps):
+        return None
+    return sorted(steps, key=lambda s: (s.step, s.committed))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def import_orbax() -> Any:
@@ -96,13 +173,19 @@ class OrbaxSource(Source):
     """An Orbax PyTree checkpoint, read one leaf (or slab of rows) at a time."""
 
     format = "orbax"
+    # TensorStore reads whole chunks, which a multi-process save cuts along its
+    # shards: reading each box on its own decodes just its chunks (as Orbax
+    # does), without the copies out of a merged block.
+    merge_boxes = False
 
     def __init__(self, root: str):
         self.root = self.display = root
         meta_path = os.path.join(root, METADATA_NAME)
         try:
-            with open(meta_path) as f:
-                doc = json.load(f)
+            with open(meta_path, "rb") as f:
+                raw = f.read()
+            self.identity = hashlib.sha256(raw).hexdigest()
+            doc = json.loads(raw)
             tree = doc["tree_metadata"]
         except (OSError, ValueError, KeyError) as e:
             raise NotCommittedError(
@@ -172,11 +255,7 @@ class OrbaxSource(Source):
         }
 
     def _json_file(self, rel: str) -> Any:
-        try:
-            with open(os.path.join(self.root, rel)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        return _read_json(os.path.join(self.root, rel))
 
     def _open(self, index: int, name: str) -> Any:
         import tensorstore as ts
@@ -191,10 +270,12 @@ class OrbaxSource(Source):
         try:
             store = ts.open(spec, open=True, read=True).result()
         except ValueError as e:
-            raise DistckptError(
+            if str(e).startswith(_DAMAGED):
+                raise self._damaged(name, "open its array", e) from e
+            raise UnsupportedCheckpointError(
                 f"{self.root}: cannot open the Orbax array of leaf {name!r} ({e}). The checkpoint "
-                "is incomplete or was written in a layout distckpt does not read; read it with "
-                "orbax-checkpoint instead."
+                "was written in a layout distckpt does not read; read it with orbax-checkpoint "
+                "instead."
             ) from e
         self._stores = {index: store}  # keep one open array: memory stays per-leaf
         return store
@@ -209,7 +290,18 @@ class OrbaxSource(Source):
         name = self.names[index]
         assert name is not None, "a None leaf has no array to read"
         store = self._open(index, name)
-        if not box:
-            return np.asarray(store.read().result())
-        sl = tuple(slice(a, b) for a, b in box)
-        return np.asarray(store[sl].read().result())
+        try:
+            if not box:
+                return np.asarray(store.read().result())
+            sl = tuple(slice(a, b) for a, b in box)
+            return np.asarray(store[sl].read().result())
+        except ValueError as e:
+            raise self._damaged(name, f"read box {list(box)} of its array", e) from e
+
+    def _damaged(self, name: str, what: str, e: Exception) -> CorruptCheckpointError:
+        problem = f"{self.root}: leaf {name!r}: TensorStore could not {what} ({e})"
+        return CorruptCheckpointError(
+            f"{problem}. The checkpoint is damaged or incomplete (a data file truncated or "
+            "missing); restore an earlier step or a copy. Nothing was restored from it.",
+            [problem],
+        )

@@ -30,6 +30,7 @@ from distckpt._layout import (
     is_ours,
 )
 from distckpt._retention import metric_value, rank
+from distckpt._sources import orbax as _orbax
 
 DEFAULT_MIN_AGE_S = 3600.0
 
@@ -202,6 +203,41 @@ def _inside_step(
         elif entry.startswith(TMP_MANIFEST_PREFIX) and entry != f"{TMP_MANIFEST_PREFIX}{attempt}":
             out.append(_leftover(full, TMP_MANIFEST_KIND, min_age_s, now, step=step))
     return out
+
+
+def scan_orbax(directory: _location.Location) -> Scan | None:
+    """An Orbax CheckpointManager directory as a scan (``distckpt ls``); None if it is not one.
+
+    Steps only: an Orbax save that did not finish is listed as uncommitted,
+    and nothing is a leftover for ``gc`` (Orbax cleans up its own).
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        return None
+    top = os.path.abspath(os.fspath(directory))
+    found = _orbax.manager_steps(top)
+    if found is None:
+        return None
+    steps = []
+    for s in found:
+        size, _ = tree_size_and_mtime(s.path)
+        created = ""
+        if s.created_ns:
+            created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s.created_ns / 1e9))
+        steps.append(
+            Step(
+                step=s.step,
+                path=s.path,
+                state="committed" if s.committed else "uncommitted",
+                why=""
+                if s.committed
+                else "an Orbax save that did not finish (temporary directory)",
+                bytes=size,
+                created=created,
+                metrics=s.metrics,
+                process_count=s.process_count,
+            )
+        )
+    return Scan(top, steps, [], [], 0.0)
 
 
 def scan(

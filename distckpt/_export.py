@@ -1,4 +1,5 @@
-"""Export a checkpoint to one ``.npz`` or safetensors file, a slab of rows at a time.
+"""Export a checkpoint to one ``.npz`` or safetensors file, or to the Hugging Face
+sharded safetensors layout, a slab of rows at a time.
 
 Flat names. Each leaf's key path becomes one name: the path's keys as
 strings, each escaped like a JSON pointer token (``~`` -> ``~0``, ``/`` ->
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import zipfile
 from collections.abc import Callable
@@ -34,28 +36,13 @@ import numpy as np
 
 from distckpt import _plan, _tree
 from distckpt._sources import DEFAULT_SLAB_BYTES, Source
+from distckpt._sources import safetensors as _safetensors
 
 RECORD_NAME = "__distckpt__"
 ROOT_NAME = "__root__"
 EXPORT_VERSION = 1
 
-SAFETENSORS_DTYPES = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "uint16": "U16",
-    "int16": "I16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "uint32": "U32",
-    "int32": "I32",
-    "float32": "F32",
-    "uint64": "U64",
-    "int64": "I64",
-    "float64": "F64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
+SAFETENSORS_DTYPES = _safetensors.NAMES  # numpy dtype name -> safetensors dtype name
 
 
 def escape(key: Any) -> str:
@@ -234,18 +221,7 @@ def to_safetensors(
     """
     check_destination(destination, overwrite)
     names = flat_names(source)
-    unsupported = [
-        f"{spec.display} ({spec.dtype})"
-        for spec in source.leaves
-        if spec.stored
-        and _plan.np_dtype(spec.dtype).newbyteorder("=").name not in SAFETENSORS_DTYPES
-    ]
-    if unsupported:
-        raise ValueError(
-            f"{source.display}: safetensors has no dtype for {len(unsupported)} leaf(s): "
-            + ", ".join(unsupported)
-            + ". Export with --to npz instead, which stores any dtype."
-        )
+    _check_dtypes(source)
     header: dict[str, Any] = {}
     plan = []  # (leaf index, little-endian dtype)
     offset = 0
@@ -289,6 +265,173 @@ def to_safetensors(
 
     _atomic(destination, write)
     return record
+
+
+HF_DEFAULT_SHARD_BYTES = 5 * 10**9  # what Hugging Face's save_pretrained uses ("5GB")
+
+
+def dotted_names(source: Source) -> dict[int, str]:
+    """The Hugging Face name of each stored leaf: its keys joined with ``.``.
+
+    Raises:
+      ValueError: two leaves would get the same name (a key holding ``.``),
+        naming both.
+    """
+    seen: dict[str, str] = {}
+    out = {}
+    for i, spec in enumerate(source.leaves):
+        if not spec.stored:
+            continue
+        name = ".".join(str(key) for _, key in spec.path) or ROOT_NAME
+        if name in seen:
+            raise ValueError(
+                f"{source.display}: leaves {seen[name]} and {spec.display} both map to the "
+                f"safetensors name {name!r} (keys joined with '.'); rename one of them first"
+            )
+        seen[name] = spec.display
+        out[i] = name
+    return out
+
+
+def shard_plan(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Consecutive tensors grouped into shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own). Pure."""
+    shards: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if not shards or (size + n > max_shard_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def to_hf_safetensors(
+    source: Source,
+    destination: str,
+    *,
+    max_shard_bytes: int = HF_DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    slab_bytes: int = DEFAULT_SLAB_BYTES,
+) -> dict:
+    """Writes the stored leaves as a Hugging Face sharded safetensors directory.
+
+    ``destination`` gets ``model-0000k-of-0000N.safetensors`` (tensors in
+    leaf order, at most ``max_shard_bytes`` of tensor data per file unless
+    one tensor is larger) and ``model.safetensors.index.json`` (``weight_map``
+    and ``metadata.total_size``, as Hugging Face writes them, plus
+    ``metadata.distckpt``: the export record, with which ``distckpt.restore``
+    gives back the exact tree). Names are the key paths joined with ``.``.
+    Python values and ``None`` are in the record only. Each tensor is
+    streamed a slab at a time: host memory stays about ``slab_bytes``. The
+    directory is written next to ``destination`` and renamed into place.
+
+    Returns:
+      The index document.
+
+    Raises:
+      ValueError: a leaf whose dtype safetensors cannot name, or two leaves
+        with one name; nothing is written.
+    """
+    check_destination(destination, overwrite)
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be at least 1, got {max_shard_bytes}")
+    _check_dtypes(source)
+    names = dotted_names(source)
+    order = list(names)
+    sizes = [source.leaves[i].nbytes for i in order]
+    shards = shard_plan(sizes, max_shard_bytes)
+    files = [
+        f"model-{k:05d}-of-{len(shards):05d}{_safetensors.SUFFIX}"
+        for k in range(1, len(shards) + 1)
+    ]
+    record = _record(
+        source, [names.get(i, flat_name(s.path)) for i, s in enumerate(source.leaves)], {}
+    )
+    weight_map = {}
+    for file, members in zip(files, shards, strict=True):
+        for j in members:
+            weight_map[names[order[j]]] = file
+    index = {
+        "metadata": {"total_size": sum(sizes), _safetensors.RECORD_KEY: record},
+        "weight_map": weight_map,
+    }
+    tmp = f"{destination}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for file, members in zip(files, shards, strict=True):
+            leaves = [order[j] for j in members]
+            _write_safetensors(
+                source, os.path.join(tmp, file), [(i, names[i]) for i in leaves], slab_bytes
+            )
+        with open(os.path.join(tmp, _safetensors.INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def _replace_dir(tmp: str, destination: str) -> None:
+    """Puts the finished directory ``tmp`` at ``destination`` (an old one goes after)."""
+    old = None
+    if os.path.lexists(destination):
+        old = f"{destination}.old-{os.getpid()}"
+        os.replace(destination, old)
+    os.replace(tmp, destination)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.unlink(old)
+
+
+def _write_safetensors(
+    source: Source, path: str, tensors: list[tuple[int, str]], slab_bytes: int
+) -> None:
+    """One plain safetensors file (no ``__metadata__``) of the given leaves, streamed."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for i, name in tensors:
+        spec = source.leaves[i]
+        nbytes = spec.nbytes
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[str(_plan.np_dtype(spec.array_dtype))],
+            "shape": list(spec.array_shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for i, _ in tensors:
+            dtype = _plan.np_dtype(source.leaves[i].array_dtype).newbyteorder("<")
+            for _, slab in source.iter_slabs(i, slab_bytes):
+                _write_raw(f, slab.astype(dtype, copy=False))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_dtypes(source: Source) -> None:
+    unsupported = [
+        f"{spec.display} ({spec.dtype})"
+        for spec in source.leaves
+        if spec.stored
+        and _plan.np_dtype(spec.array_dtype).newbyteorder("=").name not in SAFETENSORS_DTYPES
+    ]
+    if unsupported:
+        raise ValueError(
+            f"{source.display}: safetensors has no dtype for {len(unsupported)} leaf(s): "
+            + ", ".join(unsupported)
+            + ". Export with --to npz instead, which stores any dtype."
+        )
 
 
 def read_safetensors_header(path: str) -> tuple[dict, int]:
