@@ -475,7 +475,9 @@ class LocalTier:
                 arr, got = _from_replicas(arr, sharding, available, self.timeout_s)
                 peer_bytes += got
             arrays[i] = arr
-        for batch in _batches(pending, _knobs.get("memory_bytes") // 2):
+        # A batch holds its arrays twice more (on the peer layout, then back): a quarter
+        # of the budget each keeps both within half of it.
+        for batch in _batches(pending, _knobs.get("memory_bytes") // 4):
             for i, (arr, got) in _from_copies(
                 batch, peers, available, senders, by_owner, st, coll.pid, self.timeout_s, self._read
             ).items():
