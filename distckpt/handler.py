@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from distckpt import _location, _procstate, _statetree
+from distckpt import _location, _procstate, _statearrays, _statetree
 from distckpt._inspect import CheckpointInfo, is_committed, metadata
 from distckpt._location import Location
 from distckpt._procstate import Checkpointable
@@ -119,7 +119,7 @@ class CheckpointHandler:
         except TreeMismatchError as e:
             if pipeline is None:
                 raise
-            raise _statetree.explain(e, pipeline) from e
+            raise _statearrays.explain(e, pipeline) from e
         where = mgr.path(step)
         return where if isinstance(where, str) else _location.parse(where).display
 

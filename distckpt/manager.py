@@ -505,9 +505,15 @@ class CheckpointManager:
         partial: bool = False,
         cast: bool = False,
         pipeline: Checkpointable | None = None,
+        force_pipeline: bool = False,
         fall_back: bool = False,
     ) -> Any:
         """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``.
+
+        ``pipeline`` gets its saved state, unless that was recorded for other
+        data than ``pipeline.get_state()`` says it walks (a
+        ``TreeMismatchError`` naming the fields; ``force_pipeline=True``
+        applies it anyway).
 
         ``fall_back`` (only without ``step``): if the latest step is corrupt,
         log why and restore the newest step that is intact instead. Without
@@ -520,7 +526,7 @@ class CheckpointManager:
             if recovered is not None:
                 found, tree, _, state = recovered
                 if pipeline is not None and state is not None:
-                    _procstate.restore_into(pipeline, state)
+                    _procstate.restore_into(pipeline, state, force=force_pipeline)
                 assert self._local.last_recovery is not None
                 r = self._local.last_recovery
                 self.last_restore_stats = RestoreStats(
@@ -556,6 +562,7 @@ class CheckpointManager:
                     partial=partial,
                     cast=cast,
                     pipeline=pipeline,
+                    force_pipeline=force_pipeline,
                     timeout_s=self.timeout_s,
                 )
             except CorruptCheckpointError as e:
