@@ -253,3 +253,53 @@ def test_each_process_gets_its_own_arrays_back_and_a_mismatch_fails_everywhere(t
             "data_source_repr: the checkpoint has 'Range(100)', this iterator has 'Range(99)'"
             in (r.value["text"])
         )
+
+
+def _w_local_tier(tmp: str) -> dict:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    p = jax.process_index()
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    w = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("x")))
+    kwargs = {
+        "save_interval_steps": 10,
+        "local_directory": f"{tmp}/local{p}",
+        "local_save_interval_steps": 1,
+        "timeout_s": 30,
+    }
+    with distckpt.CheckpointManager(f"{tmp}/persistent", **kwargs) as mgr:
+        mgr.save(1, {"w": w}, pipeline=Recorder({"data_source_repr": "A", "position": 10 + p}))
+    out = {}
+    for force in (False, True):
+        back = Recorder({"data_source_repr": "A" if p == 0 else "B"})
+        with distckpt.CheckpointManager(f"{tmp}/persistent", **kwargs) as mgr:
+            try:
+                mgr.restore(
+                    None,
+                    {"w": jax.ShapeDtypeStruct((8,), w.dtype, sharding=w.sharding)},
+                    pipeline=back,
+                    force_pipeline=force,
+                )
+                out[str(force)] = {"tier": mgr.last_restore_stats.tier, "got": back.received}
+            except TreeMismatchError as e:
+                out[str(force)] = {"error": str(e), "got": back.received}
+    return out
+
+
+@pytest.mark.multiprocess
+def test_a_local_tier_restore_checks_identities_on_every_process(tmp_path):
+    results = run_processes(
+        f"{HERE}:_w_local_tier",
+        args={"tmp": str(tmp_path)},
+        per_process_env={p: {"DISTCKPT_HOST": f"host{p}"} for p in range(2)},
+    )
+    for p, r in enumerate(results):
+        refused = r.value["False"]
+        assert refused["got"] is None
+        assert "failed in phase 'pipeline' on process(es) [1]" in refused["error"]
+        assert "data_source_repr: the checkpoint has 'A', this iterator has 'B'" in refused["error"]
+        assert r.value["True"] == {
+            "tier": "local",
+            "got": {"data_source_repr": "A", "position": 10 + p},
+        }
