@@ -80,7 +80,7 @@ def metadata(directory: Location) -> CheckpointInfo:
     storage = open_storage(directory)
     m = _commit.load(storage)
     tree_leaves = len(m.leaves) - _procstate.array_leaves(
-        m.process_state, len(m.leaves), storage.display
+        m.process_state, [s.path for s in m.leaves], storage.display
     )
     leaves = {}
     for spec in m.leaves:

@@ -196,12 +196,28 @@ def manifest_entry(mode: str, states: list[str], arrays: int = 0) -> dict[str, A
     return entry
 
 
-def array_leaves(entry: dict[str, Any] | None, leaves: int, where: str) -> int:
-    """How many of a manifest's ``leaves`` last leaves hold pipeline state arrays (0 in a
-    checkpoint saved without pipeline=, or before the arrays were data)."""
+# The one key of the tree the handler APIs saved a Checkpointable's arrays under
+# before ``save(..., pipeline=)`` stored them itself (no ``arrays`` count then).
+HANDLER_ARRAYS = "checkpointable_arrays"
+
+
+def array_leaves(entry: dict[str, Any] | None, paths: list[Any], where: str) -> int:
+    """How many of a manifest's last leaves (``paths``: every leaf's path) hold pipeline
+    state arrays (0 in a checkpoint saved without pipeline=, or before they were data)."""
     if entry is None:
         return 0
-    count = entry.get("arrays", 0)
+    leaves = len(paths)
+    if "arrays" not in entry:
+        # A Checkpointable saved by the handler APIs before: its tree was the state's
+        # arrays alone, {HANDLER_ARRAYS: [...]}, which its Refs point into.
+        states = entry.get("states") or [""]
+        handler_saved = (
+            leaves > 0
+            and all(path[:1] == (("key", HANDLER_ARRAYS),) for path in paths)
+            and f'"{_TAG}":"ref"' in states[0]
+        )
+        return leaves if handler_saved else 0
+    count = entry["arrays"]
     if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= leaves:
         raise CorruptCheckpointError(
             f"the manifest of {where} is damaged: its pipeline state claims {count!r} array "

@@ -144,7 +144,7 @@ def restore(
         assert raw is not None  # else load() raised NotCommittedError
         # The pipeline state's arrays, if any, are the last leaves: not the tree's.
         arrays = _procstate.array_leaves(
-            manifest.process_state, len(manifest.leaves), storage.display
+            manifest.process_state, [spec.path for spec in manifest.leaves], storage.display
         )
         tree_leaves = manifest.leaves[: len(manifest.leaves) - arrays]
         if pipeline is not None:
@@ -157,7 +157,11 @@ def restore(
             if arrays:
                 state = _pipeline_arrays(storage, manifest, state, arrays)
             result["state"] = state
-        if target is None:
+        if target is None and arrays and "arrays" not in (manifest.process_state or {}):
+            # A Checkpointable the handler saved before the state's arrays were data:
+            # its tree was those arrays alone (their record of containers, too).
+            result["tree"] = {}
+        elif target is None:
             wants = [want_host(i, i, spec) for i, spec in enumerate(tree_leaves)]
             values = _execute(storage, manifest, wants, len(wants))
             result["tree"] = rebuild(manifest, values, storage.display, len(tree_leaves))
@@ -195,12 +199,10 @@ def _pipeline_arrays(storage: Any, manifest: Manifest, state: Any, count: int) -
     per_process = manifest.process_state is not None and manifest.process_state["mode"] != "global"
     first = len(manifest.leaves) - count
     specs = manifest.leaves[first:]
-    target = {
-        _statearrays.PIPELINE_KEY: [
-            _statearrays.want(spec.array_shape, str(spec.dtype), per_process) for spec in specs
-        ]
-    }
-    items, treedef = _tree.flatten(target)
+    items = [
+        (spec.path, _statearrays.want(spec.array_shape, str(spec.dtype), per_process))
+        for spec in specs
+    ]
     wants, problems = match(specs, items, partial=False, cast=False)
     if problems:
         raise mismatch(storage.display, problems)

@@ -303,3 +303,40 @@ def test_a_local_tier_restore_checks_identities_on_every_process(tmp_path):
             "tier": "local",
             "got": {"data_source_repr": "A", "position": 10 + p},
         }
+
+
+def test_a_checkpointable_the_handler_saved_before_restores_through_both_apis():
+    """tests/data/handler_state was saved by CheckpointHandler().save(dir, obj) when the
+    handler kept the arrays in a tree of their own ({"checkpointable_arrays": [...]})."""
+    path = DATA / "handler_state"
+    doc = _manifest(path)
+    assert "arrays" not in doc["process_state"]
+    assert [leaf["path"][0] for leaf in doc["leaves"]] == [["key", "checkpointable_arrays"]] * 3
+
+    def check(got):
+        assert list(got) == ["position", "data_source_repr", "order", "weights", "key"]
+        assert got["position"] == 3 and got["data_source_repr"] == "Range(4)"
+        assert type(got["order"]) is np.ndarray and got["order"].dtype == np.int64
+        assert got["order"].tolist() == [0, 1, 2]
+        assert isinstance(got["weights"], jax.Array) and got["weights"].tolist() == [1.5, 2.5]
+        np.testing.assert_array_equal(
+            jax.random.key_data(got["key"]), jax.random.key_data(jax.random.key(1))
+        )
+
+    check(distckpt.CheckpointHandler().restore(path))
+    back = Recorder({"data_source_repr": "Range(4)"})
+    assert distckpt.restore(path, pipeline=back) == {}  # the tree: the state's arrays only
+    check(back.received)
+    with pytest.raises(TreeMismatchError, match="data_source_repr"):
+        distckpt.restore(path, pipeline=Recorder({"data_source_repr": "Range(5)"}))
+
+
+def test_the_handler_saves_a_checkpointable_as_save_pipeline_does(tmp_path):
+    state = {"position": 1, "order": jnp.arange(3)}
+    distckpt.CheckpointHandler().save(tmp_path / "c", Recorder(state))
+    doc = _manifest(tmp_path / "c")
+    assert doc["process_state"]["arrays"] == 1
+    assert [leaf["path"] for leaf in doc["leaves"]] == [[["key", "__pipeline_state__"], ["idx", 0]]]
+    got = distckpt.CheckpointHandler().restore(tmp_path / "c")
+    assert got["position"] == 1 and isinstance(got["order"], jax.Array)
+    assert got["order"].tolist() == [0, 1, 2]
