@@ -236,9 +236,11 @@ def _w_agreed_step(tmp: str) -> dict:
         "step9": {"step": 9},  # not on the primary
         "apart": {"step": 5 if p == 0 else None},
     }
+    calls["no_dir"] = {"directory": "/proc/self/cwd/only_on_0"}
     for name, kw in calls.items():
+        kw = {"directory": where, **kw}
         try:
-            out[name] = int(handler.restore(where, **kw)["position"])
+            out[name] = int(handler.restore(**kw)["position"])
         except (CheckpointNotFoundError, errors.InconsistentProcessesError) as e:
             out[name] = {"error": type(e).__name__, "value_error": isinstance(e, ValueError)}
             out[name]["text"] = str(e)
@@ -271,6 +273,7 @@ def _w_agreed_step(tmp: str) -> dict:
 def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere(tmp_path):
     from tests.test_compat_datarax import write_like_datarax
 
+    write_like_datarax(tmp_path / "host0" / "only_on_0", {"position": 1}, step=1)
     for host, steps in ((0, (5, 7)), (1, (5, 9))):
         for step in steps:
             write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": step}, step=step)
@@ -289,4 +292,9 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
         )
         assert v["apart"]["error"] == "InconsistentProcessesError"
         assert "asked for different steps (by process: {0: 5, 1: None}" in v["apart"]["text"]
+        assert v["no_dir"]["error"] == "CheckpointNotFoundError"
+        assert (
+            "checkpoint directory not found on process 1: /proc/self/cwd/only_on_0"
+            in v["no_dir"]["text"]
+        )
         assert "see different latest steps (by process: {0: 7, 1: 9})" in v["restore_latest"]

@@ -260,13 +260,7 @@ class OrbaxCheckpointHandler:
         if coll.count == 1:
             return self._resolve(directory, step)
 
-        def look() -> None:
-            if where.path is not None and not os.path.isdir(where.path):
-                raise errors.NotCommittedError(
-                    f"checkpoint directory not found on process {coll.pid}: {where.display}"
-                )
-
-        coll.run("find the directory", look)
+        coll.run("find the directory", lambda: _check_directory(where, coll.pid))
         ours = self._native_steps(where)  # collective: every process, the same steps
 
         def choose() -> dict[str, Any]:
@@ -301,9 +295,13 @@ class OrbaxCheckpointHandler:
     def _agreed_latest(self, directory: Location) -> int | None:
         """``latest_step``, the same on every process (collective), or an
         ``InconsistentProcessesError`` naming each process's."""
-        latest = self.latest_step(directory)
-        where = _location.parse(directory).display
+        parsed = _location.parse(directory)
+        where = parsed.display
         coll = _multihost.Collective("restore", where, _knobs.get("timeout_s", self.timeout_s))
+        if coll.count > 1:  # before the listing, which is collective only where it is there
+            with _datarax_errors():
+                coll.run("find the directory", lambda: _check_directory(parsed, coll.pid))
+        latest = self.latest_step(directory)
 
         def disagree(payloads: list[Any]) -> None:
             raise errors.InconsistentProcessesError(
@@ -646,6 +644,13 @@ def _datarax_steps(where: ParsedLocation) -> dict[int, str]:
         if os.path.isdir(path) and _sources.format_of(path) == _sources.ORBAX:
             out[int(m[1])] = path
     return out
+
+
+def _check_directory(where: ParsedLocation, process: int) -> None:
+    if where.path is not None and not os.path.isdir(where.path):
+        raise errors.NotCommittedError(
+            f"checkpoint directory not found on process {process}: {where.display}"
+        )
 
 
 def _check_found(path: Location, foreign: bool, process: int) -> None:
