@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from distckpt import _chunks, _commit, _knobs, _plan, _read, _tree
+from distckpt import _chunks, _commit, _knobs, _plan, _procstate, _read, _tree
 from distckpt._location import Location
 from distckpt._storage import open_storage
 
@@ -43,7 +43,9 @@ class CheckpointInfo:
     created: str
     total_bytes: int
     files: int
-    tree: Any  # the LeafInfos in nested plain dicts and lists, shaped like the saved tree
+    # The LeafInfos in nested plain dicts and lists, shaped like the saved tree (the
+    # arrays of a pipeline= state are in ``leaves``, under __pipeline_state__, not here).
+    tree: Any
     save_stats: dict | None = None  # timings and bytes of the save that wrote it
     step: int | None = None  # set when a CheckpointManager wrote it
     metrics: dict | None = None  # the metrics saved with that step
@@ -77,6 +79,9 @@ def metadata(directory: Location) -> CheckpointInfo:
     """
     storage = open_storage(directory)
     m = _commit.load(storage)
+    tree_leaves = len(m.leaves) - _procstate.array_leaves(
+        m.process_state, [s.path for s in m.leaves], storage.display
+    )
     leaves = {}
     for spec in m.leaves:
         leaves[spec.display] = LeafInfo(
@@ -100,7 +105,7 @@ def metadata(directory: Location) -> CheckpointInfo:
         created=m.created,
         total_bytes=sum(f["bytes"] for f in m.files.values()),
         files=len(m.files),
-        tree=_tree.unflatten_plain([(s.path, leaves[s.display]) for s in m.leaves]),
+        tree=_tree.unflatten_plain([(s.path, leaves[s.display]) for s in m.leaves[:tree_leaves]]),
         save_stats=m.save_stats,
         step=(m.manager or {}).get("step"),
         metrics=(m.manager or {}).get("metrics"),

@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import jax
 import numpy as np
 
-from distckpt.errors import TreeMismatchError
+from distckpt.errors import CorruptCheckpointError, TreeMismatchError
 
 T = TypeVar("T", covariant=True)
 
@@ -96,7 +96,9 @@ def has_identity(state: Any) -> bool:
     return isinstance(state, dict) and any(f in state for f in IDENTITY_FIELDS)
 
 
-def check_identity(current: dict[str, Any], saved: dict[str, Any]) -> None:
+def check_identity(
+    current: dict[str, Any], saved: dict[str, Any], force_name: str = "force"
+) -> None:
     """Raises TreeMismatchError naming each ``IDENTITY_FIELDS`` field whose saved value
     differs from the iterator's (``current``: its ``get_state()``)."""
     if not isinstance(current, dict) or not isinstance(saved, dict):
@@ -113,7 +115,7 @@ def check_identity(current: dict[str, Any], saved: dict[str, Any]) -> None:
             "sequence:\n  "
             + "\n  ".join(differ)
             + "\nBuild the iterator as it was when saved, restore another checkpoint, or pass "
-            "force=True to apply the state anyway.",
+            f"{force_name}=True to apply the state anyway.",
             differ,
         )
 
@@ -185,9 +187,44 @@ def check_agreement(summaries: list[dict[str, Any]], where: str) -> None:
         )
 
 
-def manifest_entry(mode: str, states: list[str]) -> dict[str, Any]:
-    """The manifest's ``process_state``: each process's state, or the global one once."""
-    return {"mode": mode, "states": states[:1] if mode == "global" else states}
+def manifest_entry(mode: str, states: list[str], arrays: int = 0) -> dict[str, Any]:
+    """The manifest's ``process_state``: each process's state, or the global one once;
+    ``arrays``: how many of the last leaves are the states' arrays (``_statearrays``)."""
+    entry: dict[str, Any] = {"mode": mode, "states": states[:1] if mode == "global" else states}
+    if arrays:
+        entry["arrays"] = arrays
+    return entry
+
+
+# The one key of the tree the handler APIs saved a Checkpointable's arrays under
+# before ``save(..., pipeline=)`` stored them itself (no ``arrays`` count then).
+HANDLER_ARRAYS = "checkpointable_arrays"
+
+
+def array_leaves(entry: dict[str, Any] | None, paths: list[Any], where: str) -> int:
+    """How many of a manifest's last leaves (``paths``: every leaf's path) hold pipeline
+    state arrays (0 in a checkpoint saved without pipeline=, or before they were data)."""
+    if entry is None:
+        return 0
+    leaves = len(paths)
+    if "arrays" not in entry:
+        # A Checkpointable saved by the handler APIs before: its tree was the state's
+        # arrays alone, {HANDLER_ARRAYS: [...]}, which its Refs point into.
+        states = entry.get("states") or [""]
+        handler_saved = (
+            leaves > 0
+            and all(path[:1] == (("key", HANDLER_ARRAYS),) for path in paths)
+            and f'"{_TAG}":"ref"' in states[0]
+        )
+        return leaves if handler_saved else 0
+    count = entry["arrays"]
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= leaves:
+        raise CorruptCheckpointError(
+            f"the manifest of {where} is damaged: its pipeline state claims {count!r} array "
+            f"leaves, and it has {leaves} leaves. Restore an older step or a backup.",
+            [f"{where}: process_state.arrays: {count!r}"],
+        )
+    return count
 
 
 def saved_state(entry: dict[str, Any] | None, process: int, count: int, where: str) -> str:
@@ -215,8 +252,27 @@ def saved_state(entry: dict[str, Any] | None, process: int, count: int, where: s
     return states[process]
 
 
-def restore_into(obj: Any, raw: str) -> None:
-    obj.set_state(_decode(json.loads(raw)))
+def restore_into(obj: Any, raw: str, *, force: bool = False) -> None:
+    """Gives ``obj`` the state ``raw`` (as ``capture`` encoded it), after the identity
+    check (``check_identity``) unless ``force``."""
+    apply(obj, decode(raw), force=force)
+
+
+def decode(raw: str) -> Any:
+    r"""A state as ``capture`` encoded it (arrays of ``_statearrays`` still ``Ref``\ s)."""
+    return _decode(json.loads(raw))
+
+
+def identity_check(obj: Any, saved: Any, *, force: bool = False) -> None:
+    """Refuses ``saved`` for ``obj`` if it was recorded for other data (unless
+    ``force``, the engine's ``force_pipeline``)."""
+    if not force and has_identity(saved):
+        check_identity(obj.get_state(), saved, "force_pipeline")
+
+
+def apply(obj: Any, state: Any, *, force: bool = False) -> None:
+    identity_check(obj, state, force=force)
+    obj.set_state(state)
 
 
 def _encode(value: Any, where: str) -> Any:

@@ -10,6 +10,7 @@ gathered once every process has read its part.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +28,7 @@ from distckpt import (
     _runtime,
     _share,
     _sources,
+    _statearrays,
     _tree,
 )
 from distckpt._location import Location
@@ -49,6 +51,7 @@ def restore(
     drop: Iterable[str] | None = None,
     init: Any = None,
     pipeline: _procstate.Checkpointable | None = None,
+    force_pipeline: bool = False,
     share: bool | None = None,
     timeout_s: float | None = None,
 ) -> Any:
@@ -87,6 +90,14 @@ def restore(
         pipeline=)``: its ``set_state`` is called with this process's saved
         state. Per-process state needs the process count it was saved with;
         global state (``checkpoint_global = True``) goes to every process.
+        Its arrays come back as the types ``get_state`` gave (``jax.Array``
+        on this process's first device, numpy, PRNG keys). If the saved
+        state records what data it walks (``sampler_repr``,
+        ``data_source_repr``, ``shard_count``, ``worker_count``) and
+        ``pipeline.get_state()`` has other values, nothing is restored: a
+        ``TreeMismatchError`` (also a ``ValueError``) names the fields.
+      force_pipeline: give ``pipeline`` the saved state even if it was
+        recorded for other data.
       share: read each byte of a leaf replicated across processes (a mesh
         axis its spec leaves unused spans processes: data-parallel replicas)
         from storage once, on one process, and gather it through the job's
@@ -139,18 +150,33 @@ def restore(
         raw = storage.read_manifest()
         manifest = _commit.load(storage, raw)
         assert raw is not None  # else load() raised NotCommittedError
+        # The pipeline state's arrays, if any, are the last leaves: not the tree's.
+        arrays = _procstate.array_leaves(
+            manifest.process_state, [spec.path for spec in manifest.leaves], storage.display
+        )
+        tree_leaves = manifest.leaves[: len(manifest.leaves) - arrays]
         if pipeline is not None:
-            result["state"] = _procstate.saved_state(
+            raw_state = _procstate.saved_state(
                 manifest.process_state, coll.pid, coll.count, storage.display
             )
-        if target is None:
-            wants = [want_host(i, i, spec) for i, spec in enumerate(manifest.leaves)]
+            # Refused before any read, on every process alike (the phase's error).
+            state = _procstate.decode(raw_state)
+            _procstate.identity_check(pipeline, state, force=force_pipeline)
+            if arrays:
+                state = _pipeline_arrays(storage, manifest, state, arrays)
+            result["state"] = state
+        if target is None and arrays and "arrays" not in (manifest.process_state or {}):
+            # A Checkpointable the handler saved before the state's arrays were data:
+            # its tree was those arrays alone (their record of containers, too).
+            result["tree"] = {}
+        elif target is None:
+            wants = [want_host(i, i, spec) for i, spec in enumerate(tree_leaves)]
             values = _execute(storage, manifest, wants, len(wants))
-            result["tree"] = rebuild(manifest, values, storage.display)
+            result["tree"] = rebuild(manifest, values, storage.display, len(tree_leaves))
         else:
             migration = _migrate.Migration.build(rename, drop, init)
             result["gather"] = _restore_into(
-                storage, manifest, target, partial, cast, migration, share
+                storage, manifest, target, partial, cast, migration, share, len(tree_leaves)
             )
             share_plan = result["gather"].digest
         return {
@@ -171,9 +197,27 @@ def restore(
         )
         if "gather" in result:  # all read their parts and agree: the collectives, if any
             result["tree"] = result["gather"].tree()
-    if result.get("state") is not None:  # only once the arrays are in: no half-restored state
-        _procstate.restore_into(pipeline, result["state"])
+    if pipeline is not None:  # only once the arrays are in: no half-restored state
+        pipeline.set_state(result["state"])
     return result["tree"]
+
+
+def _pipeline_arrays(storage: Any, manifest: Manifest, state: Any, count: int) -> Any:
+    """``state`` (with ``Ref``\\ s) with its arrays, read from the last ``count`` leaves."""
+    per_process = manifest.process_state is not None and manifest.process_state["mode"] != "global"
+    first = len(manifest.leaves) - count
+    specs = manifest.leaves[first:]
+    items = [
+        (spec.path, _statearrays.want(spec.array_shape, str(spec.dtype), per_process))
+        for spec in specs
+    ]
+    wants, problems = match(specs, items, partial=False, cast=False)
+    if problems:
+        raise mismatch(storage.display, problems)
+    wants = [dataclasses.replace(w, leaf=w.leaf + first) for w in wants]
+    values = _execute(storage, manifest, wants, len(items))
+    arrays = _statearrays.own(values, per_process)
+    return _statearrays.join(state, arrays, per_process)
 
 
 def _disagree(everyone: list[dict]) -> None:
@@ -189,12 +233,20 @@ def _restore_into(
     cast: bool,
     migration: _migrate.Migration | None = None,
     share: bool | None = None,
+    tree_leaves: int | None = None,
 ) -> _share.Gather:
+    """``tree_leaves``: how many of the manifest's leaves are the tree's (the rest
+    are a pipeline state's arrays); all by default."""
     items, treedef = _tree.flatten(target)
     reads = _share.plan(items, share)  # leaves replicated across processes: read in parts
     hints: list[str] = []
     wants, problems = match(
-        manifest.leaves, reads.items, partial=partial, cast=cast, migration=migration, hints=hints
+        manifest.leaves[:tree_leaves],
+        reads.items,
+        partial=partial,
+        cast=cast,
+        migration=migration,
+        hints=hints,
     )
     if problems:
         raise mismatch(storage.display, problems, hints)
@@ -202,13 +254,17 @@ def _restore_into(
     return _share.Gather(reads, wants, values, treedef)
 
 
-def rebuild(manifest: Manifest, values: Sequence[Any], where: str) -> Any:
-    """The saved tree around ``values`` (one per saved leaf): what ``restore(dir)`` returns.
+def rebuild(
+    manifest: Manifest, values: Sequence[Any], where: str, tree_leaves: int | None = None
+) -> Any:
+    """The saved tree around ``values`` (one per saved leaf of the tree: the first
+    ``tree_leaves``, all by default): what ``restore(dir)`` returns.
 
     With the manifest's ``structure`` record, containers come back as saved;
     a checkpoint written before the record existed gives plain dicts and lists.
     """
-    items = [(spec.path, v) for spec, v in zip(manifest.leaves, values, strict=True)]
+    leaves = manifest.leaves[:tree_leaves]
+    items = [(spec.path, v) for spec, v in zip(leaves, values, strict=True)]
     if manifest.structure is None:
         return _tree.unflatten_plain(items)
     try:

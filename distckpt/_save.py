@@ -32,6 +32,7 @@ from distckpt import (
     _reshard,
     _runtime,
     _stage,
+    _statearrays,
     _tree,
 )
 from distckpt._index import Grid
@@ -70,7 +71,11 @@ def save(
       metadata: JSON-serialisable user data stored in the manifest.
       pipeline: a ``distckpt.Checkpointable`` (a data iterator): each
         process's ``get_state()`` is committed with the tree, and
-        ``restore(..., pipeline=)`` gives each process its own back.
+        ``restore(..., pipeline=)`` gives each process its own back. The
+        state's arrays (numpy, ``jax.Array``, PRNG keys) are stored in the
+        data files after the tree's leaves, checksummed, and come back as
+        the same types; only the rest is in the commit record. Per-process
+        arrays must have the same shapes and dtypes on every process.
       compression: ``"zstd"`` compresses every chunk of every array (format
         version 2; checksums cover the stored bytes); None (the default)
         stores raw bytes, which is fastest.
@@ -209,13 +214,19 @@ class SaveJob:
                 _check_same_target(payloads)
                 _check_same_tree(payloads, where)
 
-            primary = self.coll.run(
-                "prepare",
-                lambda: self._prepare(local),
-                share=True,
-                agree=_agreement,
-                disagree=disagree,
-            )
+            try:
+                primary = self.coll.run(
+                    "prepare",
+                    lambda: self._prepare(local),
+                    share=True,
+                    agree=_agreement,
+                    disagree=disagree,
+                )
+            except TreeMismatchError as e:
+                holder = local.get("holder")
+                if holder is None:
+                    raise
+                raise _statearrays.explain(e, holder) from e
             self.attempt = primary["attempt"]
             self.prepared = _Prepared(
                 attempt=primary["attempt"],
@@ -226,6 +237,7 @@ class SaveJob:
                 # manager ranks and retains by what was committed.
                 manager=primary["manager"],
                 pipeline_mode=primary["pipeline"],
+                pipeline_arrays=local["pipeline_arrays"],
                 preflight=local.get("preflight"),
             )
             leaves = [leaf for _, leaf in local["items"]]
@@ -298,6 +310,16 @@ class SaveJob:
         """Every process: describes the tree; the primary also checks the location and
         creates the attempt. Returns what the others must know (JSON)."""
         items, structure = _tree.walk(self._tree)  # any depth; records the containers
+        holder = None
+        arrays: list[Any] = []
+        if self.pipeline is not None:
+            # Captured now, while the caller waits: the state of this step. Its
+            # arrays are leaves after the tree's (the structure record is the tree's).
+            arrays, holder = _statearrays.split(self.pipeline)
+            local["holder"] = holder
+            items = items + [
+                ((("key", _statearrays.PIPELINE_KEY), ("idx", i)), a) for i, a in enumerate(arrays)
+            ]
         specs: list[LeafSpec] = []
         problems: list[str] = []
         for path, leaf in items:
@@ -318,6 +340,7 @@ class SaveJob:
         local.update(
             items=items,
             specs=specs,
+            pipeline_arrays=len(arrays),
             structure=structure,
             user_metadata=_json_roundtrip(self.metadata),
         )
@@ -327,11 +350,10 @@ class SaveJob:
             "where": self.storage.display,
             "manager": self.manager,
         }
-        if self.pipeline is not None:
-            # Captured now, while the caller waits: the state of this step.
-            raw = _procstate.capture(self.pipeline, self.coll.pid)
+        if holder is not None:
+            raw = _procstate.capture(holder, self.coll.pid)
             self.coll.put_blob(f"pipeline/{self.coll.pid}", raw)
-            out.update(_procstate.summary(self.pipeline, raw))
+            out.update(_procstate.summary(holder, raw))
         self.pipeline = None
         if self.coll.is_primary and self.coll.count > 1:
             # Who writes an array that lives on one process's devices depends
@@ -420,16 +442,18 @@ class SaveJob:
             manifest, [r.timing for r in reports], commit_s=time.perf_counter() - began
         )
         manifest.manager = prepared.manager
-        manifest.process_state = self._gather_pipeline_states(prepared.pipeline_mode)
+        manifest.process_state = self._gather_pipeline_states(
+            prepared.pipeline_mode, prepared.pipeline_arrays
+        )
         _commit.commit(self.storage, manifest, prepared.preflight)
         return stats.to_json()  # to every process: its size does not grow with them
 
-    def _gather_pipeline_states(self, mode: str | None) -> dict | None:
+    def _gather_pipeline_states(self, mode: str | None, arrays: int) -> dict | None:
         """The manifest entry for the processes' pipeline states (primary only)."""
         if mode is None:
             return None
         states = [raw.decode() for raw in self.coll.get_blobs("pipeline")]
-        return _procstate.manifest_entry(mode, states)
+        return _procstate.manifest_entry(mode, states, arrays)
 
     def _discard(self) -> None:
         if self.coll.is_primary and self.attempt is not None:
@@ -446,6 +470,7 @@ class _Prepared:
     user_metadata: Any
     manager: dict | None  # the primary's record
     pipeline_mode: str | None
+    pipeline_arrays: int  # the pipeline state's arrays: the last leaves of ``specs``
     preflight: Preflight | None  # the primary's findings at the location; None elsewhere
 
 

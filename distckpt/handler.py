@@ -24,7 +24,7 @@ from distckpt._procstate import Checkpointable
 from distckpt._restore import restore as _restore
 from distckpt._save import save as _save
 from distckpt._target import abstract_like
-from distckpt.errors import NotCommittedError, TreeMismatchError
+from distckpt.errors import NotCommittedError
 from distckpt.manager import CheckpointManager
 
 
@@ -94,32 +94,26 @@ class CheckpointHandler:
         pipeline: Any = None
         tree = target
         if _is_checkpointable(target):
-            tree, pipeline = _statetree.split(target)
+            # Its arrays are the checkpoint's leaves, the rest the pipeline state.
+            tree, pipeline = {}, target
         if keep is not None and step is None:
             raise ValueError("keep= needs step=: it keeps the latest N numbered steps")
         if keep is not None and (not isinstance(keep, int) or keep < 1):
             raise ValueError(f"keep must be a positive int or None, got {keep!r}")
-        try:
-            if step is None:
-                _save(
-                    directory,
-                    tree,
-                    overwrite=overwrite,
-                    metadata=metadata,
-                    pipeline=pipeline,
-                    timeout_s=self.timeout_s,
-                )
-                return _location.parse(directory).display
-            mgr = self._manager(directory)
-            # Retention is a frozen, validated value: this save applies its own.
-            mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
-            mgr.save(
-                step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite
+        if step is None:
+            _save(
+                directory,
+                tree,
+                overwrite=overwrite,
+                metadata=metadata,
+                pipeline=pipeline,
+                timeout_s=self.timeout_s,
             )
-        except TreeMismatchError as e:
-            if pipeline is None:
-                raise
-            raise _statetree.explain(e, pipeline) from e
+            return _location.parse(directory).display
+        mgr = self._manager(directory)
+        # Retention is a frozen, validated value: this save applies its own.
+        mgr.retention = dataclasses.replace(mgr.retention, max_to_keep=keep)
+        mgr.save(step, tree, metadata=metadata, pipeline=pipeline, force=True, overwrite=overwrite)
         where = mgr.path(step)
         return where if isinstance(where, str) else _location.parse(where).display
 

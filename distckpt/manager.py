@@ -497,6 +497,22 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore and delete
 
+    def _apply_local_state(self, pipeline: Any, raw: str | None, force: bool) -> None:
+        """Gives ``pipeline`` the state the local tier recovered (``raw``, as
+        ``_procstate.capture`` encoded it) once every process's passed the identity
+        check: a state for other data on any process restores none; collective."""
+        state = None if raw is None else _procstate.decode(raw)
+        coll = _multihost.Collective("restore", str(self.directory), self.timeout_s)
+        coll.run(
+            "pipeline",
+            lambda: (
+                None if state is None else _procstate.identity_check(pipeline, state, force=force)
+            ),
+            last=True,
+        )
+        if state is not None:
+            pipeline.set_state(state)
+
     def restore(
         self,
         step: int | None = None,
@@ -505,9 +521,15 @@ class CheckpointManager:
         partial: bool = False,
         cast: bool = False,
         pipeline: Checkpointable | None = None,
+        force_pipeline: bool = False,
         fall_back: bool = False,
     ) -> Any:
         """Restores ``step`` (default: the latest); collective. See ``distckpt.restore``.
+
+        ``pipeline`` gets its saved state, unless that was recorded for other
+        data than ``pipeline.get_state()`` says it walks (a
+        ``TreeMismatchError`` naming the fields; ``force_pipeline=True``
+        applies it anyway).
 
         ``fall_back`` (only without ``step``): if the latest step is corrupt,
         log why and restore the newest step that is intact instead. Without
@@ -519,8 +541,8 @@ class CheckpointManager:
             recovered = self._local.recover(target, newer_than=self.latest_step(), partial=partial)
             if recovered is not None:
                 found, tree, _, state = recovered
-                if pipeline is not None and state is not None:
-                    _procstate.restore_into(pipeline, state)
+                if pipeline is not None:
+                    self._apply_local_state(pipeline, state, force_pipeline)
                 assert self._local.last_recovery is not None
                 r = self._local.last_recovery
                 self.last_restore_stats = RestoreStats(
@@ -556,6 +578,7 @@ class CheckpointManager:
                     partial=partial,
                     cast=cast,
                     pipeline=pipeline,
+                    force_pipeline=force_pipeline,
                     timeout_s=self.timeout_s,
                 )
             except CorruptCheckpointError as e:

@@ -194,3 +194,91 @@ def test_per_process_arrays_of_different_shapes_are_refused_on_every_process(tmp
     from distckpt.compat import datarax as compat
 
     assert compat.OrbaxCheckpointHandler().get_checkpoint_steps(tmp_path) == []  # none committed
+
+
+# --------------------------------------------------------------------------- agreed step choice
+
+
+def _w_agreed_step(tmp: str) -> dict:
+    """Each process sees its own directory at one path (/proc/self/cwd is per process):
+    like a local disk per host, which distckpt must not let processes read apart."""
+    import os
+
+    import jax
+
+    from distckpt import errors
+    from distckpt.compat.datarax import CheckpointNotFoundError, OrbaxCheckpointHandler
+
+    p = jax.process_index()
+    os.chdir(f"{tmp}/host{p}")
+    where = "/proc/self/cwd/ckpts"
+    handler = OrbaxCheckpointHandler(timeout_s=30)
+    out: dict = {"listed": handler.get_checkpoint_steps(where)}
+    calls = {
+        "step5": {"step": 5},
+        "latest": {},  # the primary's latest (7) is not on process 1
+        "step9": {"step": 9},  # not on the primary
+        "apart": {"step": 5 if p == 0 else None},
+    }
+    calls["no_dir"] = {"directory": "/proc/self/cwd/only_on_0"}
+    for name, kw in calls.items():
+        kw = {"directory": where, **kw}
+        try:
+            out[name] = int(handler.restore(**kw)["position"])
+        except (CheckpointNotFoundError, errors.InconsistentProcessesError) as e:
+            out[name] = {"error": type(e).__name__, "value_error": isinstance(e, ValueError)}
+            out[name]["text"] = str(e)
+    from distckpt.compat.datarax import IteratorCheckpoint
+
+    class It:
+        def __init__(self):
+            self.state = {"position": -1}
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise StopIteration
+
+    try:
+        IteratorCheckpoint(where, handler=handler).restore_latest(It())
+        out["restore_latest"] = "restored"
+    except errors.InconsistentProcessesError as e:
+        out["restore_latest"] = str(e)
+    return out
+
+
+def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere(tmp_path):
+    from tests.test_compat_datarax import write_like_datarax
+
+    write_like_datarax(tmp_path / "host0" / "only_on_0", {"position": 1}, step=1)
+    for host, steps in ((0, (5, 7)), (1, (5, 9))):
+        for step in steps:
+            write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": step}, step=step)
+    results = run_processes(f"{HERE}:_w_agreed_step", args={"tmp": str(tmp_path)})
+    assert results[0].value["listed"] == [5, 7] and results[1].value["listed"] == [5, 9]
+    for r in results:
+        v = r.value
+        assert v["step5"] == 5
+        assert v["latest"]["error"] == "CheckpointNotFoundError" and v["latest"]["value_error"]
+        assert "process 1 finds no checkpoint at /proc/self/cwd/ckpts/ckpt-7" in v["latest"]["text"]
+        assert "which the primary (process 0) chose" in v["latest"]["text"]
+        assert v["step9"]["error"] == "CheckpointNotFoundError"
+        assert (
+            "step 9 is not a checkpoint in /proc/self/cwd/ckpts (steps there: [5, 7])"
+            in (v["step9"]["text"])
+        )
+        assert v["apart"]["error"] == "InconsistentProcessesError"
+        assert "asked for different steps (by process: {0: 5, 1: None}" in v["apart"]["text"]
+        assert v["no_dir"]["error"] == "CheckpointNotFoundError"
+        assert (
+            "checkpoint directory not found on process 1: /proc/self/cwd/only_on_0"
+            in v["no_dir"]["text"]
+        )
+        assert "see different latest steps (by process: {0: 7, 1: 9})" in v["restore_latest"]

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from distckpt import _location, _procstate, _sources, _statetree, _tree, errors
+from distckpt import _knobs, _location, _multihost, _procstate, _sources, _statetree, _tree, errors
 from distckpt._inspect import is_committed
 from distckpt._inspect import metadata as _metadata
 from distckpt._location import Location, ParsedLocation
@@ -227,7 +227,7 @@ class OrbaxCheckpointHandler:
         """
         del restore_args
         with _datarax_errors():
-            path, foreign = self._resolve(directory, step)
+            path, foreign = self._agreed(directory, step)
             if foreign:
                 return _restore_datarax(path, target, metadata_only, force)
             if metadata_only:
@@ -243,12 +243,88 @@ class OrbaxCheckpointHandler:
                 return _arrays_as_jax(_restore(path, timeout_s=self.timeout_s), path)
             return _restore(path, abstract_like(target), timeout_s=self.timeout_s)
 
-    def _resolve(self, directory: Location, step: int | None) -> tuple[Location, bool]:
-        """The checkpoint to restore and whether datarax wrote it (an Orbax directory)."""
+    def _agreed(self, directory: Location, step: int | None) -> tuple[Location, bool]:
+        """``_resolve`` as the primary finds it, on every process; collective.
+
+        Processes must not restore different steps (each lists the directory
+        itself, and a step may be new, or missing on a process that does not
+        share the filesystem): the primary chooses, every process checks
+        that it finds the chosen checkpoint, and a process that does not is a
+        ``NotCommittedError`` on every process. Processes asking for
+        different steps are an ``InconsistentProcessesError`` on every process.
+        """
+        where = _location.parse(directory)
+        coll = _multihost.Collective(
+            "restore", where.display, _knobs.get("timeout_s", self.timeout_s)
+        )
+        if coll.count == 1:
+            return self._resolve(directory, step)
+
+        coll.run("find the directory", lambda: _check_directory(where, coll.pid))
+        ours = self._native_steps(where)  # collective: every process, the same steps
+
+        def choose() -> dict[str, Any]:
+            out: dict[str, Any] = {"asked": step}
+            if coll.is_primary:
+                try:
+                    path, foreign = self._resolve(directory, step, ours)
+                except CheckpointNotFoundError as e:  # the same type on every process
+                    raise errors.NotCommittedError(str(e)) from None
+                out.update(path=path, foreign=foreign)
+            return out
+
+        def disagree(payloads: list[Any]) -> None:
+            asked = {p: (d or {}).get("asked") for p, d in enumerate(payloads)}
+            raise errors.InconsistentProcessesError(
+                f"restore of {where.display}: the processes asked for different steps "
+                f"(by process: {asked}; None is the latest). Every process must restore the "
+                "same step: pass the step the primary chose, or none."
+            )
+
+        chosen = coll.run(
+            "choose the step",
+            choose,
+            share=True,
+            agree=lambda payload: payload["asked"],
+            disagree=disagree,
+        )
+        path, foreign = chosen["path"], chosen["foreign"]
+        coll.run("find the step", lambda: _check_found(path, foreign, coll.pid), last=True)
+        return path, foreign
+
+    def _agreed_latest(self, directory: Location) -> int | None:
+        """``latest_step``, the same on every process (collective), or an
+        ``InconsistentProcessesError`` naming each process's."""
+        parsed = _location.parse(directory)
+        where = parsed.display
+        coll = _multihost.Collective("restore", where, _knobs.get("timeout_s", self.timeout_s))
+        if coll.count > 1:  # before the listing, which is collective only where it is there
+            with _datarax_errors():
+                coll.run("find the directory", lambda: _check_directory(parsed, coll.pid))
+        latest = self.latest_step(directory)
+
+        def disagree(payloads: list[Any]) -> None:
+            raise errors.InconsistentProcessesError(
+                f"restore of {where}: the processes see different latest steps (by process: "
+                f"{dict(enumerate(payloads))}); every process must see the same checkpoints. "
+                "Put the directory on a filesystem every process shares, and restore once "
+                "no step is being written."
+            )
+
+        with _datarax_errors():
+            coll.run("latest step", lambda: latest, agree=lambda v: v, disagree=disagree, last=True)
+        return latest
+
+    def _resolve(
+        self, directory: Location, step: int | None, ours: dict[int, Location] | None = None
+    ) -> tuple[Location, bool]:
+        """The checkpoint to restore and whether datarax wrote it (an Orbax directory);
+        ``ours``: distckpt's steps there, if already listed."""
         where = _location.parse(directory)
         if where.path is not None and not os.path.isdir(where.path):
             raise CheckpointNotFoundError(f"checkpoint directory not found: {where.display}")
-        ours = self._native_steps(where)
+        if ours is None:
+            ours = self._native_steps(where)
         theirs = _datarax_steps(where)
         if step is not None:
             if step in ours:
@@ -420,7 +496,7 @@ class IteratorCheckpoint:
 
         Raises CheckpointNotFoundError (a ``ValueError``) when there is none.
         """
-        latest = self.get_latest_step()
+        latest = self.handler._agreed_latest(self.base_dir)
         if latest is None:
             raise CheckpointNotFoundError(f"no checkpoints found in {self.base_dir}")
         return self.restore(iterator, step=latest, force=force)
@@ -568,6 +644,33 @@ def _datarax_steps(where: ParsedLocation) -> dict[int, str]:
         if os.path.isdir(path) and _sources.format_of(path) == _sources.ORBAX:
             out[int(m[1])] = path
     return out
+
+
+def _check_directory(where: ParsedLocation, process: int) -> None:
+    if where.path is not None and not os.path.isdir(where.path):
+        raise errors.NotCommittedError(
+            f"checkpoint directory not found on process {process}: {where.display}"
+        )
+
+
+def _check_found(path: Location, foreign: bool, process: int) -> None:
+    """Raises NotCommittedError unless this process finds the checkpoint the primary chose."""
+    if foreign:
+        found = (
+            isinstance(path, str)
+            and os.path.isdir(path)
+            and _sources.format_of(path) == _sources.ORBAX
+        )
+    else:
+        found = is_committed(path)
+    if not found:
+        shown = path if isinstance(path, str) else _location.parse(path).display
+        raise errors.NotCommittedError(
+            f"process {process} finds no checkpoint at {shown}, which the primary (process 0) "
+            "chose to restore; every process must see the same checkpoints. Put the directory "
+            "on a filesystem every process shares (or copy the step to each host), and check "
+            "that no process restores while the step is still being written."
+        )
 
 
 def _restore_datarax(path: Location, target: Any, metadata_only: bool, force: bool) -> Any:
