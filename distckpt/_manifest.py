@@ -14,11 +14,14 @@ from distckpt._plan import ChunkRecord, LeafSpec
 from distckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "distckpt"
-FORMAT_VERSION = 3  # the newest version this code reads; bump on any change a reader
+FORMAT_VERSION = 4  # the newest version this code reads; bump on any change a reader
 # of the previous version cannot read. Version 2 added per-leaf compression;
 # version 3 moved chunk records out of the manifest into per-process indexes
-# (_index), leaving a shard grid per leaf. Saves write version 3; a copy of an
-# older checkpoint keeps its version (1 without compression, else 2).
+# (_index), leaving a shard grid per leaf; version 4 stores the arrays of the
+# pipeline state as leaves after the tree's (``process_state.arrays``), which a
+# version-3 reader would hand back as part of the tree. Saves write version 3, or 4
+# when the pipeline state has arrays; a copy of an older checkpoint keeps its
+# version (1 without compression, else 2).
 from distckpt._layout import MANIFEST_NAME as MANIFEST_NAME  # noqa: E402 - re-exported
 
 
@@ -51,6 +54,8 @@ class Manifest:
     @property
     def written_version(self) -> int:
         """The oldest format version that can hold this manifest."""
+        if (self.process_state or {}).get("arrays"):
+            return 4
         if self.indexes is not None:
             return 3
         return 2 if any(spec.compression for spec in self.leaves) else 1

@@ -35,8 +35,20 @@ def _expected_v1() -> dict:
     }
 
 
-# v2: the same tree, zstd-compressed; v3: the same tree, chunk records in an index
-EXPECTED = {1: _expected_v1, 2: _expected_v1, 3: _expected_v1}
+# v2: the same tree, zstd-compressed; v3: the same tree, chunk records in an index;
+# v4: the same tree, saved with a pipeline state whose array is a leaf after it
+EXPECTED = {1: _expected_v1, 2: _expected_v1, 3: _expected_v1, 4: _expected_v1}
+
+
+def test_the_pipeline_state_of_format_4_restores_with_its_array():
+    from tests.recorder import Recorder
+
+    back = Recorder()
+    distckpt.restore(DATA / "format_v4", pipeline=back)
+    assert back.received["position"] == 17
+    order = back.received["order"]
+    assert isinstance(order, np.ndarray) and order.dtype == np.int64
+    np.testing.assert_array_equal(order, np.arange(6)[::-1])
 
 
 def test_every_format_version_has_a_fixture():
