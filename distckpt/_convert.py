@@ -105,13 +105,7 @@ def convert(
             )
         return convert_collectively(src, dst, overwrite=overwrite)
     with _sources.open_source(src) as source:
-        summary = {
-            "from": source.format,
-            "src": source.display,
-            "dst": os.path.abspath(dst),
-            "leaves": len(source.leaves),
-            "bytes": sum(s.nbytes for s in source.leaves),
-        }
+        summary = _summary(source, dst)
         if to == "npz":
             _export.to_npz(source, dst, overwrite=overwrite)
         elif to == "safetensors" and dst.endswith(".safetensors"):
@@ -156,13 +150,7 @@ def convert_collectively(
     if not overwrite:
         _refuse_committed(dst)
     with _sources.open_source(src) as source:
-        summary = {
-            "from": source.format,
-            "src": source.display,
-            "dst": os.path.abspath(dst),
-            "leaves": len(source.leaves),
-            "bytes": sum(s.nbytes for s in source.leaves),
-        }
+        summary = _summary(source, dst)
         target = _tree.unflatten_plain([(s.path, job_target(s)) for s in source.leaves])
         metadata = source.user_metadata
     if source.format == _sources.DISTCKPT:
@@ -249,3 +237,14 @@ def _write_orbax(source: _sources.Source, dst: str, *, overwrite: bool) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(dst, tree, force=overwrite, custom_metadata=metadata)
         ckptr.wait_until_finished()
+
+
+def _summary(source: _sources.Source, dst: str) -> dict:
+    """What ``convert`` reports: the source's format and size, and where it went."""
+    return {
+        "from": source.format,
+        "src": source.display,
+        "dst": os.path.abspath(dst),
+        "leaves": len(source.leaves),
+        "bytes": sum(s.nbytes for s in source.leaves),
+    }

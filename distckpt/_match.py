@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,3 +421,21 @@ def _cast_loss(src: np.ndarray, dtype: np.dtype) -> tuple[int, str]:
             what = "would become infinite or NaN in"
     count = int(np.count_nonzero(bad))
     return count, (f"{src[bad].flat[0]} {what} {dtype}" if count else "")
+
+
+def batches(wants: list[Want], leaves: Sequence[LeafSpec], budget: int) -> Iterator[list[Want]]:
+    """``wants`` in batches of at most ``budget`` bytes of boxes read (a larger leaf goes
+    alone); ``leaves``: the checkpoint's leaves, which the wants index."""
+    batch: list[Want] = []
+    size = 0
+    for w in wants:
+        nbytes = 0
+        if w.mode != Mode.VALUE:
+            nbytes = sum(_reshard.box_size(b) for b in w.boxes) * leaves[w.leaf].itemsize
+        if batch and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(w)
+        size += nbytes
+    if batch:
+        yield batch

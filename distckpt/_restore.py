@@ -24,7 +24,6 @@ from distckpt import (
     _plan,
     _procstate,
     _read,
-    _reshard,
     _runtime,
     _share,
     _sources,
@@ -33,7 +32,7 @@ from distckpt import (
 )
 from distckpt._location import Location
 from distckpt._manifest import Manifest
-from distckpt._match import Mode, Want, match, mismatch, place, want_host
+from distckpt._match import Mode, Want, batches, match, mismatch, place, want_host
 from distckpt._plan import ChunkRecord
 from distckpt._reshard import Box
 from distckpt._source_restore import restore_source
@@ -296,20 +295,7 @@ def _batches(wants: list[Want], manifest: Manifest, budget: int | None) -> Itera
         budget = _plan.restore_batch_bytes(
             _knobs.get("memory_bytes"), threads=_threads(), range_bytes=_read.RANGE_BYTES
         )
-    batch: list[Want] = []
-    size = 0
-    for w in wants:
-        nbytes = 0
-        if w.mode != Mode.VALUE:
-            spec = manifest.leaves[w.leaf]
-            nbytes = sum(_reshard.box_size(b) for b in w.boxes) * spec.itemsize
-        if batch and size + nbytes > budget:
-            yield batch
-            batch, size = [], 0
-        batch.append(w)
-        size += nbytes
-    if batch:
-        yield batch
+    return batches(wants, manifest.leaves, budget)
 
 
 def _execute(storage: Any, manifest: Manifest, wants: list[Want], count: int) -> list[Any]:

@@ -20,7 +20,6 @@ No XLA collective: each process builds its own shards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from distckpt import _knobs, _multihost, _plan, _reshard, _runtime, _sources, _tree
 from distckpt._location import Location
-from distckpt._match import Mode, Want, match, mismatch, place, want_host
+from distckpt._match import Mode, Want, batches, match, mismatch, place, want_host
 from distckpt._migrate import Migration
 from distckpt._reshard import Box
 from distckpt._storage import aligned_empty
@@ -117,7 +116,7 @@ def read_into(
     values: list[Any] = [None] * count
     threads = _knobs.get("io_threads")
     with ThreadPoolExecutor(threads, thread_name_prefix="distckpt-read") as pool:
-        for batch in _batches(source, wants, _budget(threads)):
+        for batch in batches(wants, source.leaves, _budget(threads)):
             reads = plan_reads(batch, merge=source.merge_boxes)
             blocks: dict[tuple[int, Box], np.ndarray] = {}
             for (leaf, outer, inner), block in zip(
@@ -182,24 +181,6 @@ def _budget(threads: int) -> int:
     return _plan.restore_batch_bytes(
         _knobs.get("memory_bytes"), threads=threads, range_bytes=64 << 20
     )
-
-
-def _batches(source: _sources.Source, wants: list[Want], budget: int) -> Iterator[list[Want]]:
-    """``wants`` in batches of at most ``budget`` bytes read (a larger leaf goes alone)."""
-    batch: list[Want] = []
-    size = 0
-    for w in wants:
-        nbytes = 0
-        if w.mode != Mode.VALUE:
-            itemsize = source.leaves[w.leaf].itemsize
-            nbytes = sum(_reshard.box_size(b) for b in w.boxes) * itemsize
-        if batch and size + nbytes > budget:
-            yield batch
-            batch, size = [], 0
-        batch.append(w)
-        size += nbytes
-    if batch:
-        yield batch
 
 
 def _check_nests(source: _sources.Source) -> None:

@@ -15,26 +15,10 @@ import pytest
 import distckpt
 from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
 from tests.mp import run_processes
+from tests.recorder import GlobalRecorder, Recorder
 
 DATA = Path(__file__).resolve().parent / "data"
 HERE = "tests.test_pipeline_data"
-
-
-class Recorder:
-    """A Checkpointable whose state is whatever the test puts in it."""
-
-    def __init__(self, state=None):
-        self.state, self.received = state, None
-
-    def get_state(self):
-        return self.state
-
-    def set_state(self, state):
-        self.received = state
-
-
-class GlobalRecorder(Recorder):
-    checkpoint_global = True
 
 
 def _state() -> dict:
