@@ -88,7 +88,7 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
     }
 
 
-def _run(fn, tmp, env=None, **kw):
+def _run(fn, tmp, **kw):
     hosts = {0: {"DISTCKPT_HOST": "host0"}, 1: {"DISTCKPT_HOST": "host1"}}
     return [
         r.value
@@ -97,7 +97,6 @@ def _run(fn, tmp, env=None, **kw):
             args={"tmp": str(tmp), **kw},
             devices_per_process=2,
             per_process_env=hosts,
-            env=env,
         )
     ]
 
@@ -115,11 +114,6 @@ def test_fsdp_state_recovers_after_a_host_lost_its_directory(tmp_path):
     assert [r["step"] for r in back] == [3, 3] and all(r["exact"] for r in back), back
     assert back[1]["peer"] > 0 and back[1]["local"] == 0
     assert back[0]["host_values"] == back[1]["host_values"] == [7, "run"]
-    # A memory budget of a few bytes: the arrays come back one per program, the same.
-    tiny = _run("_w_recover", tmp_path, {"DISTCKPT_MEMORY_BYTES": "2"}, mesh_kind="fsdp", last=3)
-    assert [(r["step"], r["exact"], r["peer"]) for r in tiny] == [
-        (r["step"], r["exact"], r["peer"]) for r in back
-    ]
 
 
 def test_data_parallel_state_recovers_from_replicas(tmp_path):
