@@ -52,7 +52,6 @@ from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchE
 
 log = logging.getLogger("distckpt")
 _MARK = ".process-"  # a process's mark in its local directory: which run last saved there
-_VERIFY_BATCH = 64  # blocks of peers' copies checked at a time (read, checked, dropped)
 
 
 def host_name() -> str:
@@ -370,9 +369,7 @@ class LocalTier:
             return False
         needed = [b for b in st.blocks if b.owner in lost and b.owner != st.process]
         try:
-            for n in range(0, len(needed), _VERIFY_BATCH):
-                batch = needed[n : n + _VERIFY_BATCH]
-                self._kept.update(zip(batch, st.read_many(batch), strict=True))
+            self._kept.update(zip(needed, st.read_many(needed), strict=True))
         except CorruptCheckpointError as e:
             log.warning(
                 "local step %d on process %d: a copy kept for a peer is damaged: %s",
