@@ -745,3 +745,59 @@ def test_a_module_that_is_checkpointable_is_saved_through_get_state(tmp_path):
         assert handler.restore(tmp_path) == {"count": 4, "kind": "counter"}
         handler.restore(tmp_path, other)
     assert int(other.count[...]) == 4
+
+
+# --------------------------------------------------------------------------- written by datarax itself
+
+WRITTEN = os.path.join(os.path.dirname(__file__), "data", "datarax_written")
+
+
+def _fixture_module():
+    """tests/data/datarax_written/make_fixture.py, which wrote the checkpoints with datarax
+    0.1.0 and recorded what datarax restores from them (``describe``, ``SimplePipeline``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "datarax_written", os.path.join(WRITTEN, "make_fixture.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checkpoints_written_by_datarax_restore_as_datarax_restores_them(tmp_path):
+    """The checkpoints in tests/data/datarax_written were written by datarax 0.1.0's own
+    handler (``OrbaxCheckpointHandler.save``, ``PipelineCheckpoint.save``); expected.json
+    is what datarax's handler returned from them. The compat handler gives the same
+    listing, the same states (types, dtypes, shapes, values) and the same metadata."""
+    import shutil
+
+    fixture = _fixture_module()
+    with open(os.path.join(WRITTEN, "expected.json")) as f:
+        expected = json.load(f)
+    with compat.OrbaxCheckpointHandler() as handler:
+        for name in ("dict_state", "pipeline", "unstepped"):
+            directory = str(tmp_path / name)  # a copy: nothing may be written into the fixture
+            shutil.copytree(os.path.join(WRITTEN, name), directory)
+            want = expected[name]
+            assert handler.get_checkpoint_steps(directory) == want["steps"], name
+            assert handler.latest_step(directory) == want["latest"], name
+            # datarax lists paths as ckpt-N even where it wrote N/: the compat handler
+            # lists the directories that are there.
+            assert handler.list_checkpoints(directory) == {
+                s: os.path.join(directory, str(s)) for s in want["steps"]
+            }, name
+            assert fixture.describe(handler.restore(directory)) == want["latest_state"], name
+            for step, per_step in want["by_step"].items():
+                got = handler.restore(directory, step=int(step))
+                assert fixture.describe(got) == per_step["state"], (name, step)
+                meta = handler.restore(directory, step=int(step), metadata_only=True)
+                assert meta == per_step["metadata"], (name, step)
+        pipeline = compat.PipelineCheckpoint(str(tmp_path / "pipeline"))
+        restored = pipeline.restore_latest(fixture.SimplePipeline(0, 0, 0))
+        assert fixture.describe(restored.get_state()) == expected["pipeline"]["restore_latest"]
+        # After the switch: new steps are distckpt's; datarax's stay readable and are kept.
+        pipeline.save(fixture.SimplePipeline(1, 3, 4500), step=450, keep=3)
+        assert pipeline.list_checkpoints().keys() == {200, 300, 400, 450}
+        assert handler.restore(str(tmp_path / "pipeline"), step=400)["position"] == 4000

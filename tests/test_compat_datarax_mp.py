@@ -10,6 +10,8 @@ checkpoint datarax wrote, read by every process.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.mp import run_processes
@@ -112,10 +114,11 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
             and bool(np.array_equal(target.received["table"], shared["table"]))
             and target.received["table"].dtype == np.int64
         )
-        # A checkpoint datarax wrote (before the job), read by every process.
+        # Checkpoints datarax 0.1.0 wrote (tests/data/datarax_written), read by every process.
+        fixture = t._fixture_module()
         out["datarax_steps"] = handler.get_checkpoint_steps(datarax_dir)
-        old = handler.restore(datarax_dir)
-        out["datarax_state"] = {"position": old["position"], "source": old["source"]}
+        out["datarax_state"] = fixture.describe(handler.restore(datarax_dir))
+        out["datarax_step_100"] = fixture.describe(handler.restore(datarax_dir, step=100))
         # Identity: each process's shard_count is checked against its own saved state.
         it_ckpt = compat.IteratorCheckpoint(os.path.join(directory, "it"), handler=handler)
         it_ckpt.save(t.Sharded(2, position=pid + 1), step=1)
@@ -129,10 +132,15 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
 
 
 def test_datarax_examples_and_state_on_two_processes(tmp_path):
+    import json
+    import shutil
+
     from tests import test_compat_datarax as t
 
     datarax_dir = tmp_path / "written_by_datarax"
-    t.write_like_datarax(datarax_dir, {"position": 9, "source": "mnist"}, step=7)
+    shutil.copytree(os.path.join(t.WRITTEN, "dict_state"), datarax_dir)
+    with open(os.path.join(t.WRITTEN, "expected.json")) as f:
+        expected = json.load(f)["dict_state"]
     results = run_processes(
         f"{HERE}:_w_examples",
         2,
@@ -162,8 +170,9 @@ def test_datarax_examples_and_state_on_two_processes(tmp_path):
             "overwritten": {"v": 2},
             "per_process": True,
             "global": True,
-            "datarax_steps": [7],
-            "datarax_state": {"position": 9, "source": "mnist"},
+            "datarax_steps": expected["steps"],
+            "datarax_state": expected["latest_state"],
+            "datarax_step_100": expected["by_step"]["100"]["state"],
             "identity": True,
             "forced": pid + 1,
         }, pid
@@ -219,6 +228,7 @@ def _w_agreed_step(tmp: str) -> dict:
         "latest": {},  # the primary's latest (7) is not on process 1
         "step9": {"step": 9},  # not on the primary
         "apart": {"step": 5 if p == 0 else None},
+        "differ": {"step": 3},  # each host's copy of step 3 holds other contents
     }
     calls["no_dir"] = {"directory": "/proc/self/cwd/only_on_0"}
     for name, kw in calls.items():
@@ -261,8 +271,9 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
     for host, steps in ((0, (5, 7)), (1, (5, 9))):
         for step in steps:
             write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": step}, step=step)
+        write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": 3 + 30 * host}, step=3)
     results = run_processes(f"{HERE}:_w_agreed_step", args={"tmp": str(tmp_path)})
-    assert results[0].value["listed"] == [5, 7] and results[1].value["listed"] == [5, 9]
+    assert results[0].value["listed"] == [3, 5, 7] and results[1].value["listed"] == [3, 5, 9]
     for r in results:
         v = r.value
         assert v["step5"] == 5
@@ -271,7 +282,7 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
         assert "which the primary (process 0) chose" in v["latest"]["text"]
         assert v["step9"]["error"] == "CheckpointNotFoundError"
         assert (
-            "step 9 is not a checkpoint in /proc/self/cwd/ckpts (steps there: [5, 7])"
+            "step 9 is not a checkpoint in /proc/self/cwd/ckpts (steps there: [3, 5, 7])"
             in (v["step9"]["text"])
         )
         assert v["apart"]["error"] == "InconsistentProcessesError"
@@ -282,3 +293,6 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
             in v["no_dir"]["text"]
         )
         assert "see different latest steps (by process: {0: 7, 1: 9})" in v["restore_latest"]
+        assert v["differ"]["error"] == "InconsistentProcessesError", v["differ"]
+        assert "the processes read different contents at this path" in v["differ"]["text"]
+        assert "/proc/self/cwd/ckpts/ckpt-3" in v["differ"]["text"]

@@ -38,6 +38,7 @@ docs/training_state.md ("Coming from datarax") lists what differs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
@@ -229,7 +230,7 @@ class OrbaxCheckpointHandler:
         with _datarax_errors():
             path, foreign = self._agreed(directory, step)
             if foreign:
-                return _restore_datarax(path, target, metadata_only, force)
+                return _restore_datarax(path, target, metadata_only, force, self.timeout_s)
             if metadata_only:
                 return _metadata(path).user_metadata
             if isinstance(target, Checkpointable):
@@ -673,9 +674,32 @@ def _check_found(path: Location, foreign: bool, process: int) -> None:
         )
 
 
-def _restore_datarax(path: Location, target: Any, metadata_only: bool, force: bool) -> Any:
-    """A checkpoint datarax wrote: its state, with datarax's encodings undone."""
-    state = _decode(_read_orbax(path))
+def _restore_datarax(
+    path: Location, target: Any, metadata_only: bool, force: bool, timeout_s: float | None
+) -> Any:
+    """A checkpoint datarax wrote: its state, with datarax's encodings undone.
+
+    Each process reads it whole; in a job of several, they then check that they
+    read the same contents (a checkpoint is not restored from host-local copies
+    that differ); collective."""
+    raw = _read_orbax(path)
+    shown = path if isinstance(path, str) else _location.parse(path).display
+    coll = _multihost.Collective("restore", shown, _knobs.get("timeout_s", timeout_s))
+    if coll.count > 1:
+
+        def disagree(payloads: list[Any]) -> None:
+            groups: dict[str, list[int]] = {}
+            for p, digest in enumerate(payloads):
+                groups.setdefault(str(digest)[:12], []).append(p)
+            raise errors.InconsistentProcessesError(
+                f"restore of {shown}: the processes read different contents at this path "
+                f"(processes by sha256 of what each read: {groups}). Each host has its own "
+                "copy of this checkpoint, and the copies differ: put the directory on a "
+                "filesystem every process shares, or copy one step to every host."
+            )
+
+        coll.run("contents", lambda: _digest(raw), agree=lambda d: d, disagree=disagree, last=True)
+    state = _decode(raw)
     meta = None
     if isinstance(state, dict) and "__metadata__" in state:
         meta = state.pop("__metadata__")
@@ -708,6 +732,33 @@ def _read_orbax(path: Location) -> Any:
                 value = jax.device_put(value, device)
             items.append((spec.path, value))
     return _tree.unflatten_plain(items)
+
+
+def _digest(value: Any) -> str:
+    """sha256 of a tree read from an Orbax checkpoint: its structure, and each leaf's
+    type, dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                walk(v[k])
+            h.update(b"}")
+        elif isinstance(v, list | tuple):
+            h.update(f"{type(v).__name__}[{len(v)}".encode())
+            for x in v:
+                walk(x)
+        elif isinstance(v, jax.Array | np.ndarray):
+            a = np.ascontiguousarray(np.asarray(v))
+            h.update(f"{type(v).__name__}:{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(f"{type(v).__name__}:{v!r};".encode())
+
+    walk(value)
+    return h.hexdigest()
 
 
 def _decode(value: Any) -> Any:
