@@ -7,9 +7,11 @@ the compatibility spec. ``run_example`` changes only their imports
 and, where a page writes to an absolute path (``/checkpoints``), that path
 (to the test's directory); relative paths (``./checkpoints``) run in the
 test's directory. Examples that need datarax itself (its sources, modules)
-are not here. Then one test per gap the switch exposed (issue 17), and
-checkpoints written the way datarax writes them (Orbax ``ckpt-<step>``
-directories) read back. tests/test_compat_datarax_mp.py runs the examples
+are not here (docs/training_state.md says how they were checked). Then one
+test per gap the switch exposed (issue 17), checkpoints written the way
+datarax writes them (Orbax ``ckpt-<step>`` directories) read back, and
+checkpoints datarax 0.1.0 itself wrote (tests/data/datarax_written) restored
+as datarax restored them. tests/test_compat_datarax_mp.py runs the examples
 on several processes.
 """
 
@@ -523,6 +525,7 @@ def test_pipeline_checkpoint_api(tmp_path):
     path = ckpt.save_to_step(pipe, 1000, interval=1000)
     assert path == str(tmp_path / "step_00001000")
     next(pipe)
+    assert ckpt.save_at_step(pipe, 1500, interval=1000) is None  # datarax 0.1.0's name
     ckpt.save_to_directory(pipe, step=2000, keep=5)
     fresh = simple(np.arange(40, dtype=np.float32))
     assert ckpt.restore(fresh) is fresh and fresh.position == 20  # latest by default

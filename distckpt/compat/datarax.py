@@ -543,6 +543,8 @@ class PipelineCheckpoint(IteratorCheckpoint):
             data_stream, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 
+    save_at_step = save_to_step  # datarax 0.1.0's name for it
+
 
 class _Captured:
     """An iterator's state, taken once, standing for the iterator in a save."""
