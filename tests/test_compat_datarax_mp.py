@@ -1,8 +1,8 @@
 """``distckpt.compat.datarax`` in a job of real processes: datarax's examples, multi-host.
 
 The examples are tests/test_compat_datarax.py's verbatim copies of datarax's
-documentation, run on every process of a 2-process job with only their
-imports changed; each process's pipeline walks its own shard (a seed of its
+documentation (the overview's, the guide's and the quickref's), run on every
+process of a 2-process job with only their imports changed; each process's pipeline walks its own shard (a seed of its
 own), and must get exactly its own position back. One run covers the
 examples, per-process and global Checkpointable state with arrays, and a
 checkpoint datarax wrote, read by every process.
@@ -52,6 +52,32 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
     new = ns["new_pipeline"]
     out["rng_back"] = np.asarray(jax.random.key_data(new.rng)).tolist() == saved_rng
     out["steps"] = sorted(ns["checkpointer"].list_checkpoints())
+
+    # The overview's examples: each process's pipeline its own data, saved and restored.
+    ns = {"jax": jax}
+    simple = t.pipeline_class(ns)
+    ns["pipeline"] = quick = simple(np.arange(30, dtype=np.float32) + pid, seed=1)
+    for _ in range(pid + 1):
+        next(quick)
+    t.run_example(t.OVERVIEW_QUICK_START, ns, os.path.join(directory, "overview_quick"))
+    out["overview_quick"] = quick.position  # restored: the position this process saved
+    overview = os.path.join(directory, "overview")
+    ns["pipeline"] = simple(np.arange(20010, dtype=np.float32), seed=2 + pid)
+    ns["train_step"] = t._train_step
+    t.run_example(t.OVERVIEW_TRAINING_LOOP, ns, overview)
+    handler = compat.OrbaxCheckpointHandler()
+    resumed = simple(np.arange(20010, dtype=np.float32), seed=9)
+    handler.restore(overview, resumed, step=1000)
+    out["overview_resumed"] = (
+        resumed.position,
+        np.asarray(jax.random.key_data(resumed.rng)).tolist()
+        == np.asarray(jax.random.key_data(jax.random.key(2 + pid))).tolist(),
+    )
+    ns["handler"], ns["pipeline"] = handler, simple(np.arange(3, dtype=np.float32))
+    for step in (3000, 4000, 5000):
+        handler.save(overview, resumed, step=step, keep=5)
+    t.run_example(t.OVERVIEW_MANAGEMENT, ns, overview)
+    out["overview_management"] = (ns["steps"], ns["latest"], ns["pipeline"].position)
 
     # The guide's examples, in order, in directories of their own (./checkpoints in each).
     def enter(name: str) -> None:
@@ -159,6 +185,9 @@ def test_datarax_examples_and_state_on_two_processes(tmp_path):
                 "After restore: position=1500",
             ],
             "rng_back": True,
+            "overview_quick": 10 * (pid + 1),
+            "overview_resumed": [10010, True],
+            "overview_management": [[1000, 2000, 3000, 4000, 5000], 5000, 10010],
             "steps": [100, 200, 300],
             "keys": True,
             "guide": [
