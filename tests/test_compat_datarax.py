@@ -10,8 +10,8 @@ test's directory. Examples that need datarax itself (its sources, modules)
 are not here (docs/training_state.md says how they were checked). Then one
 test per gap the switch exposed (issue 17), checkpoints written the way
 datarax writes them (Orbax ``ckpt-<step>`` directories) read back, and
-checkpoints datarax 0.1.0 itself wrote (tests/data/datarax_written) restored
-as datarax restored them. tests/test_compat_datarax_mp.py runs the examples
+checkpoints datarax 0.1.0 and 0.1.4 themselves wrote (tests/data/datarax_written)
+restored as datarax restored them. tests/test_compat_datarax_mp.py runs the examples
 on several processes.
 """
 
@@ -757,7 +757,7 @@ WRITTEN = os.path.join(os.path.dirname(__file__), "data", "datarax_written")
 
 def _fixture_module():
     """tests/data/datarax_written/make_fixture.py, which wrote the checkpoints with datarax
-    0.1.0 and recorded what datarax restores from them (``describe``, ``SimplePipeline``)."""
+    and recorded what datarax restores from them (``describe``, ``SimplePipeline``)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -769,28 +769,37 @@ def _fixture_module():
     return module
 
 
-def test_checkpoints_written_by_datarax_restore_as_datarax_restores_them(tmp_path):
-    """The checkpoints in tests/data/datarax_written were written by datarax 0.1.0's own
-    handler (``OrbaxCheckpointHandler.save``, ``PipelineCheckpoint.save``); expected.json
+DATARAX_VERSIONS = ("0.1.0", "0.1.4")  # <step>/default/ and ckpt-<step>/ layouts
+
+
+@pytest.mark.parametrize("version", DATARAX_VERSIONS)
+def test_checkpoints_written_by_datarax_restore_as_datarax_restores_them(tmp_path, version):
+    """The checkpoints in tests/data/datarax_written/<version> were written by that datarax
+    release's own handler (``OrbaxCheckpointHandler``, ``PipelineCheckpoint``); expected.json
     is what datarax's handler returned from them. The compat handler gives the same
     listing, the same states (types, dtypes, shapes, values) and the same metadata."""
     import shutil
 
     fixture = _fixture_module()
-    with open(os.path.join(WRITTEN, "expected.json")) as f:
+    written = os.path.join(WRITTEN, version)
+    with open(os.path.join(written, "expected.json")) as f:
         expected = json.load(f)
+    assert expected["datarax"] == version
     with compat.OrbaxCheckpointHandler() as handler:
         for name in ("dict_state", "pipeline", "unstepped"):
             directory = str(tmp_path / name)  # a copy: nothing may be written into the fixture
-            shutil.copytree(os.path.join(WRITTEN, name), directory)
+            shutil.copytree(os.path.join(written, name), directory)
             want = expected[name]
             assert handler.get_checkpoint_steps(directory) == want["steps"], name
             assert handler.latest_step(directory) == want["latest"], name
-            # datarax lists paths as ckpt-N even where it wrote N/: the compat handler
-            # lists the directories that are there.
-            assert handler.list_checkpoints(directory) == {
-                s: os.path.join(directory, str(s)) for s in want["steps"]
-            }, name
+            # The directories that are there (datarax 0.1.0 lists ckpt-N even where it
+            # wrote N/).
+            listed = handler.list_checkpoints(directory)
+            assert list(listed) == want["steps"], name
+            assert all(os.path.basename(p) in (str(s), f"ckpt-{s}") for s, p in listed.items())
+            assert all(
+                os.path.isdir(p) and os.path.dirname(p) == directory for p in listed.values()
+            )
             assert fixture.describe(handler.restore(directory)) == want["latest_state"], name
             for step, per_step in want["by_step"].items():
                 got = handler.restore(directory, step=int(step))

@@ -140,7 +140,7 @@ def _w_examples(directory: str, datarax_dir: str) -> dict:
             and bool(np.array_equal(target.received["table"], shared["table"]))
             and target.received["table"].dtype == np.int64
         )
-        # Checkpoints datarax 0.1.0 wrote (tests/data/datarax_written), read by every process.
+        # Checkpoints datarax 0.1.4 wrote (tests/data/datarax_written), read by every process.
         fixture = t._fixture_module()
         out["datarax_steps"] = handler.get_checkpoint_steps(datarax_dir)
         out["datarax_state"] = fixture.describe(handler.restore(datarax_dir))
@@ -164,8 +164,8 @@ def test_datarax_examples_and_state_on_two_processes(tmp_path):
     from tests import test_compat_datarax as t
 
     datarax_dir = tmp_path / "written_by_datarax"
-    shutil.copytree(os.path.join(t.WRITTEN, "dict_state"), datarax_dir)
-    with open(os.path.join(t.WRITTEN, "expected.json")) as f:
+    shutil.copytree(os.path.join(t.WRITTEN, "0.1.4", "dict_state"), datarax_dir)
+    with open(os.path.join(t.WRITTEN, "0.1.4", "expected.json")) as f:
         expected = json.load(f)["dict_state"]
     results = run_processes(
         f"{HERE}:_w_examples",

@@ -1,12 +1,14 @@
 """Writes the checkpoints in this folder with datarax itself, and what datarax restores from them.
 
-Not run by the tests (datarax 0.1.0 imports TensorFlow at import time, 2 GB
-that CI does not install). To remake, in an environment with datarax 0.1.0
-and this repository's dependencies::
+Not run by the tests (datarax depends on TensorFlow, 2 GB that CI does not
+install; 0.1.0 imports it). To remake, in an environment with a datarax
+release and this repository's dependencies::
 
     python tests/data/datarax_written/make_fixture.py
 
-It writes, next to itself:
+It writes, in a folder named by the datarax version (``0.1.0``: the release
+the reference pages describe, which keeps steps in ``<step>/default/``;
+``0.1.4``: one that writes ``ckpt-<step>/``):
 
 - ``dict_state/``: a dict state saved by ``OrbaxCheckpointHandler.save`` at
   steps 100 and 200 (``keep=5``), with metadata;
@@ -98,12 +100,13 @@ def main() -> None:
     import datarax
     from datarax.checkpoint import OrbaxCheckpointHandler, PipelineCheckpoint
 
-    expected: dict[str, Any] = {"datarax": getattr(datarax, "__version__", "?")}
-    for name in ("dict_state", "pipeline", "unstepped"):
-        shutil.rmtree(os.path.join(HERE, name), ignore_errors=True)
+    version = datarax.__version__
+    out_dir = os.path.join(HERE, version)
+    expected: dict[str, Any] = {"datarax": version}
+    shutil.rmtree(out_dir, ignore_errors=True)
 
     def record(name: str, steps: list[int | None]) -> None:
-        directory = os.path.join(HERE, name)
+        directory = os.path.join(out_dir, name)
         with OrbaxCheckpointHandler() as h:
             out: dict[str, Any] = {
                 "steps": h.get_checkpoint_steps(directory),
@@ -120,31 +123,31 @@ def main() -> None:
         expected[name] = out
 
     with OrbaxCheckpointHandler() as h:
+        save = getattr(h, "save", None) or h.save_to_directory  # later releases: save_to_directory
         for s in (100, 200):
-            h.save(
-                os.path.join(HERE, "dict_state"),
+            save(
+                os.path.join(out_dir, "dict_state"),
                 state(s),
                 step=s,
                 keep=5,
                 metadata={"description": "Training checkpoint", "step": s},
             )
-        h.save(os.path.join(HERE, "unstepped"), state(7))
+        save(os.path.join(out_dir, "unstepped"), state(7))
     record("dict_state", [100, 200])
     record("unstepped", [])
 
-    ckpt = PipelineCheckpoint(os.path.join(HERE, "pipeline"))
+    ckpt = PipelineCheckpoint(os.path.join(out_dir, "pipeline"))
+    save_it = getattr(ckpt, "save", None) or ckpt.save_to_directory
     for s in (100, 200, 300, 400):
-        ckpt.save(
-            SimplePipeline(42, s // 150, s * 10), step=s, keep=3, metadata={"epoch": s // 150}
-        )
+        save_it(SimplePipeline(42, s // 150, s * 10), step=s, keep=3, metadata={"epoch": s // 150})
     record("pipeline", [200, 300, 400])
     restored = ckpt.restore_latest(SimplePipeline(0, 0, 0))
     expected["pipeline"]["restore_latest"] = describe(restored.get_state())
 
-    with open(os.path.join(HERE, "expected.json"), "w") as f:
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
         f.write("\n")
-    print("wrote", HERE, file=sys.stderr)
+    print("wrote", out_dir, file=sys.stderr)
 
 
 if __name__ == "__main__":
