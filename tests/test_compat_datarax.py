@@ -526,12 +526,17 @@ def test_pipeline_checkpoint_api(tmp_path):
     assert path == str(tmp_path / "step_00001000")
     next(pipe)
     assert ckpt.save_at_step(pipe, 1500, interval=1000) is None  # datarax 0.1.0's name
+    ckpt.save(pipe, 1700, 5)  # datarax's positional order: step, keep, overwrite, metadata
     ckpt.save_to_directory(pipe, step=2000, keep=5)
     fresh = simple(np.arange(40, dtype=np.float32))
     assert ckpt.restore(fresh) is fresh and fresh.position == 20  # latest by default
     assert ckpt.restore(fresh, step=1000).position == 10
     assert ckpt.restore_latest(fresh) is fresh and fresh.position == 20
-    assert ckpt.list_checkpoints() == {1000: path, 2000: str(tmp_path / "step_00002000")}
+    assert ckpt.list_checkpoints() == {
+        1000: path,
+        1700: str(tmp_path / "step_00001700"),
+        2000: str(tmp_path / "step_00002000"),
+    }
     assert ckpt.get_latest_step() == 2000 and ckpt.has_checkpoint()
     with pytest.raises(ValueError, match="no get_state"):
         ckpt.save_to_directory(object(), step=1)  # type: ignore[arg-type]
@@ -813,3 +818,27 @@ def test_checkpoints_written_by_datarax_restore_as_datarax_restores_them(tmp_pat
         pipeline.save(fixture.SimplePipeline(1, 3, 4500), step=450, keep=3)
         assert pipeline.list_checkpoints().keys() == {200, 300, 400, 450}
         assert handler.restore(str(tmp_path / "pipeline"), step=400)["position"] == 4000
+
+
+@pytest.mark.parametrize("version", DATARAX_VERSIONS)
+def test_every_datarax_method_is_there_with_its_positional_parameters(version):
+    """signatures.json records, for each public method of that datarax release's handler
+    classes, the parameters that can be passed by position and their defaults: the compat
+    classes have each method and accept the same arguments in the same order (a parameter
+    datarax names with a leading underscore may have another name here)."""
+    fixture = _fixture_module()
+    with open(os.path.join(WRITTEN, version, "signatures.json")) as f:
+        theirs = json.load(f)
+    ours = fixture.signatures(compat)
+    problems = []
+    for method, params in theirs.items():
+        if method not in ours:
+            problems.append(f"{method}: missing")
+            continue
+        mine = ours[method][: len(params)]
+        same = len(mine) == len(params) and all(
+            (a == b) or (a[0].startswith("_") and a[1] == b[1]) for a, b in zip(params, mine)
+        )
+        if not same:
+            problems.append(f"{method}: datarax {params}, compat {ours[method]}")
+    assert not problems, "\n".join(problems)

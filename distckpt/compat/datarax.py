@@ -445,18 +445,7 @@ class IteratorCheckpoint:
             self.base_dir, frozen, step=step, keep=keep, overwrite=overwrite, metadata=metadata
         )
 
-    def save(
-        self,
-        iterator: CheckpointableIterator[T_co],
-        step: int | None = None,
-        metadata: dict[str, Any] | None = None,
-        keep: int | None = 1,
-        overwrite: bool = False,
-    ) -> str:
-        """``save_to_directory``, under the name datarax's guides use."""
-        return self.save_to_directory(
-            iterator, step=step, keep=keep, overwrite=overwrite, metadata=metadata
-        )
+    save = save_to_directory  # datarax 0.1.0's name, with the same arguments in the same order
 
     def restore(
         self,

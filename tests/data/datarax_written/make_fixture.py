@@ -18,7 +18,11 @@ the reference pages describe, which keeps steps in ``<step>/default/``;
 - ``expected.json``: what datarax's own handler returns for each of them
   (listing, latest step, each step's state and metadata), in the form
   ``describe`` gives, which tests/test_compat_datarax.py compares with what
-  ``distckpt.compat.datarax`` returns.
+  ``distckpt.compat.datarax`` returns;
+- ``signatures.json``: the positional parameters (names and defaults) of
+  each public method of datarax's ``OrbaxCheckpointHandler``,
+  ``IteratorCheckpoint`` and ``PipelineCheckpoint``, which the compat
+  classes must accept in the same order.
 """
 
 from __future__ import annotations
@@ -96,6 +100,34 @@ class SimplePipeline:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
+def signatures(module: Any) -> dict[str, list[list[str]]]:
+    """``{"Class.method": [[parameter, repr(default) or ""], ...]}``: the parameters that can
+    be passed by position (``self`` left out), for each public method."""
+    import inspect
+
+    out = {}
+    for cls in ("OrbaxCheckpointHandler", "IteratorCheckpoint", "PipelineCheckpoint"):
+        for name, fn in inspect.getmembers(getattr(module, cls), inspect.isfunction):
+            if name.startswith("_") and name != "__init__":
+                continue
+            params = inspect.signature(fn).parameters.values()
+            out[f"{cls}.{name}"] = [
+                [p.name, "" if p.default is p.empty else repr(p.default)]
+                for p in params
+                if p.name != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+    return out
+
+
+def write_signatures() -> None:
+    import datarax
+    import datarax.checkpoint
+
+    with open(os.path.join(HERE, datarax.__version__, "signatures.json"), "w") as f:
+        json.dump(signatures(datarax.checkpoint), f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 def main() -> None:
     import datarax
     from datarax.checkpoint import OrbaxCheckpointHandler, PipelineCheckpoint
@@ -147,6 +179,7 @@ def main() -> None:
     with open(os.path.join(out_dir, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
         f.write("\n")
+    write_signatures()
     print("wrote", out_dir, file=sys.stderr)
 
 
