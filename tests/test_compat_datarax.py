@@ -837,7 +837,8 @@ def test_every_datarax_method_is_there_with_its_positional_parameters(version):
             continue
         mine = ours[method][: len(params)]
         same = len(mine) == len(params) and all(
-            (a == b) or (a[0].startswith("_") and a[1] == b[1]) for a, b in zip(params, mine)
+            (a == b) or (a[0].startswith("_") and a[1] == b[1])
+            for a, b in zip(params, mine, strict=True)
         )
         if not same:
             problems.append(f"{method}: datarax {params}, compat {ours[method]}")
