@@ -769,12 +769,18 @@ def _values(
         out[i] = value
     nbytes = sum(v.nbytes for v in out.values())
     if jax.process_count() > 1 and out:
+        # As bytes: through the devices, an int64 or float64 would be narrowed to 32
+        # bits (and its value changed) unless jax_enable_x64 is set.
+        raw = {k: np.ascontiguousarray(v).reshape(-1).view(np.uint8) for k, v in out.items()}
         got = _multihost.bounded(
-            lambda: multihost_utils.broadcast_one_to_all(out, is_source=pid == source),
+            lambda: multihost_utils.broadcast_one_to_all(raw, is_source=pid == source),
             timeout_s=timeout_s,
             what=f"sending process {source}'s whole values",
         )
-        out = {int(k): np.asarray(v) for k, v in got.items()}
+        out = {
+            int(k): np.asarray(v).view(out[int(k)].dtype).reshape(out[int(k)].shape)
+            for k, v in got.items()
+        }
     return out, (nbytes if pid == source else 0), (0 if pid == source else nbytes)
 
 

@@ -82,7 +82,7 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
         "step": step,
         "exact": exact_w and exact_b and exact_v,
         "extra": extra,
-        "host_values": [int(tree["step"]), tree["name"]],
+        "host_values": [int(tree["step"]), str(tree["step"].dtype), tree["name"]],
         "local": stats.local_bytes,
         "peer": stats.peer_bytes,
     }
@@ -113,7 +113,7 @@ def test_fsdp_state_recovers_after_a_host_lost_its_directory(tmp_path):
     back = _run("_w_recover", tmp_path, mesh_kind="fsdp", last=3)
     assert [r["step"] for r in back] == [3, 3] and all(r["exact"] for r in back), back
     assert back[1]["peer"] > 0 and back[1]["local"] == 0
-    assert back[0]["host_values"] == back[1]["host_values"] == [7, "run"]
+    assert back[0]["host_values"] == back[1]["host_values"] == [7, "int64", "run"]
 
 
 def test_data_parallel_state_recovers_from_replicas(tmp_path):
