@@ -404,6 +404,7 @@ def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
     from jax.sharding import PartitionSpec as P
 
     import distckpt
+    from tests.recorder import Recorder
 
     rows = NamedSharding(jax.make_mesh((8,), ("x",)), P("x", None))
 
@@ -420,20 +421,37 @@ def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
             local_copies=1,
         )
 
+    def pipeline_state(step):  # one process: its state's arrays are values it keeps
+        return {
+            "big": jnp.arange(6.0) + step,
+            "order": np.arange(3) << 40,
+            "key": jax.random.key(step),
+            "name": "run",
+        }
+
     state = {"w": jax.device_put(jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16), rows)}
     saved = {}
     mgr = manager()
     for step in (1, 2):
         saved[step] = np.asarray(state["w"]).copy()
-        mgr.save(step, state)
+        mgr.save(step, state, pipeline=Recorder(pipeline_state(step)))
         state = train_step(state)  # donates the buffers the local save just took
     mgr.close()
     back = manager()
-    got = back.restore(None, distckpt.abstract_like(state))
+    data = Recorder()
+    got = back.restore(None, distckpt.abstract_like(state), pipeline=data)
     stats = back.last_restore_stats
     assert stats.tier == "local" and back.last_restored_step == 2
-    assert stats.local_bytes == saved[2].nbytes and stats.peer_bytes == 0
+    state_bytes = 6 * 4 + 3 * 8 + 2 * 4  # the state's arrays, read with the tree's blocks
+    assert stats.local_bytes == saved[2].nbytes + state_bytes and stats.peer_bytes == 0
     np.testing.assert_array_equal(np.asarray(got["w"]), saved[2])
+    want = pipeline_state(2)
+    assert isinstance(data.received["big"], jax.Array) and data.received["name"] == "run"
+    assert data.received["big"].tolist() == want["big"].tolist()
+    assert type(data.received["order"]) is np.ndarray and data.received["order"].dtype == np.int64
+    assert data.received["order"].tolist() == want["order"].tolist()
+    key = jax.random.key_data(data.received["key"])
+    np.testing.assert_array_equal(key, jax.random.key_data(want["key"]))
 
 
 def test_a_local_step_whose_pipeline_state_was_json_still_recovers(tmp_path):
