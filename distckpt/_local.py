@@ -5,7 +5,8 @@ to back) and ``local.json``, the step's description: the saved tree as the
 commit record describes it (``_manifest.leaf_entry``), the layout of every
 array spread over processes, and a record per block (leaf, whose block it
 is, its box, where it lies, its CRC-32C), sealed with its own CRC-32C as a
-commit record is. A process writes the step under a temporary name and
+commit record is. The last ``state_arrays`` leaves are not the tree's: they
+are a pipeline state's arrays (``_localstate``). A process writes the step under a temporary name and
 renames it into place once both files are durable, so a step that exists is
 whole; a block is checked against its CRC-32C when it is read.
 
@@ -37,7 +38,11 @@ from distckpt._storage.interface import aligned_empty
 from distckpt.errors import CorruptCheckpointError
 
 FORMAT = "distckpt-local"
-VERSION = 1
+# The newest version this code reads; bump on any change a reader of the previous
+# version cannot read. Version 2 adds the pipeline state's arrays as the last
+# ``state_arrays`` leaves, which a version-1 reader would take for the tree's. A
+# step without them is written as version 1, which every reader reads.
+VERSION = 2
 DATA = "blocks.bin"
 DESCRIPTION = "local.json"
 _STEP = re.compile(r"step_(\d+)")
@@ -71,6 +76,12 @@ class Step:
     blocks: list[Block]
     extra: dict[str, Any]  # the caller's: user metadata, pipeline state, tier bookkeeping
     digest: str  # of the tree and layouts: processes that agree on it saved the same thing
+    state_arrays: int = 0  # how many of the last leaves are a pipeline state's arrays
+
+    @property
+    def tree_leaves(self) -> list[LeafSpec]:
+        """The saved tree's leaves (without the pipeline state's arrays)."""
+        return self.leaves[: len(self.leaves) - self.state_arrays]
 
     def read(self, block: Block) -> np.ndarray:
         """The block's elements, checked against its CRC-32C (CorruptCheckpointError)."""
@@ -142,9 +153,11 @@ def write(
     blocks: Iterable[tuple[int, int, Box, np.ndarray]],
     values: dict[int, np.ndarray],
     extra: dict[str, Any],
+    state_arrays: int = 0,
 ) -> Path:
     """Writes step ``step``: ``blocks`` as ``(leaf, owner, box, data)`` and ``values``
-    (leaf -> this process's whole value of a leaf every process keeps its own of).
+    (leaf -> this process's whole value of a leaf every process keeps its own of);
+    the last ``state_arrays`` of ``leaves`` are a pipeline state's arrays.
     Replaces an older copy of the same step. Returns the step's directory."""
     blocks_list = list(blocks)
     root = Path(directory)
@@ -175,14 +188,16 @@ def write(
             [leaf, owner, [v for r in box for v in r], int(offsets[n]), raws[n].nbytes, crcs[n]]
             for n, (leaf, owner, box, _) in enumerate(items)
         ]
-        tree = {
+        tree: dict[str, Any] = {
             "leaves": [_manifest.leaf_entry(s) for s in leaves],
             "structure": structure,
             "layouts": layouts,
         }
+        if state_arrays:
+            tree["state_arrays"] = state_arrays
         doc = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if state_arrays else 1,
             "step": step,
             "process": process,
             "process_count": process_count,
@@ -227,8 +242,12 @@ def parse(raw: bytes, step: int, path: Path) -> Step:
     try:
         _manifest.check_checksum(raw)
         doc = json.loads(raw)
-        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-            raise ValueError(f"is {doc.get('format')!r} version {doc.get('version')!r}")
+        version = doc.get("version")
+        if doc.get("format") != FORMAT or version not in range(1, VERSION + 1):
+            raise ValueError(
+                f"is {doc.get('format')!r} version {version!r} (this distckpt reads "
+                f"{FORMAT!r} versions 1 to {VERSION})"
+            )
         if doc["step"] != step:
             raise ValueError(f"describes step {doc['step']}")
         leaves = [_manifest.parse_leaf(e) for e in doc["leaves"]]
@@ -252,9 +271,20 @@ def parse(raw: bytes, step: int, path: Path) -> Step:
                 raise ValueError(f"a block of {spec.display} lies outside it")
             if b.nbytes != int(np.prod([hi - lo for lo, hi in b.box])) * spec.itemsize:
                 raise ValueError(f"a block of {spec.display} has the wrong size")
-        tree = {k: doc[k] for k in ("leaves", "structure", "layouts")}
+        tree = {k: doc[k] for k in ("leaves", "structure", "layouts", "state_arrays") if k in doc}
         if doc["digest"] != _digest(tree) or len(doc["layouts"]) != len(leaves):
             raise ValueError("its tree does not match its digest")
+        state_arrays = doc.get("state_arrays", 0)
+        if (
+            isinstance(state_arrays, bool)
+            or not isinstance(state_arrays, int)
+            or not 0 <= state_arrays <= len(leaves)
+            or (state_arrays and version < 2)
+        ):
+            raise ValueError(
+                f"claims {state_arrays!r} pipeline state arrays (version {version}, "
+                f"{len(leaves)} leaves)"
+            )
         return Step(
             path=path,
             step=step,
@@ -267,6 +297,7 @@ def parse(raw: bytes, step: int, path: Path) -> Step:
             blocks=blocks,
             extra=doc["extra"],
             digest=doc["digest"],
+            state_arrays=state_arrays,
         )
     except (ValueError, KeyError, TypeError, IndexError, AssertionError) as e:
         raise CorruptCheckpointError(

@@ -6,8 +6,10 @@ parallel replicas) are written by every process that holds them, and the
 others travel to each process's peers (``_replicate``) by a reshard through
 the job's own collectives, then are written there too. Values that every
 process holds whole (numpy arrays, arrays on one process's devices) are
-kept by every process; the data-pipeline states of all processes are kept
-by every process (an all-gather of their small JSON).
+kept by every process. A data pipeline's state is saved as the persistent
+tier saves it: its arrays are leaves of the step, kept and copied like the
+tree's; the small rest of every process's state is kept by every process
+(an all-gather, ``_localstate``).
 
 ``LocalTier.recover`` agrees, through the coordination service, on the
 newest local step the processes' directories still cover; each process
@@ -20,6 +22,7 @@ gives None: the caller restores the persistent tier. See docs/local_tier.md.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -38,12 +41,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distckpt import (
     _local,
+    _localstate,
     _match,
     _multihost,
     _plan,
+    _procstate,
     _replicate,
     _reshard,
     _stage,
+    _statearrays,
     _tree,
 )
 from distckpt._plan import LeafSpec
@@ -102,9 +108,13 @@ class LocalTier:
     # ------------------------------------------------------------------ save
 
     def save(
-        self, step: int, tree: Any, *, extra: dict, pipeline_state: str | None
+        self, step: int, tree: Any, *, extra: dict, pipeline: Any = None
     ) -> Callable[[], None]:
         """Starts saving ``tree`` as local step ``step`` on every process; collective.
+
+        ``pipeline`` (a ``Checkpointable``, or None) has its state taken now:
+        its arrays are kept as leaves of the step after the tree's, the rest
+        in the step's record (``_localstate``).
 
         Returns once every block this process keeps is in host memory (the
         agreement, the copies to peers and the host copies are done): the
@@ -125,25 +135,61 @@ class LocalTier:
             layouts.append(_layout_of(leaf, spec))
         if problems:
             raise TypeError("cannot save to the local tier:\n  " + "\n  ".join(problems))
+        captured: list[_localstate.Captured] = []
+
+        def hosts_phase() -> None:
+            if pipeline is not None:  # in the phase: an error here is raised on every process
+                captured.append(_localstate.capture(pipeline, coll.pid))
+            coll.put_blob(f"host/{coll.pid}", self.host.encode())
+
+        coll.run("hosts", hosts_phase)
+        state = captured[0] if captured else None
+        if state is not None:  # the state's arrays: leaves after the tree's, described alike
+            for path, leaf in _statearrays.leaf_items(state.leaves):
+                spec, problem = _stage.describe(path, leaf)
+                assert spec is not None, problem  # split gives arrays of numbers only
+                specs.append(spec)
+                layouts.append(_layout_of(leaf, spec))
+                items.append((path, leaf))
         leaves = [leaf for _, leaf in items]
-        digest = json.dumps([step, [s.display for s in specs], layouts], sort_keys=True)
-        coll.run("hosts", lambda: coll.put_blob(f"host/{coll.pid}", self.host.encode()))
-        shared = coll.run(
-            "prepare",
-            lambda: (
-                {"hosts": [b.decode() for b in coll.get_blobs("host")], "run": uuid.uuid4().hex}
-                if coll.is_primary
-                else None
-            ),
-            share=True,
-            agree=lambda _: digest,
-            disagree=lambda _: _differ("save", step),
-        )
+        summary = state.summary if state is not None else _localstate.NO_PIPELINE
+        tree_digest = hashlib.sha256(
+            json.dumps(
+                [[s.display, s.kind, s.shape, s.dtype] for s in specs] + layouts, sort_keys=True
+            ).encode()
+        ).hexdigest()
+
+        def prepare() -> dict:
+            mine = {"step": step, "tree": tree_digest, "pipeline": summary}
+            if coll.is_primary:
+                mine["hosts"] = [b.decode() for b in coll.get_blobs("host")]
+                mine["run"] = uuid.uuid4().hex
+            return mine
+
+        try:
+            shared = coll.run(
+                "prepare",
+                prepare,
+                share=True,
+                agree=lambda p: [
+                    p["step"],
+                    p["tree"],
+                    p["pipeline"]["pipeline"],
+                    p["pipeline"].get("pipeline_digest"),
+                ],
+                disagree=lambda payloads: _refuse_different(payloads, self.directory),
+            )
+        except TreeMismatchError as e:
+            if state is None:
+                raise
+            raise _statearrays.explain(e, state.holder) from e
         hosts: list[str] = shared["hosts"]
         if not self._claimed:
             self._claim(coll, shared["run"], hosts)
         peers = _replicate.peers(hosts, self.copies)  # ValueError: the same on every process
-        # The collectives: every process runs them, in leaf order, after the agreement.
+        # The collectives: every process runs them, in this order, after the agreement.
+        # The pipeline states first: a small gather, so a refused save moves no blocks.
+        process_state = _localstate.record(state, step, self.timeout_s)
         own: list[tuple[int, int, Box, np.ndarray]] = []
         copies: list[tuple[int, int, Box, np.ndarray]] = []
         values: dict[int, np.ndarray] = {}
@@ -179,13 +225,12 @@ class LocalTier:
             for i, m in zip(copied, moved, strict=True):
                 copies += [(i, sender, box, a) for box, a in _distinct(m, copy=False)]
             del moved
-        states = _all_states(pipeline_state, self.timeout_s)
         record = {
             **extra,
             "hosts": hosts,
             "peers": peers,
             "copied": copied,
-            "pipeline_states": states,
+            _localstate.RECORD: process_state,
         }
 
         def finish() -> None:
@@ -202,6 +247,7 @@ class LocalTier:
                     blocks=[*own, *copies],
                     values=values,
                     extra=record,
+                    state_arrays=len(state.leaves) if state is not None else 0,
                 ),
                 last=True,
             )
@@ -253,10 +299,12 @@ class LocalTier:
 
     def recover(
         self, target: Any, *, newer_than: int | None, partial: bool = False
-    ) -> tuple[int, Any, dict, str | None] | None:
+    ) -> tuple[int, Any, dict, Any] | None:
         """Restores the newest local step newer than ``newer_than`` that the processes'
         directories cover; collective. Returns ``(step, tree, extra, pipeline state of this
-        process)``, or None (on every process) when the persistent tier must be used."""
+        process)`` (the state with its arrays as their types, None if the step has none;
+        not yet given to any pipeline), or None (on every process) when the persistent
+        tier must be used."""
         coll = _multihost.Collective("local restore", self.directory, self.timeout_s)
         mine: dict[int, _local.Step] = {}
         for step in self.steps():
@@ -418,7 +466,7 @@ class LocalTier:
         senders: set[int],
         target: Any,
         partial: bool,
-    ) -> tuple[int, Any, dict, str | None]:
+    ) -> tuple[int, Any, dict, Any]:
         """Every array on its saved layout from the copies, then placed as ``target`` asks:
         each process in ``available`` gives its own blocks, each in ``senders`` the copies
         it keeps of the others'."""
@@ -481,14 +529,10 @@ class LocalTier:
         )
         local_bytes, peer_bytes = local_bytes + read_here, peer_bytes + received
         tree = _place(description, arrays, values, target, partial, self.timeout_s)
-        states = extra.get("pipeline_states")
-        state = states[coll.pid] if states else None
+        state = _localstate.restored(description, arrays, values, coll.pid)
         self.last_recovery = RecoveryStats(step, local_bytes, peer_bytes)
-        user = {
-            k: v
-            for k, v in extra.items()
-            if k not in ("hosts", "peers", "copied", "pipeline_states")
-        }
+        tier = {"hosts", "peers", "copied", _localstate.RECORD, _localstate.RECORD_V1}
+        user = {k: v for k, v in extra.items() if k not in tier}
         coll.run("done", lambda: None, last=True)
         return step, tree, user, state
 
@@ -501,11 +545,21 @@ def _index(index: Any) -> Any:
     return index
 
 
-def _differ(what: str, step: int) -> None:
-    raise DistckptError(
-        f"local {what} of step {step}: the processes passed different trees or step numbers; "
-        "every process must save the same tree (same paths, shapes, dtypes, shardings) at "
-        "the same step. Nothing was kept."
+def _refuse_different(payloads: list[dict], where: str) -> None:
+    """The error for a local save whose processes passed different steps, trees or
+    pipeline states (the same on every process: it is computed from all payloads)."""
+    steps = {p: d["step"] for p, d in enumerate(payloads)}
+    if len(set(steps.values())) > 1:
+        raise DistckptError(
+            f"local save to {where}: the processes save different steps {steps}; every "
+            "process must call save with the same step. Nothing was kept."
+        )
+    _procstate.check_agreement([d["pipeline"] for d in payloads], f"the local tier ({where})")
+    differ = [p for p, d in enumerate(payloads) if d["tree"] != payloads[0]["tree"]]
+    raise TreeMismatchError(
+        f"local save of step {steps[0]} to {where}: processes {differ} passed a tree whose "
+        "paths, shapes, dtypes or shardings differ from process 0's; every process must "
+        "save the same tree at the same step. Nothing was kept."
     )
 
 
@@ -558,29 +612,6 @@ def _views_ok(arr: Any) -> bool:
     which the runtime keeps from donation while a view lives (as an async save does,
     ``_stage.views_outlive_donation``)."""
     return all(d.platform == "cpu" for d in arr.devices()) and _stage.views_outlive_donation()
-
-
-def _all_states(state: str | None, timeout_s: float) -> list[str | None] | None:
-    """Every process's pipeline state (JSON text), gathered through a collective."""
-    return _multihost.bounded(
-        lambda: _gather_states(state), timeout_s=timeout_s, what="gathering pipeline states"
-    )
-
-
-def _gather_states(state: str | None) -> list[str | None] | None:
-    flag = multihost_utils.process_allgather(np.asarray([state is not None], np.int32))
-    if not np.asarray(flag).any():
-        return None
-    raw = (state or "").encode()
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int64))).ravel()
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: len(raw)] = np.frombuffer(raw, np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    present = np.asarray(flag).ravel()
-    return [
-        everyone[p, : int(sizes[p])].tobytes().decode() if present[p] else None
-        for p in range(len(sizes))
-    ]
 
 
 def _broadcast_bytes(raw: bytes, source: int, timeout_s: float) -> bytes:
@@ -769,12 +800,18 @@ def _values(
         out[i] = value
     nbytes = sum(v.nbytes for v in out.values())
     if jax.process_count() > 1 and out:
+        # As bytes: through the devices, an int64 or float64 would be narrowed to 32
+        # bits (and its value changed) unless jax_enable_x64 is set.
+        raw = {k: np.ascontiguousarray(v).reshape(-1).view(np.uint8) for k, v in out.items()}
         got = _multihost.bounded(
-            lambda: multihost_utils.broadcast_one_to_all(out, is_source=pid == source),
+            lambda: multihost_utils.broadcast_one_to_all(raw, is_source=pid == source),
             timeout_s=timeout_s,
             what=f"sending process {source}'s whole values",
         )
-        out = {int(k): np.asarray(v) for k, v in got.items()}
+        out = {
+            int(k): np.asarray(v).view(out[int(k)].dtype).reshape(out[int(k)].shape)
+            for k, v in got.items()
+        }
     return out, (nbytes if pid == source else 0), (0 if pid == source else nbytes)
 
 
@@ -808,7 +845,7 @@ def _place(
             "a local-tier restore needs a target (distckpt.abstract_like of your state)"
         )
     items, treedef = _tree.flatten(target)
-    wants, problems = _match.match(st.leaves, items, partial=partial, cast=False)
+    wants, problems = _match.match(st.tree_leaves, items, partial=partial, cast=False)
     if problems:
         raise _match.mismatch(str(st.path), problems, what="local step")
     out: list[Any] = [None] * len(items)

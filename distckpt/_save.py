@@ -317,9 +317,7 @@ class SaveJob:
             # arrays are leaves after the tree's (the structure record is the tree's).
             arrays, holder = _statearrays.split(self.pipeline)
             local["holder"] = holder
-            items = items + [
-                ((("key", _statearrays.PIPELINE_KEY), ("idx", i)), a) for i, a in enumerate(arrays)
-            ]
+            items = items + _statearrays.leaf_items(arrays)
         specs: list[LeafSpec] = []
         problems: list[str] = []
         for path, leaf in items:

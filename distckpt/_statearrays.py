@@ -21,10 +21,10 @@ process must agree on.
 Restore gives each array back as the type ``get_state`` gave: a
 ``jax.Array`` on this process's first device, a numpy array, a typed key.
 
-Two callers: ``save(..., pipeline=)`` / ``restore(..., pipeline=)`` append
+Three callers: ``save(..., pipeline=)`` / ``restore(..., pipeline=)`` append
 the arrays after the tree's own leaves under ``PIPELINE_KEY``
-(docs/format.md); the handler APIs save a ``Checkpointable`` alone
-(``_statetree``).
+(docs/format.md), and so does the local tier in its steps (``_localstate``);
+the handler APIs save a ``Checkpointable`` alone (``_statetree``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distckpt import _multihost, _plan, _procstate
+from distckpt import _multihost, _plan, _procstate, _tree
 from distckpt._procstate import Ref
 from distckpt.errors import TreeMismatchError
 
@@ -93,6 +93,11 @@ def split(obj: Any) -> tuple[list[Any], Holder]:
             )
         )
     return leaves, holder
+
+
+def leaf_items(leaves: list[Any]) -> list[tuple[_tree.Path, Any]]:
+    """``split``'s leaves as items of the saved tree: leaf ``i`` at ``PIPELINE_KEY/i``."""
+    return [((("key", PIPELINE_KEY), ("idx", i)), a) for i, a in enumerate(leaves)]
 
 
 def explain(error: TreeMismatchError, holder: Holder) -> TreeMismatchError:
@@ -188,11 +193,15 @@ def want(shape: tuple[int, ...], dtype: str, per_process: bool) -> Any:
 
 
 def own(restored: list[Any], per_process: bool) -> list[np.ndarray]:
-    """This process's arrays among ``restored`` (read as ``want`` said)."""
+    """This process's arrays among ``restored`` (read as ``want`` said, or whole on the
+    host: the local tier keeps a one-process job's array so)."""
     if not per_process:
         return list(restored)
     out = []
     for a in restored:
+        if isinstance(a, np.ndarray):
+            out.append(a[_multihost.process_index()])
+            continue
         (shard,) = a.addressable_shards
         out.append(np.asarray(shard.data)[0])
     return out

@@ -351,15 +351,12 @@ class CheckpointManager:
         """The local tier's save of ``step``: host copies now, the writes in the background
         when ``background``."""
         assert self._local is not None
-        state = None
-        if pipeline is not None:
-            state = _procstate.capture(pipeline, _multihost.process_index()).decode()
         with _runtime.paused_gc():
             finish = self._local.save(
                 step,
                 tree,
                 extra={"user_metadata": metadata, "metrics": metrics},
-                pipeline_state=state,
+                pipeline=pipeline,
             )
 
         def write() -> None:
@@ -497,11 +494,10 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore and delete
 
-    def _apply_local_state(self, pipeline: Any, raw: str | None, force: bool) -> None:
-        """Gives ``pipeline`` the state the local tier recovered (``raw``, as
-        ``_procstate.capture`` encoded it) once every process's passed the identity
-        check: a state for other data on any process restores none; collective."""
-        state = None if raw is None else _procstate.decode(raw)
+    def _apply_local_state(self, pipeline: Any, state: Any, force: bool) -> None:
+        """Gives ``pipeline`` the state the local tier recovered (its arrays already
+        back as their types) once every process's passed the identity check: a state
+        for other data on any process restores none; collective."""
         coll = _multihost.Collective("restore", str(self.directory), self.timeout_s)
         coll.run(
             "pipeline",

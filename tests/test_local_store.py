@@ -62,6 +62,26 @@ def test_a_step_round_trips_bit_exact(tmp_path):
     assert step.digest == _local.load(_write(tmp_path, step=8).parent, 8).digest
 
 
+def test_a_pipeline_states_arrays_make_a_version_2_step(tmp_path):
+    """The last ``state_arrays`` leaves are a pipeline state's arrays (version 2); a step
+    without them is written as version 1, which a distckpt before them reads."""
+    plain = json.loads((_write(tmp_path, step=1) / _local.DESCRIPTION).read_bytes())
+    assert plain["version"] == 1 and "state_arrays" not in plain
+    doc = json.loads((_write(tmp_path, step=2, state_arrays=1) / _local.DESCRIPTION).read_bytes())
+    assert doc["version"] == 2 and doc["state_arrays"] == 1
+    step = _local.load(tmp_path, 2)
+    assert step.state_arrays == 1 and [s.display for s in step.tree_leaves] == ["['w']", "['b']"]
+    assert _local.load(tmp_path, 1).tree_leaves == LEAVES
+    assert step.digest != _local.load(tmp_path, 1).digest
+
+
+def _claim_state_arrays(doc: dict, count: int) -> None:
+    tree = {k: doc[k] for k in ("leaves", "structure", "layouts")}
+    doc["state_arrays"] = tree["state_arrays"] = count
+    doc["version"] = 2
+    doc["digest"] = _local._digest(tree)
+
+
 def test_steps_are_listed_and_pruned_and_leftovers_go(tmp_path):
     for s in (3, 1, 2):
         _write(tmp_path, step=s)
@@ -100,6 +120,11 @@ def test_a_flipped_bit_in_a_block_is_refused_when_read(tmp_path):
         (lambda doc: doc["blocks"][0].__setitem__(4, 9), "wrong size"),
         (lambda doc: doc["layouts"].__setitem__(1, {"mesh": "x"}), "does not match its digest"),
         (lambda doc: doc.__setitem__("step", 8), "describes step 8"),
+        (
+            lambda doc: doc.__setitem__("version", 3),
+            "version 3 .* reads 'distckpt-local' versions 1",
+        ),
+        (lambda doc: _claim_state_arrays(doc, 4), "claims 4 pipeline state arrays .* 3 leaves"),
     ],
 )
 def test_a_damaged_description_is_refused(tmp_path, edit, match):

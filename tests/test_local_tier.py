@@ -42,9 +42,7 @@ def _w_save(tmp: str, mesh_kind: str, steps: list) -> dict:
     tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
     for step in steps:
         state = jax.tree.map(lambda x: x + 1 if hasattr(x, "sharding") else x, state)
-        finish = tier.save(
-            step, state, extra={"user_metadata": {"step": step}}, pipeline_state=None
-        )
+        finish = tier.save(step, state, extra={"user_metadata": {"step": step}})
         finish()
     return {"steps": tier.steps()}
 
@@ -82,7 +80,7 @@ def _w_recover(tmp: str, mesh_kind: str, last: int) -> dict:
         "step": step,
         "exact": exact_w and exact_b and exact_v,
         "extra": extra,
-        "host_values": [int(tree["step"]), tree["name"]],
+        "host_values": [int(tree["step"]), str(tree["step"].dtype), tree["name"]],
         "local": stats.local_bytes,
         "peer": stats.peer_bytes,
     }
@@ -113,7 +111,7 @@ def test_fsdp_state_recovers_after_a_host_lost_its_directory(tmp_path):
     back = _run("_w_recover", tmp_path, mesh_kind="fsdp", last=3)
     assert [r["step"] for r in back] == [3, 3] and all(r["exact"] for r in back), back
     assert back[1]["peer"] > 0 and back[1]["local"] == 0
-    assert back[0]["host_values"] == back[1]["host_values"] == [7, "run"]
+    assert back[0]["host_values"] == back[1]["host_values"] == [7, "int64", "run"]
 
 
 def test_data_parallel_state_recovers_from_replicas(tmp_path):
@@ -137,7 +135,56 @@ def test_both_copies_lost_gives_no_local_step(tmp_path):
 # --------------------------------------------------------------------------- the manager
 
 
-def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
+def _pipeline_state(step: int, p: int) -> dict:
+    """A data pipeline's state at ``step`` on process ``p``: arrays of every kind the
+    local tier keeps as data (a 1000 x 1000 jax.Array, int64 beyond int32, a typed
+    key), and values kept in the record."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    big = jnp.arange(1000 * 1000, dtype=jnp.float32).reshape(1000, 1000) * 0.25 + step + p
+    return {
+        "position": 100 * step + p,
+        "name": f"shard-{p}",
+        "big": big,
+        "order": np.arange(5, dtype=np.int64) * (1 << 40) + step + p,
+        "key": jax.random.key(10 * step + p),
+        "counts": [step, p],
+    }
+
+
+def _state_problems(got: dict | None, want: dict) -> list[str]:
+    """How ``got`` differs from ``want`` in types and bits (empty: identical)."""
+    import jax
+    import numpy as np
+
+    if got is None:
+        return ["no state was given"]
+    problems = [] if list(got) == list(want) else [f"keys {list(got)}"]
+    for k in ("position", "name", "counts"):
+        if got.get(k) != want[k] or type(got.get(k)) is not type(want[k]):
+            problems.append(f"{k}: {got.get(k)!r}")
+    if not isinstance(got["big"], jax.Array) or got["big"].dtype != want["big"].dtype:
+        problems.append(f"big: a {type(got['big']).__name__} of {got['big'].dtype}")
+    elif not np.array_equal(np.asarray(got["big"]), np.asarray(want["big"])):
+        problems.append("big: other values")
+    order = got["order"]
+    if type(order) is not np.ndarray or order.dtype != np.int64:
+        problems.append(f"order: a {type(order).__name__} of {order.dtype}")
+    elif not np.array_equal(order, want["order"]):
+        problems.append(f"order: {order.tolist()}")
+    key = got["key"]
+    if not isinstance(key, jax.Array) or key.dtype != want["key"].dtype:
+        problems.append(f"key: a {type(key).__name__} of {key.dtype}")
+    elif not np.array_equal(jax.random.key_data(key), jax.random.key_data(want["key"])):
+        problems.append("key: other key data")
+    return problems
+
+
+def _w_manager(
+    tmp: str, phase: str, hide_persistent: bool = False, kind: str = "per-process"
+) -> dict:
     import os
 
     import jax
@@ -145,16 +192,21 @@ def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
     from jax.experimental import multihost_utils
 
     import distckpt
+    from distckpt import _local, _procstate
+
+    p = jax.process_index() if kind == "per-process" else 0  # a global state: one for all
 
     class Data:
+        checkpoint_global = kind == "global"
+
         def __init__(self):
-            self.position = 0
+            self.state, self.received = _pipeline_state(0, p), None
 
         def get_state(self):
-            return {"position": self.position}
+            return self.state
 
         def set_state(self, state):
-            self.position = state["position"]
+            self.received = state
 
     state, full = _state("fsdp")
     data = Data()
@@ -167,10 +219,17 @@ def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
     if phase == "save":
         for step in range(1, 7):
             state = {**state, "w": state["w"] + 1}
-            data.position = 100 * step + jax.process_index()
+            data.state = _pipeline_state(step, p)
             mgr.save(step, state, pipeline=data)
         mgr.close()
-        return {"persistent": mgr.all_steps()}
+        # What the local save of step 6 gathered from this process: the rest of the
+        # state (its arrays are leaves); before, the whole state in JSON.
+        kept = _local.load(f"{tmp}/local{jax.process_index()}", 6).extra["process_state"]
+        return {
+            "persistent": mgr.all_steps(),
+            "gathered": len(kept["states"][0 if kind == "global" else p]),
+            "json_whole": len(_procstate.capture(data, p)),
+        }
     if hide_persistent:  # a restore that read the persistent tier would fail
         if jax.process_index() == 0:
             os.rename(f"{tmp}/persistent", f"{tmp}/hidden")
@@ -192,7 +251,8 @@ def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
     return {
         "step": step,
         "exact": exact,
-        "position": data.position,
+        "position": data.received["position"] if data.received else None,
+        "state_problems": _state_problems(data.received, _pipeline_state(step, p)),
         "tier": stats.tier,
         "local": stats.local_bytes,
         "peer": stats.peer_bytes,
@@ -203,52 +263,75 @@ def _w_manager(tmp: str, phase: str, hide_persistent: bool = False) -> dict:
 def test_a_manager_resumes_from_the_local_tier_and_falls_back_to_the_persistent_one(tmp_path):
     saved = _run("_w_manager", tmp_path, phase="save")
     assert saved[0]["persistent"] == [4]
-    # Same hosts restarted: step 6 from the local tier, no persistent byte read.
+    # Only the rest of each state is gathered; its 4 MB array is a leaf of the step.
+    # (Each process receives every process's, padded to the longest.)
+    before = len(saved) * max(r["json_whole"] for r in saved)
+    after = len(saved) * max(r["gathered"] for r in saved)
+    print(f"pipeline state gathered per process: {before} bytes before, {after} now")
+    assert after < 2000 < 5_000_000 < before
+    # Same hosts restarted: step 6 from the local tier, no persistent byte read; the
+    # state's arrays come back as their types, bit-exact.
     back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
     assert [r["position"] for r in back] == [600, 601]
-    # Host 1 replaced: its blocks and its pipeline state come from host 0's copies.
+    assert [r["state_problems"] for r in back] == [[], []]
+    # Host 1 replaced: its blocks, its state's arrays and the rest of its state come
+    # from host 0's copies.
     shutil.rmtree(tmp_path / "local1")
     back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
     assert [r["position"] for r in back] == [600, 601]
-    assert back[1]["local"] == 0 and back[1]["peer"] > 0 and back[1]["persistent"] == 0
+    assert [r["state_problems"] for r in back] == [[], []]
+    assert back[1]["local"] == 0 and back[1]["peer"] > 4_000_000 and back[1]["persistent"] == 0
 
 
 def test_a_damaged_local_copy_is_not_used(tmp_path):
+    from distckpt import _local
+
     _run("_w_manager", tmp_path, phase="save")
+    # A flipped byte inside host 0's own block of its state's 1000 x 1000 array.
+    step = _local.load(tmp_path / "local0", 6)
+    leaf = [s.display for s in step.leaves].index("['__pipeline_state__'][0]")
+    (block,) = [b for b in step.blocks if b.leaf == leaf and b.owner == 0]
     blocks = tmp_path / "local0" / "step_6" / "blocks.bin"
     raw = bytearray(blocks.read_bytes())
-    raw[5] ^= 0x20
+    raw[block.offset + block.nbytes // 2] ^= 0x20
     blocks.write_bytes(bytes(raw))
     back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
     # Host 0's copy of step 6 fails its checksum: everything it held comes from host 1.
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
-    assert back[0]["local"] == 0 and back[0]["peer"] > 0
+    assert back[0]["local"] == 0 and back[0]["peer"] > 4_000_000
     assert [r["position"] for r in back] == [600, 601]
+    assert [r["state_problems"] for r in back] == [[], []]
 
 
 def test_a_damaged_copy_kept_for_a_peer_is_not_read_while_the_peer_has_its_own(tmp_path):
     from distckpt import _local
 
-    _run("_w_manager", tmp_path, phase="save")
+    # A global state (checkpoint_global): its arrays are values every process keeps.
+    _run("_w_manager", tmp_path, phase="save", kind="global")
     step = _local.load(tmp_path / "local0", 6)
     copy = next(b for b in step.blocks if b.owner == 1)  # host 0's copy of a host-1 block
     blocks = tmp_path / "local0" / "step_6" / "blocks.bin"
     raw = bytearray(blocks.read_bytes())
     raw[copy.offset] ^= 0x20
     blocks.write_bytes(bytes(raw))
-    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True, kind="global")
     # Both hosts have their own blocks: the copies are not needed, so not read. (Process
-    # 1 receives only the 8 bytes of the whole value every process keeps, from process 0.)
+    # 1 receives only the whole values every process keeps, from process 0: the int64
+    # step and the global state's arrays.)
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(6, "local", True)] * 2
-    assert [(r["local"] > 0, r["peer"]) for r in back] == [(True, 0), (True, 8)]
+    whole = 8 + 1000 * 1000 * 4 + 5 * 8 + 2 * 4
+    assert [(r["local"] > 0, r["peer"]) for r in back] == [(True, 0), (True, whole)]
+    assert [r["position"] for r in back] == [600, 600]
+    assert [r["state_problems"] for r in back] == [[], []]
     # Host 1 lost its directory: now host 0's copies are needed, and checked: step 6 is
     # not covered, so the next older local step (5, whole on host 0) is recovered.
     shutil.rmtree(tmp_path / "local1")
-    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True)
+    back = _run("_w_manager", tmp_path, phase="restore", hide_persistent=True, kind="global")
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(5, "local", True)] * 2
-    assert [r["position"] for r in back] == [500, 501] and back[1]["peer"] > 0
+    assert [r["position"] for r in back] == [500, 500] and back[1]["peer"] > 0
+    assert [r["state_problems"] for r in back] == [[], []]
 
 
 def test_a_lost_pair_of_hosts_falls_back_to_the_persistent_tier(tmp_path):
@@ -258,6 +341,7 @@ def test_a_lost_pair_of_hosts_falls_back_to_the_persistent_tier(tmp_path):
     back = _run("_w_manager", tmp_path, phase="restore")
     assert [(r["step"], r["tier"], r["exact"]) for r in back] == [(4, "persistent", True)] * 2
     assert [r["position"] for r in back] == [400, 401]
+    assert [r["state_problems"] for r in back] == [[], []]
     assert all(r["persistent"] > 0 and r["local"] == 0 for r in back)
 
 
@@ -279,7 +363,7 @@ def _w_four(tmp: str, phase: str) -> dict:
     x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P("model")), lambda i: full[i])
     tier = LocalTier(f"{tmp}/local{jax.process_index()}", copies=2, keep=2, host=None, timeout_s=30)
     if phase == "save":
-        tier.save(1, {"x": x}, extra={}, pipeline_state=None)()
+        tier.save(1, {"x": x}, extra={})()
         return {}
     got = tier.recover(
         {"x": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}, newer_than=None
@@ -320,6 +404,7 @@ def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
     from jax.sharding import PartitionSpec as P
 
     import distckpt
+    from tests.recorder import Recorder
 
     rows = NamedSharding(jax.make_mesh((8,), ("x",)), P("x", None))
 
@@ -336,20 +421,83 @@ def test_a_local_save_keeps_its_values_through_a_donating_step(tmp_path):
             local_copies=1,
         )
 
+    def pipeline_state(step):  # one process: its state's arrays are values it keeps
+        return {
+            "big": jnp.arange(6.0) + step,
+            "order": np.arange(3) << 40,
+            "key": jax.random.key(step),
+            "name": "run",
+        }
+
     state = {"w": jax.device_put(jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16), rows)}
     saved = {}
     mgr = manager()
     for step in (1, 2):
         saved[step] = np.asarray(state["w"]).copy()
-        mgr.save(step, state)
+        mgr.save(step, state, pipeline=Recorder(pipeline_state(step)))
         state = train_step(state)  # donates the buffers the local save just took
     mgr.close()
     back = manager()
-    got = back.restore(None, distckpt.abstract_like(state))
+    data = Recorder()
+    got = back.restore(None, distckpt.abstract_like(state), pipeline=data)
     stats = back.last_restore_stats
     assert stats.tier == "local" and back.last_restored_step == 2
-    assert stats.local_bytes == saved[2].nbytes and stats.peer_bytes == 0
+    state_bytes = 6 * 4 + 3 * 8 + 2 * 4  # the state's arrays, read with the tree's blocks
+    assert stats.local_bytes == saved[2].nbytes + state_bytes and stats.peer_bytes == 0
     np.testing.assert_array_equal(np.asarray(got["w"]), saved[2])
+    want = pipeline_state(2)
+    assert isinstance(data.received["big"], jax.Array) and data.received["name"] == "run"
+    assert data.received["big"].tolist() == want["big"].tolist()
+    assert type(data.received["order"]) is np.ndarray and data.received["order"].dtype == np.int64
+    assert data.received["order"].tolist() == want["order"].tolist()
+    key = jax.random.key_data(data.received["key"])
+    np.testing.assert_array_equal(key, jax.random.key_data(want["key"]))
+
+
+def test_a_local_step_whose_pipeline_state_was_json_still_recovers(tmp_path):
+    """A local step written before the state's arrays were data (version 1) holds every
+    process's state whole in JSON, its arrays base64 inside: it recovers as it did."""
+    import json
+
+    import jax
+    import numpy as np
+    import pytest
+
+    import distckpt
+    from distckpt import _local, _manifest, _procstate
+    from distckpt.errors import TreeMismatchError
+    from tests.recorder import Recorder
+
+    def manager():
+        return distckpt.CheckpointManager(
+            tmp_path / "persistent",
+            save_interval_steps=100,
+            local_directory=tmp_path / "local",
+            local_copies=1,
+        )
+
+    with manager() as mgr:
+        mgr.save(1, {"w": np.arange(3.0)})
+    # The step as that code wrote it: the same files, every state in the record.
+    old = {"data_source_repr": "Range(4)", "order": np.arange(4) << 40, "key": jax.random.key(1)}
+    path = tmp_path / "local" / "step_1" / _local.DESCRIPTION
+    doc = json.loads(path.read_bytes())
+    doc.pop("manifest_crc32c")
+    assert doc["version"] == 1
+    del doc["extra"]["process_state"]
+    doc["extra"]["pipeline_states"] = [_procstate.capture(Recorder(old), 0).decode()]
+    path.write_bytes(_manifest.seal(json.dumps(doc, separators=(",", ":")).encode()))
+    back = Recorder({"data_source_repr": "Range(4)"})
+    with manager() as mgr:
+        tree = mgr.restore(None, {"w": np.empty(3)}, pipeline=back)
+        assert mgr.last_restore_stats.tier == "local" and tree["w"].tolist() == [0.0, 1.0, 2.0]
+        got = back.received
+        assert got["order"].dtype == np.int64 and got["order"].tolist() == (old["order"]).tolist()
+        assert np.array_equal(jax.random.key_data(got["key"]), jax.random.key_data(old["key"]))
+        other = Recorder({"data_source_repr": "Range(5)"})
+        with pytest.raises(TreeMismatchError, match="data_source_repr"):
+            mgr.restore(None, {"w": np.empty(3)}, pipeline=other)
+        assert other.received is None
 
 
 def _w_collective_with_a_deadline() -> dict:

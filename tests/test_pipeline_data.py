@@ -240,6 +240,8 @@ def test_each_process_gets_its_own_arrays_back_and_a_mismatch_fails_everywhere(t
 
 
 def _w_local_tier(tmp: str) -> dict:
+    import os
+
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -252,8 +254,9 @@ def _w_local_tier(tmp: str) -> dict:
         "local_save_interval_steps": 1,
         "timeout_s": 30,
     }
+    saved = {"data_source_repr": "A", "position": 10 + p, "order": np.arange(3) + 10 * p}
     with distckpt.CheckpointManager(f"{tmp}/persistent", **kwargs) as mgr:
-        mgr.save(1, {"w": w}, pipeline=Recorder({"data_source_repr": "A", "position": 10 + p}))
+        mgr.save(1, {"w": w}, pipeline=Recorder(saved))
     out = {}
     for force in (False, True):
         back = Recorder({"data_source_repr": "A" if p == 0 else "B"})
@@ -265,9 +268,26 @@ def _w_local_tier(tmp: str) -> dict:
                     pipeline=back,
                     force_pipeline=force,
                 )
-                out[str(force)] = {"tier": mgr.last_restore_stats.tier, "got": back.received}
+                got = dict(back.received)
+                got["order"] = [type(got["order"]).__name__, str(got["order"].dtype)] + got[
+                    "order"
+                ].tolist()
+                out[str(force)] = {"tier": mgr.last_restore_stats.tier, "got": got}
             except TreeMismatchError as e:
                 out[str(force)] = {"error": str(e), "got": back.received}
+    # Local saves the processes disagree about are refused on every process, keeping nothing.
+    refused = {
+        "ragged": Recorder({"order": np.arange(3 + p)}),
+        "global": GlobalRecorder({"position": 7, "order": np.arange(3) + p}),
+    }
+    with distckpt.CheckpointManager(f"{tmp}/persistent", **kwargs) as mgr:
+        for step, (name, pipeline) in enumerate(refused.items(), start=2):
+            try:
+                mgr.save(step, {"w": w}, pipeline=pipeline)
+                out[name] = "saved"
+            except TreeMismatchError as e:
+                out[name] = str(e)
+    out["steps"] = sorted(os.listdir(f"{tmp}/local{p}"))
     return out
 
 
@@ -285,8 +305,16 @@ def test_a_local_tier_restore_checks_identities_on_every_process(tmp_path):
         assert "data_source_repr: the checkpoint has 'A', this iterator has 'B'" in refused["error"]
         assert r.value["True"] == {
             "tier": "local",
-            "got": {"data_source_repr": "A", "position": 10 + p},
+            "got": {
+                "data_source_repr": "A",
+                "position": 10 + p,
+                "order": ["ndarray", "int64", 10 * p, 10 * p + 1, 10 * p + 2],
+            },
         }
+        assert "processes [1] passed a tree whose" in r.value["ragged"], r.value["ragged"]
+        assert f"This process ({p}) has:\n  state['order']: int64 [{3 + p}]" in r.value["ragged"]
+        assert "differs on processes [1]" in r.value["global"], r.value["global"]
+        assert [s for s in r.value["steps"] if s.startswith("step_")] == ["step_1"]
 
 
 def test_a_checkpointable_the_handler_saved_before_restores_through_both_apis():
