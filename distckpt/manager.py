@@ -47,6 +47,7 @@ from distckpt.errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     NotCommittedError,
+    TreeMismatchError,
 )
 
 log = logging.getLogger("distckpt")
@@ -494,20 +495,25 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore and delete
 
-    def _apply_local_state(self, pipeline: Any, state: Any, force: bool) -> None:
-        """Gives ``pipeline`` the state the local tier recovered (its arrays already
-        back as their types) once every process's passed the identity check: a state
-        for other data on any process restores none; collective."""
+    def _apply_local_state(self, pipeline: Any, state: Any, step: int, force: bool) -> None:
+        """Gives ``pipeline`` the state the local tier recovered for ``step`` (its arrays
+        already back as their types) once every process's passed the identity check: a
+        state for other data on any process restores none, and a step saved without
+        ``pipeline=`` is a ``TreeMismatchError``, as in the persistent tier; collective."""
         coll = _multihost.Collective("restore", str(self.directory), self.timeout_s)
-        coll.run(
-            "pipeline",
-            lambda: (
-                None if state is None else _procstate.identity_check(pipeline, state, force=force)
-            ),
-            last=True,
-        )
-        if state is not None:
-            pipeline.set_state(state)
+
+        def check() -> None:
+            if state is None:
+                raise TreeMismatchError(
+                    f"restore of step {step} from the local tier: pipeline= was given but "
+                    "the step holds no pipeline state (it was saved without pipeline=). "
+                    "Restore without pipeline= and start the pipeline from its beginning, "
+                    "or save with pipeline= so that later steps hold it."
+                )
+            _procstate.identity_check(pipeline, state, force=force)
+
+        coll.run("pipeline", check, last=True)
+        pipeline.set_state(state)
 
     def restore(
         self,
@@ -538,7 +544,7 @@ class CheckpointManager:
             if recovered is not None:
                 found, tree, _, state = recovered
                 if pipeline is not None:
-                    self._apply_local_state(pipeline, state, force_pipeline)
+                    self._apply_local_state(pipeline, state, found, force_pipeline)
                 assert self._local.last_recovery is not None
                 r = self._local.last_recovery
                 self.last_restore_stats = RestoreStats(

@@ -478,6 +478,11 @@ def test_a_local_step_whose_pipeline_state_was_json_still_recovers(tmp_path):
 
     with manager() as mgr:
         mgr.save(1, {"w": np.arange(3.0)})
+        # Saved without pipeline=: asking for a state is an error, as in the persistent tier.
+        none = Recorder({"data_source_repr": "Range(4)"})
+        with pytest.raises(TreeMismatchError, match="the step holds no pipeline state"):
+            mgr.restore(None, {"w": np.empty(3)}, pipeline=none)
+        assert none.received is None and mgr.last_restored_step is None
     # The step as that code wrote it: the same files, every state in the record.
     old = {"data_source_repr": "Range(4)", "order": np.arange(4) << 40, "key": jax.random.key(1)}
     path = tmp_path / "local" / "step_1" / _local.DESCRIPTION
