@@ -12,6 +12,10 @@ import pytest
 from tests.mp import run_processes
 
 pytestmark = pytest.mark.multiprocess
+# The tests that read a shared job's results (the module-scoped fixtures `saved`
+# and `raised`) run on one worker, so that each job runs once (make test
+# distributes with --dist loadgroup).
+SHARED_JOBS = pytest.mark.xdist_group("multiprocess.shared_jobs")
 
 HERE = "tests.test_multiprocess"
 W_SHAPE = (64, 48)
@@ -126,6 +130,7 @@ def saved(tmp_path_factory) -> str:
     return directory
 
 
+@SHARED_JOBS
 def test_save_2x4_writes_each_shard_once(saved):
     import distckpt
 
@@ -150,6 +155,7 @@ def test_save_2x4_writes_each_shard_once(saved):
     distckpt.verify(saved)
 
 
+@SHARED_JOBS
 @pytest.mark.parametrize(
     "procs,devices,mesh_shape,specs",
     [
@@ -171,6 +177,7 @@ def test_restore_on_other_topologies(saved, procs, devices, mesh_shape, specs):
     assert sorted(r.value for r in results) == list(range(procs))
 
 
+@SHARED_JOBS
 def test_restore_in_this_process_1x8(saved):
     import jax
     from jax.sharding import PartitionSpec as P
@@ -277,10 +284,9 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
     import distckpt
     from distckpt import _storage
 
+    target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[phase]
+    original = getattr(_storage.PosixStorage, target)
     if jax.process_index() == victim:
-        target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[
-            phase
-        ]
 
         def boom(self, *args, **kwargs):
             raise OSError(5, f"injected I/O error in {phase}")
@@ -294,25 +300,51 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
             "message": str(e),
             "processes": getattr(e, "processes", None),
         }
+    finally:
+        setattr(_storage.PosixStorage, target, original)
     return {"type": None}
 
 
-@pytest.mark.parametrize(
-    "phase,victim", [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
-)
-def test_exception_on_one_process_is_raised_on_all(tmp_path, phase, victim):
+def _w_raise_cases(root: str, cases: list) -> dict:
+    """Runs ``_w_raise`` for every ``[name, phase, victim]`` in turn, in one job (which
+    carries on after each failed save); any other error is that case's outcome."""
+    import traceback
+
+    seen = {}
+    for name, phase, victim in cases:
+        try:
+            seen[name] = _w_raise(os.path.join(root, name), phase, victim)
+        except Exception:
+            seen[name] = {"type": "unexpected", "traceback": traceback.format_exc()}
+    return seen
+
+
+RAISE_CASES = [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
+
+
+@pytest.fixture(scope="module")
+def raised(tmp_path_factory) -> tuple[str, list[dict]]:
+    """One job, every case of test_exception_on_one_process_is_raised_on_all."""
+    root = str(tmp_path_factory.mktemp("raise"))
+    cases = [[f"{phase}-{victim}", phase, victim] for phase, victim in RAISE_CASES]
+    results = run_processes(f"{HERE}:_w_raise_cases", 2, 4, args={"root": root, "cases": cases})
+    return root, [r.value for r in results]
+
+
+@SHARED_JOBS
+@pytest.mark.parametrize("phase,victim", RAISE_CASES)
+def test_exception_on_one_process_is_raised_on_all(raised, phase, victim):
     import distckpt
 
-    directory = str(tmp_path / "ckpt")
-    results = run_processes(
-        f"{HERE}:_w_raise", 2, 4, args={"directory": directory, "phase": phase, "victim": victim}
-    )
-    for r in results:
-        assert r.value["type"] == "ProcessFailure", r.value
-        assert r.value["processes"] == [victim]
+    root, seen = raised
+    case = f"{phase}-{victim}"
+    directory = os.path.join(root, case)
+    for value in (on_process[case] for on_process in seen):
+        assert value["type"] == "ProcessFailure", value
+        assert value["processes"] == [victim]
         assert (
             f"process {victim}: OSError: [Errno 5] injected I/O error in {phase}"
-            in r.value["message"]
+            in value["message"]
         )
     assert not distckpt.is_committed(directory)
     leftovers = os.listdir(directory) if os.path.isdir(directory) else []
@@ -394,6 +426,7 @@ def _w_restore_same(directory: str) -> dict:
     return {}
 
 
+@SHARED_JOBS
 def test_corruption_seen_by_one_process_fails_restore_on_all(saved, tmp_path):
     import shutil
 
