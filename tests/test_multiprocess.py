@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
 # The tests that read a shared job's results (the module-scoped fixtures `saved`
@@ -305,30 +305,26 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
     return {"type": None}
 
 
-def _w_raise_cases(root: str, cases: list) -> dict:
-    """Runs ``_w_raise`` for every ``[name, phase, victim]`` in turn, in one job (which
-    carries on after each failed save); any other error is that case's outcome."""
-    import traceback
-
-    seen = {}
-    for name, phase, victim in cases:
-        try:
-            seen[name] = _w_raise(os.path.join(root, name), phase, victim)
-        except Exception:
-            seen[name] = {"type": "unexpected", "traceback": traceback.format_exc()}
-    return seen
-
-
 RAISE_CASES = [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
 
 
 @pytest.fixture(scope="module")
-def raised(tmp_path_factory) -> tuple[str, list[dict]]:
-    """One job, every case of test_exception_on_one_process_is_raised_on_all."""
+def raised(tmp_path_factory) -> tuple[str, list]:
+    """Every case of test_exception_on_one_process_is_raised_on_all, one after the other
+    in one job (tests/mp.py:each_case; the job carries on after each failed save)."""
     root = str(tmp_path_factory.mktemp("raise"))
-    cases = [[f"{phase}-{victim}", phase, victim] for phase, victim in RAISE_CASES]
-    results = run_processes(f"{HERE}:_w_raise_cases", 2, 4, args={"root": root, "cases": cases})
-    return root, [r.value for r in results]
+    cases = {
+        f"{phase}-{victim}": [
+            f"{HERE}:_w_raise",
+            {
+                "directory": os.path.join(root, f"{phase}-{victim}"),
+                "phase": phase,
+                "victim": victim,
+            },
+        ]
+        for phase, victim in RAISE_CASES
+    }
+    return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
 
 
 @SHARED_JOBS
@@ -339,7 +335,7 @@ def test_exception_on_one_process_is_raised_on_all(raised, phase, victim):
     root, seen = raised
     case = f"{phase}-{victim}"
     directory = os.path.join(root, case)
-    for value in (on_process[case] for on_process in seen):
+    for value in (case_value(r, case) for r in seen):
         assert value["type"] == "ProcessFailure", value
         assert value["processes"] == [victim]
         assert (
