@@ -57,7 +57,9 @@ def one_job(tmp_path_factory):
     cases = {w: [f"{HERE}:{w}", {"tmp": str(root / w)}] for w in ONE_JOB_CASES}
     for w in ONE_JOB_CASES:
         (root / w).mkdir()
-    results = run_processes("tests.mp:each_case", args={"cases": cases}, devices_per_process=2)
+    results = run_processes(
+        "tests.mp:each_case", args={"cases": cases}, devices_per_process=2, timeout=150
+    )
 
     def case(worker: str) -> tuple[Path, list]:
         return root / worker, [case_value(r, worker) for r in results]

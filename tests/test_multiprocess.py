@@ -324,7 +324,7 @@ def raised(tmp_path_factory) -> tuple[str, list]:
         ]
         for phase, victim in RAISE_CASES
     }
-    return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
+    return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases}, timeout=150)
 
 
 @SHARED_JOBS
