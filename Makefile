@@ -24,12 +24,8 @@ $(VENV)/.installed-examples: $(VENV)/.installed
 demo: $(VENV)/.installed-examples
 	$(PY) scripts/demo.py
 
-# --dist loadgroup: tests marked xdist_group("name") run on one worker, so that
-# a module's shared jobs (module-scoped fixtures that launch processes) run once,
-# and those groups, the longest units, start first; all other tests are spread
-# one at a time as under the default --dist load.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 tests
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check distckpt tests scripts examples

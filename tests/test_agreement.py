@@ -40,8 +40,8 @@ def _gathered(array) -> list[float]:
 
 # Four cases run one after the other in one 2 x 2 job (tests/mp.py:each_case):
 # in each, the processes disagree and the job goes on. Their tests read the
-# results, on one worker (make test distributes with --dist loadgroup).
-ONE_JOB = pytest.mark.xdist_group("agreement.one_job")
+# results (tests/conftest.py runs this module on one xdist worker, so the job
+# runs once).
 ONE_JOB_CASES = (
     "_w_restore_per_process_path",
     "_w_save_per_process_path",
@@ -95,7 +95,6 @@ def _w_restore_per_process_path(tmp: str) -> dict:
     return out
 
 
-@ONE_JOB
 def test_processes_restoring_different_checkpoints_fail_on_every_process(one_job):
     tmp_path, values = one_job("_w_restore_per_process_path")
     for value in values:
@@ -121,7 +120,6 @@ def _w_save_per_process_path(tmp: str) -> dict:
     return {"error": None}
 
 
-@ONE_JOB
 def test_processes_saving_to_different_paths_fail_on_every_process(one_job):
     import distckpt
 
@@ -163,7 +161,6 @@ def _w_manager_per_process_metrics(tmp: str) -> dict:
     return seen
 
 
-@ONE_JOB
 def test_a_manager_ranks_by_the_primary_s_metrics_on_every_process(one_job):
     _, values = one_job("_w_manager_per_process_metrics")
     # Process 0's losses: 0.5, 0.2, 0.7, 0.9 -> step 2 is best; kept: best + latest.
@@ -193,7 +190,6 @@ def _w_delete_per_process_step(tmp: str) -> dict:
         return {"error": error, "steps": mgr.all_steps()}
 
 
-@ONE_JOB
 def test_deleting_different_steps_deletes_nothing(one_job):
     tmp_path, values = one_job("_w_delete_per_process_step")
     for value in values:

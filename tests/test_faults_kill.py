@@ -104,9 +104,9 @@ def kills(tmp_path_factory) -> tuple[Path, dict, list]:
     return root, failures, run_processes("tests.mp:each_case", 2, 2, args={"cases": cases})
 
 
-# The killed jobs and the restarted one are shared by the cases: one worker runs
-# them all, in the first case's set-up (hence its time limit: five jobs).
-@pytest.mark.xdist_group("faults_kill.kills")
+# The killed jobs and the restarted one are shared by the cases (tests/conftest.py
+# runs this module on one xdist worker), in the first case's set-up (hence its
+# time limit: five jobs).
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("case", list(KILLS))
 def test_sigkill_during_save(kills, case):

@@ -19,9 +19,6 @@ import distckpt
 from tests.mp import run_processes
 
 pytestmark = pytest.mark.multiprocess
-# The tests of the one job `phase_run` launches run on one worker (make test
-# distributes with --dist loadgroup), so that the job runs once.
-PHASE_RUN = pytest.mark.xdist_group("faults_phases.phase_run")
 
 W = "tests._fault_workers"
 TIMEOUT_S = 3.0
@@ -69,7 +66,6 @@ def _victim(fault: str) -> int:
     return int(fault.split("@")[1].split("*")[0])
 
 
-@PHASE_RUN
 @pytest.mark.parametrize("case", list(BEFORE_COMMIT))
 def test_an_exception_in_a_phase_is_raised_on_every_process(phase_run, case):
     root, seen = phase_run
@@ -93,7 +89,6 @@ def test_an_exception_in_a_phase_is_raised_on_every_process(phase_run, case):
     assert leftovers == [], leftovers
 
 
-@PHASE_RUN
 def test_a_fault_after_the_commit_point_leaves_a_complete_checkpoint(phase_run):
     root, seen = phase_run
     # A non-primary failing in the commit phase: every process raises, naming
@@ -114,7 +109,6 @@ def test_a_fault_after_the_commit_point_leaves_a_complete_checkpoint(phase_run):
         assert sorted(os.listdir(root / case))[-1] == "manifest.json"
 
 
-@PHASE_RUN
 def test_the_job_continues_and_a_tree_mismatch_lists_everything(phase_run):
     root, seen = phase_run
     distckpt.verify(root / "after")  # saved after all those failures

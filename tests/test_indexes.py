@@ -171,9 +171,9 @@ def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
 # --------------------------------------------------------------------------- real processes
 
 # The three 2 x 2 cases below run one after the other in one job
-# (tests/mp.py:each_case), each in its own directory; their tests, on one
-# worker, read their own results.
-ONE_JOB = pytest.mark.xdist_group("indexes.one_job")
+# (tests/mp.py:each_case), each in its own directory; their tests read their
+# own results (tests/conftest.py runs this module on one xdist worker, so the
+# job runs once).
 ONE_JOB_CASES = (
     "_w_restore_reads_only_the_indexes_it_needs",
     "_w_processes_with_different_shardings",
@@ -230,7 +230,6 @@ def _w_restore_reads_only_the_indexes_it_needs(tmp: str) -> dict:
     return {"read": read, "exact": got, "pid": jax.process_index()}
 
 
-@ONE_JOB
 def test_a_process_reads_the_indexes_of_the_shards_it_needs_only(one_job):
     tmp_path, values = one_job("_w_restore_reads_only_the_indexes_it_needs")
     doc = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
@@ -266,7 +265,6 @@ def _w_processes_with_different_shardings(tmp: str) -> dict:
     return {"error": None}
 
 
-@ONE_JOB
 def test_processes_that_plan_different_layouts_commit_nothing(one_job):
     import distckpt
 
@@ -318,7 +316,6 @@ def _restore_reads_only_the_sections_it_needs(tmp: str) -> dict:
     return {"read": _chunks.metadata_bytes_read() - before, "exact": exact}
 
 
-@ONE_JOB
 def test_a_process_reads_the_index_sections_of_the_cells_it_needs_only(one_job):
     from distckpt import _commit
     from distckpt._storage import open_storage

@@ -64,8 +64,8 @@ def _w_async(directory: str) -> list:
 
 
 # _w_async, then _w_background_error, run one after the other in one 2 x 4 job
-# (tests/mp.py:each_case); their tests, on one worker, read their own results.
-ONE_JOB = pytest.mark.xdist_group("manager_mp.one_job")
+# (tests/mp.py:each_case); their tests read their own results (tests/conftest.py
+# runs this module on one xdist worker, so the job runs once).
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,6 @@ def one_job(tmp_path_factory) -> tuple:
     return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
 
 
-@ONE_JOB
 def test_async_saves_on_two_processes(one_job):
     root, results = one_job
     assert [case_value(r, "_w_async") for r in results] == [[6, 7, 8], [6, 7, 8]]
@@ -116,7 +115,6 @@ def _w_background_error(directory: str) -> dict:
     return {"error": seen, "steps": mgr.all_steps()}
 
 
-@ONE_JOB
 def test_background_error_surfaces_on_every_process(one_job):
     _, results = one_job
     for value in (case_value(r, "_w_background_error") for r in results):

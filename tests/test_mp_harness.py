@@ -251,3 +251,12 @@ def test_each_case_reports_every_case_on_its_own():
     message = str(excinfo.value)
     assert "case 'broken' raised on process 1" in message
     assert "ValueError: case failed with 7" in message and "_case_fail" in message
+
+
+def test_the_shared_job_modules_exist():
+    # tests/conftest.py keeps each of these modules on one xdist worker; a name
+    # that no longer matches a module would silently split its jobs again.
+    from tests.conftest import SHARED_JOB_MODULES
+
+    root = Path(__file__).resolve().parent.parent
+    assert SHARED_JOB_MODULES and all((root / m).is_file() for m in SHARED_JOB_MODULES)

@@ -12,10 +12,6 @@ import pytest
 from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
-# The tests that read a shared job's results (the module-scoped fixtures `saved`
-# and `raised`) run on one worker, so that each job runs once (make test
-# distributes with --dist loadgroup).
-SHARED_JOBS = pytest.mark.xdist_group("multiprocess.shared_jobs")
 
 HERE = "tests.test_multiprocess"
 W_SHAPE = (64, 48)
@@ -130,7 +126,6 @@ def saved(tmp_path_factory) -> str:
     return directory
 
 
-@SHARED_JOBS
 def test_save_2x4_writes_each_shard_once(saved):
     import distckpt
 
@@ -155,7 +150,6 @@ def test_save_2x4_writes_each_shard_once(saved):
     distckpt.verify(saved)
 
 
-@SHARED_JOBS
 @pytest.mark.parametrize(
     "procs,devices,mesh_shape,specs",
     [
@@ -177,7 +171,6 @@ def test_restore_on_other_topologies(saved, procs, devices, mesh_shape, specs):
     assert sorted(r.value for r in results) == list(range(procs))
 
 
-@SHARED_JOBS
 def test_restore_in_this_process_1x8(saved):
     import jax
     from jax.sharding import PartitionSpec as P
@@ -327,7 +320,6 @@ def raised(tmp_path_factory) -> tuple[str, list]:
     return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases}, timeout=150)
 
 
-@SHARED_JOBS
 @pytest.mark.parametrize("phase,victim", RAISE_CASES)
 def test_exception_on_one_process_is_raised_on_all(raised, phase, victim):
     import distckpt
@@ -422,7 +414,6 @@ def _w_restore_same(directory: str) -> dict:
     return {}
 
 
-@SHARED_JOBS
 def test_corruption_seen_by_one_process_fails_restore_on_all(saved, tmp_path):
     import shutil
 

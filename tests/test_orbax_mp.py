@@ -10,9 +10,7 @@ import pytest
 from tests.mp import run_processes
 
 pytest.importorskip("orbax.checkpoint")
-# One worker runs the whole module: its tests share the `saved` jobs (make test
-# distributes with --dist loadgroup).
-pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("orbax_mp")]
+pytestmark = pytest.mark.multiprocess
 
 HERE = "tests.test_orbax_mp"
 W = (24, 12)  # divisible by the 2, 3, 4, 6 and 8-way splits below

@@ -87,7 +87,6 @@ def variants(tmp_path_factory) -> tuple:
     return root, first, job("_w_resume")
 
 
-@pytest.mark.xdist_group("pipeline_mp.variants")  # one worker runs both: the jobs run once
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_each_process_resumes_its_own_batch_sequence(variants, variant):
     root, first_jobs, resumed_jobs = variants

@@ -23,9 +23,6 @@ import pytest
 from distckpt import _layout
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "scale_sim.py"
-# The tests of the `small` run (and of `sectioned`) run on one worker, so that
-# each run is simulated once (make test distributes with --dist loadgroup).
-SMALL_RUN = pytest.mark.xdist_group("scale_sim.small")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +177,6 @@ def test_the_index_size_formula_matches_the_encoder(sim, monkeypatch, case, sect
         assert 1 < counts.pop() < len(groups)
 
 
-@SMALL_RUN
 def test_every_writer_is_planned_for_real_and_matches_its_group(small):
     # Every small-run writer's index is read by the transposed layout, so all
     # are planned and encoded for real; SaveSim raised if any differed from
@@ -216,7 +212,6 @@ def _check_restores(res):
     assert same == 3 and wider == 5 and transposed == 16  # 2 or 4 FSDP neighbours + process 0
 
 
-@SMALL_RUN
 def test_every_restoring_process_reads_what_the_grids_predict_and_finds_its_boxes(small):
     _check_restores(small)
     for row in small["restore"]:
@@ -224,7 +219,6 @@ def test_every_restoring_process_reads_what_the_grids_predict_and_finds_its_boxe
             assert m["reads"] == 2 * m["indexes_read"]
 
 
-@SMALL_RUN
 def test_sections_are_read_as_the_heads_predict_when_there_are_many(sectioned, small):
     # A section per (cell, leaf), runs broken by any gap: the prediction
     # from the grids and the (derived) heads must still match every read.
@@ -239,7 +233,6 @@ def test_sections_are_read_as_the_heads_predict_when_there_are_many(sectioned, s
             assert fewer < 0
 
 
-@SMALL_RUN
 def test_the_root_record_grows_with_leaves_files_and_processes_only(small, sim):
     devices = small["processes"] * small["devices_per_process"]
     bound = (
@@ -254,7 +247,6 @@ def test_the_root_record_grows_with_leaves_files_and_processes_only(small, sim):
     assert small["root_sections"]["indexes"] < small["root_sections"]["leaves"]
 
 
-@SMALL_RUN
 def test_coordination_calls_per_process_do_not_grow_with_the_process_count(small):
     runs = small["coordination"]
     assert [c["processes"] for c in runs] == [4, 8, 16]
@@ -278,7 +270,6 @@ def test_coordination_calls_per_process_do_not_grow_with_the_process_count(small
     assert abs(runs[-1]["primary_commit"]["root_bytes"] - small["root_bytes"]) <= 64
 
 
-@SMALL_RUN
 def test_the_commit_phase_shares_a_summary_that_does_not_grow_with_the_process_count(small):
     # In the commit phase every process reads the primary's SaveStats once:
     # a summary (total, largest process, files, timings) of the same size at
@@ -290,7 +281,6 @@ def test_the_commit_phase_shares_a_summary_that_does_not_grow_with_the_process_c
     assert max(each) - min(each) <= 16, each
 
 
-@SMALL_RUN
 def test_the_result_is_json_and_names_every_target(small):
     json.dumps(small)
     names = [t["target"] for t in small["targets"]]

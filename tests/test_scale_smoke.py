@@ -18,13 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 # About 25 s on an idle 2-core machine, several times that when it is shared.
-# Both tests read the one run of `result`: one worker runs them (make test
-# distributes with --dist loadgroup).
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.timeout(400),
-    pytest.mark.xdist_group("scale_smoke"),
-]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(400)]
 
 OP_FIELDS = (
     "seconds",

@@ -161,8 +161,8 @@ def _w_restore(directory: str) -> dict:
 
 
 # The two 2 x 2 cases (_w_restore, then _w_damaged) run one after the other in
-# one job (tests/mp.py:each_case); their tests, on one worker, read their own.
-TWO_BY_TWO = pytest.mark.xdist_group("share.two_by_two")
+# one job (tests/mp.py:each_case); their tests read their own results
+# (tests/conftest.py runs this module on one xdist worker, so the job runs once).
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,6 @@ def two_by_two(tmp_path_factory) -> list:
 
 
 @pytest.mark.multiprocess
-@TWO_BY_TWO
 def test_two_replica_groups_each_read_half(two_by_two):
     # 2 processes x 2 devices: each process's devices hold all of w (16 MiB)
     # and mid (2 MiB) in two fsdp halves. Shared, each process reads one
@@ -239,7 +238,6 @@ def _w_damaged(directory: str) -> dict:
 
 
 @pytest.mark.multiprocess
-@TWO_BY_TWO
 def test_a_chunk_only_one_process_reads_fails_the_restore_everywhere(two_by_two):
     values = [case_value(r, "_w_damaged") for r in two_by_two]
     shared = [value["shared"] for value in values]
