@@ -212,14 +212,13 @@ def _w_kill(directory: str, victim: int, where: str) -> str:
     return "survived"
 
 
-@pytest.mark.parametrize(
-    "victim,where",
-    [(1, "before_report"), (0, "before_rename"), (0, "after_rename")],
-)
-def test_killed_process(tmp_path, victim, where):
+KILLS = [(1, "before_report"), (0, "before_rename"), (0, "after_rename")]
+
+
+def _check_the_killed_job(directory: str, victim: int, where: str) -> None:
+    """Runs the job whose ``victim`` is killed at ``where``; checks it and what it left."""
     import distckpt
 
-    directory = str(tmp_path / "ckpt")
     start = time.monotonic()
     results = run_processes(
         f"{HERE}:_w_kill",
@@ -251,8 +250,42 @@ def test_killed_process(tmp_path, victim, where):
     committed = _committed_attempt(directory)
     assert committed == (attempts[1] if where == "after_rename" else attempts[0])
     assert info.process_count == 2
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> tuple[str, dict, list]:
+    """Every case's killed job, checked at once (a failure is kept for the case's
+    test); then one job saves over every case's checkpoint in turn
+    (tests/mp.py:each_case)."""
+    root = str(tmp_path_factory.mktemp("killed"))
+    failures: dict[str, BaseException | None] = {}
+    for victim, where in KILLS:
+        case = f"{victim}-{where}"
+        try:
+            _check_the_killed_job(os.path.join(root, case), victim, where)
+            failures[case] = None
+        except Exception as e:  # noqa: BLE001 - raised again by the case's test
+            failures[case] = e
+    cases = {
+        f"{v}-{w}": [f"{HERE}:_w_save_over", {"directory": os.path.join(root, f"{v}-{w}")}]
+        for v, w in KILLS
+    }
+    return root, failures, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
+
+
+# The killed jobs, and the one that saves over their checkpoints, run in the
+# first case's set-up (hence its time limit: four jobs).
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("victim,where", KILLS)
+def test_killed_process(killed, victim, where):
+    root, failures, saved_over = killed
+    case = f"{victim}-{where}"
+    directory = os.path.join(root, case)
+    if failures[case] is not None:  # the killed job, or what it left, is not as it must be
+        raise failures[case]
     # The next save succeeds and cleans the leftovers of the interrupted one.
-    run_processes(f"{HERE}:_w_save_over", 2, 4, args={"directory": directory})
+    for r in saved_over:
+        case_value(r, case)
     leftovers = [e for e in os.listdir(directory) if e.startswith("attempt-")]
     assert leftovers == [_committed_attempt(directory)]
 
