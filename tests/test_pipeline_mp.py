@@ -75,7 +75,8 @@ VARIANTS = {"per-process": True, "global": False}
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> tuple:
-    """One job saves both variants, the next resumes both (tests/mp.py:each_case)."""
+    """One job saves both variants, the next resumes both (tests/mp.py:each_case;
+    tests/conftest.py runs this module on one xdist worker, so the jobs run once)."""
     root = tmp_path_factory.mktemp("pipeline_mp")
     args = {v: {"directory": str(root / v), "per_process": pp} for v, pp in VARIANTS.items()}
 
