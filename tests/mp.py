@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerResult", "free_port", "process_info", "run_processes"]
+__all__ = ["WorkerResult", "case_value", "each_case", "free_port", "process_info", "run_processes"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +84,53 @@ def process_info() -> tuple[int, int]:
     import jax
 
     return jax.process_index(), jax.process_count()
+
+
+def each_case(cases: dict[str, list]) -> dict[str, dict]:
+    """Worker side: runs several cases in one job, one after the other.
+
+    ``cases`` maps a case's name to ``[target, kwargs]`` ("module.path:function"
+    and its arguments); the target must be one every process calls with its
+    case's arguments. Returns ``{name: {"value": ...}}``, or ``{name: {"error":
+    traceback}}`` for a case that raised, so that the job goes on to the next
+    case and a failure is reported for its own case (:func:`case_value`).
+    Launch it as ``run_processes("tests.mp:each_case", args={"cases": ...})``.
+    """
+    import importlib
+    import traceback
+
+    out = {}
+    for name, (target, kwargs) in cases.items():
+        module_name, _, func_name = target.partition(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        try:
+            value = func(**kwargs)
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+        else:
+            # Converted now, as the worker would convert a lone return value.
+            out[name] = {"value": json.loads(json.dumps(value, default=_jsonable))}
+    return out
+
+
+def case_value(result: WorkerResult, name: str) -> Any:
+    """What case ``name`` of :func:`each_case` returned on ``result``'s process.
+
+    Raises AssertionError naming the case and the process, with the
+    traceback, if the case raised there.
+    """
+    outcome = result.value[name]
+    if "error" in outcome:
+        raise AssertionError(
+            f"case {name!r} raised on process {result.process_id}:\n{outcome['error']}"
+        )
+    return outcome["value"]
+
+
+def _jsonable(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"case value of type {type(obj).__name__} is not JSON-serialisable")
 
 
 def run_processes(

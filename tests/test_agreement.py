@@ -8,10 +8,11 @@ mixes what several processes asked for.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
 
@@ -35,6 +36,35 @@ def _gathered(array) -> list[float]:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(array, tiled=True).tolist()
+
+
+# Four cases run one after the other in one 2 x 2 job (tests/mp.py:each_case):
+# in each, the processes disagree and the job goes on. Their tests read the
+# results (tests/conftest.py runs this module on one xdist worker, so the job
+# runs once).
+ONE_JOB_CASES = (
+    "_w_restore_per_process_path",
+    "_w_save_per_process_path",
+    "_w_manager_per_process_metrics",
+    "_w_delete_per_process_step",
+)
+
+
+@pytest.fixture(scope="module")
+def one_job(tmp_path_factory):
+    """``case(worker)``: that case's directory and its values on processes 0 and 1."""
+    root = tmp_path_factory.mktemp("agreement")
+    cases = {w: [f"{HERE}:{w}", {"tmp": str(root / w)}] for w in ONE_JOB_CASES}
+    for w in ONE_JOB_CASES:
+        (root / w).mkdir()
+    results = run_processes(
+        "tests.mp:each_case", args={"cases": cases}, devices_per_process=2, timeout=150
+    )
+
+    def case(worker: str) -> tuple[Path, list]:
+        return root / worker, [case_value(r, worker) for r in results]
+
+    return case
 
 
 def _w_restore_per_process_path(tmp: str) -> dict:
@@ -65,17 +95,15 @@ def _w_restore_per_process_path(tmp: str) -> dict:
     return out
 
 
-def test_processes_restoring_different_checkpoints_fail_on_every_process(tmp_path):
-    results = run_processes(
-        f"{HERE}:_w_restore_per_process_path", args={"tmp": str(tmp_path)}, devices_per_process=2
-    )
-    for r in results:
-        assert r.value["same"] == [1.0] * 8
-        assert r.value["is_value_error"]
-        message = r.value["error"]
+def test_processes_restoring_different_checkpoints_fail_on_every_process(one_job):
+    tmp_path, values = one_job("_w_restore_per_process_path")
+    for value in values:
+        assert value["same"] == [1.0] * 8
+        assert value["is_value_error"]
+        message = value["error"]
         assert "processes [0]" in message and "processes [1]" in message
         assert f"{tmp_path}/a" in message and f"{tmp_path}/b" in message
-    assert results[0].value["error"] == results[1].value["error"]
+    assert values[0]["error"] == values[1]["error"]
 
 
 def _w_save_per_process_path(tmp: str) -> dict:
@@ -92,14 +120,12 @@ def _w_save_per_process_path(tmp: str) -> dict:
     return {"error": None}
 
 
-def test_processes_saving_to_different_paths_fail_on_every_process(tmp_path):
+def test_processes_saving_to_different_paths_fail_on_every_process(one_job):
     import distckpt
 
-    results = run_processes(
-        f"{HERE}:_w_save_per_process_path", args={"tmp": str(tmp_path)}, devices_per_process=2
-    )
-    for r in results:
-        assert r.value["error"] and "named different checkpoints" in r.value["error"]
+    tmp_path, values = one_job("_w_save_per_process_path")
+    for value in values:
+        assert value["error"] and "named different checkpoints" in value["error"]
     assert not distckpt.is_committed(tmp_path / "p0")
     assert not distckpt.is_committed(tmp_path / "p1")
 
@@ -135,19 +161,15 @@ def _w_manager_per_process_metrics(tmp: str) -> dict:
     return seen
 
 
-def test_a_manager_ranks_by_the_primary_s_metrics_on_every_process(tmp_path):
-    results = run_processes(
-        f"{HERE}:_w_manager_per_process_metrics",
-        args={"tmp": str(tmp_path)},
-        devices_per_process=2,
-    )
+def test_a_manager_ranks_by_the_primary_s_metrics_on_every_process(one_job):
+    _, values = one_job("_w_manager_per_process_metrics")
     # Process 0's losses: 0.5, 0.2, 0.7, 0.9 -> step 2 is best; kept: best + latest.
-    for r in results:
-        assert r.value["steps"] == [2, 4]
-        assert r.value["best"] == 2
-        assert r.value["reopened_best"] == 2
-        assert r.value["metrics"] == {"loss": 0.2}
-        assert r.value["values"] == [2.0] * 8
+    for value in values:
+        assert value["steps"] == [2, 4]
+        assert value["best"] == 2
+        assert value["reopened_best"] == 2
+        assert value["metrics"] == {"loss": 0.2}
+        assert value["values"] == [2.0] * 8
 
 
 def _w_delete_per_process_step(tmp: str) -> dict:
@@ -168,13 +190,11 @@ def _w_delete_per_process_step(tmp: str) -> dict:
         return {"error": error, "steps": mgr.all_steps()}
 
 
-def test_deleting_different_steps_deletes_nothing(tmp_path):
-    results = run_processes(
-        f"{HERE}:_w_delete_per_process_step", args={"tmp": str(tmp_path)}, devices_per_process=2
-    )
-    for r in results:
-        assert "named different steps" in r.value["error"]
-        assert r.value["steps"] == [1, 3]
+def test_deleting_different_steps_deletes_nothing(one_job):
+    tmp_path, values = one_job("_w_delete_per_process_step")
+    for value in values:
+        assert "named different steps" in value["error"]
+        assert value["steps"] == [1, 3]
     assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000003"]
 
 

@@ -29,6 +29,12 @@ def _w_train(directory: str, steps: int) -> int:
     return _example().main(argv + ["--batch", "64"])
 
 
+def _w_train_each(runs: list) -> list[int]:
+    """``_w_train`` for each ``[directory, steps]`` in turn, in one job: fresh runs
+    (nothing saved there yet) need no job of their own."""
+    return [_w_train(directory, steps) for directory, steps in runs]
+
+
 def _loss(directory: Path, step: int) -> float:
     return distckpt.metadata(directory / f"step_{step:08d}").metrics["loss"]
 
@@ -36,8 +42,9 @@ def _loss(directory: Path, step: int) -> float:
 @pytest.mark.timeout(300)
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     whole, pieces, moved = tmp_path / "whole", tmp_path / "pieces", tmp_path / "moved"
-    run_processes(f"{HERE}:_w_train", 2, 4, args={"directory": str(whole), "steps": 30})
-    run_processes(f"{HERE}:_w_train", 2, 4, args={"directory": str(pieces), "steps": 20})
+    runs = [[str(whole), 30], [str(pieces), 20]]  # both start afresh
+    results = run_processes(f"{HERE}:_w_train_each", 2, 4, args={"runs": runs})
+    assert [r.value for r in results] == [[0, 0], [0, 0]]
     shutil.copytree(pieces, moved)
     run_processes(f"{HERE}:_w_train", 2, 4, args={"directory": str(pieces), "steps": 30})
     # Same topology: parameters, optimizer moments and data position all came

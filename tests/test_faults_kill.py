@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import distckpt
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -49,10 +49,9 @@ def _step_dirs(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-@pytest.mark.parametrize("case", list(KILLS))
-def test_sigkill_during_save(tmp_path, case):
+def _check_the_killed_job(case: str, directory: Path) -> None:
+    """Runs ``case``'s job, killed mid-save, and checks it and the disk it left."""
     fault, victim, committed = KILLS[case]
-    directory = tmp_path / "run"
     results = run_processes(
         f"{W}:kill_during_save",
         2,
@@ -77,17 +76,53 @@ def test_sigkill_during_save(tmp_path, case):
     elif step2.exists():  # killed before the commit point: leftovers at most
         assert all(e.startswith(("attempt-", ".")) for e in os.listdir(step2)), os.listdir(step2)
 
-    # Restart: resume from the last committed step, save the next one.
+
+@pytest.fixture(scope="module")
+def kills(tmp_path_factory) -> tuple[Path, dict, list]:
+    """Every case's killed job, checked at once (a failure is kept for the case's test);
+    then one restarted job resumes every case's directory in turn (tests/mp.py:each_case)."""
+    root = tmp_path_factory.mktemp("kills")
+    failures: dict[str, BaseException | None] = {}
+    for case in KILLS:
+        try:
+            _check_the_killed_job(case, root / case)
+            failures[case] = None
+        except Exception as e:  # noqa: BLE001 - raised again by the case's test
+            failures[case] = e
+    cases = {
+        case: [
+            f"{W}:resume",
+            {
+                "directory": str(root / case),
+                "expect": 2 if committed else 1,
+                "next_step": 3,
+                "timeout_s": 20,
+            },
+        ]
+        for case, (_, _, committed) in KILLS.items()
+    }
+    return root, failures, run_processes("tests.mp:each_case", 2, 2, args={"cases": cases})
+
+
+# The killed jobs and the restarted one are shared by the cases (tests/conftest.py
+# runs this module on one xdist worker), in the first case's set-up (hence its
+# time limit: five jobs).
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("case", list(KILLS))
+def test_sigkill_during_save(kills, case):
+    _, _, committed = KILLS[case]
+    root, failures, again_jobs = kills
+    directory = root / case
+    if failures[case] is not None:  # the killed job, or the disk it left, is not as it must be
+        raise failures[case]
+
+    # Restart (one job for every case, in `kills`): resume from the last committed
+    # step, save the next one.
     expect = 2 if committed else 1
-    again = run_processes(
-        f"{W}:resume",
-        2,
-        2,
-        args={"directory": str(directory), "expect": expect, "next_step": 3, "timeout_s": 20},
-    )
-    assert again[0].value["latest"] == expect
+    again = [case_value(r, case) for r in again_jobs]
+    assert again[0]["latest"] == expect
     steps = list(range(1, expect + 1)) + [3]
-    assert again[0].value["steps"] == steps
+    assert again[0]["steps"] == steps
     # Stale temporary data is gone: every step dir holds its manifest and one attempt.
     assert _step_dirs(directory) == [f"step_{s:08d}" for s in steps]
     for s in steps:

@@ -9,6 +9,7 @@ differently commit nothing.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import crc32c
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from distckpt import _index
 from distckpt._plan import ChunkRecord
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 HERE = "tests.test_indexes"
 
@@ -169,6 +170,33 @@ def test_an_index_refuses_a_record_filed_under_another_cell(monkeypatch):
 
 # --------------------------------------------------------------------------- real processes
 
+# The three 2 x 2 cases below run one after the other in one job
+# (tests/mp.py:each_case), each in its own directory; their tests read their
+# own results (tests/conftest.py runs this module on one xdist worker, so the
+# job runs once).
+ONE_JOB_CASES = (
+    "_w_restore_reads_only_the_indexes_it_needs",
+    "_w_processes_with_different_shardings",
+    "_w_restore_reads_only_the_sections_it_needs",
+)
+
+
+@pytest.fixture(scope="module")
+def one_job(tmp_path_factory):
+    """``case(worker)``: that case's directory and its results."""
+    root = tmp_path_factory.mktemp("indexes")
+    cases = {w: [f"{HERE}:{w}", {"tmp": str(root / w)}] for w in ONE_JOB_CASES}
+    for w in ONE_JOB_CASES:
+        (root / w).mkdir()
+    results = run_processes(
+        "tests.mp:each_case", args={"cases": cases}, devices_per_process=2, timeout=150
+    )
+
+    def case(worker: str) -> tuple[Path, list]:
+        return root / worker, [case_value(r, worker) for r in results]
+
+    return case
+
 
 def _w_restore_reads_only_the_indexes_it_needs(tmp: str) -> dict:
     import jax
@@ -202,20 +230,16 @@ def _w_restore_reads_only_the_indexes_it_needs(tmp: str) -> dict:
     return {"read": read, "exact": got, "pid": jax.process_index()}
 
 
-def test_a_process_reads_the_indexes_of_the_shards_it_needs_only(tmp_path):
-    results = run_processes(
-        f"{HERE}:_w_restore_reads_only_the_indexes_it_needs",
-        args={"tmp": str(tmp_path)},
-        devices_per_process=2,
-    )
+def test_a_process_reads_the_indexes_of_the_shards_it_needs_only(one_job):
+    tmp_path, values = one_job("_w_restore_reads_only_the_indexes_it_needs")
     doc = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
     root = (tmp_path / "c" / "manifest.json").stat().st_size
     index = {ref["process"]: ref["bytes"] for ref in doc["indexes"]}
     assert sorted(index) == [0, 1] and "chunks" not in json.dumps(doc["leaves"])
-    for r in results:
-        assert r.value["exact"] == {"rows": True, "cols": True, "whole": True}
-        read = r.value["read"]
-        assert read["rows"] == root + index[r.value["pid"]]  # its own rows: its own index
+    for value in values:
+        assert value["exact"] == {"rows": True, "cols": True, "whole": True}
+        read = value["read"]
+        assert read["rows"] == root + index[value["pid"]]  # its own rows: its own index
         assert read["cols"] == root + sum(index.values())  # columns cross both writers
         assert read["whole"] == root + sum(index.values())
 
@@ -241,30 +265,37 @@ def _w_processes_with_different_shardings(tmp: str) -> dict:
     return {"error": None}
 
 
-def test_processes_that_plan_different_layouts_commit_nothing(tmp_path):
+def test_processes_that_plan_different_layouts_commit_nothing(one_job):
     import distckpt
 
-    results = run_processes(
-        f"{HERE}:_w_processes_with_different_shardings",
-        args={"tmp": str(tmp_path)},
-        devices_per_process=2,
-    )
-    for r in results:
-        assert r.value["error"] and "planned different layouts" in r.value["error"], r.value
+    tmp_path, values = one_job("_w_processes_with_different_shardings")
+    for value in values:
+        assert value["error"] and "planned different layouts" in value["error"], value
     assert not distckpt.is_committed(tmp_path / "c")
 
 
 def _w_restore_reads_only_the_sections_it_needs(tmp: str) -> dict:
+    from distckpt import _chunks, _index
+
+    # Put back afterwards: the job may run other cases after this one.
+    put_back = _index.SECTION_BYTES, _chunks.GAP_BYTES
+    _index.SECTION_BYTES = 1  # a section per cell and leaf
+    _chunks.GAP_BYTES = 0  # one read per section: the count shows which were read
+    try:
+        return _restore_reads_only_the_sections_it_needs(tmp)
+    finally:
+        _index.SECTION_BYTES, _chunks.GAP_BYTES = put_back
+
+
+def _restore_reads_only_the_sections_it_needs(tmp: str) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import distckpt
-    from distckpt import _chunks, _index
+    from distckpt import _chunks
 
-    _index.SECTION_BYTES = 1  # a section per cell and leaf
-    _chunks.GAP_BYTES = 0  # one read per section: the count shows which were read
     devices = jax.devices()  # process 0 holds devices 0 and 1, process 1 devices 2 and 3
     full = jnp.arange(16 * 8, dtype=jnp.float32).reshape(16, 8)
     rows = NamedSharding(Mesh(np.asarray(devices), ("x",)), P("x"))
@@ -285,15 +316,11 @@ def _w_restore_reads_only_the_sections_it_needs(tmp: str) -> dict:
     return {"read": _chunks.metadata_bytes_read() - before, "exact": exact}
 
 
-def test_a_process_reads_the_index_sections_of_the_cells_it_needs_only(tmp_path):
+def test_a_process_reads_the_index_sections_of_the_cells_it_needs_only(one_job):
     from distckpt import _commit
     from distckpt._storage import open_storage
 
-    results = run_processes(
-        f"{HERE}:_w_restore_reads_only_the_sections_it_needs",
-        args={"tmp": str(tmp_path)},
-        devices_per_process=2,
-    )
+    tmp_path, values = one_job("_w_restore_reads_only_the_sections_it_needs")
     root = tmp_path / "c"
     m = _commit.load(open_storage(str(root)))
     w = next(i for i, s in enumerate(m.leaves) if s.display.endswith("['w']"))
@@ -306,6 +333,6 @@ def test_a_process_reads_the_index_sections_of_the_cells_it_needs_only(tmp_path)
         for pid in (0, 1):  # process 0 needs each writer's cell 0 of w, process 1 cell 1
             (section,) = head.sections_for([(pid, w)])
             expected[pid] += ref.head_bytes + int(head.sections["nbytes"][section])
-    for r in results:
-        assert r.value["exact"]
-    assert [r.value["read"] for r in results] == expected
+    for value in values:
+        assert value["exact"]
+    assert [value["read"] for value in values] == expected

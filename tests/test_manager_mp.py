@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
 
@@ -63,10 +63,29 @@ def _w_async(directory: str) -> list:
     return kept
 
 
-def test_async_saves_on_two_processes(tmp_path):
-    results = run_processes(f"{HERE}:_w_async", 2, 4, args={"directory": str(tmp_path)})
-    assert [r.value for r in results] == [[6, 7, 8], [6, 7, 8]]
-    assert sorted(os.listdir(tmp_path)) == ["step_00000006", "step_00000007", "step_00000008"]
+# _w_async, then _w_background_error, run one after the other in one 2 x 4 job
+# (tests/mp.py:each_case); their tests read their own results (tests/conftest.py
+# runs this module on one xdist worker, so the job runs once).
+
+
+@pytest.fixture(scope="module")
+def one_job(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("manager_mp")
+    cases = {}
+    for w in ("_w_async", "_w_background_error"):
+        (root / w).mkdir()
+        cases[w] = [f"{HERE}:{w}", {"directory": str(root / w)}]
+    return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
+
+
+def test_async_saves_on_two_processes(one_job):
+    root, results = one_job
+    assert [case_value(r, "_w_async") for r in results] == [[6, 7, 8], [6, 7, 8]]
+    assert sorted(os.listdir(root / "_w_async")) == [
+        "step_00000006",
+        "step_00000007",
+        "step_00000008",
+    ]
 
 
 def _w_background_error(directory: str) -> dict:
@@ -96,13 +115,13 @@ def _w_background_error(directory: str) -> dict:
     return {"error": seen, "steps": mgr.all_steps()}
 
 
-def test_background_error_surfaces_on_every_process(tmp_path):
-    results = run_processes(f"{HERE}:_w_background_error", 2, 4, args={"directory": str(tmp_path)})
-    for r in results:
-        assert r.value["error"]["type"] == "OutOfSpaceError", r.value  # a full disk is typed
-        assert r.value["error"]["processes"] == [1]
-        assert "injected: no space left" in r.value["error"]["message"]
-        assert r.value["steps"] == [1, 3]
+def test_background_error_surfaces_on_every_process(one_job):
+    _, results = one_job
+    for value in (case_value(r, "_w_background_error") for r in results):
+        assert value["error"]["type"] == "OutOfSpaceError", value  # a full disk is typed
+        assert value["error"]["processes"] == [1]
+        assert "injected: no space left" in value["error"]["message"]
+        assert value["steps"] == [1, 3]
 
 
 def _w_preempt(directory: str, sig: str = "SIGTERM") -> None:

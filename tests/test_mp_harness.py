@@ -6,6 +6,7 @@ The ``_worker_*`` functions run inside the worker processes (after
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -221,3 +222,41 @@ def test_retries_when_coordinator_port_is_taken(monkeypatch):
 
     assert len(handed_out) == 2  # one failed attempt, one retry
     assert [r.value for r in results] == [[0, 2], [1, 2]]
+
+
+# --- (6) several cases in one job -------------------------------------------
+
+
+def _case_double(x: int):
+    return np.arange(3) * x  # numpy: converted like a worker's return value
+
+
+def _case_fail(x: int):
+    raise ValueError(f"case failed with {x}")
+
+
+def test_each_case_reports_every_case_on_its_own():
+    # each_case is what a worker runs; called here directly, it needs no job.
+    cases = {
+        "first": [f"{HERE}:_case_double", {"x": 2}],
+        "broken": [f"{HERE}:_case_fail", {"x": 7}],
+        "after": [f"{HERE}:_case_double", {"x": 3}],  # still runs after a failure
+    }
+    value = json.loads(json.dumps(tests.mp.each_case(cases)))
+    result = tests.mp.WorkerResult(1, 0, "", "", value)
+    assert tests.mp.case_value(result, "first") == [0, 2, 4]
+    assert tests.mp.case_value(result, "after") == [0, 3, 6]
+    with pytest.raises(AssertionError) as excinfo:
+        tests.mp.case_value(result, "broken")
+    message = str(excinfo.value)
+    assert "case 'broken' raised on process 1" in message
+    assert "ValueError: case failed with 7" in message and "_case_fail" in message
+
+
+def test_the_shared_job_modules_exist():
+    # tests/conftest.py keeps each of these modules on one xdist worker; a name
+    # that no longer matches a module would silently split its jobs again.
+    from tests.conftest import SHARED_JOB_MODULES
+
+    root = Path(__file__).resolve().parent.parent
+    assert SHARED_JOB_MODULES and all((root / m).is_file() for m in SHARED_JOB_MODULES)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
 
@@ -212,14 +212,13 @@ def _w_kill(directory: str, victim: int, where: str) -> str:
     return "survived"
 
 
-@pytest.mark.parametrize(
-    "victim,where",
-    [(1, "before_report"), (0, "before_rename"), (0, "after_rename")],
-)
-def test_killed_process(tmp_path, victim, where):
+KILLS = [(1, "before_report"), (0, "before_rename"), (0, "after_rename")]
+
+
+def _check_the_killed_job(directory: str, victim: int, where: str) -> None:
+    """Runs the job whose ``victim`` is killed at ``where``; checks it and what it left."""
     import distckpt
 
-    directory = str(tmp_path / "ckpt")
     start = time.monotonic()
     results = run_processes(
         f"{HERE}:_w_kill",
@@ -251,8 +250,42 @@ def test_killed_process(tmp_path, victim, where):
     committed = _committed_attempt(directory)
     assert committed == (attempts[1] if where == "after_rename" else attempts[0])
     assert info.process_count == 2
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> tuple[str, dict, list]:
+    """Every case's killed job, checked at once (a failure is kept for the case's
+    test); then one job saves over every case's checkpoint in turn
+    (tests/mp.py:each_case)."""
+    root = str(tmp_path_factory.mktemp("killed"))
+    failures: dict[str, BaseException | None] = {}
+    for victim, where in KILLS:
+        case = f"{victim}-{where}"
+        try:
+            _check_the_killed_job(os.path.join(root, case), victim, where)
+            failures[case] = None
+        except Exception as e:  # noqa: BLE001 - raised again by the case's test
+            failures[case] = e
+    cases = {
+        f"{v}-{w}": [f"{HERE}:_w_save_over", {"directory": os.path.join(root, f"{v}-{w}")}]
+        for v, w in KILLS
+    }
+    return root, failures, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
+
+
+# The killed jobs, and the one that saves over their checkpoints, run in the
+# first case's set-up (hence its time limit: four jobs).
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("victim,where", KILLS)
+def test_killed_process(killed, victim, where):
+    root, failures, saved_over = killed
+    case = f"{victim}-{where}"
+    directory = os.path.join(root, case)
+    if failures[case] is not None:  # the killed job, or what it left, is not as it must be
+        raise failures[case]
     # The next save succeeds and cleans the leftovers of the interrupted one.
-    run_processes(f"{HERE}:_w_save_over", 2, 4, args={"directory": directory})
+    for r in saved_over:
+        case_value(r, case)
     leftovers = [e for e in os.listdir(directory) if e.startswith("attempt-")]
     assert leftovers == [_committed_attempt(directory)]
 
@@ -277,10 +310,9 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
     import distckpt
     from distckpt import _storage
 
+    target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[phase]
+    original = getattr(_storage.PosixStorage, target)
     if jax.process_index() == victim:
-        target = {"write": "writer", "commit": "commit_manifest", "prepare": "prepare_attempt"}[
-            phase
-        ]
 
         def boom(self, *args, **kwargs):
             raise OSError(5, f"injected I/O error in {phase}")
@@ -294,25 +326,46 @@ def _w_raise(directory: str, phase: str, victim: int) -> dict:
             "message": str(e),
             "processes": getattr(e, "processes", None),
         }
+    finally:
+        setattr(_storage.PosixStorage, target, original)
     return {"type": None}
 
 
-@pytest.mark.parametrize(
-    "phase,victim", [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
-)
-def test_exception_on_one_process_is_raised_on_all(tmp_path, phase, victim):
+RAISE_CASES = [("write", 1), ("write", 0), ("commit", 0), ("prepare", 0)]
+
+
+@pytest.fixture(scope="module")
+def raised(tmp_path_factory) -> tuple[str, list]:
+    """Every case of test_exception_on_one_process_is_raised_on_all, one after the other
+    in one job (tests/mp.py:each_case; the job carries on after each failed save)."""
+    root = str(tmp_path_factory.mktemp("raise"))
+    cases = {
+        f"{phase}-{victim}": [
+            f"{HERE}:_w_raise",
+            {
+                "directory": os.path.join(root, f"{phase}-{victim}"),
+                "phase": phase,
+                "victim": victim,
+            },
+        ]
+        for phase, victim in RAISE_CASES
+    }
+    return root, run_processes("tests.mp:each_case", 2, 4, args={"cases": cases}, timeout=150)
+
+
+@pytest.mark.parametrize("phase,victim", RAISE_CASES)
+def test_exception_on_one_process_is_raised_on_all(raised, phase, victim):
     import distckpt
 
-    directory = str(tmp_path / "ckpt")
-    results = run_processes(
-        f"{HERE}:_w_raise", 2, 4, args={"directory": directory, "phase": phase, "victim": victim}
-    )
-    for r in results:
-        assert r.value["type"] == "ProcessFailure", r.value
-        assert r.value["processes"] == [victim]
+    root, seen = raised
+    case = f"{phase}-{victim}"
+    directory = os.path.join(root, case)
+    for value in (case_value(r, case) for r in seen):
+        assert value["type"] == "ProcessFailure", value
+        assert value["processes"] == [victim]
         assert (
             f"process {victim}: OSError: [Errno 5] injected I/O error in {phase}"
-            in r.value["message"]
+            in value["message"]
         )
     assert not distckpt.is_committed(directory)
     leftovers = os.listdir(directory) if os.path.isdir(directory) else []

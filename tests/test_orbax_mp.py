@@ -24,8 +24,9 @@ def _reference() -> dict:
     }
 
 
-def _w_save(directory: str, how: str) -> int:
-    """Saves on a (2, 4) mesh spanning both processes, with orbax-checkpoint's defaults."""
+def _w_save(directories: dict[str, str]) -> int:
+    """Saves on a (2, 4) mesh spanning both processes, with orbax-checkpoint's defaults,
+    once per ``{how: directory}`` (one job writes every flavour the tests read)."""
     import jax
     import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding
@@ -44,17 +45,18 @@ def _w_save(directory: str, how: str) -> int:
         "emb": put(ref["emb"], P(None, "y")),
         "step": 5,
     }
-    if how == "mgr":
-        with ocp.CheckpointManager(directory) as mgr:
-            mgr.save(5, args=ocp.args.StandardSave(tree))
-            mgr.wait_until_finished()
-    elif how == "zarr3":
-        handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
-        ocp.Checkpointer(handler).save(directory, args=ocp.args.PyTreeSave(tree))
-    else:
-        with ocp.StandardCheckpointer() as ck:
-            ck.save(directory, tree)
-            ck.wait_until_finished()
+    for how, directory in directories.items():
+        if how == "mgr":
+            with ocp.CheckpointManager(directory) as mgr:
+                mgr.save(5, args=ocp.args.StandardSave(tree))
+                mgr.wait_until_finished()
+        elif how == "zarr3":
+            handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)
+            ocp.Checkpointer(handler).save(directory, args=ocp.args.PyTreeSave(tree))
+        else:
+            with ocp.StandardCheckpointer() as ck:
+                ck.save(directory, tree)
+                ck.wait_until_finished()
     return jax.process_index()
 
 
@@ -104,13 +106,11 @@ def _w_restore(directory: str, mesh_shape: list, names: list, w_spec: list, emb_
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("orbax_mp")
-    out = {}
-    for how in ("mgr", "zarr3"):  # the manager saves with StandardCheckpointer's defaults
-        directory = str(base / how)
-        results = run_processes(f"{HERE}:_w_save", 2, 4, args={"directory": directory, "how": how})
-        assert [r.value for r in results] == [0, 1]
-        out[how] = directory if how != "mgr" else os.path.join(directory, "5")
-    return out
+    # The manager saves with StandardCheckpointer's defaults; one job saves both.
+    directories = {how: str(base / how) for how in ("mgr", "zarr3")}
+    results = run_processes(f"{HERE}:_w_save", 2, 4, args={"directories": directories})
+    assert [r.value for r in results] == [0, 1]
+    return {"mgr": os.path.join(directories["mgr"], "5"), "zarr3": directories["zarr3"]}
 
 
 def test_the_save_is_what_orbax_writes_by_default(saved):

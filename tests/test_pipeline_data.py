@@ -14,7 +14,7 @@ import pytest
 
 import distckpt
 from distckpt.errors import CorruptCheckpointError, DistckptError, TreeMismatchError
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 from tests.recorder import GlobalRecorder, Recorder
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -214,11 +214,14 @@ def _w_per_process(directory: str, force: bool) -> dict:
 
 @pytest.mark.multiprocess
 def test_each_process_gets_its_own_arrays_back_and_a_mismatch_fails_everywhere(tmp_path):
-    results = run_processes(
-        f"{HERE}:_w_per_process", args={"directory": str(tmp_path / "a"), "force": True}
-    )
-    for p, r in enumerate(results):
-        assert r.value == {
+    # Both cases, one after the other in one job (tests/mp.py:each_case).
+    cases = {
+        "forced": [f"{HERE}:_w_per_process", {"directory": str(tmp_path / "a"), "force": True}],
+        "checked": [f"{HERE}:_w_per_process", {"directory": str(tmp_path / "b"), "force": False}],
+    }
+    jobs = run_processes("tests.mp:each_case", args={"cases": cases})
+    for p, r in enumerate(jobs):
+        assert case_value(r, "forced") == {
             "shard_index": p,
             "order": [10 * p + i for i in range(4)],
             "order_dtype": "int64",
@@ -226,16 +229,13 @@ def test_each_process_gets_its_own_arrays_back_and_a_mismatch_fails_everywhere(t
             "weights_is_jax": True,
         }
     # Process 1's iterator walks other data: no process gets a state.
-    results = run_processes(
-        f"{HERE}:_w_per_process", args={"directory": str(tmp_path / "b"), "force": False}
-    )
-    for r in results:
-        assert r.value["received"] is None
-        assert r.value["error"] == "TreeMismatchError"
-        assert "failed in phase 'restore' on process(es) [1]" in r.value["text"]
+    for value in (case_value(r, "checked") for r in jobs):
+        assert value["received"] is None
+        assert value["error"] == "TreeMismatchError"
+        assert "failed in phase 'restore' on process(es) [1]" in value["text"]
         assert (
             "data_source_repr: the checkpoint has 'Range(100)', this iterator has 'Range(99)'"
-            in (r.value["text"])
+            in (value["text"])
         )
 
 

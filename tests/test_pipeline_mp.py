@@ -9,7 +9,7 @@ import pytest
 import distckpt
 from distckpt.errors import TreeMismatchError
 from distckpt.pipeline import ShuffledIterator
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 pytestmark = pytest.mark.multiprocess
 
@@ -70,11 +70,30 @@ def _w_resume(directory: str, per_process: bool) -> list:
     return _as_lists(itertools.islice(it, TOTAL - SAVED_AT))
 
 
-@pytest.mark.parametrize("per_process", [True, False], ids=["per-process", "global"])
-def test_each_process_resumes_its_own_batch_sequence(tmp_path, per_process):
-    args = {"directory": str(tmp_path), "per_process": per_process}
-    first = [r.value for r in run_processes(f"{HERE}:_w_train_and_save", 2, 4, args=args)]
-    resumed = [r.value for r in run_processes(f"{HERE}:_w_resume", 2, 4, args=args)]
+VARIANTS = {"per-process": True, "global": False}
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> tuple:
+    """One job saves both variants, the next resumes both (tests/mp.py:each_case;
+    tests/conftest.py runs this module on one xdist worker, so the jobs run once)."""
+    root = tmp_path_factory.mktemp("pipeline_mp")
+    args = {v: {"directory": str(root / v), "per_process": pp} for v, pp in VARIANTS.items()}
+
+    def job(worker: str) -> list:
+        cases = {v: [f"{HERE}:{worker}", args[v]] for v in VARIANTS}
+        return run_processes("tests.mp:each_case", 2, 4, args={"cases": cases})
+
+    first = job("_w_train_and_save")
+    return root, first, job("_w_resume")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_process_resumes_its_own_batch_sequence(variants, variant):
+    root, first_jobs, resumed_jobs = variants
+    per_process, tmp_path = VARIANTS[variant], root / variant
+    first = [case_value(r, variant) for r in first_jobs]
+    resumed = [case_value(r, variant) for r in resumed_jobs]
     for p in range(2):
         assert first[p]["seen"] + resumed[p] == first[p]["uninterrupted"], f"process {p}"
     # The processes read different data (and, per process, different noise).

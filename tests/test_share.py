@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.mp import run_processes
+from tests.mp import case_value, run_processes
 
 HERE = "tests.test_share"
 W = (2048, 2048)  # float32, 16 MiB: saves each process 4-8 MiB of reads, shared by default
@@ -160,20 +160,30 @@ def _w_restore(directory: str) -> dict:
     return {"process": jax.process_index(), "read": read}
 
 
+# The two 2 x 2 cases (_w_restore, then _w_damaged) run one after the other in
+# one job (tests/mp.py:each_case); their tests read their own results
+# (tests/conftest.py runs this module on one xdist worker, so the job runs once).
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory) -> list:
+    root = tmp_path_factory.mktemp("share")
+    cases = {w: [f"{HERE}:{w}", {"directory": str(root / w)}] for w in ("_w_restore", "_w_damaged")}
+    return run_processes("tests.mp:each_case", 2, 2, args={"cases": cases})
+
+
 @pytest.mark.multiprocess
-def test_two_replica_groups_each_read_half(tmp_path):
+def test_two_replica_groups_each_read_half(two_by_two):
     # 2 processes x 2 devices: each process's devices hold all of w (16 MiB)
     # and mid (2 MiB) in two fsdp halves. Shared, each process reads one
     # half and gathers the other; mid only with share=True.
-    directory = str(tmp_path / "ckpt")
-    results = run_processes(f"{HERE}:_w_restore", 2, 2, args={"directory": directory})
-    for r in results:
-        assert r.value["read"] == {
+    for value in (case_value(r, "_w_restore") for r in two_by_two):
+        assert value["read"] == {
             "auto": 16 / 2 + 2,
             "on": 16 / 2 + 2 / 2,
             "off": 16 + 2,
             "knob off": 16 + 2,
-        }, r.value
+        }, value
 
 
 @pytest.mark.multiprocess
@@ -228,16 +238,15 @@ def _w_damaged(directory: str) -> dict:
 
 
 @pytest.mark.multiprocess
-def test_a_chunk_only_one_process_reads_fails_the_restore_everywhere(tmp_path):
-    directory = str(tmp_path / "ckpt")
-    results = run_processes(f"{HERE}:_w_damaged", 2, 2, args={"directory": directory})
-    shared = [r.value["shared"] for r in results]
+def test_a_chunk_only_one_process_reads_fails_the_restore_everywhere(two_by_two):
+    values = [case_value(r, "_w_damaged") for r in two_by_two]
+    shared = [value["shared"] for value in values]
     assert shared[0] == shared[1] and shared[0]["type"] == "CorruptCheckpointError"
     assert len(shared[0]["processes"]) == 1  # one process read that chunk; both raised
-    for r in results:
-        assert r.value["not shared"] == {"type": "CorruptCheckpointError", "processes": [0, 1]}
-        assert r.value["split"]["type"] == "InconsistentProcessesError"
-        assert "planned different reads to share" in r.value["split"]["message"]
+    for value in values:
+        assert value["not shared"] == {"type": "CorruptCheckpointError", "processes": [0, 1]}
+        assert value["split"]["type"] == "InconsistentProcessesError"
+        assert "planned different reads to share" in value["split"]["message"]
 
 
 # --------------------------------------------------------------------------- the plan (pure)
