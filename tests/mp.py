@@ -127,6 +127,22 @@ def case_value(result: WorkerResult, name: str) -> Any:
     return outcome["value"]
 
 
+def cases_in_directories(module: str, workers: tuple[str, ...], root: Path, **run: Any):
+    """Runs each ``module:worker`` as a case of one job (:func:`each_case`), each called
+    with ``tmp``, a directory of its own (``root/worker``); ``run``: for
+    :func:`run_processes`. Returns ``case(worker)``: that directory and the case's value
+    on every process, in order (AssertionError naming the case if it raised anywhere)."""
+    cases = {w: [f"{module}:{w}", {"tmp": str(root / w)}] for w in workers}
+    for w in workers:
+        (root / w).mkdir()
+    results = run_processes("tests.mp:each_case", args={"cases": cases}, **run)
+
+    def case(worker: str) -> tuple[Path, list]:
+        return root / worker, [case_value(r, worker) for r in results]
+
+    return case
+
+
 def _jsonable(obj):
     if hasattr(obj, "tolist"):
         return obj.tolist()

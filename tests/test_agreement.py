@@ -8,11 +8,10 @@ mixes what several processes asked for.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from tests.mp import case_value, run_processes
+from tests.mp import cases_in_directories, run_processes
 
 pytestmark = pytest.mark.multiprocess
 
@@ -54,17 +53,7 @@ ONE_JOB_CASES = (
 def one_job(tmp_path_factory):
     """``case(worker)``: that case's directory and its values on processes 0 and 1."""
     root = tmp_path_factory.mktemp("agreement")
-    cases = {w: [f"{HERE}:{w}", {"tmp": str(root / w)}] for w in ONE_JOB_CASES}
-    for w in ONE_JOB_CASES:
-        (root / w).mkdir()
-    results = run_processes(
-        "tests.mp:each_case", args={"cases": cases}, devices_per_process=2, timeout=150
-    )
-
-    def case(worker: str) -> tuple[Path, list]:
-        return root / worker, [case_value(r, worker) for r in results]
-
-    return case
+    return cases_in_directories(HERE, ONE_JOB_CASES, root, devices_per_process=2, timeout=150)
 
 
 def _w_restore_per_process_path(tmp: str) -> dict:

@@ -9,7 +9,6 @@ differently commit nothing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import crc32c
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from distckpt import _index
 from distckpt._plan import ChunkRecord
-from tests.mp import case_value, run_processes
+from tests.mp import cases_in_directories
 
 HERE = "tests.test_indexes"
 
@@ -185,17 +184,7 @@ ONE_JOB_CASES = (
 def one_job(tmp_path_factory):
     """``case(worker)``: that case's directory and its results."""
     root = tmp_path_factory.mktemp("indexes")
-    cases = {w: [f"{HERE}:{w}", {"tmp": str(root / w)}] for w in ONE_JOB_CASES}
-    for w in ONE_JOB_CASES:
-        (root / w).mkdir()
-    results = run_processes(
-        "tests.mp:each_case", args={"cases": cases}, devices_per_process=2, timeout=150
-    )
-
-    def case(worker: str) -> tuple[Path, list]:
-        return root / worker, [case_value(r, worker) for r in results]
-
-    return case
+    return cases_in_directories(HERE, ONE_JOB_CASES, root, devices_per_process=2, timeout=150)
 
 
 def _w_restore_reads_only_the_indexes_it_needs(tmp: str) -> dict:
