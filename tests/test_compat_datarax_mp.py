@@ -258,13 +258,18 @@ def _w_agreed_step(tmp: str) -> dict:
         "step9": {"step": 9},  # not on the primary
         "apart": {"step": 5 if p == 0 else None},
         "differ": {"step": 3},  # each host's copy of step 3 holds other contents
+        "damaged": {"step": 2},  # process 1's copy cannot be read
     }
     calls["no_dir"] = {"directory": "/proc/self/cwd/only_on_0"}
     for name, kw in calls.items():
         kw = {"directory": where, **kw}
         try:
             out[name] = int(handler.restore(**kw)["position"])
-        except (CheckpointNotFoundError, errors.InconsistentProcessesError) as e:
+        except (
+            CheckpointNotFoundError,
+            errors.InconsistentProcessesError,
+            errors.CorruptCheckpointError,
+        ) as e:
             out[name] = {"error": type(e).__name__, "value_error": isinstance(e, ValueError)}
             out[name]["text"] = str(e)
     from distckpt.compat.datarax import IteratorCheckpoint
@@ -301,8 +306,12 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
         for step in steps:
             write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": step}, step=step)
         write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": 3 + 30 * host}, step=3)
+        write_like_datarax(tmp_path / f"host{host}" / "ckpts", {"position": 2}, step=2)
+    for index in ("manifest.ocdbt", "ocdbt.process_0/manifest.ocdbt"):  # unreadable on host 1
+        os.remove(tmp_path / "host1" / "ckpts" / "ckpt-2" / index)
     results = run_processes(f"{HERE}:_w_agreed_step", args={"tmp": str(tmp_path)})
-    assert results[0].value["listed"] == [3, 5, 7] and results[1].value["listed"] == [3, 5, 9]
+    assert results[0].value["listed"] == [2, 3, 5, 7]
+    assert results[1].value["listed"] == [2, 3, 5, 9]
     for r in results:
         v = r.value
         assert v["step5"] == 5
@@ -311,7 +320,7 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
         assert "which the primary (process 0) chose" in v["latest"]["text"]
         assert v["step9"]["error"] == "CheckpointNotFoundError"
         assert (
-            "step 9 is not a checkpoint in /proc/self/cwd/ckpts (steps there: [3, 5, 7])"
+            "step 9 is not a checkpoint in /proc/self/cwd/ckpts (steps there: [2, 3, 5, 7])"
             in (v["step9"]["text"])
         )
         assert v["apart"]["error"] == "InconsistentProcessesError"
@@ -325,3 +334,6 @@ def test_the_primary_chooses_the_datarax_step_and_a_missing_one_fails_everywhere
         assert v["differ"]["error"] == "InconsistentProcessesError", v["differ"]
         assert "the processes read different contents at this path" in v["differ"]["text"]
         assert "/proc/self/cwd/ckpts/ckpt-3" in v["differ"]["text"]
+        # A read that fails on one process fails the restore on every process, at once.
+        assert v["damaged"]["error"] == "CorruptCheckpointError", v["damaged"]
+        assert v["damaged"]["value_error"] and "ckpt-2" in v["damaged"]["text"]

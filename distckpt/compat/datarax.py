@@ -673,23 +673,27 @@ def _restore_datarax(
     Each process reads it whole; in a job of several, they then check that they
     read the same contents (a checkpoint is not restored from host-local copies
     that differ); collective."""
-    raw = _read_orbax(path)
     shown = path if isinstance(path, str) else _location.parse(path).display
     coll = _multihost.Collective("restore", shown, _knobs.get("timeout_s", timeout_s))
-    if coll.count > 1:
+    read: list[Any] = []
 
-        def disagree(payloads: list[Any]) -> None:
-            groups: dict[str, list[int]] = {}
-            for p, digest in enumerate(payloads):
-                groups.setdefault(str(digest)[:12], []).append(p)
-            raise errors.InconsistentProcessesError(
-                f"restore of {shown}: the processes read different contents at this path "
-                f"(processes by sha256 of what each read: {groups}). Each host has its own "
-                "copy of this checkpoint, and the copies differ: put the directory on a "
-                "filesystem every process shares, or copy one step to every host."
-            )
+    def read_and_digest() -> str:
+        read.append(_read_orbax(path))  # an error here is raised on every process
+        return _digest(read[0]) if coll.count > 1 else ""
 
-        coll.run("contents", lambda: _digest(raw), agree=lambda d: d, disagree=disagree, last=True)
+    def disagree(payloads: list[Any]) -> None:
+        groups: dict[str, list[int]] = {}
+        for p, digest in enumerate(payloads):
+            groups.setdefault(str(digest)[:12], []).append(p)
+        raise errors.InconsistentProcessesError(
+            f"restore of {shown}: the processes read different contents at this path "
+            f"(processes by sha256 of what each read: {groups}). Each host has its own "
+            "copy of this checkpoint, and the copies differ: put the directory on a "
+            "filesystem every process shares, or copy one step to every host."
+        )
+
+    coll.run("read", read_and_digest, agree=lambda d: d, disagree=disagree, last=True)
+    raw = read[0]
     state = _decode(raw)
     meta = None
     if isinstance(state, dict) and "__metadata__" in state:
