@@ -6,9 +6,10 @@ commit record describes it (``_manifest.leaf_entry``), the layout of every
 array spread over processes, and a record per block (leaf, whose block it
 is, its box, where it lies, its CRC-32C), sealed with its own CRC-32C as a
 commit record is. The last ``state_arrays`` leaves are not the tree's: they
-are a pipeline state's arrays (``_localstate``). A process writes the step under a temporary name and
-renames it into place once both files are durable, so a step that exists is
-whole; a block is checked against its CRC-32C when it is read.
+are a pipeline state's arrays (``_localstate``). A process writes the step
+under a temporary name and renames it into place once both files are
+durable, so a step that exists is whole; a block is checked against its
+CRC-32C when it is read.
 
 Only this process ever writes or reads its directory: the store does no
 coordination. See docs/local_tier.md.

@@ -111,6 +111,6 @@ def restored(
     if not st.state_arrays:
         return state
     per_process = entry["mode"] != "global"
-    first = len(st.leaves) - st.state_arrays
+    first = len(st.tree_leaves)
     got = [arrays[i] if i in arrays else values[i] for i in range(first, len(st.leaves))]
     return _statearrays.join(state, _statearrays.own(got, per_process), per_process)
